@@ -1,0 +1,70 @@
+"""The admin: the model catalog, system prompts, and read-only review of conversations."""
+
+from django.contrib import admin
+from django.db.models import Count
+from django.utils.translation import gettext_lazy as _
+
+from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+
+
+@admin.register(ModelProfile)
+class ModelProfileAdmin(admin.ModelAdmin):
+    list_display = [
+        "label", "name", "endpoint", "protocol", "enabled", "is_default", "context_limit",
+        "sort_order",
+    ]  # fmt: skip
+    list_editable = ["enabled", "sort_order"]
+    list_filter = ["enabled", "endpoint", "protocol"]
+    search_fields = ["name", "label"]
+
+
+@admin.register(SystemPrompt)
+class SystemPromptAdmin(admin.ModelAdmin):
+    list_display = ["name", "is_default", "updated_at"]
+    search_fields = ["name", "text"]
+
+
+class MessageImageInline(admin.TabularInline):
+    model = MessageImage
+    extra = 0
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    """Messages, including image-URL (multimodal) ones, which admins may add for testing."""
+
+    list_display = ["id", "conversation", "role", "status", "model", "output_tokens", "created_at"]
+    list_filter = ["role", "status", "model"]
+    search_fields = ["content", "request_id", "conversation__title"]
+    raw_id_fields = ["conversation"]
+    inlines = [MessageImageInline]
+    readonly_fields = ["created_at", "updated_at", "completed_at", "request_id"]
+
+
+class MessageInline(admin.StackedInline):
+    model = Message
+    extra = 0
+    fields = ["role", "status", "content", "model", "finish_reason", "error_message", "request_id"]
+    readonly_fields = fields
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["display_title", "owner", "model", "message_count", "updated_at"]
+    list_filter = ["model", "created_at"]
+    search_fields = ["title", "owner__username", "messages__content"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["id", "created_at", "updated_at"]
+    inlines = [MessageInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_message_count=Count("messages"))
+
+    @admin.display(description=_("messages"), ordering="_message_count")
+    def message_count(self, obj) -> int:
+        return obj._message_count

@@ -1,0 +1,237 @@
+"""Use cases of a conversation: create it, start a reply, stop it.
+
+Views and consumers call these; they hold the rules (what a valid message is, when a reply may
+start, what DashScope is sent) so the transports stay thin.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from conversations import events
+from conversations.dashscope import ChatMessage, ChatRequest
+from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
+
+TITLE_LENGTH = 60
+# Room kept free in the context window for the reply itself when trimming history.
+DEFAULT_OUTPUT_RESERVE = 8192
+
+
+class ReplyRefused(Exception):
+    """A message that cannot start a reply; the text is a sentence for the user."""
+
+
+class ReplyInProgress(ReplyRefused):
+    pass
+
+
+@dataclass(frozen=True)
+class StartedReply:
+    user_message: Message
+    assistant_message: Message
+    created: bool  # False when the client_message_id was seen before: no second call
+
+
+def conversation_create(
+    *, owner, model: ModelProfile | None = None, system_prompt: SystemPrompt | None = None
+) -> Conversation:
+    model = model or ModelProfile.objects.default()
+    if model is None:
+        raise ReplyRefused(_("No model is enabled. Ask an administrator to enable one."))
+    if system_prompt is None:
+        system_prompt = SystemPrompt.objects.filter(is_default=True).first()
+    return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+
+
+def clean_content(content: object) -> str:
+    if not isinstance(content, str) or not content.strip():
+        raise ReplyRefused(_("Type a message first."))
+    if len(content) > settings.QWENWEB_MAX_MESSAGE_CHARS:
+        raise ReplyRefused(
+            _("This message is too long (%(length)s characters; the limit is %(limit)s).")
+            % {"length": len(content), "limit": settings.QWENWEB_MAX_MESSAGE_CHARS}
+        )
+    return content.strip()
+
+
+def reply_start(
+    *, conversation: Conversation, content: str, client_message_id: uuid.UUID | None = None
+) -> StartedReply:
+    """Save the user's message and an assistant placeholder before anything can fail upstream.
+
+    A repeated client_message_id returns the messages it created the first time, so a resent
+    frame (a reconnecting socket replays its queue) never starts a second call.
+    """
+    content = clean_content(content)
+    if client_message_id is not None:
+        existing = _existing_reply(conversation, client_message_id)
+        if existing:
+            return existing
+    try:
+        with transaction.atomic():
+            # Lock the conversation so two tabs sending at once cannot both start a reply.
+            Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+            if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+                raise ReplyInProgress(
+                    _("A reply is still being written. Wait for it or press Stop, then send.")
+                )
+            user_message = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.USER,
+                content=content,
+                client_message_id=client_message_id,
+            )
+            assistant_message = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.STREAMING,
+                model=conversation.model.name,
+            )
+            fields = {"updated_at": timezone.now()}
+            if not conversation.title:
+                fields["title"] = _title_from(content)
+            Conversation.objects.filter(pk=conversation.pk).update(**fields)
+            for name, value in fields.items():
+                setattr(conversation, name, value)
+    except IntegrityError:
+        existing = client_message_id and _existing_reply(conversation, client_message_id)
+        if not existing:
+            raise
+        return existing
+    return StartedReply(user_message, assistant_message, created=True)
+
+
+def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
+    user_message = conversation.messages.filter(client_message_id=client_message_id).first()
+    if user_message is None:
+        return None
+    assistant_message = (
+        conversation.messages.filter(pk__gt=user_message.pk, role=Message.Role.ASSISTANT)
+        .order_by("pk")
+        .first()
+    )
+    return StartedReply(user_message, assistant_message, created=False)
+
+
+def _title_from(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+def estimate_tokens(text: str) -> int:
+    """A cautious token estimate: CJK text runs near one token per character."""
+    return len(text) // 2 + 1
+
+
+def build_request(*, conversation: Conversation, reply_to: Message) -> ChatRequest:
+    """The DashScope request for the reply `reply_to`: system prompt, then the history before
+    it, trimmed from the oldest turn to fit the model's context window."""
+    profile = conversation.model
+    history = list(
+        conversation.messages.filter(pk__lt=reply_to.pk)
+        .exclude(role=Message.Role.SYSTEM)
+        .prefetch_related("images")
+        .order_by("pk")
+    )
+    turns: list[ChatMessage] = []
+    for message in history:
+        if message.role == Message.Role.ASSISTANT and not message.content:
+            continue  # a reply that failed before writing anything has nothing to recall
+        images = (
+            [image.url for image in message.images.all()]
+            if profile.accepts_images and message.role == Message.Role.USER
+            else []
+        )
+        turns.append(ChatMessage(role=message.role, content=message.content, images=images))
+
+    system = conversation.system_prompt.text if conversation.system_prompt else ""
+    budget = profile.context_limit - (profile.max_output_tokens or DEFAULT_OUTPUT_RESERVE)
+    budget -= estimate_tokens(system) if system else 0
+    kept: list[ChatMessage] = []
+    for turn in reversed(turns):
+        cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
+        if kept and cost > budget:
+            break
+        kept.append(turn)
+        budget -= cost
+    kept.reverse()
+    # A history cut mid-exchange must still start with the user's turn.
+    while len(kept) > 1 and kept[0].role != Message.Role.USER:
+        kept.pop(0)
+
+    messages = [ChatMessage(role="system", content=system)] if system else []
+    messages.extend(kept)
+    parameters = dict(profile.parameters or {})
+    if profile.max_output_tokens and "max_tokens" not in parameters:
+        parameters["max_tokens"] = profile.max_output_tokens
+    return ChatRequest(
+        model=profile.name,
+        messages=messages,
+        endpoint=profile.endpoint,
+        protocol=profile.protocol,
+        parameters=parameters,
+    )
+
+
+async def areply_start(
+    *, conversation: Conversation, content: object, client_message_id: uuid.UUID | None = None
+) -> StartedReply:
+    """Save the message, tell every open socket, and start the reply in its own task."""
+    from conversations.generation import Generation
+    from conversations.upstream import get_client
+
+    started = await database_sync_to_async(reply_start)(
+        conversation=conversation, content=content, client_message_id=client_message_id
+    )
+    if not started.created:
+        return started
+    request = await database_sync_to_async(build_request)(
+        conversation=conversation, reply_to=started.assistant_message
+    )
+
+    async def announce() -> None:
+        await get_channel_layer().group_send(
+            events.group(conversation.id),
+            {
+                "type": "conversation.created",
+                "message_ids": [started.user_message.pk, started.assistant_message.pk],
+            },
+        )
+
+    generation = Generation(
+        message_id=started.assistant_message.pk,
+        conversation_id=str(conversation.id),
+        request=request,
+        client=get_client(),
+    )
+    await generation.start(announce=announce)
+    return started
+
+
+async def areply_stop(*, conversation: Conversation) -> None:
+    """Stop the conversation's running reply, wherever (in which process) it runs."""
+    from conversations import generation
+
+    message_ids = [
+        pk
+        async for pk in conversation.messages.filter(status=Message.Status.STREAMING).values_list(
+            "pk", flat=True
+        )
+    ]
+    for message_id in message_ids:
+        local = generation.running(message_id)
+        if local is not None:
+            local.stop()
+        else:
+            await get_channel_layer().group_send(
+                events.control_group(conversation.id),
+                {"type": "generation.stop", "message_id": message_id},
+            )

@@ -1,0 +1,5 @@
+from conversations.upstream import demo_mode
+
+
+def qwenweb(request) -> dict:
+    return {"demo_mode": demo_mode()}

@@ -1,0 +1,59 @@
+"""DashScope (Alibaba Cloud Model Studio / Qwen) chat client and a local simulator.
+
+This package imports nothing from Django: the app builds a ``DashScopeConfig`` from its settings
+and hands it to ``DashScopeClient``.
+"""
+
+from .client import DashScopeClient
+from .config import REGION_NATIVE_BASE_URLS, DashScopeConfig, compatible_base_from_native
+from .errors import (
+    AuthError,
+    BadRequestError,
+    BillingError,
+    DashScopeError,
+    DashScopeTimeoutError,
+    ModeratedError,
+    ServerError,
+    ThrottledError,
+    TransportError,
+    classify,
+)
+from .types import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Finish,
+    ReasoningDelta,
+    Role,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+__all__ = [
+    "REGION_NATIVE_BASE_URLS",
+    "AuthError",
+    "BadRequestError",
+    "BillingError",
+    "ChatMessage",
+    "ChatRequest",
+    "Completion",
+    "DashScopeClient",
+    "DashScopeConfig",
+    "DashScopeError",
+    "DashScopeTimeoutError",
+    "Finish",
+    "ModeratedError",
+    "ReasoningDelta",
+    "Role",
+    "ServerError",
+    "StreamEvent",
+    "TextDelta",
+    "ThrottledError",
+    "ToolCallDelta",
+    "TransportError",
+    "Usage",
+    "classify",
+    "compatible_base_from_native",
+]

@@ -1,0 +1,1284 @@
+"""A DashScope look-alike: a plain ASGI app served by uvicorn on a real loopback port.
+
+It is the peer for the client's tests and the backend of the app's offline demo mode, so by
+default it writes pleasant, deterministic markdown replies built from the request, streamed at a
+human pace. Tests steer it with scenarios (errors, stalls, dropped connections, odd framing),
+registered in-process or over HTTP (``/_simulator/...``) when it runs in another process.
+
+Run it in the foreground::
+
+    python -m conversations.dashscope.simulator --host 127.0.0.1 --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import uvicorn
+
+Message = dict[str, Any]
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+KNOWN_MODELS: tuple[str, ...] = (
+    "qwen-plus",
+    "qwen-max",
+    "qwen3-max",
+    "qwen-flash",
+    "qwen-turbo",
+    "qwen3-vl-plus",
+    "qwen3-vl-flash",
+    "qwen-vl-max",
+    "qwen-vl-plus",
+    "qvq-max",
+    "qwen3.5-plus",
+    "deepseek-v3",
+    "deepseek-r1",
+    "kimi-k2.5",
+    "qwen3-32b",
+    "qwq-plus",
+)
+# Multimodal models that (like the real service) are also tolerated on the text endpoint.
+_OMNI_MODELS = frozenset({"qwen3.5-plus", "kimi-k2.5"})
+_THINKING_ONLY_MODELS = frozenset({"deepseek-r1", "qwq-plus", "qvq-max"})
+_STREAM_ONLY_MODELS = frozenset({"qwq-plus", "qvq-max", "qwen3-32b"})
+_NON_STREAM_THINKING_MODELS = frozenset({"qwen3-max", "qwen3.5-plus"})
+
+ErrorPlacement = Literal["before_json", "before_sse", "first_event", "json_200", "mid_stream"]
+_PLACEMENTS = ("before_json", "before_sse", "first_event", "json_200", "mid_stream")
+_FRAMINGS = ("standard", "no_blank_lines", "partial_response")
+
+log = logging.getLogger(__name__)
+
+
+def is_known_model(model: str) -> bool:
+    """Models the simulator serves: the catalogue above plus anything named ``sim-...``."""
+    return model in KNOWN_MODELS or model.startswith("sim-")
+
+
+def is_vision_model(model: str) -> bool:
+    """Vision models (``vl``/``qvq`` in the name) live only on the multimodal endpoint."""
+    lowered = model.lower()
+    return "vl" in lowered or "qvq" in lowered
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+@dataclass
+class ScenarioError:
+    """An error to inject. ``where`` picks the wire shape (see the module docs of the client)."""
+
+    status: int = 429
+    code: str = "Throttling.RateQuota"
+    message: str = "Requests rate limit exceeded, please try again later."
+    where: ErrorPlacement = "before_json"
+    after_chunks: int = 0
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.where not in _PLACEMENTS:
+            raise ValueError(f"error.where must be one of {_PLACEMENTS}, got {self.where!r}")
+
+
+@dataclass
+class Scenario:
+    """What to do with the next matching request(s).
+
+    ``match`` selects requests whose last user message contains it (None: any request);
+    ``times`` is how many requests it applies to (-1: forever). Unset fields keep the defaults.
+    """
+
+    match: str | None = None
+    times: int = 1
+    reply: str | None = None
+    tokens: int | None = None
+    reasoning: str | None = None
+    first_token_delay: float | None = None
+    token_delay: float | None = None
+    tokens_per_chunk: int | None = None
+    error: ScenarioError | None = None
+    stall_after_chunks: int | None = None
+    stall_seconds: float = 30.0
+    drop_after_chunks: int | None = None
+    finish_reason: str | None = None
+    framing: str = "standard"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.error, dict):
+            self.error = ScenarioError(**self.error)
+        if self.framing not in _FRAMINGS:
+            raise ValueError(f"framing must be one of {_FRAMINGS}, got {self.framing!r}")
+        if self.times == 0 or self.times < -1:
+            raise ValueError("times must be a positive count or -1 (forever)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        """Build from JSON; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown scenario field(s): {', '.join(sorted(unknown))}")
+        error = data.get("error")
+        if error is not None and not isinstance(error, dict):
+            raise ValueError("scenario error must be an object")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def applies_to(self, last_user_text: str) -> bool:
+        return self.match is None or self.match in last_user_text
+
+
+@dataclass
+class RecordedRequest:
+    """A request as the simulator saw it; the Authorization value is never stored.
+
+    ``outcome`` is filled in when the response ends: "completed", "error", "disconnected"
+    (the client went away mid-response) or "dropped" (a scenario cut the connection).
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    authorized: bool
+    body: Any
+    request_id: str
+    outcome: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _ConnectionDropped(Exception):
+    """Raised inside the app to make uvicorn cut the connection without ending the body."""
+
+
+class _QuietDrops(logging.Filter):
+    """Hide uvicorn's traceback for drops the simulator did on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _ConnectionDropped)
+
+
+_QUIET_DROPS = _QuietDrops()
+
+
+def _install_drop_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if _QUIET_DROPS not in logger.filters:
+        logger.addFilter(_QUIET_DROPS)
+
+
+# -- reply composition ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"^\s+|\S+\s*")
+_DEFAULT_MAX_TOKENS = 120
+
+_LEADS = (
+    "**Good question.**",
+    "**Here is a short answer.**",
+    "**Let me break that down.**",
+    "**Happy to help with that.**",
+)
+_OPENERS = (
+    "This is the offline simulator speaking, so treat what follows as a friendly sketch "
+    "rather than expert advice.",
+    "I'm a local stand-in for Qwen, so the details below are illustrative, but the shape is "
+    "what a real answer would look like.",
+    "Since this reply comes from the demo simulator, it is deterministic: the same question "
+    "gets the same answer.",
+)
+_BULLETS = (
+    "Start with the smallest version that works, then grow it.",
+    "Write down what *done* looks like before you begin.",
+    "Keep the feedback loop short: try, look, adjust.",
+    "Prefer plain, boring tools you already understand.",
+    "Check the edge cases: empty input, huge input, and bad input.",
+    "Measure before you optimise anything.",
+    "Leave a note for future you explaining **why**, not just what.",
+    "Ask someone else to read it; fresh eyes catch the obvious.",
+)
+_FILLERS = (
+    "Most of the work is in framing the problem clearly; the rest tends to follow.",
+    "If anything here is unclear, ask a follow-up and I will expand on it.",
+    "There is rarely one right answer, but there are usually a few clearly wrong ones.",
+    "A quick experiment often settles a debate faster than a long discussion.",
+    "Small, reversible steps make it easy to change course later.",
+)
+_CLOSERS = (
+    "Hope that helps!",
+    "Want me to go deeper on any of these points?",
+    "Let me know how it goes.",
+)
+_SNIPPETS = (
+    'def answer(question: str) -> str:\n    return f"A thoughtful reply to {question!r}"',
+    'steps = ["understand", "try", "refine"]\nfor step in steps:\n    print(step)',
+    'const reply = (q) => `Simulated answer to ${q}`;\nconsole.log(reply("hello"));',
+)
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into simulator tokens: each word with its trailing whitespace.
+
+    ``"".join(tokenize(text)) == text`` for any text, newlines included.
+    """
+    return _TOKEN.findall(text)
+
+
+def _seed(*parts: str) -> int:
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.replace("`", "'").split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def _topic(text: str) -> str:
+    words = text.split()[:6]
+    if not words:
+        return "Your message"
+    topic = " ".join(words).replace("`", "'").rstrip(".,;:!?")
+    return topic[:1].upper() + topic[1:]
+
+
+def compose_reply(
+    *, model: str, last_user: str, turn: int, images: int = 0, target_tokens: int | None = None
+) -> str:
+    """A deterministic markdown reply built from the request.
+
+    A heading or bold lead, a paragraph quoting the user's last message, a bullet list,
+    sometimes a fenced code block, and a closing line; ~60-120 tokens unless ``target_tokens``.
+    """
+    seed = _seed(model, last_user, str(turn))
+    target = target_tokens if target_tokens is not None else 60 + seed % 61
+    heading = f"### {_topic(last_user)}" if seed % 2 else _LEADS[seed % len(_LEADS)]
+    paragraph = f'You asked: "{_quote(last_user)}". {_OPENERS[(seed >> 3) % len(_OPENERS)]}'
+    if images:
+        noun = "image" if images == 1 else "images"
+        paragraph += f" I can see {images} {noun} attached, though I can only pretend to look."
+    start = (seed >> 5) % len(_BULLETS)
+    bullets = "\n".join(f"- {_BULLETS[(start + i) % len(_BULLETS)]}" for i in range(3))
+    blocks = [heading, paragraph, bullets]
+    if (seed >> 7) % 3 == 0:
+        snippet = _SNIPPETS[(seed >> 9) % len(_SNIPPETS)]
+        language = "javascript" if snippet.startswith("const") else "python"
+        blocks.append(f"```{language}\n{snippet}\n```")
+    closer = _CLOSERS[(seed >> 11) % len(_CLOSERS)]
+    fillers: list[str] = []
+
+    def render() -> str:
+        body = [blocks[0], " ".join([paragraph, *fillers]), *blocks[2:], closer]
+        return "\n\n".join(body)
+
+    text = render()
+    while len(tokenize(text)) < target:
+        fillers.append(_FILLERS[(seed + len(fillers)) % len(_FILLERS)])
+        longer = render()
+        if target_tokens is None and len(tokenize(longer)) > _DEFAULT_MAX_TOKENS:
+            break
+        text = longer
+    if target_tokens is not None:
+        text = "".join(tokenize(text)[:target_tokens])
+    return text
+
+
+def compose_reasoning(last_user: str) -> str:
+    """A short, deterministic "thinking" text for thinking-mode requests."""
+    return (
+        f'The user wrote: "{_quote(last_user, 60)}". I should answer briefly and clearly: '
+        "open with a lead, restate the question, give a few concrete points, and offer to go "
+        "deeper. Keep it friendly."
+    )
+
+
+# -- the ASGI app -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What one generation request will produce."""
+
+    request_id: str
+    protocol: Literal["native", "compatible"]
+    multimodal: bool
+    model: str
+    stream: bool
+    incremental: bool
+    include_usage: bool
+    reasoning_tokens: list[str]
+    reply_tokens: list[str]
+    finish_reason: str | None
+    input_tokens: int
+    first_token_delay: float
+    token_delay: float
+    tokens_per_chunk: int
+    scenario: Scenario | None
+
+    @property
+    def completion_id(self) -> str:
+        return f"chatcmpl-{self.request_id}"
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Simulator:
+    """The ASGI application. Thread-safe: tests may steer it from another thread."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        first_token_delay: float = 0.3,
+        token_delay: float = 0.02,
+        tokens_per_chunk: int = 1,
+    ) -> None:
+        self.api_key = api_key
+        self.first_token_delay = first_token_delay
+        self.token_delay = token_delay
+        self.tokens_per_chunk = max(1, tokens_per_chunk)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._scenarios: list[Scenario] = []
+        self._requests: list[RecordedRequest] = []
+        self.disconnected_streams = 0
+        self.completed_streams = 0
+        _install_drop_filter()
+
+    # -- control ----------------------------------------------------------------------------
+
+    def add_scenario(self, scenario: Scenario) -> None:
+        with self._lock:
+            self._scenarios.append(scenario)
+
+    def clear_scenarios(self) -> None:
+        with self._lock:
+            self._scenarios.clear()
+
+    @property
+    def scenarios(self) -> list[Scenario]:
+        with self._lock:
+            return list(self._scenarios)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Generation and model-list requests seen so far (control requests excluded)."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def reset(self) -> None:
+        """Forget scenarios, recorded requests and counters."""
+        with self._lock:
+            self._scenarios.clear()
+            self._requests.clear()
+            self.disconnected_streams = 0
+            self.completed_streams = 0
+
+    def wait_for_outcome(self, request_id: str | None = None, timeout: float = 5.0) -> str | None:
+        """Block until the request (default: the latest) has an outcome; return it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                candidates = [
+                    r for r in self._requests if request_id is None or r.request_id == request_id
+                ]
+                if candidates and candidates[-1].outcome is not None:
+                    return candidates[-1].outcome
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+
+    def _record(self, record: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(record)
+
+    def _set_outcome(self, record: RecordedRequest, outcome: str) -> None:
+        with self._changed:
+            record.outcome = outcome
+            if outcome == "disconnected":
+                self.disconnected_streams += 1
+            elif outcome == "completed":
+                self.completed_streams += 1
+            self._changed.notify_all()
+
+    def _take_scenario(self, last_user_text: str) -> Scenario | None:
+        with self._lock:
+            for scenario in self._scenarios:
+                if not scenario.applies_to(last_user_text):
+                    continue
+                applied = dataclasses.replace(scenario)
+                if scenario.times > 0:
+                    scenario.times -= 1
+                    if scenario.times == 0:
+                        self._scenarios.remove(scenario)
+                return applied
+        return None
+
+    # -- ASGI entry -------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"].rstrip("/") or "/"
+        method: str = scope["method"]
+        body = await _read_body(receive)
+        if path.startswith("/_simulator/"):
+            await self._control(method, path, body, send)
+            return
+        routes = {
+            "/api/v1/services/aigc/text-generation/generation": ("native", False),
+            "/api/v1/services/aigc/multimodal-generation/generation": ("native", True),
+            "/compatible-mode/v1/chat/completions": ("compatible", False),
+        }
+        if path in routes and method == "POST":
+            protocol, multimodal = routes[path]
+            await self._generation(scope, receive, send, body, protocol, multimodal)
+        elif path in ("/api/v1/models", "/compatible-mode/v1/models") and method == "GET":
+            await self._models(scope, send, body, compatible=path.startswith("/compatible"))
+        else:
+            await _send_json(send, 404, {"code": "NotFound", "message": f"No route {path}."})
+
+    # -- control endpoints ------------------------------------------------------------------
+
+    async def _control(self, method: str, path: str, body: bytes, send: Send) -> None:
+        if path == "/_simulator/scenarios" and method == "POST":
+            try:
+                data = json.loads(body or b"null")
+                items = data if isinstance(data, list) else [data]
+                scenarios = [Scenario.from_dict(item) for item in items]
+            except (ValueError, TypeError) as exc:
+                await _send_json(send, 400, {"error": f"bad scenario: {exc}"})
+                return
+            for scenario in scenarios:
+                self.add_scenario(scenario)
+            await _send_json(send, 201, {"added": len(scenarios), "pending": len(self.scenarios)})
+        elif path == "/_simulator/scenarios" and method == "GET":
+            await _send_json(send, 200, {"scenarios": [s.to_dict() for s in self.scenarios]})
+        elif path == "/_simulator/scenarios" and method == "DELETE":
+            self.clear_scenarios()
+            await _send_json(send, 200, {"scenarios": []})
+        elif path == "/_simulator/requests" and method == "GET":
+            await _send_json(send, 200, {"requests": [r.to_dict() for r in self.requests]})
+        elif path == "/_simulator/requests" and method == "DELETE":
+            self.clear_requests()
+            await _send_json(send, 200, {"requests": []})
+        elif path == "/_simulator/state" and method == "GET":
+            await _send_json(send, 200, self._state())
+        elif path == "/_simulator/state" and method == "DELETE":
+            self.reset()
+            await _send_json(send, 200, self._state())
+        else:
+            await _send_json(send, 404, {"error": f"no control route {method} {path}"})
+
+    def _state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "disconnected_streams": self.disconnected_streams,
+                "completed_streams": self.completed_streams,
+                "pending_scenarios": len(self._scenarios),
+                "requests": len(self._requests),
+            }
+
+    # -- model list -------------------------------------------------------------------------
+
+    async def _models(self, scope: Scope, send: Send, body: bytes, *, compatible: bool) -> None:
+        record = self._new_record(scope, body)
+        headers = [(b"x-request-id", record.request_id.encode())]
+        if not record.authorized:
+            self._set_outcome(record, "error")
+            protocol: Literal["native", "compatible"] = "compatible" if compatible else "native"
+            payload = _error_body(protocol, "InvalidApiKey", _bad_key_message(), record.request_id)
+            await _send_json(send, 401, payload, headers)
+            return
+        if compatible:
+            data = [{"id": m, "object": "model", "owned_by": "simulator"} for m in KNOWN_MODELS]
+            payload = {"object": "list", "data": data}
+        else:
+            query = parse_qs(record.query)
+            names = [m for m in KNOWN_MODELS if m in query.get("model", [m])]
+            models = [
+                {"model": m, "provider": "simulator", "source": "simulator", "opensource": False}
+                for m in names
+            ]
+            payload = {
+                "output": {
+                    "models": models,
+                    "page_no": 1,
+                    "page_size": len(models),
+                    "total": len(models),
+                },
+                "request_id": record.request_id,
+            }
+        self._set_outcome(record, "completed")
+        await _send_json(send, 200, payload, headers)
+
+    def _new_record(self, scope: Scope, body: bytes) -> RecordedRequest:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        authorization = headers.pop("authorization", "")
+        authorized = (
+            authorization == f"Bearer {self.api_key}" if self.api_key else bool(authorization)
+        )
+        try:
+            parsed: Any = json.loads(body) if body else None
+        except ValueError:
+            parsed = body.decode("utf-8", errors="replace")
+        record = RecordedRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=headers,
+            authorized=authorized,
+            body=parsed,
+            request_id=str(uuid.uuid4()),
+        )
+        self._record(record)
+        return record
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def _generation(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        protocol: Literal["native", "compatible"],
+        multimodal: bool,
+    ) -> None:
+        record = self._new_record(scope, body)
+        request_id = record.request_id
+        base_headers = [(b"x-request-id", request_id.encode())]
+        if not record.authorized:
+            self._set_outcome(record, "error")
+            payload = _error_body(protocol, "InvalidApiKey", _bad_key_message(), request_id)
+            await _send_json(send, 401, payload, base_headers)
+            return
+        try:
+            plan = self._plan(record, protocol, multimodal)
+        except _HTTPError as exc:
+            self._set_outcome(record, "error")
+            payload = _error_body(protocol, exc.code, exc.message, request_id)
+            await _send_json(send, exc.status, payload, base_headers)
+            return
+
+        disconnected = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
+        try:
+            outcome = await self._respond(plan, send, disconnected, base_headers)
+        except _ConnectionDropped:
+            self._set_outcome(record, "dropped")
+            raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        self._set_outcome(record, outcome)
+
+    def _plan(
+        self, record: RecordedRequest, protocol: Literal["native", "compatible"], multimodal: bool
+    ) -> _Plan:
+        data = record.body
+        if not isinstance(data, dict):
+            raise _HTTPError(400, "InvalidParameter", "Request body must be a JSON object.")
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise _HTTPError(400, "BadRequest.EmptyModel", 'Required parameter "model" missing.')
+        if protocol == "native":
+            messages = (data.get("input") or {}).get("messages")
+            parameters = data.get("parameters") or {}
+            stream = record.headers.get("x-dashscope-sse", "").lower() == "enable"
+            incremental = parameters.get("incremental_output") is True
+            include_usage = False
+        else:
+            messages = data.get("messages")
+            parameters = data
+            stream = data.get("stream") is True
+            incremental = True
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        if not isinstance(messages, list) or not messages:
+            raise _HTTPError(
+                400,
+                "InvalidParameter",
+                'Either "prompt" or "messages" must exist and cannot both be none',
+            )
+        if not is_known_model(model):
+            if protocol == "compatible":
+                raise _HTTPError(404, "model_not_found", "Model not exist.")
+            raise _HTTPError(400, "InvalidParameter", "Model not exist.")
+        if protocol == "native":
+            vision = is_vision_model(model)
+            if (vision and not multimodal) or (
+                multimodal and not vision and model not in _OMNI_MODELS
+            ):
+                raise _HTTPError(400, "InvalidParameter", "url error, check url!")
+            if not multimodal and any(not isinstance(m.get("content"), str) for m in messages):
+                raise _HTTPError(400, "InvalidParameter", "input content must be a string.")
+        last = messages[-1]
+        last_ok = last.get("role") in ("user", "tool") or (
+            last.get("role") == "assistant" and last.get("partial") is True
+        )
+        if not last_ok:
+            raise _HTTPError(
+                400,
+                "InternalError.Algo.InvalidParameter",
+                "Role must be in [user, assistant, system, tool] and the role in last message "
+                'must be in ["user","function","tool"]',
+            )
+        thinking = parameters.get("enable_thinking")
+        thinking = thinking is True or (thinking is None and model in _THINKING_ONLY_MODELS)
+        if stream is False and model in _STREAM_ONLY_MODELS:
+            raise _HTTPError(
+                400,
+                "InvalidParameter",
+                "This model only support stream mode, please enable the stream parameter to "
+                "access the model.",
+            )
+        if thinking and not stream and model not in _NON_STREAM_THINKING_MODELS:
+            raise _HTTPError(
+                400,
+                "InvalidParameter",
+                "parameter.enable_thinking must be set to false for non-streaming calls",
+            )
+        if thinking and stream and not incremental:
+            raise _HTTPError(
+                400,
+                "InvalidParameter",
+                'The incremental_output parameter must be "true" when enable_thinking is true',
+            )
+
+        last_user, images, input_words = _read_messages(messages)
+        scenario = self._take_scenario(last_user)
+        turn = sum(1 for m in messages if m.get("role") == "user")
+        if scenario and scenario.reply is not None:
+            reply = scenario.reply
+        else:
+            reply = compose_reply(
+                model=model,
+                last_user=last_user,
+                turn=turn,
+                images=images,
+                target_tokens=scenario.tokens if scenario else None,
+            )
+        reply_tokens = tokenize(reply)
+        reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
+        if reasoning is None and thinking:
+            reasoning = compose_reasoning(last_user)
+        finish_reason = scenario.finish_reason if scenario and scenario.finish_reason else "stop"
+        max_tokens = parameters.get("max_tokens")
+        if isinstance(max_tokens, int) and 0 < max_tokens < len(reply_tokens):
+            reply_tokens = reply_tokens[:max_tokens]
+            finish_reason = "length"
+
+        def pace(name: str, default: Any) -> Any:
+            value = getattr(scenario, name) if scenario else None
+            return default if value is None else value
+
+        return _Plan(
+            request_id=record.request_id,
+            protocol=protocol,
+            multimodal=multimodal,
+            model=model,
+            stream=stream,
+            incremental=incremental,
+            include_usage=include_usage,
+            reasoning_tokens=tokenize(reasoning) if reasoning else [],
+            reply_tokens=reply_tokens,
+            finish_reason=None if finish_reason == "none" else finish_reason,
+            input_tokens=input_words,
+            first_token_delay=pace("first_token_delay", self.first_token_delay),
+            token_delay=pace("token_delay", self.token_delay),
+            tokens_per_chunk=max(1, pace("tokens_per_chunk", self.tokens_per_chunk)),
+            scenario=scenario,
+        )
+
+    async def _respond(
+        self,
+        plan: _Plan,
+        send: Send,
+        disconnected: asyncio.Event,
+        base_headers: list[tuple[bytes, bytes]],
+    ) -> str:
+        scenario = plan.scenario
+        error = scenario.error if scenario else None
+        headers = list(base_headers)
+        if error and error.retry_after is not None:
+            headers.append((b"retry-after", _seconds(error.retry_after).encode()))
+        if error and error.where == "before_sse":
+            frame = _native_error_frame(1, error, plan.request_id)
+            if plan.protocol == "compatible":
+                payload = _error_body("compatible", error.code, error.message, plan.request_id)
+                frame = f"data: {json.dumps(payload)}\n\n"
+            await _send_raw(send, error.status, frame.encode(), "application/json", headers)
+            return "error"
+        if error and (error.where in ("before_json", "json_200") or not plan.stream):
+            status = 200 if error.where == "json_200" else error.status
+            payload = _error_body(plan.protocol, error.code, error.message, plan.request_id)
+            await _send_json(send, status, payload, headers)
+            return "error"
+        if not plan.stream:
+            return await self._respond_whole(plan, send, disconnected, headers)
+        return await self._stream(plan, send, disconnected, headers)
+
+    async def _respond_whole(
+        self,
+        plan: _Plan,
+        send: Send,
+        disconnected: asyncio.Event,
+        headers: list[tuple[bytes, bytes]],
+    ) -> str:
+        scenario = plan.scenario
+        reply_tokens = plan.reply_tokens
+        finish = plan.finish_reason
+        if scenario and scenario.framing == "partial_response":
+            reply_tokens = reply_tokens[: max(1, len(reply_tokens) // 2)]
+            finish = None
+            headers = [*headers, (b"x-dashscope-partialresponse", b"true")]
+        wait = plan.first_token_delay + plan.token_delay * len(reply_tokens)
+        if scenario and scenario.stall_after_chunks is not None:
+            wait += scenario.stall_seconds
+        if await _pause(wait, disconnected):
+            return "disconnected"
+        reply = "".join(reply_tokens)
+        reasoning = "".join(plan.reasoning_tokens)
+        output_tokens = len(reply_tokens) + len(plan.reasoning_tokens)
+        if plan.protocol == "native":
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": [{"text": reply}] if plan.multimodal else reply,
+            }
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            payload: dict[str, Any] = {
+                "output": {"choices": [{"finish_reason": finish or "null", "message": message}]},
+                "usage": _native_usage(plan.input_tokens, output_tokens),
+                "request_id": plan.request_id,
+            }
+        else:
+            message = {"role": "assistant", "content": reply}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            payload = {
+                "choices": [
+                    {"message": message, "finish_reason": finish, "index": 0, "logprobs": None}
+                ],
+                "object": "chat.completion",
+                "usage": _compat_usage(plan.input_tokens, output_tokens),
+                "created": int(time.time()),
+                "system_fingerprint": None,
+                "model": plan.model,
+                "id": plan.completion_id,
+            }
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if scenario and scenario.drop_after_chunks is not None:
+            await _start(send, 200, "application/json", headers, length=len(body))
+            await send(
+                {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
+            )
+            raise _ConnectionDropped
+        await _send_raw(send, 200, body, "application/json", headers)
+        return "completed"
+
+    async def _stream(
+        self,
+        plan: _Plan,
+        send: Send,
+        disconnected: asyncio.Event,
+        headers: list[tuple[bytes, bytes]],
+    ) -> str:
+        scenario = plan.scenario or Scenario()
+        error = scenario.error
+        native = plan.protocol == "native"
+        separator = "" if scenario.framing == "no_blank_lines" else "\n"
+        chunks = _chunks(plan)
+        frame_id = 0
+        emitted_tokens = 0
+        reasoning_so_far = ""
+        text_so_far = ""
+        content_type = "text/event-stream;charset=UTF-8"
+
+        await _start(send, 200, content_type, headers)
+
+        async def emit(text: str) -> None:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+        def native_frame(payload: dict[str, Any]) -> str:
+            nonlocal frame_id
+            frame_id += 1
+            data = json.dumps(payload, ensure_ascii=False)
+            return f"id:{frame_id}\nevent:result\n:HTTP_STATUS/200\ndata:{data}\n{separator}"
+
+        def compat_frame(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        if error and error.where == "first_event":
+            # Compatible mode too: production throttling has been seen as a native frame there.
+            await emit(_native_error_frame(1, error, plan.request_id))
+            return await _end(send, "error")
+
+        for position in range(len(chunks) + 1):
+            if error and error.where == "mid_stream" and error.after_chunks == position:
+                if native:
+                    await emit(_native_error_frame(frame_id + 1, error, plan.request_id))
+                else:
+                    body = _error_body("compatible", error.code, error.message, plan.request_id)
+                    await emit(compat_frame(body))
+                return await _end(send, "error")
+            if scenario.stall_after_chunks == position and await _pause(
+                scenario.stall_seconds, disconnected
+            ):
+                return "disconnected"
+            if scenario.drop_after_chunks == position:
+                raise _ConnectionDropped
+            if position == len(chunks):
+                break
+            kind, tokens = chunks[position]
+            delay = plan.first_token_delay if position == 0 else plan.token_delay * len(tokens)
+            if await _pause(delay, disconnected):
+                return "disconnected"
+            piece = "".join(tokens)
+            emitted_tokens += len(tokens)
+            if kind == "reasoning":
+                reasoning_so_far += piece
+            else:
+                text_so_far += piece
+            if native:
+                reasoning = piece if plan.incremental else reasoning_so_far
+                text = piece if plan.incremental else text_so_far
+                if kind == "reasoning" and plan.incremental:
+                    text = ""
+                if kind == "content" and plan.incremental:
+                    reasoning = ""
+                await emit(native_frame(self._native_chunk(plan, text, reasoning, emitted_tokens)))
+            else:
+                if position == 0:
+                    first_delta: dict[str, Any] = {"content": "", "role": "assistant"}
+                    if plan.reasoning_tokens:
+                        first_delta = {
+                            "content": None,
+                            "role": "assistant",
+                            "reasoning_content": "",
+                        }
+                    await emit(compat_frame(_compat_chunk(plan, first_delta, None)))
+                delta: dict[str, Any] = (
+                    {"content": None, "reasoning_content": piece}
+                    if kind == "reasoning"
+                    else {"content": piece}
+                )
+                if plan.reasoning_tokens and kind == "content":
+                    delta["reasoning_content"] = None
+                await emit(compat_frame(_compat_chunk(plan, delta, None)))
+            if disconnected.is_set():
+                return "disconnected"
+
+        if plan.finish_reason is not None:
+            if native:
+                text = "" if plan.incremental else text_so_far
+                reasoning = "" if plan.incremental else reasoning_so_far
+                payload = self._native_chunk(plan, text, reasoning, emitted_tokens)
+                payload["output"]["choices"][0]["finish_reason"] = plan.finish_reason
+                await emit(native_frame(payload))
+            else:
+                await emit(compat_frame(_compat_chunk(plan, {"content": ""}, plan.finish_reason)))
+                if plan.include_usage:
+                    usage_chunk = _compat_chunk(plan, {}, None)
+                    usage_chunk["choices"] = []
+                    usage_chunk["usage"] = _compat_usage(plan.input_tokens, emitted_tokens)
+                    await emit(compat_frame(usage_chunk))
+        if not native and plan.finish_reason is not None:
+            await emit("data: [DONE]\n\n")
+        return await _end(send, "completed")
+
+    def _native_chunk(
+        self, plan: _Plan, text: str, reasoning: str, output_tokens: int
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "content": ([{"text": text}] if text else []) if plan.multimodal else text,
+            "role": "assistant",
+        }
+        if plan.reasoning_tokens:
+            message["reasoning_content"] = reasoning
+        return {
+            "output": {"choices": [{"message": message, "finish_reason": "null"}]},
+            "usage": _native_usage(plan.input_tokens, output_tokens),
+            "request_id": plan.request_id,
+        }
+
+
+def _chunks(plan: _Plan) -> list[tuple[str, list[str]]]:
+    size = plan.tokens_per_chunk
+    chunks: list[tuple[str, list[str]]] = []
+    for kind, tokens in (("reasoning", plan.reasoning_tokens), ("content", plan.reply_tokens)):
+        chunks.extend((kind, tokens[i : i + size]) for i in range(0, len(tokens), size))
+    return chunks
+
+
+def _compat_chunk(plan: _Plan, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "choices": [{"delta": delta, "finish_reason": finish, "index": 0, "logprobs": None}],
+        "object": "chat.completion.chunk",
+        "usage": None,
+        "created": int(time.time()),
+        "system_fingerprint": None,
+        "model": plan.model,
+        "id": plan.completion_id,
+    }
+
+
+def _native_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def _compat_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def _read_messages(messages: list[Any]) -> tuple[str, int, int]:
+    """(last user text, image count, rough input token count)."""
+    last_user = ""
+    images = 0
+    words = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        text, count = _content_text(message.get("content"))
+        words += len(text.split()) + 4  # a few tokens of chat-template overhead per turn
+        images += count
+        if message.get("role") == "user":
+            last_user = text
+    return last_user, images, words
+
+
+def _content_text(content: Any) -> tuple[str, int]:
+    if isinstance(content, str):
+        return content, 0
+    texts: list[str] = []
+    images = 0
+    if isinstance(content, list):
+        for item in content:
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            if "image" in item or item.get("type") == "image_url":
+                images += 1
+    return "\n".join(texts), images
+
+
+def _error_body(
+    protocol: Literal["native", "compatible"], code: str, message: str, request_id: str
+) -> dict[str, Any]:
+    if protocol == "native":
+        return {"code": code, "message": message, "request_id": request_id}
+    compat_code = _COMPAT_CODES.get(code, code)
+    kind = "invalid_request_error" if compat_code in _INVALID_REQUEST_CODES else compat_code
+    return {
+        "error": {"message": message, "type": kind, "param": None, "code": compat_code},
+        "request_id": request_id,
+    }
+
+
+_COMPAT_CODES = {
+    "InvalidApiKey": "invalid_api_key",
+    "InvalidParameter": "invalid_parameter_error",
+    "DataInspectionFailed": "data_inspection_failed",
+}
+_INVALID_REQUEST_CODES = frozenset(
+    {"invalid_api_key", "invalid_parameter_error", "model_not_found"}
+)
+
+
+def _bad_key_message() -> str:
+    return (
+        "Invalid API-key provided. For details, see: "
+        "https://help.aliyun.com/zh/model-studio/error-code#apikey-error"
+    )
+
+
+def _native_error_frame(frame_id: int, error: ScenarioError, request_id: str) -> str:
+    data = json.dumps({"code": error.code, "message": error.message, "request_id": request_id})
+    return f"id:{frame_id}\nevent:error\n:HTTP_STATUS/{error.status}\ndata:{data}\n\n"
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# -- ASGI plumbing ----------------------------------------------------------------------------
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected.set()
+            return
+
+
+async def _pause(seconds: float, disconnected: asyncio.Event) -> bool:
+    """Sleep, waking early if the client goes away; True if it did."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(disconnected.wait(), seconds)
+    return disconnected.is_set()
+
+
+async def _start(
+    send: Send,
+    status: int,
+    content_type: str,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    length: int | None = None,
+) -> None:
+    all_headers = [(b"content-type", content_type.encode()), *headers]
+    if length is not None:
+        all_headers.append((b"content-length", str(length).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+
+
+async def _end(send: Send, outcome: str) -> str:
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return outcome
+
+
+async def _send_raw(
+    send: Send, status: int, body: bytes, content_type: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await _start(send, status, content_type, headers, length=len(body))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_json(
+    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    await _send_raw(send, status, body, "application/json", headers or [])
+
+
+# -- running it -------------------------------------------------------------------------------
+
+
+class SimulatorServer:
+    """Runs a ``Simulator`` under uvicorn in a daemon thread on a free loopback port.
+
+    Use as a context manager, or call ``start()`` / ``stop()``. The in-process controls
+    (``add_scenario``, ``requests``, ``reset`` ...) act on the same ``simulator`` object.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        first_token_delay: float = 0.3,
+        token_delay: float = 0.02,
+        tokens_per_chunk: int = 1,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.simulator = Simulator(
+            api_key=api_key,
+            first_token_delay=first_token_delay,
+            token_delay=token_delay,
+            tokens_per_chunk=tokens_per_chunk,
+        )
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def native_base_url(self) -> str:
+        return f"{self.url}/api/v1"
+
+    @property
+    def compatible_base_url(self) -> str:
+        return f"{self.url}/compatible-mode/v1"
+
+    def start(self, timeout: float = 10.0) -> SimulatorServer:
+        """Bind, serve in a background thread, and return once requests are accepted."""
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._socket = sock
+        config = uvicorn.Config(
+            self.simulator,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+            lifespan="off",
+            http="h11",
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name=f"dashscope-simulator-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("DashScope simulator failed to start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Shut uvicorn down gracefully and wait for its thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+    def __enter__(self) -> SimulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # Convenience pass-throughs to the simulator.
+
+    def add_scenario(self, scenario: Scenario) -> None:
+        self.simulator.add_scenario(scenario)
+
+    def clear_scenarios(self) -> None:
+        self.simulator.clear_scenarios()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.simulator.requests
+
+    def clear_requests(self) -> None:
+        self.simulator.clear_requests()
+
+    def reset(self) -> None:
+        self.simulator.reset()
+
+    def wait_for_outcome(self, request_id: str | None = None, timeout: float = 5.0) -> str | None:
+        return self.simulator.wait_for_outcome(request_id, timeout)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the DashScope simulator in the foreground.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--api-key", default=None, help="reject requests without this key")
+    parser.add_argument("--first-token-delay", type=float, default=0.3)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    parser.add_argument("--tokens-per-chunk", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for ``python -m conversations.dashscope.simulator``."""
+    args = _parse_args(argv)
+    app = Simulator(
+        api_key=args.api_key,
+        first_token_delay=args.first_token_delay,
+        token_delay=args.token_delay,
+        tokens_per_chunk=args.tokens_per_chunk,
+    )
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"DashScope simulator on {base}\n"
+        f"  native base URL:     {base}/api/v1\n"
+        f"  compatible base URL: {base}/compatible-mode/v1",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    _install_drop_filter()
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Requests, stream events and results exchanged with the DashScope client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass
+class ChatMessage:
+    """One turn of the conversation.
+
+    ``images`` are http(s) or ``data:`` URLs and need a multimodal model. ``partial`` marks an
+    assistant turn that the model should continue (prefix continuation).
+    """
+
+    role: Role
+    content: str
+    images: list[str] = field(default_factory=list)
+    partial: bool = False
+
+
+@dataclass
+class ChatRequest:
+    """A chat generation request.
+
+    ``parameters`` (temperature, top_p, max_tokens, enable_thinking, seed, ...) are passed through
+    unchanged: inside ``parameters`` in native mode, at the top level in compatible mode.
+    """
+
+    model: str
+    messages: list[ChatMessage]
+    endpoint: Literal["text", "multimodal"] = "text"
+    protocol: Literal["native", "compatible"] = "native"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New reasoning ("thinking") text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of a tool call; ``arguments`` fragments with the same index concatenate."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for the whole request (final figures)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Always the last event of a stream.
+
+    ``reason`` is "stop", "length" or "tool_calls"; ``None`` means the stream ended cleanly
+    without a finish reason, i.e. the reply is truncated.
+    """
+
+    reason: str | None
+    request_id: str | None
+
+
+StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | Usage | Finish
+
+
+@dataclass
+class Completion:
+    """Result of a non-streaming call.
+
+    ``partial_response`` is True when DashScope cut a slow non-streaming call short and returned
+    what it had (``x-dashscope-partialresponse: true``); continue it with a ``partial`` turn.
+    """
+
+    text: str
+    reasoning: str
+    finish_reason: str | None
+    usage: Usage | None
+    request_id: str | None
+    partial_response: bool

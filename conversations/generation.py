@@ -1,0 +1,224 @@
+"""One reply being written: stream from DashScope, coalesce, publish, checkpoint, finish.
+
+A Generation runs as its own asyncio task, not inside a websocket consumer, so a closed tab or
+a reload does not stop it. It publishes to the conversation's group (every socket, any
+process), listens for stop and catch-up requests on its own channel in the conversation's
+control group, checkpoints the partial text to the database, and saves the result once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+
+from conversations import events
+from conversations.dashscope import (
+    ChatRequest,
+    DashScopeClient,
+    DashScopeError,
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+)
+from conversations.errors import describe_error
+from conversations.models import Message
+
+logger = logging.getLogger(__name__)
+
+# Strong references to the replies running in this process: asyncio keeps only weak ones, and
+# an unreferenced task can vanish mid-reply.
+_running: dict[int, Generation] = {}
+
+
+def running(message_id: int) -> Generation | None:
+    return _running.get(message_id)
+
+
+@dataclass
+class Generation:
+    message_id: int
+    conversation_id: str
+    request: ChatRequest
+    client: DashScopeClient
+    frame_interval: float = field(default_factory=lambda: settings.QWENWEB_FRAME_INTERVAL)
+    checkpoint_interval: float = field(default_factory=lambda: settings.QWENWEB_CHECKPOINT_INTERVAL)
+
+    text: str = ""
+    reasoning: str = ""
+    seq: int = 0
+    published: int = 0  # characters of `text` already published
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    request_id: str | None = None
+    stop_requested: bool = False
+    task: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        self._dirty = asyncio.Event()
+        self._done = False
+        self._last_checkpoint = time.monotonic()
+        self._checkpointed = 0
+        self.layer = get_channel_layer()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, announce: Callable[[], Awaitable[None]] | None = None) -> asyncio.Task:
+        """Join the control group, announce the reply, then run it in its own task.
+
+        Joining first means a Stop sent the moment the reply appears on any socket already
+        reaches the generation; announcing before the first delta means every socket knows
+        the message before text for it arrives.
+        """
+        self._control_group = events.control_group(self.conversation_id)
+        self._control_channel = await self.layer.new_channel()
+        await self.layer.group_add(self._control_group, self._control_channel)
+        _running[self.message_id] = self
+        if announce is not None:
+            await announce()
+        # A fresh context: the reply outlives the request or socket that started it, and must
+        # not inherit its per-request state (asgiref's executor for that request quits with it).
+        self.task = asyncio.create_task(
+            self.run(), name=f"generation-{self.message_id}", context=contextvars.Context()
+        )
+        self.task.add_done_callback(lambda _task: _running.pop(self.message_id, None))
+        return self.task
+
+    async def run(self) -> None:
+        listener = asyncio.create_task(self._listen(self._control_channel))
+        publisher = asyncio.create_task(self._publish_loop())
+        self._upstream = asyncio.create_task(self._consume())
+        if self.stop_requested:
+            self._upstream.cancel()
+        status, error = Message.Status.COMPLETE, None
+        try:
+            await asyncio.wait({self._upstream})
+            if self._upstream.cancelled():
+                status = Message.Status.STOPPED
+            elif (exc := self._upstream.exception()) is not None:
+                status, error = Message.Status.ERROR, exc
+                if not isinstance(exc, DashScopeError):
+                    logger.error("Reply %s failed", self.message_id, exc_info=exc)
+        finally:
+            listener.cancel()
+            self._done = True
+            self._dirty.set()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await self.layer.group_discard(self._control_group, self._control_channel)
+        await self._finish(status, error)
+
+    async def _finish(self, status: str, error: BaseException | None) -> None:
+        fields = {
+            "content": self.text,
+            "reasoning": self.reasoning,
+            "status": status,
+            "finish_reason": self.finish_reason or "",
+            "request_id": self.request_id or "",
+            "completed_at": timezone.now(),
+            "updated_at": timezone.now(),
+        }
+        if self.usage is not None:
+            fields["input_tokens"] = self.usage.input_tokens
+            fields["output_tokens"] = self.usage.output_tokens
+        if error is not None:
+            fields["error_code"], fields["error_message"] = describe_error(error)
+            fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
+        await Message.objects.filter(pk=self.message_id).aupdate(**fields)
+        await self.layer.group_send(
+            events.group(self.conversation_id),
+            {"type": "conversation.finished", "message_id": self.message_id},
+        )
+
+    def stop(self) -> None:
+        """Close the upstream request; the partial text is kept with status `stopped`."""
+        self.stop_requested = True
+        upstream = getattr(self, "_upstream", None)
+        if upstream is not None and not upstream.done():
+            upstream.cancel()
+
+    # -- the three loops ----------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        async for event in self.client.stream_chat(self.request):
+            if isinstance(event, TextDelta):
+                self.text += event.text
+                self._dirty.set()
+            elif isinstance(event, ReasoningDelta):
+                self.reasoning += event.text
+            elif isinstance(event, Usage):
+                self.usage = event
+            elif isinstance(event, Finish):
+                self.finish_reason = event.reason
+                self.request_id = event.request_id
+
+    async def _publish_loop(self) -> None:
+        """The first delta goes out at once; later ones are coalesced into one frame per
+        interval, each carrying only the text since the previous frame."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._publish_pending()
+            if self._done:
+                return
+            if time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+                await self._checkpoint()
+            await asyncio.sleep(self.frame_interval)
+
+    async def _publish_pending(self) -> None:
+        if self.published >= len(self.text):
+            return
+        offset, chunk = self.published, self.text[self.published :]
+        self.published = len(self.text)
+        self.seq += 1
+        await self.layer.group_send(
+            events.group(self.conversation_id),
+            {
+                "type": "conversation.delta",
+                "message_id": self.message_id,
+                "seq": self.seq,
+                "offset": offset,
+                "text": chunk,
+            },
+        )
+
+    async def _checkpoint(self) -> None:
+        self._last_checkpoint = time.monotonic()
+        if self._checkpointed == len(self.text):
+            return
+        self._checkpointed = len(self.text)
+        try:
+            await Message.objects.filter(pk=self.message_id).aupdate(
+                content=self.text, reasoning=self.reasoning, updated_at=timezone.now()
+            )
+        except Exception:
+            # A missed checkpoint costs at most one interval of text if this process dies;
+            # the reply itself goes on and is saved whole at the end.
+            logger.warning("Checkpoint of reply %s failed", self.message_id, exc_info=True)
+
+    async def _listen(self, channel: str) -> None:
+        while True:
+            message = await self.layer.receive(channel)
+            kind = message.get("type")
+            target = message.get("message_id")
+            if target not in (None, self.message_id):
+                continue
+            if kind == "generation.stop":
+                self.stop()
+            elif kind == "generation.sync":
+                await self.layer.send(
+                    message["reply_channel"],
+                    {
+                        "type": "conversation.snapshot",
+                        "message_id": self.message_id,
+                        "seq": self.seq,
+                        "text": self.text,
+                    },
+                )

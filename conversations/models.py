@@ -1,0 +1,234 @@
+"""Conversations, their messages, and the catalog admins curate (models, system prompts)."""
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import URLValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class ModelProfileQuerySet(models.QuerySet):
+    def enabled(self):
+        return self.filter(enabled=True)
+
+    def default(self) -> "ModelProfile | None":
+        """The admin's default, else the configured QWENWEB_DEFAULT_MODEL, else the first."""
+        enabled = self.enabled()
+        return (
+            enabled.filter(is_default=True).first()
+            or enabled.filter(name=settings.QWENWEB_DEFAULT_MODEL).first()
+            or enabled.first()
+        )
+
+
+class ModelProfile(models.Model):
+    """A DashScope model that users may chat with, as the admin configured it."""
+
+    class Endpoint(models.TextChoices):
+        TEXT = "text", _("Text generation")
+        MULTIMODAL = "multimodal", _("Multimodal (images)")
+
+    class Protocol(models.TextChoices):
+        NATIVE = "native", _("DashScope native")
+        COMPATIBLE = "compatible", _("OpenAI-compatible")
+
+    name = models.CharField(
+        _("model id"), max_length=100, unique=True, help_text=_("As DashScope names it.")
+    )
+    label = models.CharField(_("label"), max_length=100, help_text=_("Shown to users."))
+    endpoint = models.CharField(
+        _("endpoint"), max_length=20, choices=Endpoint, default=Endpoint.TEXT
+    )
+    protocol = models.CharField(
+        _("protocol"), max_length=20, choices=Protocol, default=Protocol.NATIVE
+    )
+    enabled = models.BooleanField(_("enabled"), default=True)
+    is_default = models.BooleanField(_("default"), default=False)
+    context_limit = models.PositiveIntegerField(
+        _("context limit"), default=131072, help_text=_("In tokens.")
+    )
+    max_output_tokens = models.PositiveIntegerField(_("max output tokens"), null=True, blank=True)
+    parameters = models.JSONField(
+        _("parameters"),
+        default=dict,
+        blank=True,
+        help_text=_('Sent with every request, e.g. {"temperature": 0.7, "top_p": 0.8}.'),
+    )
+    sort_order = models.IntegerField(_("sort order"), default=0)
+
+    objects = ModelProfileQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["sort_order", "label"]
+        verbose_name = _("model")
+        verbose_name_plural = _("models")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_model"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.endpoint == self.Endpoint.MULTIMODAL
+
+
+class SystemPrompt(models.Model):
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    text = models.TextField(_("text"))
+    is_default = models.BooleanField(_("default"), default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = _("system prompt")
+        verbose_name_plural = _("system prompts")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_prompt"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ConversationQuerySet(models.QuerySet):
+    def owned_by(self, user):
+        return self.filter(owner=user)
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="conversations",
+        verbose_name=_("owner"),
+    )
+    title = models.CharField(_("title"), max_length=200, blank=True)
+    model = models.ForeignKey(
+        ModelProfile, on_delete=models.PROTECT, related_name="+", verbose_name=_("model")
+    )
+    system_prompt = models.ForeignKey(
+        SystemPrompt,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("system prompt"),
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), default=timezone.now, db_index=True)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        verbose_name = _("conversation")
+        verbose_name_plural = _("conversations")
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+        permissions = [("review_conversation", _("Can review all users' conversations"))]
+
+    def __str__(self) -> str:
+        return self.display_title
+
+    def get_absolute_url(self) -> str:
+        from django.urls import reverse
+
+        return reverse("conversation", args=[self.id])
+
+    @property
+    def display_title(self) -> str:
+        return self.title or str(_("New chat"))
+
+    @property
+    def group_name(self) -> str:
+        """The channel-layer group every socket and the generation of this chat share."""
+        return f"conv-{self.id}"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        SYSTEM = "system", _("System")
+        USER = "user", _("User")
+        ASSISTANT = "assistant", _("Assistant")
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming", _("Streaming")
+        COMPLETE = "complete", _("Complete")
+        STOPPED = "stopped", _("Stopped")
+        ERROR = "error", _("Error")
+        INTERRUPTED = "interrupted", _("Interrupted")
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(_("role"), max_length=20, choices=Role)
+    content = models.TextField(_("content"), blank=True)
+    reasoning = models.TextField(_("reasoning"), blank=True)
+    status = models.CharField(
+        _("status"), max_length=20, choices=Status, default=Status.COMPLETE, db_index=True
+    )
+    model = models.CharField(_("model"), max_length=100, blank=True)
+    finish_reason = models.CharField(_("finish reason"), max_length=30, blank=True)
+    request_id = models.CharField(_("request id"), max_length=100, blank=True)
+    input_tokens = models.PositiveIntegerField(_("input tokens"), null=True, blank=True)
+    output_tokens = models.PositiveIntegerField(_("output tokens"), null=True, blank=True)
+    error_code = models.CharField(_("error code"), max_length=100, blank=True)
+    error_message = models.TextField(_("error message"), blank=True)
+    client_message_id = models.UUIDField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+    completed_at = models.DateTimeField(_("completed"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "client_message_id"],
+                condition=Q(client_message_id__isnull=False),
+                name="unique_client_message_id",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_role_display()}: {self.content[:60]}"
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.status == self.Status.STREAMING
+
+    @property
+    def truncated(self) -> bool:
+        """A reply that ended early because of the token limit or a cut-off stream."""
+        return self.role == self.Role.ASSISTANT and (
+            self.finish_reason == "length"
+            or (self.status == self.Status.COMPLETE and self.finish_reason == "")
+        )
+
+
+class MessageImage(models.Model):
+    """An image (by URL) attached to a user message for a multimodal model."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="images")
+    url = models.URLField(
+        _("image URL"), max_length=2000, validators=[URLValidator(schemes=["http", "https"])]
+    )
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("image")
+        verbose_name_plural = _("images")
+
+    def __str__(self) -> str:
+        return self.url

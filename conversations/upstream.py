@@ -1,0 +1,73 @@
+"""The process's way to DashScope: configuration, the shared client, and the offline demo.
+
+With no DASHSCOPE_API_KEY the app talks to the project's own simulator, started once per
+process on a loopback port, through exactly the same client code as the real service.
+"""
+
+import asyncio
+import logging
+import threading
+import weakref
+
+from django.conf import settings
+
+from conversations.dashscope import DashScopeClient, DashScopeConfig
+
+logger = logging.getLogger(__name__)
+
+DEMO_API_KEY = "sk-offline-demo"
+
+_simulator = None
+_simulator_lock = threading.Lock()
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DashScopeClient]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def demo_mode() -> bool:
+    """True when replies come from the simulator because no API key is configured."""
+    return not settings.DASHSCOPE_API_KEY
+
+
+def _demo_simulator():
+    global _simulator
+    with _simulator_lock:
+        if _simulator is None:
+            from conversations.dashscope.simulator import SimulatorServer
+
+            _simulator = SimulatorServer(api_key=DEMO_API_KEY).start()
+            logger.info(
+                "No DASHSCOPE_API_KEY: offline demo, replies simulated at %s", _simulator.url
+            )
+        return _simulator
+
+
+def get_config() -> DashScopeConfig:
+    if demo_mode():
+        simulator = _demo_simulator()
+        return DashScopeConfig.from_values(
+            api_key=DEMO_API_KEY,
+            base_url=simulator.native_base_url,
+            compatible_base_url=simulator.compatible_base_url,
+        )
+    return DashScopeConfig.from_values(
+        api_key=settings.DASHSCOPE_API_KEY,
+        region=settings.DASHSCOPE_REGION,
+        base_url=settings.DASHSCOPE_BASE_URL or None,
+        compatible_base_url=settings.DASHSCOPE_COMPATIBLE_BASE_URL or None,
+    )
+
+
+def get_client() -> DashScopeClient:
+    """The client shared by every reply running on this event loop (one per process)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = DashScopeClient(get_config())
+        _clients[loop] = client
+    return client
+
+
+def reset_clients() -> None:
+    """Forget cached clients (tests that change the DashScope settings call this)."""
+    _clients.clear()

@@ -1,0 +1,27 @@
+from django.urls import path
+
+from conversations import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
+    path("c/new/", views.conversation_new, name="conversation_new"),
+    path("c/<uuid:conversation_id>/", views.conversation_detail, name="conversation"),
+    path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
+    path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
+    path(
+        "c/<uuid:conversation_id>/settings/",
+        views.conversation_settings,
+        name="conversation_settings",
+    ),
+    path(
+        "c/<uuid:conversation_id>/export.json",
+        views.conversation_export_json,
+        name="conversation_export_json",
+    ),
+    path(
+        "c/<uuid:conversation_id>/export.md",
+        views.conversation_export_md,
+        name="conversation_export_md",
+    ),
+]

@@ -1,0 +1,245 @@
+"""Pages and HTMX partials. Thin: check ownership, call a service, render a template."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth.decorators import login_not_required
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.text import slugify
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from conversations import chat
+from conversations.models import Conversation, ModelProfile
+
+SIDEBAR_LIMIT = 200
+
+
+def _sidebar(user) -> dict:
+    conversations = Conversation.objects.owned_by(user).only("id", "title", "updated_at")
+    return {"conversations": conversations[:SIDEBAR_LIMIT]}
+
+
+def _owned(request: HttpRequest, conversation_id) -> Conversation:
+    """The user's conversation, or 404: another user's id looks exactly like a missing one."""
+    return get_object_or_404(
+        Conversation.objects.owned_by(request.user).select_related("model", "system_prompt"),
+        pk=conversation_id,
+    )
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "conversations/chat.html",
+        {
+            **_sidebar(request.user),
+            "conversation": None,
+            "models": ModelProfile.objects.enabled(),
+            "selected_model": ModelProfile.objects.default(),
+        },
+    )
+
+
+@require_POST
+async def conversation_new(request: HttpRequest) -> HttpResponse:
+    """Create a conversation; with `content`, its first message starts the first reply."""
+    user = await request.auser()
+    content = request.POST.get("content", "")
+    model = None
+    if model_id := request.POST.get("model"):
+        model = await ModelProfile.objects.enabled().filter(pk=model_id).afirst()
+    if content.strip():
+        try:
+            chat.clean_content(content)
+        except chat.ReplyRefused as refusal:
+            return await _home_with_error(request, user, content, str(refusal), model)
+    try:
+        conversation = await database_sync_to_async(chat.conversation_create)(
+            owner=user, model=model
+        )
+    except chat.ReplyRefused as refusal:
+        return await _home_with_error(request, user, content, str(refusal), model)
+    if content.strip():
+        try:
+            client_message_id = uuid.UUID(request.POST.get("client_message_id", ""))
+        except ValueError:
+            client_message_id = None
+        await chat.areply_start(
+            conversation=conversation, content=content, client_message_id=client_message_id
+        )
+    return redirect(conversation)
+
+
+async def _home_with_error(request, user, content, error, model) -> HttpResponse:
+    context = await sync_to_async(
+        lambda: {
+            **_sidebar(user),
+            "conversation": None,
+            "models": list(ModelProfile.objects.enabled()),
+            "selected_model": model or ModelProfile.objects.default(),
+            "draft": content,
+            "composer_error": error,
+        }
+    )()
+    return await sync_to_async(render)(request, "conversations/chat.html", context, status=400)
+
+
+@require_GET
+def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
+    conversation = _owned(request, conversation_id)
+    messages = list(conversation.messages.prefetch_related("images"))
+    return render(
+        request,
+        "conversations/chat.html",
+        {
+            **_sidebar(request.user),
+            "conversation": conversation,
+            "chat_messages": messages,
+            "models": ModelProfile.objects.enabled(),
+            "selected_model": conversation.model,
+        },
+    )
+
+
+@require_POST
+def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
+    conversation = _owned(request, conversation_id)
+    title = " ".join(request.POST.get("title", "").split())[:200]
+    conversation.title = title
+    conversation.save(update_fields=["title"])
+    if request.htmx:
+        return render(
+            request,
+            "conversations/chat.html#title",
+            {"conversation": conversation, "oob_sidebar_item": True},
+        )
+    return redirect(conversation)
+
+
+@require_POST
+def conversation_delete(request: HttpRequest, conversation_id) -> HttpResponse:
+    conversation = _owned(request, conversation_id)
+    conversation.delete()
+    if request.htmx:
+        return HttpResponseClientRedirect("/")
+    return redirect("home")
+
+
+@require_POST
+def conversation_settings(request: HttpRequest, conversation_id) -> HttpResponse:
+    """Switch the conversation's model among the enabled profiles."""
+    conversation = _owned(request, conversation_id)
+    model = ModelProfile.objects.enabled().filter(pk=request.POST.get("model")).first()
+    status = 200
+    if model is None:
+        status = 400
+    else:
+        conversation.model = model
+        conversation.save(update_fields=["model"])
+    return render(
+        request,
+        "conversations/chat.html#model-picker",
+        {
+            "conversation": conversation,
+            "models": ModelProfile.objects.enabled(),
+            "selected_model": conversation.model,
+        },
+        status=status,
+    )
+
+
+def _export_filename(conversation: Conversation, extension: str) -> str:
+    stem = slugify(conversation.title)[:50] or "conversation"
+    return f"{stem}-{str(conversation.id)[:8]}.{extension}"
+
+
+@require_GET
+def conversation_export_json(request: HttpRequest, conversation_id) -> HttpResponse:
+    conversation = _owned(request, conversation_id)
+    data = {
+        "id": str(conversation.id),
+        "title": conversation.title,
+        "model": conversation.model.name,
+        "system_prompt": conversation.system_prompt.text if conversation.system_prompt else "",
+        "created_at": conversation.created_at.isoformat(),
+        "messages": [
+            {
+                "role": m.role,
+                "content": m.content,
+                "status": m.status,
+                "model": m.model,
+                "finish_reason": m.finish_reason,
+                "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
+                "request_id": m.request_id,
+                "error": {"code": m.error_code, "message": m.error_message}
+                if m.error_code
+                else None,
+                "images": [image.url for image in m.images.all()],
+                "created_at": m.created_at.isoformat(),
+            }
+            for m in conversation.messages.prefetch_related("images")
+        ],
+    }
+    response = HttpResponse(
+        json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
+    )
+    filename = _export_filename(conversation, "json")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@require_GET
+def conversation_export_md(request: HttpRequest, conversation_id) -> HttpResponse:
+    conversation = _owned(request, conversation_id)
+    text = render_to_string(
+        "conversations/export.md",
+        {"conversation": conversation, "chat_messages": conversation.messages.all()},
+    )
+    response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = (
+        f'attachment; filename="{_export_filename(conversation, "md")}"'
+    )
+    return response
+
+
+@login_not_required
+@never_cache
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """Public health check: can this process reach its database and its channel layer?"""
+    checks: dict[str, str] = {}
+    try:
+        await sync_to_async(_ping_database)()
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        layer = get_channel_layer()
+        channel = await layer.new_channel("healthz.")
+        await layer.send(channel, {"type": "healthz.ping"})
+        await asyncio.wait_for(layer.receive(channel), timeout=2)
+        checks["channel_layer"] = "ok"
+    except Exception as exc:
+        checks["channel_layer"] = f"error: {type(exc).__name__}"
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse(
+        {"status": "ok" if healthy else "error", **checks, "time": timezone.now().isoformat()},
+        status=200 if healthy else 503,
+    )
+
+
+def _ping_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")

@@ -1,0 +1,112 @@
+// qwenweb's few lines of JavaScript: the composer's keys, the lean text frames of a streamed
+// reply, catch-up on (re)connect, and keeping the newest text in view. Everything else is
+// htmx and server-rendered HTML.
+(function () {
+  "use strict";
+
+  // crypto.randomUUID exists only on https and localhost; teams also run plain http on a
+  // private network, where getRandomValues still works.
+  function uuid4() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    var b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    var h = Array.prototype.map.call(b, function (x) { return (x + 256).toString(16).slice(1); }).join("");
+    return h.slice(0, 8) + "-" + h.slice(8, 12) + "-" + h.slice(12, 16) + "-" + h.slice(16, 20) + "-" + h.slice(20);
+  }
+
+  var pendingId = null; // the client_message_id of the message sent but not yet acknowledged
+
+  function scroller() { return document.getElementById("chat-scroll"); }
+  function nearBottom() {
+    var s = scroller();
+    return !s || s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+  }
+  function toBottom() { var s = scroller(); if (s) s.scrollTop = s.scrollHeight; }
+
+  function autosize(textarea) {
+    textarea.style.height = "auto";
+    textarea.style.height = Math.min(textarea.scrollHeight, 240) + "px";
+  }
+
+  // Enter sends, Shift+Enter is a newline, and nothing sends while an IME is composing
+  // (Chromium reports isComposing, some browsers only keyCode 229).
+  document.addEventListener("keydown", function (event) {
+    var field = event.target;
+    if (!field || field.id !== "composer-input" || event.key !== "Enter") return;
+    if (event.shiftKey || event.isComposing || event.keyCode === 229) return;
+    event.preventDefault();
+    if (field.value.trim() && field.form) field.form.requestSubmit();
+  });
+
+  document.addEventListener("input", function (event) {
+    if (event.target && event.target.id === "composer-input") autosize(event.target);
+  });
+
+  // The first message on the home page is a plain form post; give it an id as well.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (form.id === "composer" && !form.hasAttribute("ws-send")) {
+      form.elements.client_message_id.value = uuid4();
+    }
+  });
+
+  // Each send carries a client_message_id, kept until the server acknowledges it, so a resend
+  // after a dropped connection is recognised and never starts a second reply.
+  document.addEventListener("htmx:wsConfigSend", function (event) {
+    var params = event.detail.parameters;
+    if (params.type === "send") {
+      if (!pendingId) pendingId = uuid4();
+      params.client_message_id = pendingId;
+    }
+  });
+
+  // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply; it is
+  // appended as text, never parsed as HTML.
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var data = event.detail.message;
+    if (typeof data !== "string" || data.charAt(0) !== "+") return;
+    event.preventDefault();
+    var colon = data.indexOf(":");
+    var body = document.getElementById("message-" + data.slice(1, colon) + "-body");
+    if (!body) return;
+    var follow = nearBottom();
+    var last = body.lastChild;
+    var text = data.slice(colon + 1);
+    if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
+    else body.appendChild(document.createTextNode(text));
+    if (follow) toBottom();
+  });
+
+  document.addEventListener("htmx:wsBeforeMessage", function () {
+    window.__qwenwebFollow = nearBottom();
+  });
+
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    var ack = document.getElementById("composer-ack");
+    var id = ack && ack.getAttribute("data-client-message-id");
+    if (id && id === pendingId) {
+      pendingId = null;
+      ack.removeAttribute("data-client-message-id");
+      var field = document.getElementById("composer-input");
+      if (field) { field.value = ""; autosize(field); }
+    }
+    if (window.__qwenwebFollow) toBottom();
+  });
+
+  // On every (re)connect, name the replies this page shows as still streaming: the server
+  // answers with where each stands now, so a reconnect leaves no gap and no duplicate.
+  document.addEventListener("htmx:wsOpen", function (event) {
+    var ids = Array.prototype.map.call(
+      document.querySelectorAll('article[data-role="assistant"][data-status="streaming"]'),
+      function (el) { return parseInt(el.id.slice("message-".length), 10); }
+    );
+    event.detail.socketWrapper.send(JSON.stringify({ type: "hello", streaming: ids }));
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    toBottom();
+    var field = document.getElementById("composer-input");
+    if (field) { autosize(field); field.focus(); }
+  });
+})();

@@ -1,0 +1,766 @@
+"""The DashScope client against the simulator on a real loopback port (no mocked HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from conversations.dashscope import (
+    AuthError,
+    BadRequestError,
+    BillingError,
+    ChatMessage,
+    ChatRequest,
+    DashScopeClient,
+    DashScopeConfig,
+    DashScopeError,
+    DashScopeTimeoutError,
+    Finish,
+    ModeratedError,
+    ReasoningDelta,
+    ServerError,
+    StreamEvent,
+    TextDelta,
+    ThrottledError,
+    TransportError,
+    Usage,
+    classify,
+    compatible_base_from_native,
+)
+from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
+from conversations.dashscope.sse import parse_frames
+from tests.dashscope_fixtures import *  # noqa: F403
+from tests.dashscope_fixtures import SIMULATOR_API_KEY, RecordingSleep
+
+REPLY = "Hello, **world**!\n\n- one\n- two\n\nDone."
+
+
+def ask(text: str = "Tell me something nice", **kwargs: object) -> ChatRequest:
+    return ChatRequest(model="qwen-plus", messages=[ChatMessage("user", text)], **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(client: DashScopeClient, request: ChatRequest) -> list[StreamEvent]:
+    return [event async for event in client.stream_chat(request)]
+
+
+async def collect_until_error(
+    client: DashScopeClient, request: ChatRequest
+) -> tuple[list[StreamEvent], DashScopeError]:
+    events: list[StreamEvent] = []
+    with pytest.raises(DashScopeError) as caught:
+        async for event in client.stream_chat(request):
+            events.append(event)
+    return events, caught.value
+
+
+def text_of(events: list[StreamEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def reasoning_of(events: list[StreamEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+
+
+def client_for(
+    config: DashScopeConfig, sleep: RecordingSleep, **changes: object
+) -> DashScopeClient:
+    return DashScopeClient(replace(config, **changes), sleep=sleep)  # type: ignore[arg-type]
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_native_stream_yields_deltas_then_usage_then_finish(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    events = await collect(dashscope_client, ask())
+
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 5
+    assert text_of(events) == REPLY
+    usage, finish = events[-2], events[-1]
+    assert isinstance(usage, Usage) and usage.output_tokens == len(deltas)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert finish == Finish("stop", simulator.requests[-1].request_id)
+
+
+@pytest.mark.asyncio
+async def test_native_request_carries_sse_header_and_parameters(simulator, dashscope_client):
+    request = ChatRequest(
+        model="qwen-plus",
+        messages=[
+            ChatMessage("system", "Be brief."),
+            ChatMessage("user", "Write a haiku"),
+            ChatMessage("assistant", "Autumn moon", partial=True),
+        ],
+        parameters={"temperature": 0.3, "seed": 7},
+    )
+
+    await collect(dashscope_client, request)
+
+    seen = simulator.requests[-1]
+    assert seen.path == "/api/v1/services/aigc/text-generation/generation"
+    assert seen.headers["x-dashscope-sse"] == "enable"
+    assert seen.headers["accept"] == "text/event-stream"
+    assert "authorization" not in seen.headers and seen.authorized
+    assert seen.body["parameters"] == {
+        "result_format": "message",
+        "incremental_output": True,
+        "temperature": 0.3,
+        "seed": 7,
+    }
+    assert seen.body["input"]["messages"][-1] == {
+        "role": "assistant",
+        "content": "Autumn moon",
+        "partial": True,
+    }
+
+
+@pytest.mark.asyncio
+async def test_multimodal_stream_joins_list_content(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY, tokens_per_chunk=2))
+    request = ChatRequest(
+        model="qwen3-vl-plus",
+        endpoint="multimodal",
+        messages=[
+            ChatMessage("system", "You describe pictures."),
+            ChatMessage("user", "What is in this picture?", images=["https://example.com/a.png"]),
+        ],
+    )
+
+    events = await collect(dashscope_client, request)
+
+    assert text_of(events) == REPLY
+    assert events[-1].reason == "stop"
+    seen = simulator.requests[-1]
+    assert seen.path.endswith("/multimodal-generation/generation")
+    assert seen.body["input"]["messages"] == [
+        {"role": "system", "content": [{"text": "You describe pictures."}]},
+        {
+            "role": "user",
+            "content": [
+                {"image": "https://example.com/a.png"},
+                {"text": "What is in this picture?"},
+            ],
+        },
+    ]
+
+
+@pytest.mark.asyncio
+async def test_images_on_the_text_endpoint_are_refused_before_sending(simulator, dashscope_client):
+    request = ChatRequest(
+        model="qwen-plus", messages=[ChatMessage("user", "look", images=["https://x/y.png"])]
+    )
+    with pytest.raises(ValueError, match="multimodal"):
+        await collect(dashscope_client, request)
+    assert simulator.requests == []
+
+
+@pytest.mark.asyncio
+async def test_compatible_stream_reports_usage_finish_and_done(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY))
+    request = ChatRequest(
+        model="qwen3-vl-plus",
+        protocol="compatible",
+        messages=[ChatMessage("user", "Describe", images=["https://example.com/a.png"])],
+        parameters={"enable_thinking": False, "temperature": 0.5},
+    )
+
+    events = await collect(dashscope_client, request)
+
+    assert text_of(events) == REPLY
+    assert isinstance(events[-2], Usage) and events[-2].output_tokens > 0
+    seen = simulator.requests[-1]
+    assert events[-1] == Finish("stop", seen.request_id)
+    assert seen.path == "/compatible-mode/v1/chat/completions"
+    assert seen.body["stream"] is True
+    assert seen.body["stream_options"] == {"include_usage": True}
+    assert seen.body["enable_thinking"] is False and seen.body["temperature"] == 0.5
+    assert seen.body["messages"][0]["content"] == [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "text", "text": "Describe"},
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_reasoning_arrives_before_the_answer(simulator, dashscope_client, protocol):
+    simulator.add_scenario(Scenario(reasoning="Let me think about it.", reply="Answer: 42."))
+
+    events = await collect(dashscope_client, ask(protocol=protocol))
+
+    assert reasoning_of(events) == "Let me think about it."
+    assert text_of(events) == "Answer: 42."
+    kinds = [type(e) for e in events if isinstance(e, TextDelta | ReasoningDelta)]
+    assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
+
+
+@pytest.mark.asyncio
+async def test_thinking_mode_streams_reasoning(simulator, dashscope_client):
+    events = await collect(dashscope_client, ask(parameters={"enable_thinking": True}))
+    assert "I should answer briefly" in reasoning_of(events)
+    assert text_of(events)
+
+
+@pytest.mark.asyncio
+async def test_non_incremental_stream_is_turned_into_deltas(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    events = await collect(dashscope_client, ask(parameters={"incremental_output": False}))
+
+    assert simulator.requests[-1].body["parameters"]["incremental_output"] is False
+    assert text_of(events) == REPLY
+    assert events[-1].reason == "stop"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tokens_per_chunk", [1, 3])
+async def test_frames_without_blank_lines_are_still_parsed(
+    simulator, dashscope_client, tokens_per_chunk
+):
+    simulator.add_scenario(
+        Scenario(reply=REPLY, framing="no_blank_lines", tokens_per_chunk=tokens_per_chunk)
+    )
+
+    events = await collect(dashscope_client, ask())
+
+    assert text_of(events) == REPLY
+    assert events[-1].reason == "stop"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_finish_reason_length_is_reported(simulator, dashscope_client, protocol):
+    simulator.add_scenario(Scenario(reply=REPLY, finish_reason="length"))
+    events = await collect(dashscope_client, ask(protocol=protocol))
+    assert text_of(events) == REPLY
+    assert events[-1].reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_max_tokens_truncates_with_length(simulator, dashscope_client):
+    events = await collect(dashscope_client, ask(parameters={"max_tokens": 5}))
+    assert len([e for e in events if isinstance(e, TextDelta)]) == 5
+    assert events[-1].reason == "length"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_stream_ending_without_finish_reason_is_truncated(
+    simulator, dashscope_client, protocol
+):
+    simulator.add_scenario(Scenario(reply=REPLY, finish_reason="none"))
+
+    events = await collect(dashscope_client, ask(protocol=protocol))
+
+    assert text_of(events) == REPLY
+    assert events[-1] == Finish(None, simulator.requests[-1].request_id)
+
+
+# -- non-streaming -----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_chat_returns_a_whole_completion(simulator, dashscope_client, protocol):
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    completion = await dashscope_client.chat(ask(protocol=protocol))
+
+    seen = simulator.requests[-1]
+    assert completion.text == REPLY
+    assert completion.finish_reason == "stop"
+    assert completion.request_id == seen.request_id
+    assert completion.usage is not None and completion.usage.output_tokens > 0
+    assert completion.partial_response is False
+    assert "x-dashscope-sse" not in seen.headers
+    if protocol == "compatible":
+        assert seen.body["stream"] is False
+
+
+@pytest.mark.asyncio
+async def test_chat_joins_multimodal_content(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY))
+    request = ChatRequest(
+        model="qwen-vl-max",
+        endpoint="multimodal",
+        messages=[ChatMessage("user", "What is it?", images=["data:image/png;base64,AAAA"])],
+    )
+    completion = await dashscope_client.chat(request)
+    assert completion.text == REPLY
+
+
+@pytest.mark.asyncio
+async def test_chat_flags_a_partial_response(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply=REPLY, framing="partial_response"))
+
+    completion = await dashscope_client.chat(ask())
+
+    assert completion.partial_response is True
+    assert completion.finish_reason is None
+    assert REPLY.startswith(completion.text) and completion.text != REPLY
+
+
+@pytest.mark.asyncio
+async def test_chat_error_is_typed(simulator, dashscope_client):
+    simulator.add_scenario(
+        Scenario(error=ScenarioError(status=400, code="Arrearage", message="Access denied."))
+    )
+    with pytest.raises(BillingError) as caught:
+        await dashscope_client.chat(ask())
+    assert caught.value.request_id == simulator.requests[-1].request_id
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+ERROR_SHAPES = [
+    # protocol, where, status, code, expected class, expected status
+    ("native", "before_json", 400, "InvalidParameter", BadRequestError, 400),
+    ("native", "before_sse", 400, "DataInspectionFailed", ModeratedError, 400),
+    ("native", "first_event", 429, "Throttling.AllocationQuota", ThrottledError, 429),
+    ("native", "json_200", 400, "Arrearage", BillingError, None),
+    ("compatible", "before_json", 401, "invalid_api_key", AuthError, 401),
+    ("compatible", "before_sse", 400, "data_inspection_failed", ModeratedError, 400),
+    ("compatible", "first_event", 429, "Throttling.RateQuota", ThrottledError, 429),
+    ("compatible", "json_200", 403, "AccessDenied", AuthError, None),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("protocol", "where", "status", "code", "error_class", "seen_status"), ERROR_SHAPES
+)
+async def test_every_error_shape_maps_to_its_class(
+    simulator,
+    dashscope_config,
+    recorded_sleep,
+    protocol,
+    where,
+    status,
+    code,
+    error_class,
+    seen_status,
+):
+    simulator.add_scenario(
+        Scenario(error=ScenarioError(status=status, code=code, message="Nope.", where=where))
+    )
+    async with client_for(dashscope_config, recorded_sleep, max_retries=0) as client:
+        events, error = await collect_until_error(client, ask(protocol=protocol))
+
+    assert events == []
+    assert type(error) is error_class
+    assert error.code == code
+    assert error.status == seen_status
+    assert error.message == "Nope."
+    assert error.request_id == simulator.requests[-1].request_id
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_mid_stream_error_keeps_the_deltas_and_is_not_retried(
+    simulator, dashscope_client, recorded_sleep, protocol
+):
+    simulator.add_scenario(
+        Scenario(
+            reply=REPLY,
+            error=ScenarioError(
+                status=500,
+                code="InternalError",
+                message="Oops.",
+                where="mid_stream",
+                after_chunks=3,
+            ),
+        )
+    )
+
+    events, error = await collect_until_error(dashscope_client, ask(protocol=protocol))
+
+    assert text_of(events) == "".join(tokenize(REPLY)[:3])
+    assert isinstance(error, ServerError) and error.retryable
+    assert error.code == "InternalError"
+    assert error.request_id == simulator.requests[-1].request_id
+    assert len(simulator.requests) == 1
+    assert recorded_sleep.delays == []
+
+
+@pytest.mark.asyncio
+async def test_output_moderation_mid_stream_is_moderated_error(simulator, dashscope_client):
+    simulator.add_scenario(
+        Scenario(
+            error=ScenarioError(
+                status=400,
+                code="DataInspectionFailed",
+                message="Output data may contain inappropriate content.",
+                where="mid_stream",
+                after_chunks=2,
+            )
+        )
+    )
+    events, error = await collect_until_error(dashscope_client, ask())
+    assert len(events) == 2
+    assert isinstance(error, ModeratedError) and error.status == 400
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("protocol", "code"), [("native", "InvalidApiKey"), ("compatible", "invalid_api_key")]
+)
+async def test_wrong_key_is_auth_error_and_never_shown(
+    simulator, dashscope_config, recorded_sleep, protocol, code
+):
+    wrong_key = "sk-wrong-secret-key-987654321"
+    async with client_for(dashscope_config, recorded_sleep, api_key=wrong_key) as client:
+        with pytest.raises(AuthError) as caught:
+            await collect(client, ask(protocol=protocol))
+
+    error = caught.value
+    assert error.status == 401 and error.code == code and not error.retryable
+    assert error.request_id == simulator.requests[-1].request_id
+    assert len(simulator.requests) == 1
+    for text in (str(error), repr(error), error.message, repr(client), repr(dashscope_config)):
+        assert wrong_key not in text and SIMULATOR_API_KEY not in text
+
+
+@pytest.mark.asyncio
+async def test_api_key_echoed_by_the_server_is_redacted(simulator, dashscope_client):
+    simulator.add_scenario(
+        Scenario(
+            error=ScenarioError(
+                status=401, code="InvalidApiKey", message=f"Bad key {SIMULATOR_API_KEY}."
+            )
+        )
+    )
+    with pytest.raises(AuthError) as caught:
+        await collect(dashscope_client, ask())
+    assert SIMULATOR_API_KEY not in str(caught.value)
+    assert "Bad key sk-***." in str(caught.value)
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_throttled_admission_is_retried_until_it_succeeds(
+    simulator, dashscope_client, recorded_sleep
+):
+    simulator.add_scenario(
+        Scenario(
+            times=2,
+            error=ScenarioError(
+                status=429,
+                code="Throttling.AllocationQuota",
+                message="Slow down.",
+                where="first_event",
+            ),
+        )
+    )
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    events = await collect(dashscope_client, ask())
+
+    assert text_of(events) == REPLY
+    assert len(simulator.requests) == 3
+    assert [r.outcome for r in simulator.requests] == ["error", "error", "completed"]
+    first, second = recorded_sleep.delays
+    assert 0.5 <= first <= 0.625
+    assert 1.0 <= second <= 1.25
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("retry_after", "expected"), [(3, 3.0), (0.25, 0.25), (30, 8.0)])
+async def test_retry_after_header_is_honoured_and_capped(
+    simulator, dashscope_client, recorded_sleep, retry_after, expected
+):
+    simulator.add_scenario(
+        Scenario(error=ScenarioError(status=429, code="Throttling", retry_after=retry_after))
+    )
+
+    events = await collect(dashscope_client, ask())
+
+    assert events[-1].reason == "stop"
+    assert recorded_sleep.delays == [expected]
+
+
+@pytest.mark.asyncio
+async def test_gives_up_after_max_retries(simulator, dashscope_client, recorded_sleep):
+    simulator.add_scenario(Scenario(times=-1, error=ScenarioError(status=429, code="Throttling")))
+
+    with pytest.raises(ThrottledError) as caught:
+        await collect(dashscope_client, ask())
+
+    assert caught.value.status == 429
+    assert len(simulator.requests) == 3
+    assert len(recorded_sleep.delays) == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("error", "error_class"),
+    [
+        (ScenarioError(status=400, code="InvalidParameter", message="Bad."), BadRequestError),
+        (
+            ScenarioError(
+                status=429,
+                code="Throttling.AllocationQuota",
+                message="Free allocated quota exceeded.",
+            ),
+            BillingError,
+        ),
+        (ScenarioError(status=400, code="DataInspectionFailed", message="No."), ModeratedError),
+    ],
+)
+async def test_non_retryable_errors_are_raised_at_once(
+    simulator, dashscope_client, recorded_sleep, error, error_class
+):
+    simulator.add_scenario(Scenario(times=-1, error=error))
+    with pytest.raises(error_class):
+        await collect(dashscope_client, ask())
+    assert len(simulator.requests) == 1
+    assert recorded_sleep.delays == []
+
+
+@pytest.mark.asyncio
+async def test_chat_is_retried_like_stream_admission(simulator, dashscope_client, recorded_sleep):
+    simulator.add_scenario(
+        Scenario(times=2, error=ScenarioError(status=503, code="ServiceUnavailable"))
+    )
+    completion = await dashscope_client.chat(ask())
+    assert completion.finish_reason == "stop"
+    assert len(simulator.requests) == 3 and len(recorded_sleep.delays) == 2
+
+
+# -- transport failures ------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_stalled_stream_times_out_after_deltas(simulator, dashscope_config, recorded_sleep):
+    simulator.add_scenario(Scenario(reply=REPLY, stall_after_chunks=2, stall_seconds=10))
+
+    async with client_for(dashscope_config, recorded_sleep, stall_timeout=0.5) as client:
+        events, error = await collect_until_error(client, ask())
+
+    assert len(events) == 2
+    assert isinstance(error, DashScopeTimeoutError)
+    assert error.request_id == simulator.requests[-1].request_id
+    assert len(simulator.requests) == 1 and recorded_sleep.delays == []
+    assert simulator.wait_for_outcome() == "disconnected"
+
+
+@pytest.mark.asyncio
+async def test_stall_before_the_first_delta_is_retried(simulator, dashscope_config, recorded_sleep):
+    simulator.add_scenario(Scenario(stall_after_chunks=0, stall_seconds=10))
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    async with client_for(dashscope_config, recorded_sleep, stall_timeout=0.5) as client:
+        events = await collect(client, ask())
+
+    assert text_of(events) == REPLY
+    assert len(simulator.requests) == 2 and len(recorded_sleep.delays) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_connection_dropped_mid_stream_is_transport_error(
+    simulator, dashscope_client, recorded_sleep, protocol
+):
+    simulator.add_scenario(Scenario(reply=REPLY, drop_after_chunks=3))
+
+    events, error = await collect_until_error(dashscope_client, ask(protocol=protocol))
+
+    assert len([e for e in events if isinstance(e, TextDelta)]) == 3
+    assert not any(isinstance(e, Finish) for e in events)
+    assert isinstance(error, TransportError)
+    assert len(simulator.requests) == 1 and recorded_sleep.delays == []
+    assert simulator.requests[-1].outcome == "dropped"
+
+
+@pytest.mark.asyncio
+async def test_connection_dropped_before_any_delta_is_retried(
+    simulator, dashscope_client, recorded_sleep
+):
+    simulator.add_scenario(Scenario(drop_after_chunks=0))
+    simulator.add_scenario(Scenario(reply=REPLY))
+
+    events = await collect(dashscope_client, ask())
+
+    assert text_of(events) == REPLY
+    assert [r.outcome for r in simulator.requests] == ["dropped", "completed"]
+
+
+@pytest.mark.asyncio
+async def test_connection_refused_is_transport_error(recorded_sleep):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = DashScopeConfig.from_values(
+        api_key=SIMULATOR_API_KEY, base_url=f"http://127.0.0.1:{port}/api/v1"
+    )
+    async with DashScopeClient(config, sleep=recorded_sleep) as client:
+        with pytest.raises(TransportError) as caught:
+            await collect(client, ask())
+    assert caught.value.retryable
+    assert len(recorded_sleep.delays) == 2
+    assert SIMULATOR_API_KEY not in str(caught.value)
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_closing_the_stream_early_disconnects_upstream(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(tokens=400, token_delay=0.01))
+
+    stream = dashscope_client.stream_chat(ask())
+    received = [await anext(stream) for _ in range(3)]
+    await stream.aclose()
+
+    assert all(isinstance(e, TextDelta) for e in received)
+    assert simulator.wait_for_outcome(timeout=3) == "disconnected"
+    assert simulator.simulator.disconnected_streams == 1
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_task_disconnects_upstream(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(tokens=400, token_delay=0.01))
+    first_delta = asyncio.Event()
+
+    async def consume() -> None:
+        async for event in dashscope_client.stream_chat(ask()):
+            if isinstance(event, TextDelta):
+                first_delta.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_delta.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert simulator.wait_for_outcome(timeout=3) == "disconnected"
+
+
+@pytest.mark.asyncio
+async def test_shared_http_client_is_left_open(simulator, dashscope_config):
+    async with httpx.AsyncClient() as http:
+        client = DashScopeClient(dashscope_config, http=http)
+        simulator.add_scenario(Scenario(reply="Hi."))
+        events = await collect(client, ask())
+        await client.aclose()
+        assert text_of(events) == "Hi."
+        assert not http.is_closed
+
+
+# -- configuration and classification ---------------------------------------------------------
+
+
+def test_region_picks_the_public_host():
+    intl = DashScopeConfig.from_values(api_key="sk-x")
+    cn = DashScopeConfig.from_values(api_key="sk-x", region="cn")
+    assert intl.native_base_url == "https://dashscope-intl.aliyuncs.com/api/v1"
+    assert intl.compatible_base_url == "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"
+    assert cn.native_base_url == "https://dashscope.aliyuncs.com/api/v1"
+    assert cn.compatible_base_url == "https://dashscope.aliyuncs.com/compatible-mode/v1"
+
+
+def test_unknown_region_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown DashScope region 'mars'.*cn, intl"):
+        DashScopeConfig.from_values(api_key="sk-x", region="mars")
+
+
+def test_base_url_overrides_region_and_derives_compatible_url():
+    config = DashScopeConfig.from_values(
+        api_key="sk-x", region="cn", base_url="http://127.0.0.1:9000/api/v1/", stall_timeout=3
+    )
+    assert config.native_base_url == "http://127.0.0.1:9000/api/v1"
+    assert config.compatible_base_url == "http://127.0.0.1:9000/compatible-mode/v1"
+    assert config.stall_timeout == 3
+
+
+def test_explicit_compatible_url_wins():
+    config = DashScopeConfig.from_values(
+        api_key="sk-x", compatible_base_url="https://proxy.example/compatible-mode/v1"
+    )
+    assert config.native_base_url == "https://dashscope-intl.aliyuncs.com/api/v1"
+    assert config.compatible_base_url == "https://proxy.example/compatible-mode/v1"
+
+
+def test_compatible_base_needs_a_native_base():
+    assert compatible_base_from_native("https://h/x/api/v1") == "https://h/x/compatible-mode/v1"
+    with pytest.raises(ValueError, match="must end with '/api/v1'"):
+        compatible_base_from_native("https://h/v1")
+
+
+def test_config_hides_the_key_and_rejects_an_empty_one():
+    assert "sk-secret" not in repr(DashScopeConfig.from_values(api_key="sk-secret"))
+    with pytest.raises(ValueError, match="API key is empty"):
+        DashScopeConfig.from_values(api_key="")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "error_class", "retryable"),
+    [
+        (401, "InvalidApiKey", "Invalid API-key provided.", AuthError, False),
+        (403, "AccessDenied.Unpurchased", "No.", AuthError, False),
+        (403, "Model.AccessDenied", "No.", AuthError, False),
+        (429, "Throttling.RateQuota", "Slow down.", ThrottledError, True),
+        (429, "limit_burst_rate", "Slow down.", ThrottledError, True),
+        (429, "Throttling.AllocationQuota", "Free allocated quota exceeded.", BillingError, False),
+        (429, "PrepaidBillOverdue", "Pay.", BillingError, False),
+        (403, "AllocationQuota.FreeTierOnly", "Free tier only.", BillingError, False),
+        (400, "Arrearage", "Access denied, account not in good standing.", BillingError, False),
+        (400, "DataInspectionFailed", "Bad content.", ModeratedError, False),
+        (400, "FaqRuleBlocked", "Blocked.", ModeratedError, False),
+        (400, "InvalidParameter", "url error, check url!", BadRequestError, False),
+        (404, "model_not_found", "Model not exist.", BadRequestError, False),
+        (413, "BadRequest.TooLarge", "Too large.", BadRequestError, False),
+        (
+            400,
+            "InternalError.Algo.InvalidParameter",
+            "Range of input length",
+            BadRequestError,
+            False,
+        ),
+        (500, "InternalError.Algo", "list index out of range", ServerError, False),
+        (500, "InternalError", "Oops.", ServerError, True),
+        (503, "ModelUnavailable", "Busy.", ServerError, True),
+        (500, "RequestTimeOut", "Timed out.", DashScopeTimeoutError, True),
+        (504, None, "Gateway timeout.", DashScopeTimeoutError, True),
+        (502, None, "Bad gateway.", ServerError, True),
+        (429, "SomethingNew", "?", ThrottledError, True),
+        (None, None, "?", DashScopeError, False),
+    ],
+)
+def test_classify_uses_code_first_then_status(status, code, message, error_class, retryable):
+    error = classify(status, code, message, "req-1")
+    assert type(error) is error_class
+    assert error.retryable is retryable
+    assert (error.status, error.code, error.message, error.request_id) == (
+        status,
+        code,
+        message,
+        "req-1",
+    )
+
+
+def test_sse_parser_tolerates_dashscope_quirks():
+    raw = (
+        'id:1\nevent:result\n:HTTP_STATUS/200\ndata:{"a":1}\n'
+        'id:2\nevent:error\n:HTTP_STATUS/429\ndata: {"code":"Throttling"}\n\n'
+        ": keep-alive\n"
+        'data: {"b":\ndata: 2}\n\n'
+        'data:{"c":3}\ndata:{"d":4}\n\n'
+        "data: [DONE]\n\n"
+    )
+    frames = parse_frames(raw)
+    assert [(f.event, f.status, f.payloads()) for f in frames] == [
+        ("result", 200, [{"a": 1}]),
+        ("error", 429, [{"code": "Throttling"}]),
+        ("", None, [{"b": 2}]),
+        ("", None, [{"c": 3}]),
+        ("", None, [{"d": 4}]),
+        ("", None, ["[DONE]"]),
+    ]

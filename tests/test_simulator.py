@@ -1,0 +1,465 @@
+"""The DashScope simulator on the wire: framing, validation, replies and its control API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conversations.dashscope.simulator import (
+    Scenario,
+    SimulatorServer,
+    compose_reply,
+    tokenize,
+)
+from tests.dashscope_fixtures import *  # noqa: F403
+from tests.dashscope_fixtures import SIMULATOR_API_KEY
+
+TEXT_PATH = "/api/v1/services/aigc/text-generation/generation"
+MULTIMODAL_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
+COMPAT_PATH = "/compatible-mode/v1/chat/completions"
+AUTH = {"Authorization": f"Bearer {SIMULATOR_API_KEY}"}
+SSE = {**AUTH, "X-DashScope-SSE": "enable"}
+
+
+def native_body(text: str = "Hello", model: str = "qwen-plus", **parameters: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "input": {"messages": [{"role": "user", "content": text}]},
+        "parameters": {"result_format": "message", **parameters},
+    }
+
+
+def post(server: SimulatorServer, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=10)
+
+
+def data_payloads(raw: str) -> list[dict[str, Any]]:
+    payloads = []
+    for line in raw.splitlines():
+        if line.startswith("data:"):
+            value = line[5:].strip()
+            if value != "[DONE]":
+                payloads.append(json.loads(value))
+    return payloads
+
+
+# -- native wire format ------------------------------------------------------------------------
+
+
+def test_native_stream_uses_dashscope_framing(simulator):
+    simulator.add_scenario(Scenario(reply="Hi there, friend."))
+
+    response = post(simulator, TEXT_PATH, native_body(incremental_output=True), SSE)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = response.text.split("\n\n")
+    assert frames[0].split("\n")[:3] == ["id:1", "event:result", ":HTTP_STATUS/200"]
+    assert frames[0].split("\n")[3].startswith('data:{"output"')
+    assert "[DONE]" not in response.text
+    payloads = data_payloads(response.text)
+    contents = [p["output"]["choices"][0]["message"]["content"] for p in payloads]
+    assert contents == ["Hi ", "there, ", "friend.", ""]
+    reasons = [p["output"]["choices"][0]["finish_reason"] for p in payloads]
+    assert reasons == ["null", "null", "null", "stop"]
+    assert [p["usage"]["output_tokens"] for p in payloads] == [1, 2, 3, 3]
+    request_id = response.headers["x-request-id"]
+    assert {p["request_id"] for p in payloads} == {request_id}
+
+
+def test_native_stream_honours_incremental_output_false(simulator):
+    simulator.add_scenario(Scenario(reply="One two three."))
+
+    response = post(simulator, TEXT_PATH, native_body(incremental_output=False), SSE)
+
+    contents = [
+        p["output"]["choices"][0]["message"]["content"] for p in data_payloads(response.text)
+    ]
+    assert contents == ["One ", "One two ", "One two three.", "One two three."]
+
+
+def test_native_multimodal_content_is_a_list(simulator):
+    simulator.add_scenario(Scenario(reply="A dog.", tokens=None))
+    body = {
+        "model": "qwen3-vl-plus",
+        "input": {
+            "messages": [
+                {"role": "user", "content": [{"image": "https://x/dog.png"}, {"text": "What?"}]}
+            ]
+        },
+        "parameters": {"incremental_output": True},
+    }
+
+    response = post(simulator, MULTIMODAL_PATH, body, SSE)
+
+    contents = [
+        p["output"]["choices"][0]["message"]["content"] for p in data_payloads(response.text)
+    ]
+    assert contents == [[{"text": "A "}], [{"text": "dog."}], []]
+
+
+def test_frames_without_blank_lines(simulator):
+    simulator.add_scenario(Scenario(reply="a b", framing="no_blank_lines"))
+    response = post(simulator, TEXT_PATH, native_body(incremental_output=True), SSE)
+    assert "\n\n" not in response.text
+    assert response.text.count("event:result") == 3
+
+
+def test_native_without_sse_header_returns_one_json_body(simulator):
+    simulator.add_scenario(Scenario(reply="Whole answer."))
+
+    response = post(simulator, TEXT_PATH, native_body(), AUTH)
+
+    payload = response.json()
+    assert payload["output"]["choices"][0] == {
+        "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "Whole answer."},
+    }
+    assert payload["usage"]["output_tokens"] == 2
+    assert payload["request_id"] == response.headers["x-request-id"]
+
+
+def test_partial_response_is_flagged_in_a_header(simulator):
+    simulator.add_scenario(Scenario(reply="one two three four", framing="partial_response"))
+    response = post(simulator, TEXT_PATH, native_body(), AUTH)
+    assert response.headers["x-dashscope-partialresponse"] == "true"
+    assert response.json()["output"]["choices"][0]["message"]["content"] == "one two "
+
+
+def test_thinking_streams_reasoning_content_first(simulator):
+    simulator.add_scenario(Scenario(reasoning="Hmm ok", reply="Yes."))
+    body = native_body(enable_thinking=True, incremental_output=True)
+
+    payloads = data_payloads(post(simulator, TEXT_PATH, body, SSE).text)
+
+    messages = [p["output"]["choices"][0]["message"] for p in payloads]
+    assert [(m["reasoning_content"], m["content"]) for m in messages] == [
+        ("Hmm ", ""),
+        ("ok", ""),
+        ("", "Yes."),
+        ("", ""),
+    ]
+
+
+# -- compatible wire format --------------------------------------------------------------------
+
+
+def test_compatible_stream_ends_with_usage_and_done(simulator):
+    simulator.add_scenario(Scenario(reply="Hi you."))
+    body = {
+        "model": "qwen-plus",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    response = post(simulator, COMPAT_PATH, body, AUTH)
+
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    payloads = data_payloads(response.text)
+    assert payloads[0]["choices"][0]["delta"] == {"content": "", "role": "assistant"}
+    assert [p["choices"][0]["delta"]["content"] for p in payloads[1:3]] == ["Hi ", "you."]
+    assert payloads[-2]["choices"][0]["finish_reason"] == "stop"
+    assert payloads[1]["choices"][0]["finish_reason"] is None
+    assert payloads[-1]["choices"] == []
+    assert payloads[-1]["usage"]["completion_tokens"] == 2
+    assert payloads[-1]["id"] == "chatcmpl-" + response.headers["x-request-id"]
+
+
+def test_compatible_stream_without_include_usage_has_no_usage_chunk(simulator):
+    simulator.add_scenario(Scenario(reply="Hi."))
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    payloads = data_payloads(post(simulator, COMPAT_PATH, body, AUTH).text)
+    assert all(p["choices"] for p in payloads)
+    assert all(p["usage"] is None for p in payloads)
+
+
+def test_compatible_non_stream_returns_chat_completion(simulator):
+    simulator.add_scenario(Scenario(reply="Done."))
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x"}]}
+    payload = post(simulator, COMPAT_PATH, body, AUTH).json()
+    assert payload["object"] == "chat.completion"
+    assert payload["choices"][0]["message"] == {"role": "assistant", "content": "Done."}
+    assert payload["usage"]["completion_tokens"] == 1
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        (
+            TEXT_PATH,
+            {
+                "model": "qwen-plus",
+                "input": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+            },
+            400,
+            "input content must be a string.",
+        ),
+        (TEXT_PATH, native_body(model="qwen3-vl-plus"), 400, "url error, check url!"),
+        (TEXT_PATH, native_body(model="qvq-max"), 400, "url error, check url!"),
+        (MULTIMODAL_PATH, native_body(model="qwen-plus"), 400, "url error, check url!"),
+        (TEXT_PATH, native_body(model="gpt-4o"), 400, "Model not exist."),
+        (
+            TEXT_PATH,
+            {
+                "model": "qwen-plus",
+                "input": {
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "b"},
+                    ]
+                },
+            },
+            400,
+            "the role in last message",
+        ),
+        (
+            TEXT_PATH,
+            native_body(enable_thinking=True, incremental_output=False),
+            400,
+            'incremental_output parameter must be "true"',
+        ),
+        (TEXT_PATH, {"model": "qwen-plus", "messages": []}, 400, 'Either "prompt" or "messages"'),
+    ],
+)
+def test_native_validation_matches_the_real_service(simulator, path, body, status, message):
+    response = post(simulator, path, body, SSE)
+    assert response.status_code == status
+    payload = response.json()
+    assert message in payload["message"]
+    assert payload["request_id"] == response.headers["x-request-id"]
+
+
+def test_stream_only_models_refuse_non_streaming_calls(simulator):
+    response = post(simulator, TEXT_PATH, native_body(model="qwq-plus"), AUTH)
+    assert response.status_code == 400
+    assert "only support stream mode" in response.json()["message"]
+
+
+def test_partial_assistant_turn_may_come_last(simulator):
+    body = {
+        "model": "qwen-plus",
+        "input": {
+            "messages": [
+                {"role": "user", "content": "Write a poem"},
+                {"role": "assistant", "content": "Roses are", "partial": True},
+            ]
+        },
+        "parameters": {"incremental_output": True},
+    }
+    assert post(simulator, TEXT_PATH, body, SSE).status_code == 200
+
+
+def test_any_sim_model_and_omni_models_are_accepted(simulator):
+    assert post(simulator, TEXT_PATH, native_body(model="sim-echo"), AUTH).status_code == 200
+    body = native_body(model="qwen3.5-plus")
+    body["input"]["messages"][0]["content"] = [{"text": "hi"}]
+    assert post(simulator, MULTIMODAL_PATH, body, AUTH).status_code == 200
+
+
+def test_wrong_key_is_rejected_in_both_dialects(simulator):
+    wrong = {"Authorization": "Bearer sk-nope"}
+    native = post(simulator, TEXT_PATH, native_body(), wrong)
+    assert native.status_code == 401
+    assert native.json()["code"] == "InvalidApiKey"
+    compat = post(
+        simulator,
+        COMPAT_PATH,
+        {"model": "qwen-plus", "messages": [{"role": "user", "content": "x"}]},
+        wrong,
+    )
+    assert compat.status_code == 401
+    assert compat.json()["error"]["code"] == "invalid_api_key"
+    assert compat.json()["request_id"] == compat.headers["x-request-id"]
+    assert [r.authorized for r in simulator.requests] == [False, False]
+
+
+def test_unknown_model_in_compatible_mode_is_404(simulator):
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    response = post(simulator, COMPAT_PATH, body, AUTH)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+
+def test_default_reply_is_deterministic_markdown_quoting_the_user(simulator):
+    first = post(simulator, TEXT_PATH, native_body("How do I bake bread?"), AUTH).json()
+    again = post(simulator, TEXT_PATH, native_body("How do I bake bread?"), AUTH).json()
+    other = post(simulator, TEXT_PATH, native_body("What is a monad?"), AUTH).json()
+
+    reply = first["output"]["choices"][0]["message"]["content"]
+    assert reply == again["output"]["choices"][0]["message"]["content"]
+    assert reply != other["output"]["choices"][0]["message"]["content"]
+    assert '"How do I bake bread?"' in reply
+    assert reply.startswith(("**", "### "))
+    assert "\n- " in reply
+    assert 60 <= first["usage"]["output_tokens"] <= 120
+
+
+def test_reply_lengths_vary_within_the_default_range():
+    lengths = {
+        len(tokenize(compose_reply(model="qwen-plus", last_user=f"question {i}", turn=1)))
+        for i in range(30)
+    }
+    assert len(lengths) > 5
+    assert min(lengths) >= 60 and max(lengths) <= 120
+
+
+def test_some_replies_include_a_code_block():
+    replies = [compose_reply(model="qwen-plus", last_user=f"q{i}", turn=1) for i in range(30)]
+    with_code = [r for r in replies if "```" in r]
+    assert 0 < len(with_code) < len(replies)
+    assert all(r.count("```") == 2 for r in with_code)
+
+
+def test_tokens_concatenate_back_to_the_text():
+    text = "  Leading space\n\n- item one\n- item two\n\n```python\nx = 1\n```\n"
+    assert "".join(tokenize(text)) == text
+
+
+def test_tokens_scenario_generates_exactly_that_many(simulator):
+    simulator.add_scenario(Scenario(tokens=17, tokens_per_chunk=4))
+    payloads = data_payloads(
+        post(simulator, TEXT_PATH, native_body(incremental_output=True), SSE).text
+    )
+    assert len(payloads) == 5 + 1  # ceil(17 / 4) chunks and the finish chunk
+    assert payloads[-1]["usage"]["output_tokens"] == 17
+
+
+def test_scenario_match_and_times(simulator):
+    simulator.add_scenario(Scenario(match="banana", reply="Special.", times=2))
+
+    def reply_to(text: str) -> str:
+        body = post(simulator, TEXT_PATH, native_body(text), AUTH).json()
+        return body["output"]["choices"][0]["message"]["content"]
+
+    assert reply_to("apple") != "Special."
+    assert reply_to("a banana split") == "Special."
+    assert reply_to("banana again") == "Special."
+    assert reply_to("banana thrice") != "Special."
+
+
+# -- control API, records and the runner -------------------------------------------------------
+
+
+def test_scenarios_can_be_steered_over_http(simulator):
+    control = simulator.url + "/_simulator/scenarios"
+    added = httpx.post(
+        control, json=[{"reply": "From HTTP.", "times": -1}, {"error": {"status": 429}}]
+    )
+    assert added.status_code == 201 and added.json()["added"] == 2
+    listed = httpx.get(control).json()["scenarios"]
+    assert (
+        listed[0]["reply"] == "From HTTP." and listed[1]["error"]["code"] == "Throttling.RateQuota"
+    )
+
+    response = post(simulator, TEXT_PATH, native_body(), AUTH)
+    assert response.json()["output"]["choices"][0]["message"]["content"] == "From HTTP."
+
+    assert httpx.delete(control).status_code == 200
+    assert simulator.simulator.scenarios == []
+
+
+def test_bad_scenarios_are_rejected_over_http(simulator):
+    control = simulator.url + "/_simulator/scenarios"
+    assert httpx.post(control, json={"replay": "typo"}).status_code == 400
+    assert httpx.post(control, json={"error": {"where": "nowhere"}}).status_code == 400
+    assert simulator.simulator.scenarios == []
+
+
+def test_requests_are_recorded_without_the_key(simulator):
+    post(simulator, TEXT_PATH, native_body("Remember me"), SSE)
+    recorded = httpx.get(simulator.url + "/_simulator/requests").json()["requests"]
+
+    assert len(recorded) == 1
+    entry = recorded[0]
+    assert entry["method"] == "POST" and entry["path"] == TEXT_PATH
+    assert entry["authorized"] is True
+    assert entry["body"]["input"]["messages"][0]["content"] == "Remember me"
+    assert entry["outcome"] == "completed"
+    assert SIMULATOR_API_KEY not in json.dumps(recorded)
+    assert "authorization" not in entry["headers"]
+
+    assert httpx.delete(simulator.url + "/_simulator/requests").status_code == 200
+    assert simulator.requests == []
+
+
+def test_state_reports_stream_counters(simulator):
+    post(simulator, TEXT_PATH, native_body(), SSE)
+    state = httpx.get(simulator.url + "/_simulator/state").json()
+    assert state["completed_streams"] == 1 and state["disconnected_streams"] == 0
+    reset = httpx.delete(simulator.url + "/_simulator/state").json()
+    assert reset["completed_streams"] == 0 and reset["requests"] == 0
+
+
+def test_models_are_listed_in_both_dialects(simulator):
+    native = httpx.get(simulator.native_base_url + "/models?model=qwen-max", headers=AUTH).json()
+    assert [m["model"] for m in native["output"]["models"]] == ["qwen-max"]
+    compat = httpx.get(simulator.compatible_base_url + "/models", headers=AUTH).json()
+    assert "qwen3-vl-plus" in [m["id"] for m in compat["data"]]
+    assert httpx.get(simulator.compatible_base_url + "/models").status_code == 401
+
+
+def test_server_starts_on_a_free_port_and_stops_cleanly():
+    with SimulatorServer(first_token_delay=0, token_delay=0) as server:
+        assert server.native_base_url == f"http://127.0.0.1:{server.port}/api/v1"
+        assert server.compatible_base_url == f"http://127.0.0.1:{server.port}/compatible-mode/v1"
+        response = post(server, TEXT_PATH, native_body(), {"Authorization": "Bearer anything"})
+        assert response.status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/api/v1/models", timeout=1)
+
+
+def test_command_line_runs_the_simulator_in_the_foreground():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable,
+        "-m",
+        "conversations.dashscope.simulator",
+        "--port",
+        str(port),
+        "--api-key",
+        "sk-cli",
+        "--first-token-delay",
+        "0",
+    ]
+    with subprocess.Popen(
+        command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    response = httpx.get(
+                        f"http://127.0.0.1:{port}/compatible-mode/v1/models",
+                        headers={"Authorization": "Bearer sk-cli"},
+                        timeout=1,
+                    )
+                    break
+                except httpx.ConnectError:
+                    assert process.poll() is None, process.stderr.read().decode()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert response.status_code == 200
+        finally:
+            process.terminate()
+            stdout, _ = process.communicate(timeout=10)
+    assert f"http://127.0.0.1:{port}/compatible-mode/v1" in stdout.decode()
