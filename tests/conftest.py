@@ -1,0 +1,42 @@
+"""Shared fixtures: the DashScope simulator on a real loopback port, logged-in websockets,
+and a real daphne server for browser tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conversations.dashscope.simulator import SimulatorServer
+from conversations.upstream import reset_clients
+from tests.dashscope_fixtures import *  # noqa: F403
+from tests.live_server import *  # noqa: F403
+
+APP_API_KEY = "sk-app-test-4f2a9c"
+IN_CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="session")
+def app_simulator():
+    """The simulator the app talks to in tests: fast, but slow enough to see a reply grow."""
+    with SimulatorServer(api_key=APP_API_KEY, first_token_delay=0.05, token_delay=0.004) as sim:
+        yield sim
+
+
+@pytest.fixture(autouse=True)
+def _dashscope_settings(request, settings):
+    """Point the app at the test simulator (never the demo one, never the network)."""
+    if "app_simulator" not in request.fixturenames and not request.node.get_closest_marker(
+        "django_db"
+    ):
+        yield
+        return
+    sim = request.getfixturevalue("app_simulator")
+    sim.reset()
+    settings.DASHSCOPE_API_KEY = APP_API_KEY
+    settings.DASHSCOPE_BASE_URL = sim.native_base_url
+    settings.DASHSCOPE_COMPATIBLE_BASE_URL = sim.compatible_base_url
+    settings.QWENWEB_FRAME_INTERVAL = 0.03
+    reset_clients()
+    yield
+    reset_clients()

@@ -1,0 +1,173 @@
+"""A real qwenweb server (daphne, in its own process) and headless Chromium, for browser tests.
+
+The server gets its own SQLite file and talks to the session's simulator over loopback; tests
+control replies through the simulator's scenarios.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PASSWORDS = {"alice": "alice-pass-5521", "bob": "bob-pass-9034"}
+
+__all__ = ["LiveApp", "browser", "live_app", "new_page", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveApp:
+    url: str
+    env: dict
+    process: subprocess.Popen
+    log_path: Path
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout
+
+    def login(self, page, username: str) -> None:
+        page.goto(f"{self.url}/accounts/login/")
+        page.fill("#id_username", username)
+        page.fill("#id_password", PASSWORDS[username])
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{self.url}/")
+
+
+def _start_daphne(env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                "qwenweb.asgi:application",
+            ],  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError("daphne did not answer /healthz within 30 s")
+
+
+@pytest.fixture(scope="session")
+def live_app(app_simulator) -> LiveApp:
+    from tests.conftest import APP_API_KEY
+
+    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-live-"))
+    env = {
+        **os.environ,
+        "QWENWEB_DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
+        "DASHSCOPE_API_KEY": APP_API_KEY,
+        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("REDIS_URL", None)
+    log_path = data_dir / "daphne.log"
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    create_users = "; ".join(
+        f"User.objects.create_user({name!r}, password={password!r})"
+        for name, password in PASSWORDS.items()
+    )
+    subprocess.run(
+        [
+            sys.executable, "manage.py", "shell", "-c",
+            f"from django.contrib.auth.models import User; {create_users}",
+        ],  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    process, url = _start_daphne(env, log_path)
+    app = LiveApp(url=url, env=env, process=process, log_path=log_path)
+    yield app
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
+        pytest.skip("chromium is not installed: apt-get install chromium fonts-noto-cjk")
+    from playwright.sync_api import sync_playwright
+
+    user_data = tempfile.mkdtemp(prefix="qwenweb-chromium-")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable,
+            headless=True,
+            args=[*CHROMIUM_ARGS, f"--user-data-dir={user_data}"],
+        )
+        yield browser
+        browser.close()
+    shutil.rmtree(user_data, ignore_errors=True)
+
+
+@pytest.fixture
+def new_page(browser):
+    """Pages in fresh browser contexts (separate cookies), closed after the test."""
+    contexts = []
+
+    def make(color_scheme: str = "light", locale: str = "en-US"):
+        context = browser.new_context(
+            viewport={"width": 1200, "height": 800}, color_scheme=color_scheme, locale=locale
+        )
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for context in contexts:
+        context.close()
