@@ -72,7 +72,13 @@ def _start_daphne(env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
                 "qwenweb.asgi:application",
             ],  # fmt: skip
             cwd=ROOT,
@@ -117,7 +123,10 @@ def live_app(app_simulator) -> LiveApp:
     )
     subprocess.run(
         [
-            sys.executable, "manage.py", "shell", "-c",
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
             f"from django.contrib.auth.models import User; {create_users}",
         ],  # fmt: skip
         cwd=ROOT,
@@ -140,7 +149,7 @@ def browser():
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         if os.environ.get("CI"):
-            pytest.fail("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
+            pytest.fail("CI needs Debian's chromium for browser tests: apt-get install chromium")
         pytest.skip("chromium is not installed: apt-get install chromium fonts-noto-cjk")
     from playwright.sync_api import sync_playwright
 
