@@ -253,4 +253,4 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def _send_fragment(self, name: str, **context) -> None:
         with translation.override(self.language):
             html = render_to_string(f"conversations/partials/stream.html#{name}", context)
-        await self.send(text_data=html)
+        await self.send(text_data=html.strip())

@@ -3,6 +3,7 @@ and a real daphne server for browser tests."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -21,6 +22,21 @@ def app_simulator():
     """The simulator the app talks to in tests: fast, but slow enough to see a reply grow."""
     with SimulatorServer(api_key=APP_API_KEY, first_token_delay=0.05, token_delay=0.004) as sim:
         yield sim
+
+
+@pytest.fixture(autouse=True)
+def _catalog(request):
+    """Transactional tests flush the tables the data migration seeded: seed them again."""
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None:
+        return
+    request.getfixturevalue("django_db_blocker")
+    if marker.kwargs.get("transaction") or (marker.args and marker.args[0]):
+        seed = importlib.import_module("conversations.migrations.0002_seed_catalog").seed
+        from django.apps import apps
+
+        with request.getfixturevalue("django_db_blocker").unblock():
+            seed(apps, None)
 
 
 @pytest.fixture(autouse=True)

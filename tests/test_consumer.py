@@ -1,0 +1,264 @@
+"""The conversation websocket, over the real ASGI application and the simulator on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+
+from conversations.dashscope.simulator import Scenario, ScenarioError
+from conversations.models import Message
+from tests.ws_support import (
+    Transcript,
+    assistant_reply,
+    connect,
+    make_conversation,
+    make_user,
+    receive_until,
+    send_frame,
+    wait_for_status,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+
+REPLY = "Streaming works: " + " ".join(f"word{i}" for i in range(60)) + "."
+
+
+async def test_anonymous_socket_is_closed():
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    _, connected, code = await connect(None, conversation)
+    assert not connected
+    assert code == 4403
+
+
+async def test_foreign_socket_is_closed():
+    owner, other = await make_user("alice"), await make_user("mallory")
+    conversation = await make_conversation(owner)
+    _, connected, code = await connect(other, conversation)
+    assert not connected
+    assert code == 4403
+
+
+async def test_socket_from_a_foreign_origin_is_rejected():
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    _, connected, _code = await connect(owner, conversation, origin="http://evil.example")
+    assert not connected
+
+
+async def test_send_streams_the_reply_and_saves_it(app_simulator):
+    app_simulator.add_scenario(Scenario(match="hello", reply=REPLY))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, connected, _ = await connect(owner, conversation)
+    assert connected
+    await ws.send_to(text_data=send_frame("hello there"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    user_message = await Message.objects.filter(conversation=conversation, role="user").aget()
+
+    assert user_message.content == "hello there"
+    assert reply.status == "complete"
+    assert reply.content == REPLY
+    assert reply.finish_reason == "stop"
+    assert reply.request_id and reply.output_tokens
+    # What the socket showed while streaming is exactly the saved reply: no gap, no duplicate.
+    assert transcript.text[reply.pk] == REPLY
+    deltas = [f for f in transcript.frames if f.startswith(f"+{reply.pk}:")]
+    assert len(deltas) >= 2, "the reply should arrive in several frames"
+    # Coalesced: fewer frames than tokens, each carrying only new text.
+    assert len(deltas) < len(REPLY.split())
+    assert sum(len(f) for f in deltas) < 2 * len(REPLY) + 10 * len(deltas)
+    # The simulator was sent the system prompt and the user's message.
+    body = app_simulator.requests[-1].body
+    assert body["input"]["messages"][-1] == {"role": "user", "content": "hello there"}
+    assert body["input"]["messages"][0]["role"] == "system"
+    assert body["parameters"]["incremental_output"] is True
+    await ws.disconnect()
+
+
+async def test_repeated_client_message_id_starts_no_second_reply(app_simulator):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    client_message_id = uuid.uuid4()
+    await ws.send_to(text_data=send_frame("only once", client_message_id))
+    await ws.send_to(text_data=send_frame("only once", client_message_id))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    await ws.disconnect()
+    # A reconnecting socket replays its queue: still one message, one upstream call.
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("only once", client_message_id))
+    await asyncio.sleep(0.3)
+    await ws.disconnect()
+    assert await Message.objects.filter(conversation=conversation).acount() == 2
+    assert len(app_simulator.requests) == 1
+
+
+async def test_send_while_streaming_is_refused_with_a_notice(app_simulator):
+    app_simulator.add_scenario(Scenario(match="slow", reply=REPLY, token_delay=0.02))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("slow one"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
+    await ws.send_to(text_data=send_frame("impatient"))
+    await receive_until(ws, transcript, lambda t: 'class="notice"' in t.frames[-1])
+    assert "still being written" in transcript.frames[-1]
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    contents = [
+        m async for m in Message.objects.filter(role="user").values_list("content", flat=True)
+    ]
+    assert contents == ["slow one"]
+    await ws.disconnect()
+
+
+async def test_stop_mid_reply_keeps_the_partial_text(app_simulator):
+    app_simulator.add_scenario(Scenario(match="long", reply=REPLY, token_delay=0.03))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("a long one"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: sum(f.startswith("+") for f in t.frames) >= 3)
+    await ws.send_to(text_data='{"type": "stop"}')
+    await receive_until(ws, transcript, lambda t: "stopped" in t.status.values())
+    reply = await assistant_reply(conversation)
+    assert reply.status == "stopped"
+    assert reply.content, "the partial text is kept"
+    assert REPLY.startswith(reply.content) and reply.content != REPLY
+    assert app_simulator.wait_for_outcome() == "disconnected"
+    await ws.disconnect()
+
+
+async def test_stop_before_the_first_token(app_simulator):
+    app_simulator.add_scenario(Scenario(match="wait", reply=REPLY, first_token_delay=5))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("wait for it"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "streaming" in t.status.values())
+    await ws.send_to(text_data='{"type": "stop"}')
+    await receive_until(ws, transcript, lambda t: "stopped" in t.status.values(), within=3)
+    reply = await assistant_reply(conversation)
+    assert (reply.status, reply.content) == ("stopped", "")
+    await ws.disconnect()
+
+
+async def test_reply_survives_closed_tab(app_simulator):
+    app_simulator.add_scenario(Scenario(match="bye", reply=REPLY, token_delay=0.01))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("bye for now"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
+    await ws.disconnect()
+    reply = await assistant_reply(conversation)
+    reply = await wait_for_status(reply.pk, {"complete"})
+    assert reply.content == REPLY
+
+
+async def test_reconnect_mid_reply_catches_up_without_gap_or_duplicate(app_simulator):
+    app_simulator.add_scenario(Scenario(match="catch", reply=REPLY, token_delay=0.015))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    first, _, _ = await connect(owner, conversation)
+    await first.send_to(text_data=send_frame("catch up"))
+    seen = Transcript()
+    await receive_until(first, seen, lambda t: sum(f.startswith("+") for f in t.frames) >= 4)
+    await first.disconnect()
+
+    second, _, _ = await connect(owner, conversation)
+    reconnected = Transcript()
+    await receive_until(second, reconnected, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    # The first thing the new socket got was the text so far, as a full render of the message.
+    assert reconnected.frames[0].startswith(f'<article id="message-{reply.pk}"')
+    assert 'data-status="streaming"' in reconnected.frames[0]
+    assert reconnected.text[reply.pk] == REPLY
+    await second.disconnect()
+
+
+async def test_two_tabs_both_stream(app_simulator):
+    app_simulator.add_scenario(Scenario(match="both", reply=REPLY))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    tab_a, _, _ = await connect(owner, conversation)
+    tab_b, _, _ = await connect(owner, conversation)
+    await tab_a.send_to(text_data=send_frame("both tabs"))
+    a, b = Transcript(), Transcript()
+    done = lambda t: "complete" in t.status.values()  # noqa: E731
+    await asyncio.gather(receive_until(tab_a, a, done), receive_until(tab_b, b, done))
+    reply = await assistant_reply(conversation)
+    assert a.text[reply.pk] == b.text[reply.pk] == REPLY
+    # The other tab also shows the user's message.
+    assert any('data-role="user"' in frame for frame in b.frames)
+    await tab_a.disconnect()
+    await tab_b.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("error", "sentence"),
+    [
+        (ScenarioError(status=401, code="InvalidApiKey", message="Invalid API-key provided."),
+         "rejected the API key"),
+        (ScenarioError(status=400, code="Arrearage", message="Access denied, please make sure "
+         "your account is in good standing."), "arrears"),
+        (ScenarioError(status=400, code="DataInspectionFailed", message="Output data may contain "
+         "inappropriate content.", where="mid_stream", after_chunks=3), "content safety"),
+        (ScenarioError(status=429, code="Throttling.RateQuota", message="Requests rate limit "
+         "exceeded."), "rate limiting"),
+    ],
+)  # fmt: skip
+async def test_dashscope_errors_become_sentences_on_the_message(app_simulator, error, sentence):
+    app_simulator.add_scenario(Scenario(match="fail", reply=REPLY, error=error, times=-1))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("please fail"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "error" in t.status.values(), within=15)
+    reply = await assistant_reply(conversation)
+    assert reply.status == "error"
+    assert sentence in reply.error_message
+    assert sentence in transcript.frames[-1]
+    assert 'role="alert"' in transcript.frames[-1]
+    assert "sk-app-test" not in transcript.frames[-1] + reply.error_message
+    user_message = await Message.objects.filter(conversation=conversation, role="user").aget()
+    assert user_message.content == "please fail"
+    app_simulator.clear_scenarios()
+    await ws.disconnect()
+
+
+async def test_malformed_frame_closes_only_that_socket(app_simulator):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    bad, _, _ = await connect(owner, conversation)
+    good, _, _ = await connect(owner, conversation)
+    await bad.send_to(text_data="{not json")
+    output = await bad.receive_output(timeout=2)
+    assert output["type"] == "websocket.close"
+    await good.send_to(text_data=send_frame("still fine"))
+    transcript = Transcript()
+    await receive_until(good, transcript, lambda t: "complete" in t.status.values())
+    await good.disconnect()
+
+
+async def test_message_too_long_is_refused_and_nothing_is_saved(settings):
+    settings.QWENWEB_MAX_MESSAGE_CHARS = 100
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("x" * 101))
+    frame = await ws.receive_from(timeout=5)
+    assert "too long" in frame
+    assert await database_sync_to_async(conversation.messages.count)() == 0
+    await ws.disconnect()

@@ -1,0 +1,112 @@
+"""Helpers for websocket tests against the real ASGI application (origin, session auth and all)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from conversations.chat import conversation_create
+from conversations.models import Conversation, Message, ModelProfile
+
+ARTICLE = re.compile(r'<article id="message-(\d+)"[^>]*data-role="(\w+)" data-status="(\w+)"', re.S)
+STREAMING_BODY = re.compile(
+    r'<div id="message-(\d+)-body" class="message__body message__body--streaming">(.*?)</div>',
+    re.S,
+)
+
+
+def _login_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+@sync_to_async
+def make_user(username: str):
+    return get_user_model().objects.create_user(username, password="pw-" + username)
+
+
+@sync_to_async
+def make_conversation(user, model_name: str = "qwen-plus") -> Conversation:
+    return conversation_create(owner=user, model=ModelProfile.objects.get(name=model_name))
+
+
+async def connect(user, conversation, *, origin: str = "http://localhost", session=True):
+    from qwenweb.asgi import application
+
+    headers = [(b"host", b"localhost")]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if user is not None and session:
+        cookie = await sync_to_async(_login_cookie)(user)
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    communicator = WebsocketCommunicator(application, f"/ws/c/{conversation.id}/", headers=headers)
+    connected, code = await communicator.connect(timeout=5)
+    return communicator, connected, code
+
+
+@dataclass
+class Transcript:
+    """What one socket received, and the reply text a browser would show from it."""
+
+    frames: list[str] = field(default_factory=list)
+    text: dict[int, str] = field(default_factory=dict)
+    status: dict[int, str] = field(default_factory=dict)  # assistant messages only
+
+    def feed(self, frame: str) -> None:
+        self.frames.append(frame)
+        if frame.startswith("+"):
+            pk, _, text = frame[1:].partition(":")
+            self.text[int(pk)] = self.text.get(int(pk), "") + text
+            return
+        for pk, role, status in ARTICLE.findall(frame):
+            if role == "assistant":
+                self.status[int(pk)] = status
+        for pk, body in STREAMING_BODY.findall(frame):
+            # A full render of a streaming message replaces what the page showed.
+            import html
+
+            self.text[int(pk)] = html.unescape(body)
+
+
+async def receive_until(communicator, transcript: Transcript, predicate, within: float = 10.0):
+    async def loop():
+        while not predicate(transcript):
+            transcript.feed(await communicator.receive_from(timeout=within))
+
+    await asyncio.wait_for(loop(), within)
+    return transcript
+
+
+def send_frame(content: str, client_message_id: uuid.UUID | None = None) -> str:
+    return json.dumps(
+        {
+            "type": "send",
+            "content": content,
+            "client_message_id": str(client_message_id or uuid.uuid4()),
+            "HEADERS": {"HX-Request": "true"},
+        }
+    )
+
+
+async def assistant_reply(conversation) -> Message:
+    return await Message.objects.filter(conversation=conversation, role="assistant").alast()
+
+
+async def wait_for_status(message_pk: int, statuses: set[str], within: float = 10.0) -> Message:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        message = await Message.objects.aget(pk=message_pk)
+        if message.status in statuses:
+            return message
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"message {message_pk} still {message.status}")
+        await asyncio.sleep(0.02)
