@@ -1,0 +1,226 @@
+"""Pages and partials: login, ownership, the conversation list, rename, delete, export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import AsyncClient
+
+from conversations.chat import conversation_create
+from conversations.models import Conversation, Message, ModelProfile
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice():
+    return get_user_model().objects.create_user("alice", password="pw")
+
+
+@pytest.fixture
+def bob():
+    return get_user_model().objects.create_user("bob", password="pw")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+def test_pages_need_a_login(client, alice):
+    conversation = conversation_create(owner=alice)
+    for url in ["/", f"/c/{conversation.id}/", f"/c/{conversation.id}/export.json"]:
+        response = client.get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+    assert client.post("/c/new/").status_code == 302
+
+
+def test_healthz_is_public_and_reports_its_dependencies(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["database"] == "ok"
+    assert body["channel_layer"] == "ok"
+
+
+def test_login_page_has_username_and_password_fields(client):
+    html = client.get("/accounts/login/").content.decode()
+    assert 'name="username"' in html and 'name="password"' in html
+
+
+def test_home_lists_only_my_conversations_newest_first(alice_client, alice, bob):
+    older = conversation_create(owner=alice)
+    Conversation.objects.filter(pk=older.pk).update(title="Older chat")
+    newer = conversation_create(owner=alice)
+    Conversation.objects.filter(pk=newer.pk).update(title="Newer chat")
+    theirs = conversation_create(owner=bob)
+    Conversation.objects.filter(pk=theirs.pk).update(title="Bob's secret")
+    html = alice_client.get("/").content.decode()
+    assert html.index("Newer chat") < html.index("Older chat")
+    assert "Bob&#x27;s secret" not in html and "Bob's secret" not in html
+    assert 'id="composer"' in html and 'name="content"' in html
+
+
+def test_offline_demo_is_labelled_on_every_page(alice_client, settings):
+    settings.DASHSCOPE_API_KEY = ""
+    assert "Offline demo" in alice_client.get("/").content.decode()
+    settings.DASHSCOPE_API_KEY = "sk-real"
+    assert "Offline demo" not in alice_client.get("/").content.decode()
+
+
+def test_new_creates_an_empty_conversation_and_redirects(alice_client, alice):
+    response = alice_client.post("/c/new/")
+    conversation = Conversation.objects.get(owner=alice)
+    assert response.status_code == 302
+    assert response["Location"] == f"/c/{conversation.id}/"
+    assert conversation.model == ModelProfile.objects.default()
+    assert conversation.system_prompt is not None
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_first_message_on_home_creates_the_conversation_and_starts_the_reply():
+    user = await get_user_model().objects.acreate_user("carol", password="pw")
+    client = AsyncClient()
+    await client.aforce_login(user)
+    response = await client.post("/c/new/", {"content": "Hi from the home page"})
+    conversation = await Conversation.objects.aget(owner=user)
+    assert response.status_code == 302
+    assert response["Location"] == f"/c/{conversation.id}/"
+    assert conversation.title == "Hi from the home page"
+    for _ in range(200):
+        reply = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
+        if reply.status != "streaming":
+            break
+        await asyncio.sleep(0.02)
+    assert reply.status == "complete" and reply.content
+
+
+def test_too_long_first_message_is_refused_and_kept_in_the_composer(alice_client, settings):
+    settings.QWENWEB_MAX_MESSAGE_CHARS = 10
+    response = alice_client.post("/c/new/", {"content": "a message that is too long"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "too long" in html
+    assert "a message that is too long</textarea>" in html
+    assert not Conversation.objects.exists()
+
+
+def test_foreign_conversation_is_404_on_every_route(alice_client, bob):
+    theirs = conversation_create(owner=bob)
+    base = f"/c/{theirs.id}/"
+    for url in [base, base + "export.json", base + "export.md"]:
+        assert alice_client.get(url).status_code == 404, url
+    for url in [base + "rename/", base + "delete/", base + "settings/"]:
+        assert alice_client.post(url, {"title": "x", "model": 1}).status_code == 404, url
+    theirs.refresh_from_db()
+    assert theirs.title == ""
+
+
+def test_chat_page_renders_messages_with_the_dom_contract(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    user_message = Message.objects.create(conversation=conversation, role="user", content="Hi")
+    reply = Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        content="**Hello** <script>alert(1)</script>",
+        model="qwen-plus",
+    )
+    html = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    assert f'<article id="message-{user_message.pk}"' in html
+    assert f'id="message-{reply.pk}-body"' in html
+    assert 'data-role="assistant" data-status="complete"' in html
+    assert "<strong>Hello</strong>" in html
+    assert "<script>alert(1)</script>" not in html
+    assert f'ws-connect="/ws/c/{conversation.id}/"' in html
+
+
+def test_streaming_message_shows_a_stop_button(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    Message.objects.create(conversation=conversation, role="assistant", status="streaming")
+    html = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    assert 'data-action="stop"' in html
+
+
+def test_rename(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    response = alice_client.post(
+        f"/c/{conversation.id}/rename/", {"title": "  Trip   plans "}, HTTP_HX_REQUEST="true"
+    )
+    assert response.status_code == 200
+    conversation.refresh_from_db()
+    assert conversation.title == "Trip plans"
+    assert "Trip plans" in response.content.decode()
+
+
+def test_delete(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    response = alice_client.post(f"/c/{conversation.id}/delete/")
+    assert response.status_code == 302
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+
+
+def test_model_picker_offers_enabled_models_and_refuses_others(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    disabled = ModelProfile.objects.filter(enabled=False).first()
+    enabled = ModelProfile.objects.enabled().exclude(pk=conversation.model_id).first()
+    html = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    assert enabled.label in html and disabled.label not in html
+    response = alice_client.post(f"/c/{conversation.id}/settings/", {"model": disabled.pk})
+    assert response.status_code == 400
+    response = alice_client.post(f"/c/{conversation.id}/settings/", {"model": enabled.pk})
+    assert response.status_code == 200
+    conversation.refresh_from_db()
+    assert conversation.model == enabled
+
+
+def test_export_json(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    Message.objects.create(conversation=conversation, role="user", content="Question?")
+    Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        content="Answer.",
+        model="qwen-plus",
+        finish_reason="stop",
+        request_id="req-1",
+        input_tokens=5,
+        output_tokens=2,
+    )
+    response = alice_client.get(f"/c/{conversation.id}/export.json")
+    assert response["Content-Type"] == "application/json"
+    assert "attachment" in response["Content-Disposition"]
+    data = json.loads(response.content)
+    assert data["messages"][1] == {
+        **data["messages"][1],
+        "role": "assistant",
+        "content": "Answer.",
+        "status": "complete",
+        "model": "qwen-plus",
+        "finish_reason": "stop",
+        "usage": {"input_tokens": 5, "output_tokens": 2},
+        "request_id": "req-1",
+    }
+    assert "created_at" in data["messages"][0]
+
+
+def test_export_markdown(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    Conversation.objects.filter(pk=conversation.pk).update(title="Notes")
+    Message.objects.create(conversation=conversation, role="user", content="Question & answer")
+    response = alice_client.get(f"/c/{conversation.id}/export.md")
+    text = response.content.decode()
+    assert response["Content-Type"].startswith("text/markdown")
+    assert text.startswith("# Notes")
+    assert "Question & answer" in text
+
+
+def test_chinese_interface(alice_client):
+    html = alice_client.get("/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    assert 'lang="zh-hans"' in html
