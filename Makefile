@@ -36,3 +36,7 @@ bench: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) staticfiles test-artifacts
+
+messages: $(VENV)/.dev
+	$(PY) manage.py makemessages -l zh_Hans --ignore=.venv --ignore=staticfiles --ignore=tests
+	$(PY) manage.py compilemessages -l zh_Hans --ignore=.venv

@@ -222,5 +222,6 @@ def test_export_markdown(alice_client, alice):
 
 
 def test_chinese_interface(alice_client):
-    html = alice_client.get("/", HTTP_ACCEPT_LANGUAGE="zh-hans").content.decode()
+    html = alice_client.get("/", HTTP_ACCEPT_LANGUAGE="zh-CN,zh;q=0.9").content.decode()
     assert 'lang="zh-hans"' in html
+    assert "新对话" in html and "发送" in html
