@@ -79,6 +79,7 @@ def reply_start(
         with transaction.atomic():
             # Lock the conversation so two tabs sending at once cannot both start a reply.
             Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
+            conversation.messages.mark_stale_interrupted()
             if conversation.messages.filter(status=Message.Status.STREAMING).exists():
                 raise ReplyInProgress(
                     _("A reply is still being written. Wait for it or press Stop, then send.")

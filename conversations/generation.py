@@ -9,6 +9,7 @@ control group, checkpoints the partial text to the database, and saves the resul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -33,6 +34,10 @@ from conversations.errors import describe_error
 from conversations.models import Message
 
 logger = logging.getLogger(__name__)
+
+# A streaming reply saves at least this often, even when no text arrives: its updated_at is
+# the heartbeat by which a reply whose process died is recognised (Message.STALE_AFTER).
+HEARTBEAT_INTERVAL = 10.0
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and
 # an unreferenced task can vanish mid-reply.
@@ -163,12 +168,18 @@ class Generation:
         """The first delta goes out at once; later ones are coalesced into one frame per
         interval, each carrying only the text since the previous frame."""
         while True:
-            await self._dirty.wait()
+            # Wake up now and then even without text, so a long silence upstream still
+            # refreshes the heartbeat that tells other processes this reply is alive.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=HEARTBEAT_INTERVAL)
             self._dirty.clear()
             await self._publish_pending()
             if self._done:
                 return
-            if time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+            since = time.monotonic() - self._last_checkpoint
+            if since >= self.checkpoint_interval and (
+                self._checkpointed != len(self.text) or since >= HEARTBEAT_INTERVAL
+            ):
                 await self._checkpoint()
             await asyncio.sleep(self.frame_interval)
 
@@ -190,9 +201,8 @@ class Generation:
         )
 
     async def _checkpoint(self) -> None:
+        """Save the partial text (and so refresh updated_at, the reply's heartbeat)."""
         self._last_checkpoint = time.monotonic()
-        if self._checkpointed == len(self.text):
-            return
         self._checkpointed = len(self.text)
         try:
             await Message.objects.filter(pk=self.message_id).aupdate(

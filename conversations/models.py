@@ -1,6 +1,7 @@
 """Conversations, their messages, and the catalog admins curate (models, system prompts)."""
 
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.validators import URLValidator
@@ -155,7 +156,26 @@ class Conversation(models.Model):
         return f"conv-{self.id}"
 
 
+class MessageQuerySet(models.QuerySet):
+    def stale_streaming(self):
+        """Replies still marked streaming whose heartbeat stopped: their process is gone."""
+        cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+        return self.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
+
+    def mark_stale_interrupted(self) -> int:
+        """Mark dead replies `interrupted`, keeping their last checkpoint of text."""
+        return self.stale_streaming().update(
+            status=Message.Status.INTERRUPTED,
+            completed_at=timezone.now(),
+            updated_at=timezone.now(),
+        )
+
+
 class Message(models.Model):
+    # A streaming reply refreshes updated_at at least every 10 s (generation.HEARTBEAT_INTERVAL);
+    # one silent for this long lost its process.
+    STALE_AFTER = 60
+
     class Role(models.TextChoices):
         SYSTEM = "system", _("System")
         USER = "user", _("User")
@@ -188,6 +208,8 @@ class Message(models.Model):
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
     completed_at = models.DateTimeField(_("completed"), null=True, blank=True)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]

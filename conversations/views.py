@@ -100,6 +100,7 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
 @require_GET
 def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
+    conversation.messages.mark_stale_interrupted()
     messages = list(conversation.messages.prefetch_related("images"))
     return render(
         request,

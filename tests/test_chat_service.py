@@ -1,7 +1,10 @@
 """What DashScope is sent: the system prompt, the history, trimmed to the model's context."""
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from conversations import chat
 from conversations.models import Message, MessageImage, ModelProfile, SystemPrompt
@@ -86,3 +89,20 @@ def test_empty_message_is_refused(user):
     with pytest.raises(chat.ReplyRefused):
         chat.reply_start(conversation=conversation, content="   ")
     assert not conversation.messages.exists()
+
+
+def test_a_reply_whose_process_died_is_marked_interrupted_and_unblocks_the_chat(user):
+    conversation = chat.conversation_create(owner=user)
+    add(conversation, "user", "hello")
+    dead = add(conversation, "assistant", "partial text", status="streaming")
+    alive = timezone.now() - timedelta(seconds=Message.STALE_AFTER - 20)
+    Message.objects.filter(pk=dead.pk).update(updated_at=alive)
+    with pytest.raises(chat.ReplyInProgress):
+        chat.reply_start(conversation=conversation, content="again")
+
+    stale = timezone.now() - timedelta(seconds=Message.STALE_AFTER + 5)
+    Message.objects.filter(pk=dead.pk).update(updated_at=stale)
+    started = chat.reply_start(conversation=conversation, content="again")
+    dead.refresh_from_db()
+    assert (dead.status, dead.content) == ("interrupted", "partial text")
+    assert started.created
