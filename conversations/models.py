@@ -164,7 +164,10 @@ class MessageQuerySet(models.QuerySet):
 
     def mark_stale_interrupted(self) -> int:
         """Mark dead replies `interrupted`, keeping their last checkpoint of text."""
-        return self.stale_streaming().update(
+        stale = list(self.stale_streaming().values_list("pk", flat=True))
+        if not stale:
+            return 0  # the usual case: read, don't write
+        return self.filter(pk__in=stale).update(
             status=Message.Status.INTERRUPTED,
             completed_at=timezone.now(),
             updated_at=timezone.now(),
