@@ -49,12 +49,14 @@ def get_config() -> DashScopeConfig:
             api_key=DEMO_API_KEY,
             base_url=simulator.native_base_url,
             compatible_base_url=simulator.compatible_base_url,
+            stall_timeout=settings.DASHSCOPE_STALL_TIMEOUT,
         )
     return DashScopeConfig.from_values(
         api_key=settings.DASHSCOPE_API_KEY,
         region=settings.DASHSCOPE_REGION,
         base_url=settings.DASHSCOPE_BASE_URL or None,
         compatible_base_url=settings.DASHSCOPE_COMPATIBLE_BASE_URL or None,
+        stall_timeout=settings.DASHSCOPE_STALL_TIMEOUT,
     )
 
 

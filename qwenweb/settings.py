@@ -210,6 +210,8 @@ if DASHSCOPE_REGION not in {"intl", "cn"}:
     raise ImproperlyConfigured(
         f"DASHSCOPE_REGION must be 'intl' (Singapore) or 'cn' (Beijing), not {DASHSCOPE_REGION!r}."
     )
+# Seconds without a byte from DashScope mid-reply before the reply is given up as stalled.
+DASHSCOPE_STALL_TIMEOUT = float(os.environ.get("DASHSCOPE_STALL_TIMEOUT", "60"))
 QWENWEB_DEFAULT_MODEL = os.environ.get("QWENWEB_DEFAULT_MODEL", "qwen-plus") or "qwen-plus"
 
 # Streaming: one frame per this many seconds after the first delta, and a database checkpoint

@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 
 from conversations.dashscope.simulator import Scenario, ScenarioError
 from conversations.models import Message
+from conversations.upstream import reset_clients
 from tests.ws_support import (
     Transcript,
     assistant_reply,
@@ -261,4 +262,37 @@ async def test_message_too_long_is_refused_and_nothing_is_saved(settings):
     frame = await ws.receive_from(timeout=5)
     assert "too long" in frame
     assert await database_sync_to_async(conversation.messages.count)() == 0
+    await ws.disconnect()
+
+
+async def test_stalled_stream_ends_with_a_timeout_sentence_and_keeps_the_partial(
+    app_simulator, settings
+):
+    settings.DASHSCOPE_STALL_TIMEOUT = 0.5
+    reset_clients()
+    app_simulator.add_scenario(
+        Scenario(match="stall", reply=REPLY, stall_after_chunks=5, stall_seconds=5)
+    )
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("stall please"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "error" in t.status.values(), within=10)
+    reply = await assistant_reply(conversation)
+    assert reply.content and REPLY.startswith(reply.content)
+    assert "stopped responding" in reply.error_message
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "none"])
+async def test_truncated_reply_is_shown_as_such(app_simulator, finish_reason):
+    app_simulator.add_scenario(Scenario(match="cut", reply=REPLY, finish_reason=finish_reason))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("cut short"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    assert "cut off before it finished" in transcript.frames[-1]
     await ws.disconnect()
