@@ -1,10 +1,29 @@
 """The admin: the model catalog, system prompts, and read-only review of conversations."""
 
+import json
+
 from django.contrib import admin
 from django.db.models import Count
+from django.http import HttpResponse
 from django.utils.translation import gettext_lazy as _
 
+from conversations.exports import conversation_data
 from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+
+
+class ReviewPermissionMixin:
+    """Staff with "Can review all users' conversations" may read conversations and messages
+    in the admin without being able to change them."""
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return super().has_view_permission(request, obj) or request.user.has_perm(
+            "conversations.review_conversation"
+        )
+
+    def has_module_permission(self, request) -> bool:
+        return super().has_module_permission(request) or request.user.has_perm(
+            "conversations.review_conversation"
+        )
 
 
 @admin.register(ModelProfile)
@@ -24,13 +43,13 @@ class SystemPromptAdmin(admin.ModelAdmin):
     search_fields = ["name", "text"]
 
 
-class MessageImageInline(admin.TabularInline):
+class MessageImageInline(ReviewPermissionMixin, admin.TabularInline):
     model = MessageImage
     extra = 0
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     """Messages, including image-URL (multimodal) ones, which admins may add for testing."""
 
     list_display = ["id", "conversation", "role", "status", "model", "output_tokens", "created_at"]
@@ -41,7 +60,7 @@ class MessageAdmin(admin.ModelAdmin):
     readonly_fields = ["created_at", "updated_at", "completed_at", "request_id"]
 
 
-class MessageInline(admin.StackedInline):
+class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     model = Message
     extra = 0
     fields = ["role", "status", "content", "model", "finish_reason", "error_message", "request_id"]
@@ -54,13 +73,26 @@ class MessageInline(admin.StackedInline):
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     list_display = ["display_title", "owner", "model", "message_count", "updated_at"]
     list_filter = ["model", "created_at"]
     search_fields = ["title", "owner__username", "messages__content"]
     date_hierarchy = "created_at"
     readonly_fields = ["id", "created_at", "updated_at"]
     inlines = [MessageInline]
+    actions = ["export_json"]
+
+    @admin.action(description=_("Export selected conversations as JSON"))
+    def export_json(self, request, queryset):
+        data = [
+            conversation_data(conversation)
+            for conversation in queryset.select_related("owner", "model", "system_prompt")
+        ]
+        response = HttpResponse(
+            json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
+        )
+        response["Content-Disposition"] = 'attachment; filename="conversations.json"'
+        return response
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_message_count=Count("messages"))

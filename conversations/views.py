@@ -21,6 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import chat
+from conversations.exports import conversation_data
 from conversations.models import Conversation, ModelProfile
 
 SIDEBAR_LIMIT = 200
@@ -170,30 +171,7 @@ def _export_filename(conversation: Conversation, extension: str) -> str:
 @require_GET
 def conversation_export_json(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    data = {
-        "id": str(conversation.id),
-        "title": conversation.title,
-        "model": conversation.model.name,
-        "system_prompt": conversation.system_prompt.text if conversation.system_prompt else "",
-        "created_at": conversation.created_at.isoformat(),
-        "messages": [
-            {
-                "role": m.role,
-                "content": m.content,
-                "status": m.status,
-                "model": m.model,
-                "finish_reason": m.finish_reason,
-                "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
-                "request_id": m.request_id,
-                "error": {"code": m.error_code, "message": m.error_message}
-                if m.error_code
-                else None,
-                "images": [image.url for image in m.images.all()],
-                "created_at": m.created_at.isoformat(),
-            }
-            for m in conversation.messages.prefetch_related("images")
-        ],
-    }
+    data = conversation_data(conversation)
     response = HttpResponse(
         json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
     )

@@ -1,0 +1,74 @@
+"""The admin: catalog and prompts for admins, read-only review for reviewers."""
+
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+
+from conversations.chat import conversation_create
+from conversations.models import Conversation, Message, MessageImage
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def conversation():
+    owner = get_user_model().objects.create_user("alice", password="pw")
+    conversation = conversation_create(owner=owner)
+    question = Message.objects.create(conversation=conversation, role="user", content="A cat?")
+    MessageImage.objects.create(message=question, url="https://example.com/cat.png")
+    Message.objects.create(conversation=conversation, role="assistant", content="A cat.")
+    return conversation
+
+
+def test_admin_pages_load_for_a_superuser(admin_client, conversation):
+    for url in [
+        "/admin/conversations/modelprofile/",
+        "/admin/conversations/systemprompt/",
+        "/admin/conversations/conversation/",
+        f"/admin/conversations/conversation/{conversation.pk}/change/",
+        "/admin/conversations/message/",
+        f"/admin/conversations/message/{conversation.messages.first().pk}/change/",
+    ]:
+        assert admin_client.get(url).status_code == 200, url
+    catalog = admin_client.get("/admin/conversations/modelprofile/").content.decode()
+    assert "qwen-plus" in catalog and "qwen3-vl-plus" in catalog
+
+
+def test_image_url_messages_show_their_images(admin_client, conversation):
+    question = conversation.messages.get(role="user")
+    html = admin_client.get(f"/admin/conversations/message/{question.pk}/change/").content
+    assert b"https://example.com/cat.png" in html
+
+
+def test_reviewer_reads_conversations_but_cannot_change_them(client, conversation):
+    reviewer = get_user_model().objects.create_user("rita", password="pw", is_staff=True)
+    reviewer.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    client.force_login(reviewer)
+    url = f"/admin/conversations/conversation/{conversation.pk}/change/"
+    response = client.get(url)
+    assert response.status_code == 200
+    assert b"A cat." in response.content
+    client.post(url, {"title": "changed"})
+    conversation.refresh_from_db()
+    assert conversation.title != "changed"
+    assert client.get("/admin/conversations/modelprofile/").status_code == 403
+
+
+def test_staff_without_review_permission_sees_no_conversations(client, conversation):
+    staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
+    client.force_login(staff)
+    assert client.get("/admin/conversations/conversation/").status_code == 403
+
+
+def test_export_action(admin_client, conversation):
+    response = admin_client.post(
+        "/admin/conversations/conversation/",
+        {"action": "export_json", "_selected_action": [str(conversation.pk)]},
+    )
+    data = json.loads(response.content)
+    assert data[0]["owner"] == "alice"
+    assert [m["content"] for m in data[0]["messages"]] == ["A cat?", "A cat."]
+    assert data[0]["messages"][0]["images"] == ["https://example.com/cat.png"]
+    assert Conversation.objects.count() == 1
