@@ -3,6 +3,7 @@
 import json
 
 from django.contrib import admin
+from django.db import models
 from django.db.models import Count
 from django.http import HttpResponse
 from django.utils.translation import gettext_lazy as _
@@ -46,6 +47,7 @@ class SystemPromptAdmin(admin.ModelAdmin):
 class MessageImageInline(ReviewPermissionMixin, admin.TabularInline):
     model = MessageImage
     extra = 0
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
 
 @admin.register(Message)
