@@ -36,11 +36,24 @@ def _image_as_link(self, tokens, idx, options, env) -> str:
     return f'<a href="{escaped_src}">[{escaped_alt}]</a>'
 
 
+def _cell_with_align(self, tokens, idx, options, env) -> str:
+    """markdown-it aligns table cells with a style attribute, which the sanitizer drops (no
+    styles from model output); the plain `align` attribute says the same and survives."""
+    token = tokens[idx]
+    style = token.attrGet("style") or ""
+    if style.startswith("text-align:"):
+        token.attrs.pop("style", None)
+        token.attrSet("align", style.removeprefix("text-align:"))
+    return self.renderToken(tokens, idx, options, env)
+
+
 @lru_cache(maxsize=1)
 def _markdown() -> MarkdownIt:
     md = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks": True})
     md.enable(["table", "strikethrough"])
     md.add_render_rule("image", _image_as_link.__get__(md.renderer, RendererHTML))
+    for cell in ("th_open", "td_open"):
+        md.add_render_rule(cell, _cell_with_align.__get__(md.renderer, RendererHTML))
     return md
 
 

@@ -153,16 +153,13 @@ def browser():
         pytest.skip("chromium is not installed: apt-get install chromium fonts-noto-cjk")
     from playwright.sync_api import sync_playwright
 
-    user_data = tempfile.mkdtemp(prefix="qwenweb-chromium-")
+    # launch() starts Chromium on a fresh, temporary user-data dir of its own.
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=executable,
-            headless=True,
-            args=[*CHROMIUM_ARGS, f"--user-data-dir={user_data}"],
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
         )
         yield browser
         browser.close()
-    shutil.rmtree(user_data, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,506 @@
+"""End-to-end tests in headless Chromium against a real daphne server and the simulator.
+
+Each test steers its own replies with a simulator scenario matched on a unique token in the
+user's message, so tests never see each other's replies. Assertions are about what a user
+would notice: text growing, statuses, notices, what survives a reload, and what never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import pytest
+
+from conversations.dashscope.simulator import Scenario, ScenarioError
+from tests.live_server import ARTIFACTS
+
+pytestmark = pytest.mark.browser
+
+CHAT_URL = re.compile(r"/c/[0-9a-f-]{36}/$")
+ASSISTANT = 'article[data-role="assistant"]'
+USER = 'article[data-role="user"]'
+
+
+@pytest.fixture(scope="module")
+def alice_state(browser, live_app):
+    """alice's cookies, logged in once: a real login costs ~1.5 s (password hashing)."""
+    context = browser.new_context()
+    live_app.login(context.new_page(), "alice")
+    state = context.storage_state()
+    context.close()
+    return state
+
+
+@pytest.fixture
+def alice_page(browser, live_app, alice_state):
+    """Pages already logged in as alice, each in a fresh context, on the home page."""
+    contexts = []
+
+    def make(color_scheme: str = "light"):
+        context = browser.new_context(
+            viewport={"width": 1200, "height": 800},
+            color_scheme=color_scheme,
+            locale="en-US",
+            storage_state=alice_state,
+        )
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(f"{live_app.url}/")
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+# Samples the newest assistant message every ~50 ms, in the page, until it is no longer
+# streaming (or the time runs out). The article is swapped out at the end, so it is looked up
+# afresh on every tick.
+SAMPLE_STREAM_JS = """
+async (timeoutMs) => {
+  const samples = [];
+  const start = performance.now();
+  while (performance.now() - start < timeoutMs) {
+    const articles = document.querySelectorAll('article[data-role="assistant"]');
+    const article = articles[articles.length - 1];
+    if (article) {
+      const body = article.querySelector('.message__body');
+      samples.push({
+        status: article.dataset.status,
+        text: body ? body.textContent : '',
+        length: body ? body.innerText.length : 0,
+        dangerous: body ? body.querySelectorAll('script, img, [onerror], [hx-get]').length : 0,
+      });
+      if (article.dataset.status !== 'streaming') break;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return samples;
+}
+"""
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+def _words(count: int, tag: str) -> str:
+    """A plain reply (no markdown), so its rendered text equals its source."""
+    return " ".join(f"{tag}{i}" for i in range(count))
+
+
+def _start_chat(page, live_app, text: str) -> str:
+    """From the home page, send the first message; return the conversation's URL."""
+    if page.url != f"{live_app.url}/":
+        page.goto(f"{live_app.url}/")
+    page.fill("#composer-input", text)
+    page.press("#composer-input", "Enter")
+    page.wait_for_url(CHAT_URL)
+    return page.url
+
+
+def _assistant(page):
+    return page.locator(ASSISTANT).last
+
+
+def _wait_status(page, status: str, timeout: float = 15_000) -> None:
+    page.wait_for_function(
+        """([selector, status]) => {
+          const all = document.querySelectorAll(selector);
+          return all.length && all[all.length - 1].dataset.status === status;
+        }""",
+        arg=[ASSISTANT, status],
+        timeout=timeout,
+    )
+
+
+def _wait_for_text(page, timeout: float = 10_000) -> None:
+    """Until the streaming assistant body shows some text."""
+    page.wait_for_function(
+        """(selector) => {
+          const all = document.querySelectorAll(selector);
+          const a = all[all.length - 1];
+          return a && a.dataset.status === 'streaming'
+            && a.querySelector('.message__body').textContent.trim().length > 0;
+        }""",
+        arg=ASSISTANT,
+        timeout=timeout,
+    )
+
+
+def _export(request_context, conversation_url: str) -> dict:
+    response = request_context.get(f"{conversation_url}export.json")
+    assert response.status == 200
+    return json.loads(response.text())
+
+
+def _export_assistant(request_context, conversation_url: str) -> dict:
+    return [
+        m
+        for m in _export(request_context, conversation_url)["messages"]
+        if m["role"] == "assistant"
+    ][-1]
+
+
+def _upstream_request(app_simulator, token: str):
+    matching = [r for r in app_simulator.requests if token in json.dumps(r.body)]
+    assert matching, "the app never called the model"
+    return matching[-1]
+
+
+# -- 1. a reply streams in, finishes, and survives a reload -----------------------------------
+
+
+def test_reply_streams_then_renders_and_survives_reload(live_app, app_simulator, new_page):
+    token = _token()
+    reply = "**Streaming** works. " + _words(58, "word")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.03))
+    page = new_page()
+    live_app.login(page, "alice")
+    question = f"Tell me a story {token}"
+    _start_chat(page, live_app, question)
+
+    samples = page.evaluate(SAMPLE_STREAM_JS, 20_000)
+    streaming_lengths = [s["length"] for s in samples if s["status"] == "streaming"]
+    distinct = sorted(set(streaming_lengths))
+    assert len(distinct) >= 3, f"text did not grow in steps: {distinct}"
+    assert streaming_lengths == sorted(streaming_lengths), "streamed text shrank"
+    assert samples[-1]["status"] == "complete"
+
+    _wait_status(page, "complete")
+    body = _assistant(page).locator(".message__body")
+    assert body.locator("strong").inner_text() == "Streaming"
+    assert "word57" in body.inner_text()
+    html = body.inner_html()
+    text = body.inner_text()
+    assert page.locator(USER).last.locator(".message__body").inner_text() == question
+
+    page.reload()
+    _wait_status(page, "complete")
+    body = _assistant(page).locator(".message__body")
+    assert body.inner_html() == html
+    assert body.inner_text() == text
+    assert page.locator(USER).last.locator(".message__body").inner_text() == question
+    assert page.locator(f"{ASSISTANT} [data-action=stop]").count() == 0
+
+
+# -- 2. a reply goes on while the tab is closed, and a reopened tab catches up ---------------
+
+
+def test_closed_tab_reply_finishes_on_server(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = _words(40, "closed")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.05))
+    page = alice_page()
+    context = page.context
+    url = _start_chat(page, live_app, f"Keep going {token}")
+    _wait_for_text(page)
+    page.close()
+
+    deadline = time.monotonic() + 20
+    while _export_assistant(context.request, url)["status"] == "streaming":
+        assert time.monotonic() < deadline, "the reply never finished after the tab closed"
+        time.sleep(0.2)
+
+    page = context.new_page()
+    page.goto(url)
+    _wait_status(page, "complete", timeout=5_000)
+    assert _assistant(page).locator(".message__body").inner_text().strip() == reply
+    assert _export_assistant(context.request, url)["content"] == reply
+
+
+def test_reopened_tab_catches_up_mid_reply(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = _words(60, "catch")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.05))
+    page = alice_page()
+    context = page.context
+    url = _start_chat(page, live_app, f"Catch up {token}")
+    _wait_for_text(page)
+    page.close()
+
+    page = context.new_page()
+    page.goto(url)
+    samples = page.evaluate(SAMPLE_STREAM_JS, 20_000)
+    streamed = [s["text"] for s in samples if s["status"] == "streaming"]
+    assert streamed, "the reopened page never showed the reply streaming"
+    for text in streamed:
+        assert reply.startswith(text), f"streamed text is not a prefix of the reply: {text!r}"
+    assert samples[-1]["status"] == "complete"
+    _wait_status(page, "complete")
+    assert _assistant(page).locator(".message__body").inner_text().strip() == reply
+
+
+# -- 3. Stop keeps the partial reply ---------------------------------------------------------
+
+
+def test_stop_keeps_partial_reply(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = _words(100, "stop")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.1))
+    page = alice_page()
+    url = _start_chat(page, live_app, f"Long answer please {token}")
+    _wait_for_text(page)
+    page.click(f"{ASSISTANT} [data-action=stop]")
+    _wait_status(page, "stopped", timeout=5_000)
+
+    saved = _export_assistant(page.request, url)
+    assert saved["status"] == "stopped"
+    assert saved["content"].strip(), "the partial reply was thrown away"
+    assert reply.startswith(saved["content"]) and len(saved["content"]) < len(reply)
+    shown = _assistant(page).locator(".message__body").inner_text().strip()
+    assert shown == saved["content"].strip()
+    assert page.locator(f"{ASSISTANT} [data-action=stop]").count() == 0
+    # Stop ends the upstream call too (no paying for tokens nobody sees).
+    record = _upstream_request(app_simulator, token)
+    assert app_simulator.wait_for_outcome(record.request_id, timeout=5) == "disconnected"
+
+    page.reload()
+    _wait_status(page, "stopped", timeout=5_000)
+    assert _assistant(page).locator(".message__body").inner_text().strip() == shown
+    assert _export_assistant(page.request, url)["content"] == saved["content"]
+
+
+# -- 4. another user sees nothing of it -------------------------------------------------------
+
+
+def test_other_user_gets_404_and_no_sidebar_entry(live_app, alice_page, new_page):
+    token = _token()
+    alice = alice_page()
+    title = f"Alice secret {token}"
+    url = _start_chat(alice, live_app, title)
+    _wait_status(alice, "complete")
+    conversation_id = url.rstrip("/").rsplit("/", 1)[-1]
+    assert alice.locator(f"#conversation-{conversation_id}").inner_text() == title
+
+    bob = new_page()
+    live_app.login(bob, "bob")
+    assert token not in bob.locator("#conversation-list").inner_text()
+    assert bob.locator(f"#conversation-{conversation_id}").count() == 0
+    for path in ("", "export.json", "export.md"):
+        response = bob.goto(f"{url}{path}")
+        assert response is not None and response.status == 404, path
+    assert token not in bob.content()
+
+
+# -- 5. model output never runs ---------------------------------------------------------------
+
+
+def test_model_output_is_sanitized_while_streaming_and_after(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = (
+        "Hello <script>window.__xss=1</script> and <script>window.__xss = 1;</script>\n\n"
+        '<img src=x onerror="window.__xss=2">\n\n'
+        "![x](http://evil.invalid/steal.png)\n\n"
+        "[click](javascript:window.__xss=3)\n\n"
+        '<a hx-get="/c/new/" hx-trigger="load">htmx</a>\n\n'
+        "the end"
+    )
+    app_simulator.add_scenario(
+        Scenario(match=token, reply=reply, token_delay=0.02, tokens_per_chunk=1)
+    )
+    page = alice_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.reload()
+    _start_chat(page, live_app, f"Be naughty {token}")
+
+    samples = page.evaluate(SAMPLE_STREAM_JS, 20_000)
+    streaming = [s for s in samples if s["status"] == "streaming"]
+    assert streaming, "never saw the reply streaming"
+    assert all(s["dangerous"] == 0 for s in streaming), "markup appeared in the streaming body"
+    assert samples[-1]["status"] == "complete"
+    _wait_status(page, "complete")
+
+    body = _assistant(page).locator(".message__body")
+    assert page.evaluate("typeof window.__xss") == "undefined"
+    assert body.locator("script, img, [onerror], [hx-get], [hx-trigger]").count() == 0
+    assert page.locator("#messages img, #messages script, #messages [hx-get]").count() == 0
+    assert body.locator('a[href^="javascript:"]').count() == 0
+    image_link = body.locator("a", has_text="[x]")
+    assert image_link.count() == 1
+    assert image_link.get_attribute("href") == "http://evil.invalid/steal.png"
+    text = body.inner_text()
+    assert "<script>window.__xss=1</script>" in text, "raw HTML should show as text"
+    assert "the end" in text
+    assert CHAT_URL.search(page.url)
+    assert not [u for u in requests if "evil.invalid" in u]
+
+
+# -- 6. a send while a reply streams is refused, and kept ------------------------------------
+
+
+def test_send_while_streaming_is_refused_and_text_kept(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = _words(60, "busy")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.05))
+    page = alice_page()
+    _start_chat(page, live_app, f"Busy now {token}")
+    _wait_for_text(page)
+
+    page.fill("#composer-input", "second")
+    page.press("#composer-input", "Enter")
+    notice = page.locator("#notices .notice")
+    notice.wait_for(timeout=5_000)
+    assert notice.inner_text().strip()
+    assert page.input_value("#composer-input") == "second"
+    assert page.locator(USER).count() == 1
+    assert _assistant(page).get_attribute("data-status") == "streaming"
+
+    _wait_status(page, "complete", timeout=20_000)
+    assert page.locator(USER).count() == 1
+    page.press("#composer-input", "Enter")
+    page.locator(USER).nth(1).wait_for(timeout=5_000)
+    assert page.locator(USER).nth(1).locator(".message__body").inner_text() == "second"
+    page.wait_for_function(
+        "() => document.getElementById('composer-input').value === ''", timeout=5_000
+    )
+    assert page.locator("#notices .notice").count() == 0
+    _wait_status(page, "complete")
+    assert page.locator(ASSISTANT).count() == 2
+
+
+# -- 7. IME composition never sends; Shift+Enter is a newline --------------------------------
+
+
+def test_ime_enter_and_shift_enter_do_not_send(live_app, app_simulator, alice_page):
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=token, reply="First reply."))
+    page = alice_page()
+    _start_chat(page, live_app, f"Hello {token}")
+    _wait_status(page, "complete")
+    assert page.locator(USER).count() == 1
+
+    page.fill("#composer-input", "你好")
+    page.evaluate(
+        """() => {
+          const field = document.getElementById('composer-input');
+          field.dispatchEvent(new KeyboardEvent('keydown',
+            {key: 'Enter', code: 'Enter', isComposing: true, bubbles: true, cancelable: true}));
+          const legacy = new KeyboardEvent('keydown',
+            {key: 'Enter', code: 'Enter', bubbles: true, cancelable: true});
+          Object.defineProperty(legacy, 'keyCode', {get: () => 229});
+          field.dispatchEvent(legacy);
+        }"""
+    )
+    assert page.input_value("#composer-input") == "你好"
+    page.focus("#composer-input")
+    page.keyboard.press("End")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("世界")
+    assert page.input_value("#composer-input") == "你好\n世界"
+    assert page.locator(USER).count() == 1
+
+    # A real Enter now sends exactly one message, with the newline: so nothing went before.
+    page.keyboard.press("Enter")
+    page.locator(USER).nth(1).wait_for(timeout=5_000)
+    assert page.locator(USER).nth(1).locator(".message__body").inner_text() == "你好\n世界"
+    _wait_status(page, "complete")
+    assert page.locator(USER).count() == 2
+    assert page.input_value("#composer-input") == ""
+
+
+# -- 8. an upstream error is shown on the reply ----------------------------------------------
+
+
+def test_invalid_api_key_error_is_shown(live_app, app_simulator, alice_page):
+    token = _token()
+    app_simulator.add_scenario(
+        Scenario(
+            match=token,
+            error=ScenarioError(
+                status=401,
+                code="InvalidApiKey",
+                message="Invalid API-key provided.",
+                where="before_json",
+            ),
+        )
+    )
+    page = alice_page()
+    question = f"Will this fail {token}"
+    url = _start_chat(page, live_app, question)
+    _wait_status(page, "error")
+    error = _assistant(page).locator(".message__error")
+    assert error.get_attribute("role") == "alert"
+    assert "api key" in error.inner_text().lower()
+    assert APP_KEY_FRAGMENT not in page.content()
+    assert page.locator(USER).last.locator(".message__body").inner_text() == question
+
+    page.reload()
+    _wait_status(page, "error")
+    assert "api key" in _assistant(page).locator(".message__error").inner_text().lower()
+    assert _export_assistant(page.request, url)["status"] == "error"
+
+
+APP_KEY_FRAGMENT = "sk-app-test"
+
+
+# -- 9. screenshots --------------------------------------------------------------------------
+
+MARKDOWN_REPLY = """## 你好，世界 — Hello, world
+
+Here is a **short** answer with `inline code` and a [link](https://example.com).
+
+- 第一点：简单的开始
+- Second point, in English
+- 第三点：测量，然后优化
+
+| 名称 | Value | Notes |
+|------|------:|-------|
+| 苹果 | 3 | fresh |
+| banana | 12 | 有点熟 |
+
+```python
+def greet(name: str) -> str:
+    return f"你好, {name}!"
+```
+
+> 一句引用：慢慢来，比较快。
+"""
+
+
+def test_screenshots(live_app, app_simulator, alice_page, new_page):
+    ARTIFACTS.mkdir(exist_ok=True)
+    anonymous = new_page()
+    anonymous.goto(f"{live_app.url}/accounts/login/")
+    anonymous.screenshot(path=str(ARTIFACTS / "login.png"), full_page=True)
+
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=token, reply=MARKDOWN_REPLY))
+    page = alice_page()
+    page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+    url = _start_chat(page, live_app, f"Show me some markdown, 请用中文 {token}")
+    _wait_status(page, "complete")
+    body = _assistant(page).locator(".message__body")
+    for selector in ("h2", "ul li", "table td", "pre code", "blockquote"):
+        assert body.locator(selector).count() > 0, selector
+    assert "你好，世界" in body.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "chat-light.png"))
+
+    dark = alice_page(color_scheme="dark")
+    dark.goto(url)
+    _wait_status(dark, "complete")
+    background = dark.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background != page.evaluate("getComputedStyle(document.body).backgroundColor")
+    dark.screenshot(path=str(ARTIFACTS / "chat-dark.png"))
+    for name in ("login", "home", "chat-light", "chat-dark"):
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 5_000, name
+
+
+def test_table_column_alignment_is_kept(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = "| fruit | count |\n|:------|------:|\n| apple | 3 |\n| banana | 12 |"
+    app_simulator.add_scenario(Scenario(match=token, reply=reply))
+    page = alice_page()
+    _start_chat(page, live_app, f"A table please {token}")
+    _wait_status(page, "complete")
+    cell = _assistant(page).locator(".message__body td").nth(1)
+    assert cell.inner_text() == "3"
+    assert cell.evaluate("el => getComputedStyle(el).textAlign") in (
+        "right",
+        "end",
+        "-webkit-right",
+    )

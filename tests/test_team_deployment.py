@@ -1,0 +1,153 @@
+"""Two daphne processes on PostgreSQL and Redis, as the README's team section runs them.
+
+A reply started through one process streams to a tab on the other, and Stop sent to the other
+process stops the generation. Skipped where PostgreSQL or Redis is absent (a laptop); under CI
+their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+
+import httpx
+import pytest
+
+from tests.live_server import ROOT, _start_daphne
+
+pytestmark = pytest.mark.services
+
+PG = os.environ.get("QWENWEB_TEST_POSTGRES", "postgres://root@127.0.0.1:5432/test")
+REDIS = os.environ.get("QWENWEB_TEST_REDIS", "redis://127.0.0.1:6379/9")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    host_port = re.match(r"\w+://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", url)
+    host, port = host_port.group(1), int(host_port.group(2) or default_port)
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def team(app_simulator, tmp_path_factory):
+    missing = [
+        name
+        for name, url, port in [("PostgreSQL", PG, 5432), ("Redis", REDIS, 6379)]
+        if not _reachable(url, port)
+    ]
+    if missing:
+        reason = f"{' and '.join(missing)} not reachable ({PG}, {REDIS})"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the team-deployment tests: {reason}")
+        pytest.skip(reason)
+
+    import psycopg
+
+    database = f"qwenweb_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    from tests.conftest import APP_API_KEY
+
+    data_dir = tmp_path_factory.mktemp("team")
+    env = {
+        **os.environ,
+        "DATABASE_URL": PG.rsplit("/", 1)[0] + "/" + database,
+        "REDIS_URL": REDIS,
+        "DJANGO_SECRET_KEY": "team-test-" + uuid.uuid4().hex,
+        "QWENWEB_DATA_DIR": str(data_dir),
+        "DASHSCOPE_API_KEY": APP_API_KEY,
+        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
+    run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], **run)
+    create_user = "User.objects.create_user('tess', password='tess-pw-1')"
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c",
+         f"from django.contrib.auth.models import User; {create_user}"],
+        **run,
+    )  # fmt: skip
+    processes = [_start_daphne(env, data_dir / f"daphne-{n}.log") for n in "ab"]
+    yield [url for _process, url in processes]
+    for process, _url in processes:
+        process.terminate()
+        process.wait(timeout=10)
+    with psycopg.connect(PG, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _login(url: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, follow_redirects=False)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": "tess", "password": "tess-pw-1",
+              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/accounts/login/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return client
+
+
+def test_health_check_reports_postgres_and_redis(team):
+    body = httpx.get(f"{team[0]}/healthz").json()
+    assert (body["database"], body["channel_layer"]) == ("ok", "ok")
+
+
+def test_reply_started_on_one_process_streams_to_the_other_and_stops_from_it(team, app_simulator):
+    from conversations.dashscope.simulator import Scenario
+
+    reply = " ".join(f"token{i}" for i in range(400))
+    app_simulator.add_scenario(Scenario(match="across", reply=reply, token_delay=0.02))
+    url_a, url_b = team
+    client = _login(url_a)
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url_a}/"},
+    )  # fmt: skip
+    conversation_path = response.headers["Location"]
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+    async def scenario() -> tuple[str, str]:
+        import websockets
+
+        def ws_url(base: str) -> str:
+            return base.replace("http://", "ws://") + "/ws" + conversation_path
+
+        headers = {"Cookie": cookie}
+        async with (
+            websockets.connect(ws_url(url_a), additional_headers=headers, origin=url_a) as tab_a,
+            websockets.connect(ws_url(url_b), additional_headers=headers, origin=url_b) as tab_b,
+        ):
+            await tab_a.send(json.dumps({"type": "send", "content": "across processes",
+                                         "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            seen_on_b = ""
+            while seen_on_b.count("token") < 10:
+                frame = await asyncio.wait_for(tab_b.recv(), 10)
+                if frame.startswith("+"):
+                    seen_on_b += frame.split(":", 1)[1]
+            await tab_b.send(json.dumps({"type": "stop"}))
+            loop = asyncio.get_running_loop()
+            stopped_at = loop.time()
+            final_a = ""
+            while 'data-status="stopped"' not in final_a:
+                final_a = await asyncio.wait_for(tab_a.recv(), 5)
+            return seen_on_b, loop.time() - stopped_at
+
+    seen_on_b, stop_seconds = asyncio.run(scenario())
+    assert reply.startswith(seen_on_b)
+    assert stop_seconds < 1.0
+    export = client.get(conversation_path + "export.json").json()
+    assistant = export["messages"][-1]
+    assert assistant["status"] == "stopped"
+    assert assistant["content"].startswith(seen_on_b) and reply.startswith(assistant["content"])
+    assert app_simulator.wait_for_outcome() == "disconnected"
