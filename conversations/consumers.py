@@ -59,6 +59,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         # for the snapshot that tells where the reply stands.
         self.shown: dict[int, int | None] = {}
         self.pending: dict[int, list[dict]] = {}
+        self.background: set[asyncio.Task] = set()
         self.group = events.group(conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -80,6 +81,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         return None
 
     async def disconnect(self, code: int) -> None:
+        for task in list(getattr(self, "background", ())):
+            task.cancel()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -212,12 +215,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 "reply_channel": self.channel_name,
             },
         )
-        asyncio.get_running_loop().call_later(
-            SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._snapshot_timeout(message_id))
-        )
+        task = asyncio.create_task(self._snapshot_timeout(message_id))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def _snapshot_timeout(self, message_id: int) -> None:
         """No generation answered: it ended or its process is gone. Show what was saved."""
+        await asyncio.sleep(SNAPSHOT_TIMEOUT)
         if message_id in self.shown and self.shown[message_id] is None:
             message = await self._message(message_id)
             if message is not None:

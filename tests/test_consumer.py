@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -295,4 +296,32 @@ async def test_truncated_reply_is_shown_as_such(app_simulator, finish_reason):
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
     assert "cut off before it finished" in transcript.frames[-1]
+    await ws.disconnect()
+
+
+async def test_socket_shows_the_saved_text_when_no_generation_answers():
+    """A reply whose process is gone: the socket falls back to the last checkpoint."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    orphan = await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", content="checkpointed"
+    )
+    ws, _, _ = await connect(owner, conversation)
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: orphan.pk in t.text, within=5)
+    assert transcript.text[orphan.pk] == "checkpointed"
+    await ws.disconnect()
+
+
+async def test_hello_brings_a_finished_reply_up_to_date():
+    """A page that still shows a reply as streaming after it finished gets the final render."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    done = await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="complete", content="**done**"
+    )
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=json.dumps({"type": "hello", "streaming": [done.pk]}))
+    frame = await ws.receive_from(timeout=5)
+    assert f'id="message-{done.pk}"' in frame and "<strong>done</strong>" in frame
     await ws.disconnect()

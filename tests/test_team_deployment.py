@@ -8,6 +8,7 @@ their absence is a failure.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
 import re
@@ -135,6 +136,19 @@ def test_reply_started_on_one_process_streams_to_the_other_and_stops_from_it(tea
                 frame = await asyncio.wait_for(tab_b.recv(), 10)
                 if frame.startswith("+"):
                     seen_on_b += frame.split(":", 1)[1]
+            # A tab opened on B mid-reply catches up from the generation running on A: first
+            # the text so far, then the live frames, with no gap and no repeat.
+            async with websockets.connect(
+                ws_url(url_b), additional_headers=headers, origin=url_b
+            ) as late_tab:
+                snapshot = await asyncio.wait_for(late_tab.recv(), 5)
+                body = re.search(r'message__body--streaming">(.*?)</div>', snapshot, re.S)
+                caught_up = html.unescape(body.group(1))
+                while caught_up.count("token") < seen_on_b.count("token") + 10:
+                    frame = await asyncio.wait_for(late_tab.recv(), 10)
+                    if frame.startswith("+"):
+                        caught_up += frame.split(":", 1)[1]
+            assert reply.startswith(caught_up) and len(caught_up) > len(seen_on_b)
             await tab_b.send(json.dumps({"type": "stop"}))
             loop = asyncio.get_running_loop()
             stopped_at = loop.time()
