@@ -144,8 +144,10 @@ def live_app(app_simulator) -> LiveApp:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Headless Chromium for one test module. Playwright's sync API keeps an event loop
+    running while it is open, so it must be closed before any asyncio test runs."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         if os.environ.get("CI"):
