@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -35,9 +36,12 @@ class ReplyInProgress(ReplyRefused):
 
 @dataclass(frozen=True)
 class StartedReply:
+    conversation: Conversation  # as it was read under the lock: current model, prompt, title
     user_message: Message
     assistant_message: Message
     created: bool  # False when the client_message_id was seen before: no second call
+    titled: bool = False  # this message gave the conversation its title
+    interrupted: tuple[int, ...] = ()  # replies found dead (their process gone) on the way
 
 
 def conversation_create(
@@ -59,7 +63,8 @@ def clean_content(content: object) -> str:
             _("This message is too long (%(length)s characters; the limit is %(limit)s).")
             % {"length": len(content), "limit": settings.QWENWEB_MAX_MESSAGE_CHARS}
         )
-    return content.strip()
+    # Keep the message as typed (indented code, say), less blank lines around it.
+    return content.strip("\r\n").rstrip()
 
 
 def reply_start(
@@ -77,9 +82,14 @@ def reply_start(
             return existing
     try:
         with transaction.atomic():
-            # Lock the conversation so two tabs sending at once cannot both start a reply.
-            Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
-            conversation.messages.mark_stale_interrupted()
+            # Lock the conversation so two tabs sending at once cannot both start a reply, and
+            # read it afresh: the model or title may have changed since the socket opened.
+            conversation = (
+                Conversation.objects.select_for_update(of=("self",))
+                .select_related("model", "system_prompt")
+                .get(pk=conversation.pk)
+            )
+            interrupted = conversation.messages.mark_stale_interrupted()
             if conversation.messages.filter(status=Message.Status.STREAMING).exists():
                 raise ReplyInProgress(
                     _("A reply is still being written. Wait for it or press Stop, then send.")
@@ -107,7 +117,14 @@ def reply_start(
         if not existing:
             raise
         return existing
-    return StartedReply(user_message, assistant_message, created=True)
+    return StartedReply(
+        conversation,
+        user_message,
+        assistant_message,
+        created=True,
+        titled="title" in fields,
+        interrupted=tuple(interrupted),
+    )
 
 
 def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
@@ -119,7 +136,7 @@ def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
         .order_by("pk")
         .first()
     )
-    return StartedReply(user_message, assistant_message, created=False)
+    return StartedReply(conversation, user_message, assistant_message, created=False)
 
 
 def _title_from(content: str) -> str:
@@ -192,8 +209,11 @@ async def areply_start(
     started = await database_sync_to_async(reply_start)(
         conversation=conversation, content=content, client_message_id=client_message_id
     )
+    for message_id in started.interrupted:
+        await announce_finished(conversation.id, message_id)
     if not started.created:
         return started
+    conversation = started.conversation
     request = await database_sync_to_async(build_request)(
         conversation=conversation, reply_to=started.assistant_message
     )
@@ -204,6 +224,7 @@ async def areply_start(
             {
                 "type": "conversation.created",
                 "message_ids": [started.user_message.pk, started.assistant_message.pk],
+                "title": conversation.title if started.titled else "",
             },
         )
 
@@ -217,22 +238,57 @@ async def areply_start(
     return started
 
 
-async def areply_stop(*, conversation: Conversation) -> None:
-    """Stop the conversation's running reply, wherever (in which process) it runs."""
+async def areply_stop(*, conversation: Conversation) -> list[int]:
+    """Ask the conversation's running reply to stop, in whichever process it runs (the
+    control group reaches them all). Returns the replies asked."""
+    message_ids = await database_sync_to_async(
+        lambda: list(
+            conversation.messages.filter(status=Message.Status.STREAMING).values_list(
+                "pk", flat=True
+            )
+        )
+    )()
+    for message_id in message_ids:
+        await get_channel_layer().group_send(
+            events.control_group(conversation.id),
+            {"type": "generation.stop", "message_id": message_id},
+        )
+    return message_ids
+
+
+# A generation answers a catch-up or stop request within moments, and a new reply's
+# placeholder is saved moments before its generation starts listening: a reply still
+# "streaming" that no generation answered for this long, and not saved for as long, has no
+# process behind it.
+ABANDON_AFTER_SECONDS = 3
+
+
+async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool:
+    """Mark a streaming reply that no generation answers for as `interrupted` (its last
+    checkpoint of text is kept) and tell every socket. False when it is alive or over."""
     from conversations import generation
 
-    message_ids = [
-        pk
-        async for pk in conversation.messages.filter(status=Message.Status.STREAMING).values_list(
-            "pk", flat=True
+    if generation.running(message_id) is not None:
+        return False
+
+    def mark() -> int:
+        cutoff = timezone.now() - timedelta(seconds=ABANDON_AFTER_SECONDS)
+        return conversation.messages.filter(
+            pk=message_id, status=Message.Status.STREAMING, updated_at__lt=cutoff
+        ).update(
+            status=Message.Status.INTERRUPTED,
+            completed_at=timezone.now(),
+            updated_at=timezone.now(),
         )
-    ]
-    for message_id in message_ids:
-        local = generation.running(message_id)
-        if local is not None:
-            local.stop()
-        else:
-            await get_channel_layer().group_send(
-                events.control_group(conversation.id),
-                {"type": "generation.stop", "message_id": message_id},
-            )
+
+    if not await database_sync_to_async(mark)():
+        return False
+    await announce_finished(conversation.id, message_id)
+    return True
+
+
+async def announce_finished(conversation_id, message_id: int) -> None:
+    await get_channel_layer().group_send(
+        events.group(conversation_id),
+        {"type": "conversation.finished", "message_id": message_id},
+    )

@@ -1,8 +1,9 @@
 """The websocket of one open conversation: thin, it parses, checks, calls and renders.
 
 Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"},
-{"type": "stop"}, {"type": "hello", "streaming": [<message pk>, …]}; other keys (htmx's
-HEADERS) are ignored.
+{"type": "stop"}, and {"type": "hello", "streaming": [<pk>, …], "last": <pk>} which the page
+sends on every (re)connect: the replies it shows as streaming, and the newest message it has.
+Other keys (htmx's HEADERS) are ignored.
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
 for the streamed text itself lean frames `+<message pk>:<new text>` that static/qwenweb/chat.js
@@ -17,10 +18,12 @@ import json
 import logging
 import uuid
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.template.loader import render_to_string
 from django.utils import translation
+from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
 from conversations import chat, events, generation
@@ -29,10 +32,13 @@ from conversations.models import Conversation, Message
 logger = logging.getLogger(__name__)
 
 CLOSE_FORBIDDEN = 4403
-# How long a reconnecting socket waits for the running generation to answer a catch-up request
-# before it falls back to what the database holds.
+# How long a socket waits for the running generation to answer a catch-up request before it
+# concludes the generation is gone and falls back to what the database holds.
 SNAPSHOT_TIMEOUT = 2.0
+# Group membership expires in the channel layer (group_expiry, a day): re-join well before.
+REJOIN_INTERVAL = 3600
 MAX_FRAME_BYTES = 256 * 1024
+MAX_CATCH_UP_MESSAGES = 100
 
 
 class ConversationConsumer(AsyncWebsocketConsumer):
@@ -44,12 +50,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
-        conversation = (
-            await Conversation.objects.owned_by(user)
-            .select_related("model")
-            .filter(pk=conversation_id)
-            .afirst()
-        )
+        conversation = await _owned_conversation(user, conversation_id)
         if conversation is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
@@ -58,13 +59,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         # message pk -> characters of its text this socket has shown, or None while waiting
         # for the snapshot that tells where the reply stands.
         self.shown: dict[int, int | None] = {}
-        self.pending: dict[int, list[dict]] = {}
+        self.delivered: set[int] = set()  # messages this socket has put on the page
+        self.snapshot_timeouts: dict[int, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()
         self.group = events.group(conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        streaming = await self._streaming_message_ids()
-        for message_id in streaming:
+        self._spawn(self._keep_group_membership())
+        for message_id in await _streaming_message_ids(conversation):
             await self._request_snapshot(message_id)
 
     def _language(self) -> str | None:
@@ -100,12 +102,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self.close(code=1003)
             return
         kind = data.get("type")
-        if kind == "send":
-            await self._send_message(data)
-        elif kind == "stop":
-            await self._stop()
-        elif kind == "hello":
-            await self._hello(data.get("streaming"))
+        # Sentences made while handling this frame (refusals, notices) speak the page's language.
+        with translation.override(self.language):
+            if kind == "send":
+                await self._send_message(data)
+            elif kind == "stop":
+                await self._stop()
+            elif kind == "hello":
+                await self._hello(data.get("streaming"), data.get("last"))
 
     async def _send_message(self, data: dict) -> None:
         try:
@@ -121,65 +125,86 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         except chat.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
             return
+        except Exception:
+            # The socket stays open and the text stays in the composer: the user can resend.
+            logger.exception("Starting a reply in %s failed", self.conversation.id)
+            await self._send_notice(
+                _("Your message could not be sent because of a problem on this server. It is "
+                  "still in the box below: try again in a moment.")
+            )  # fmt: skip
+            return
         await self._send_fragment("ack", client_message_id=client_message_id)
 
     async def _stop(self) -> None:
-        await chat.areply_stop(conversation=self.conversation)
+        message_ids = await chat.areply_stop(conversation=self.conversation)
+        if message_ids:
+            # A live generation stops within moments; one still "streaming" after that has
+            # no process behind it, and must not keep the chat blocked.
+            self._spawn(self._abandon_later(message_ids))
 
-    async def _hello(self, streaming: object) -> None:
-        """The page lists the replies it shows as streaming; bring each up to date."""
-        if not isinstance(streaming, list):
-            return
-        for value in streaming[:20]:
-            if isinstance(value, int) and value not in self.shown:
-                message = await self._message(value)
-                if message is not None and not message.is_streaming:
-                    await self._send_messages([message])
+    async def _abandon_later(self, message_ids: list[int]) -> None:
+        await asyncio.sleep(SNAPSHOT_TIMEOUT)
+        for message_id in message_ids:
+            await chat.areply_abandon(conversation=self.conversation, message_id=message_id)
+
+    async def _hello(self, streaming: object, last: object) -> None:
+        """Bring a (re)connected page up to date: messages it never saw, and the state of the
+        replies it shows as streaming."""
+        if isinstance(last, int):
+            missed = await _messages_after(self.conversation, last, exclude=self.delivered)
+            if missed:
+                await self._send_messages(missed, append=True)
+                for message in missed:
+                    if message.is_streaming:
+                        await self._request_snapshot(message.pk, force=True)
+        if isinstance(streaming, list):
+            for value in streaming[:20]:
+                if isinstance(value, int) and value not in self.shown:
+                    message = await _message(self.conversation, value)
+                    if message is not None and not message.is_streaming:
+                        await self._send_messages([message])
 
     # -- group → client -----------------------------------------------------------------------
 
     async def conversation_created(self, event: dict) -> None:
-        messages = [m for m in [await self._message(pk) for pk in event["message_ids"]] if m]
+        new = [pk for pk in event["message_ids"] if pk not in self.delivered]
+        messages = [m for m in [await _message(self.conversation, pk) for pk in new] if m]
         for message in messages:
             if message.is_streaming:
-                self.shown[message.pk] = len(message.content)
+                self.shown.setdefault(message.pk, len(message.content))
         await self._send_messages(messages, append=True)
+        if event.get("title"):
+            self.conversation.title = event["title"]
+            await self._send_fragment("title", conversation=self.conversation)
 
     async def conversation_delta(self, event: dict) -> None:
         message_id = event["message_id"]
         if message_id not in self.shown:
             await self._request_snapshot(message_id)
-        shown = self.shown[message_id]
-        if shown is None:
-            self.pending.setdefault(message_id, []).append(event)
-            return
+        if self.shown[message_id] is None:
+            return  # the snapshot on its way includes this text
         await self._send_delta(message_id, event["offset"], event["text"])
 
     async def conversation_snapshot(self, event: dict) -> None:
         message_id = event["message_id"]
+        timeout = self.snapshot_timeouts.pop(message_id, None)
+        if timeout is not None:
+            timeout.cancel()
         if self.shown.get(message_id, 0) is not None:
             return  # already in step (or finished meanwhile)
-        message = await self._message(message_id)
+        message = await _message(self.conversation, message_id)
         if message is None:
             return
         message.content = event["text"]
         await self._send_messages([message])
         self.shown[message_id] = len(event["text"])
-        for pending in self.pending.pop(message_id, []):
-            await self._send_delta(message_id, pending["offset"], pending["text"])
 
     async def conversation_finished(self, event: dict) -> None:
         message_id = event["message_id"]
         self.shown.pop(message_id, None)
-        self.pending.pop(message_id, None)
-        message = await self._message(message_id)
+        message = await _message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
-
-    async def generation_stop(self, event: dict) -> None:
-        """Control messages are for the generation; a socket has nothing to do with them."""
-
-    generation_sync = generation_stop
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -191,7 +216,6 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         if offset > shown:
             # A frame went missing (a full channel drops messages): catch up from the source.
-            self.shown[message_id] = None
             await self._request_snapshot(message_id, force=True)
             return
         self.shown[message_id] = end
@@ -203,9 +227,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown[message_id] = None
         local = generation.running(message_id)
         if local is not None:
-            await self.conversation_snapshot(
-                {"message_id": message_id, "seq": local.seq, "text": local.text}
-            )
+            await self.conversation_snapshot({"message_id": message_id, "text": local.text})
             return
         await self.channel_layer.group_send(
             events.control_group(self.conversation.id),
@@ -215,38 +237,37 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 "reply_channel": self.channel_name,
             },
         )
-        task = asyncio.create_task(self._snapshot_timeout(message_id))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        if message_id not in self.snapshot_timeouts:
+            self.snapshot_timeouts[message_id] = self._spawn(self._snapshot_timeout(message_id))
 
     async def _snapshot_timeout(self, message_id: int) -> None:
-        """No generation answered: it ended or its process is gone. Show what was saved."""
+        """No generation answered: it ended, or its process is gone. Show what was saved."""
         await asyncio.sleep(SNAPSHOT_TIMEOUT)
-        if message_id in self.shown and self.shown[message_id] is None:
-            message = await self._message(message_id)
-            if message is not None:
-                await self._send_messages([message])
-                self.shown[message_id] = len(message.content)
-                if not message.is_streaming:
-                    self.shown.pop(message_id, None)
-            self.pending.pop(message_id, None)
+        self.snapshot_timeouts.pop(message_id, None)
+        if self.shown.get(message_id, 0) is not None:
+            return
+        if await chat.areply_abandon(conversation=self.conversation, message_id=message_id):
+            return  # conversation.finished is on its way to every socket
+        message = await _message(self.conversation, message_id)
+        if message is not None:
+            await self._send_messages([message])
+            self.shown[message_id] = len(message.content)
+            if not message.is_streaming:
+                self.shown.pop(message_id, None)
 
-    async def _message(self, pk: int) -> Message | None:
-        return (
-            await Message.objects.filter(conversation=self.conversation, pk=pk)
-            .prefetch_related("images")
-            .afirst()
-        )
+    async def _keep_group_membership(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_INTERVAL)
+            await self.channel_layer.group_add(self.group, self.channel_name)
 
-    async def _streaming_message_ids(self) -> list[int]:
-        return [
-            pk
-            async for pk in Message.objects.filter(
-                conversation=self.conversation, status=Message.Status.STREAMING
-            ).values_list("pk", flat=True)
-        ]
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     async def _send_messages(self, messages: list[Message], append: bool = False) -> None:
+        self.delivered.update(message.pk for message in messages)
         await self._send_fragment(
             "messages", messages=messages, append=append, conversation=self.conversation
         )
@@ -258,3 +279,39 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         with translation.override(self.language):
             html = render_to_string(f"conversations/partials/stream.html#{name}", context)
         await self.send(text_data=html.strip())
+
+
+# database_sync_to_async rather than the ORM's a… methods: it closes stale connections around
+# each call, so a socket open for days survives a database restart.
+
+
+@database_sync_to_async
+def _owned_conversation(user, conversation_id) -> Conversation | None:
+    return (
+        Conversation.objects.owned_by(user)
+        .select_related("model")
+        .filter(pk=conversation_id)
+        .first()
+    )
+
+
+@database_sync_to_async
+def _message(conversation: Conversation, pk: int) -> Message | None:
+    return conversation.messages.filter(pk=pk).prefetch_related("images").first()
+
+
+@database_sync_to_async
+def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> list[Message]:
+    return list(
+        conversation.messages.filter(pk__gt=pk)
+        .exclude(pk__in=exclude)
+        .prefetch_related("images")
+        .order_by("pk")[:MAX_CATCH_UP_MESSAGES]
+    )
+
+
+@database_sync_to_async
+def _streaming_message_ids(conversation: Conversation) -> list[int]:
+    return list(
+        conversation.messages.filter(status=Message.Status.STREAMING).values_list("pk", flat=True)
+    )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 # A streaming reply saves at least this often, even when no text arrives: its updated_at is
 # the heartbeat by which a reply whose process died is recognised (Message.STALE_AFTER).
 HEARTBEAT_INTERVAL = 10.0
+FINISH_ATTEMPTS = 4
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and
 # an unreferenced task can vanish mid-reply.
@@ -59,8 +61,9 @@ class Generation:
 
     text: str = ""
     reasoning: str = ""
-    seq: int = 0
-    published: int = 0  # characters of `text` already published
+    # Characters of `text` already published. Each frame carries its offset in the reply,
+    # which is the sequence number sockets use to drop repeats and notice gaps.
+    published: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
     request_id: str | None = None
@@ -72,6 +75,7 @@ class Generation:
         self._done = False
         self._last_checkpoint = time.monotonic()
         self._checkpointed = 0
+        self._checkpoint_task: asyncio.Task | None = None
         self.layer = get_channel_layer()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -103,24 +107,33 @@ class Generation:
         self._upstream = asyncio.create_task(self._consume())
         if self.stop_requested:
             self._upstream.cancel()
-        status, error = Message.Status.COMPLETE, None
+        status, error = Message.Status.ERROR, None
         try:
             await asyncio.wait({self._upstream})
             if self._upstream.cancelled():
                 status = Message.Status.STOPPED
             elif (exc := self._upstream.exception()) is not None:
-                status, error = Message.Status.ERROR, exc
+                error = exc
                 if not isinstance(exc, DashScopeError):
                     logger.error("Reply %s failed", self.message_id, exc_info=exc)
+            else:
+                status = Message.Status.COMPLETE
         finally:
             listener.cancel()
             self._done = True
             self._dirty.set()
-            await asyncio.gather(publisher, return_exceptions=True)
-            await self.layer.group_discard(self._control_group, self._control_channel)
+            for outcome in await asyncio.gather(
+                publisher, self._checkpoint_task or asyncio.sleep(0), return_exceptions=True
+            ):
+                if isinstance(outcome, Exception):
+                    logger.error("Reply %s: publisher failed", self.message_id, exc_info=outcome)
+            with contextlib.suppress(Exception):
+                await self.layer.group_discard(self._control_group, self._control_channel)
         await self._finish(status, error)
 
     async def _finish(self, status: str, error: BaseException | None) -> None:
+        """Save the result once, and tell every socket. A database that is briefly away gets
+        a few more tries: the text is only in memory now."""
         fields = {
             "content": self.text,
             "reasoning": self.reasoning,
@@ -128,7 +141,6 @@ class Generation:
             "finish_reason": self.finish_reason or "",
             "request_id": self.request_id or "",
             "completed_at": timezone.now(),
-            "updated_at": timezone.now(),
         }
         if self.usage is not None:
             fields["input_tokens"] = self.usage.input_tokens
@@ -136,11 +148,24 @@ class Generation:
         if error is not None:
             fields["error_code"], fields["error_message"] = describe_error(error)
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
-        await Message.objects.filter(pk=self.message_id).aupdate(**fields)
-        await self.layer.group_send(
-            events.group(self.conversation_id),
-            {"type": "conversation.finished", "message_id": self.message_id},
-        )
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                await save_message(self.message_id, **fields)
+                break
+            except Exception:
+                logger.warning(
+                    "Saving reply %s failed (attempt %s)", self.message_id, attempt + 1,
+                    exc_info=True,
+                )  # fmt: skip
+                await asyncio.sleep(2**attempt)
+        try:
+            await self.layer.group_send(
+                events.group(self.conversation_id),
+                {"type": "conversation.finished", "message_id": self.message_id},
+            )
+        except Exception:
+            # Sockets that miss this still see the end: they catch up from the database.
+            logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
 
     def stop(self) -> None:
         """Close the upstream request; the partial text is kept with status `stopped`."""
@@ -173,14 +198,23 @@ class Generation:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=HEARTBEAT_INTERVAL)
             self._dirty.clear()
-            await self._publish_pending()
+            try:
+                await self._publish_pending()
+            except Exception:
+                # A lost frame is not lost text: sockets see the gap in the offsets and
+                # catch up from the generation.
+                logger.warning("Publishing reply %s failed", self.message_id, exc_info=True)
             if self._done:
                 return
             since = time.monotonic() - self._last_checkpoint
-            if since >= self.checkpoint_interval and (
-                self._checkpointed != len(self.text) or since >= HEARTBEAT_INTERVAL
+            checkpoint_running = self._checkpoint_task and not self._checkpoint_task.done()
+            if (
+                not checkpoint_running
+                and since >= self.checkpoint_interval
+                and (self._checkpointed != len(self.text) or since >= HEARTBEAT_INTERVAL)
             ):
-                await self._checkpoint()
+                # In its own task: a slow database must not hold up the frames.
+                self._checkpoint_task = asyncio.create_task(self._checkpoint())
             await asyncio.sleep(self.frame_interval)
 
     async def _publish_pending(self) -> None:
@@ -188,13 +222,11 @@ class Generation:
             return
         offset, chunk = self.published, self.text[self.published :]
         self.published = len(self.text)
-        self.seq += 1
         await self.layer.group_send(
             events.group(self.conversation_id),
             {
                 "type": "conversation.delta",
                 "message_id": self.message_id,
-                "seq": self.seq,
                 "offset": offset,
                 "text": chunk,
             },
@@ -205,9 +237,7 @@ class Generation:
         self._last_checkpoint = time.monotonic()
         self._checkpointed = len(self.text)
         try:
-            await Message.objects.filter(pk=self.message_id).aupdate(
-                content=self.text, reasoning=self.reasoning, updated_at=timezone.now()
-            )
+            await save_message(self.message_id, content=self.text, reasoning=self.reasoning)
         except Exception:
             # A missed checkpoint costs at most one interval of text if this process dies;
             # the reply itself goes on and is saved whole at the end.
@@ -215,20 +245,31 @@ class Generation:
 
     async def _listen(self, channel: str) -> None:
         while True:
-            message = await self.layer.receive(channel)
-            kind = message.get("type")
-            target = message.get("message_id")
-            if target not in (None, self.message_id):
-                continue
-            if kind == "generation.stop":
-                self.stop()
-            elif kind == "generation.sync":
-                await self.layer.send(
-                    message["reply_channel"],
-                    {
-                        "type": "conversation.snapshot",
-                        "message_id": self.message_id,
-                        "seq": self.seq,
-                        "text": self.text,
-                    },
-                )
+            try:
+                message = await self.layer.receive(channel)
+                if message.get("message_id") not in (None, self.message_id):
+                    continue
+                kind = message.get("type")
+                if kind == "generation.stop":
+                    self.stop()
+                elif kind == "generation.sync":
+                    await self.layer.send(
+                        message["reply_channel"],
+                        {
+                            "type": "conversation.snapshot",
+                            "message_id": self.message_id,
+                            "text": self.text,
+                        },
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("Control channel of reply %s failed", self.message_id, exc_info=True)
+                await asyncio.sleep(1)
+
+
+@database_sync_to_async
+def save_message(message_id: int, **fields) -> None:
+    """One UPDATE of a message. database_sync_to_async closes stale connections around it, so
+    a long-lived process recovers from a database restart."""
+    Message.objects.filter(pk=message_id).update(updated_at=timezone.now(), **fields)

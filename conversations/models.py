@@ -150,11 +150,6 @@ class Conversation(models.Model):
     def display_title(self) -> str:
         return self.title or str(_("New chat"))
 
-    @property
-    def group_name(self) -> str:
-        """The channel-layer group every socket and the generation of this chat share."""
-        return f"conv-{self.id}"
-
 
 class MessageQuerySet(models.QuerySet):
     def stale_streaming(self):
@@ -162,16 +157,17 @@ class MessageQuerySet(models.QuerySet):
         cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
         return self.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
 
-    def mark_stale_interrupted(self) -> int:
-        """Mark dead replies `interrupted`, keeping their last checkpoint of text."""
+    def mark_stale_interrupted(self) -> list[int]:
+        """Mark dead replies `interrupted`, keeping their last checkpoint of text. Returns
+        their pks, so open sockets can be told."""
         stale = list(self.stale_streaming().values_list("pk", flat=True))
-        if not stale:
-            return 0  # the usual case: read, don't write
-        return self.filter(pk__in=stale).update(
-            status=Message.Status.INTERRUPTED,
-            completed_at=timezone.now(),
-            updated_at=timezone.now(),
-        )
+        if stale:  # usually not: read, don't write
+            self.filter(pk__in=stale, status=Message.Status.STREAMING).update(
+                status=Message.Status.INTERRUPTED,
+                completed_at=timezone.now(),
+                updated_at=timezone.now(),
+            )
+        return stale
 
 
 class Message(models.Model):

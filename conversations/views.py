@@ -6,7 +6,7 @@ import asyncio
 import json
 import uuid
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.decorators import login_not_required
@@ -22,7 +22,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import chat
 from conversations.exports import conversation_data
-from conversations.models import Conversation, ModelProfile
+from conversations.models import Conversation, Message, ModelProfile
 
 SIDEBAR_LIMIT = 200
 
@@ -30,6 +30,23 @@ SIDEBAR_LIMIT = 200
 def _sidebar(user) -> dict:
     conversations = Conversation.objects.owned_by(user).only("id", "title", "updated_at")
     return {"conversations": conversations[:SIDEBAR_LIMIT]}
+
+
+def _model_choices(current: ModelProfile | None = None) -> list[ModelProfile]:
+    """The enabled models, plus the conversation's own if an admin has since disabled it."""
+    models = list(ModelProfile.objects.enabled())
+    if current is not None and current not in models:
+        models.insert(0, current)
+    return models
+
+
+def _enabled_model(value: object):
+    """The enabled profile with this pk, or None (also for a forged, non-numeric value)."""
+    try:
+        pk = int(str(value))
+    except ValueError:
+        return ModelProfile.objects.none()
+    return ModelProfile.objects.enabled().filter(pk=pk)
 
 
 def _owned(request: HttpRequest, conversation_id) -> Conversation:
@@ -61,7 +78,18 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     content = request.POST.get("content", "")
     model = None
     if model_id := request.POST.get("model"):
-        model = await ModelProfile.objects.enabled().filter(pk=model_id).afirst()
+        model = await _enabled_model(model_id).afirst()
+    try:
+        client_message_id = uuid.UUID(request.POST.get("client_message_id", ""))
+    except ValueError:
+        client_message_id = None
+    if client_message_id is not None:
+        # A double submit (or a resubmitted form) opens the chat it already started.
+        seen = await Message.objects.filter(
+            client_message_id=client_message_id, conversation__owner=user
+        ).afirst()
+        if seen is not None:
+            return redirect("conversation", seen.conversation_id)
     if content.strip():
         try:
             chat.clean_content(content)
@@ -74,10 +102,6 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     except chat.ReplyRefused as refusal:
         return await _home_with_error(request, user, content, str(refusal), model)
     if content.strip():
-        try:
-            client_message_id = uuid.UUID(request.POST.get("client_message_id", ""))
-        except ValueError:
-            client_message_id = None
         await chat.areply_start(
             conversation=conversation, content=content, client_message_id=client_message_id
         )
@@ -101,7 +125,8 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
 @require_GET
 def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    conversation.messages.mark_stale_interrupted()
+    for message_id in conversation.messages.mark_stale_interrupted():
+        async_to_sync(chat.announce_finished)(conversation.id, message_id)
     messages = list(conversation.messages.prefetch_related("images"))
     return render(
         request,
@@ -110,7 +135,7 @@ def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
             **_sidebar(request.user),
             "conversation": conversation,
             "chat_messages": messages,
-            "models": ModelProfile.objects.enabled(),
+            "models": _model_choices(conversation.model),
             "selected_model": conversation.model,
         },
     )
@@ -125,8 +150,8 @@ def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
     if request.htmx:
         return render(
             request,
-            "conversations/chat.html#title",
-            {"conversation": conversation, "oob_sidebar_item": True},
+            "conversations/partials/stream.html#title",
+            {"conversation": conversation, "sidebar": True},
         )
     return redirect(conversation)
 
@@ -134,6 +159,8 @@ def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
 @require_POST
 def conversation_delete(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
+    # A reply still being written for it would go on costing tokens for nobody.
+    async_to_sync(chat.areply_stop)(conversation=conversation)
     conversation.delete()
     if request.htmx:
         return HttpResponseClientRedirect("/")
@@ -144,7 +171,7 @@ def conversation_delete(request: HttpRequest, conversation_id) -> HttpResponse:
 def conversation_settings(request: HttpRequest, conversation_id) -> HttpResponse:
     """Switch the conversation's model among the enabled profiles."""
     conversation = _owned(request, conversation_id)
-    model = ModelProfile.objects.enabled().filter(pk=request.POST.get("model")).first()
+    model = _enabled_model(request.POST.get("model")).first()
     status = 200
     if model is None:
         status = 400
@@ -156,7 +183,7 @@ def conversation_settings(request: HttpRequest, conversation_id) -> HttpResponse
         "conversations/chat.html#model-picker",
         {
             "conversation": conversation,
-            "models": ModelProfile.objects.enabled(),
+            "models": _model_choices(conversation.model),
             "selected_model": conversation.model,
         },
         status=status,

@@ -76,9 +76,9 @@ def test_multimodal_model_sends_image_urls(user):
 
 def test_reply_start_saves_before_any_call_and_titles_the_chat(user):
     conversation = chat.conversation_create(owner=user)
-    started = chat.reply_start(conversation=conversation, content="  Plan a trip to Hangzhou  ")
+    started = chat.reply_start(conversation=conversation, content="\n  Plan a trip to Hangzhou  \n")
     assert started.created
-    assert started.user_message.content == "Plan a trip to Hangzhou"
+    assert started.user_message.content == "  Plan a trip to Hangzhou"
     assert started.assistant_message.status == "streaming"
     conversation.refresh_from_db()
     assert conversation.title == "Plan a trip to Hangzhou"

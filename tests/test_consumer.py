@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from conversations.dashscope.simulator import Scenario, ScenarioError
 from conversations.models import Message
@@ -324,4 +326,57 @@ async def test_hello_brings_a_finished_reply_up_to_date():
     await ws.send_to(text_data=json.dumps({"type": "hello", "streaming": [done.pk]}))
     frame = await ws.receive_from(timeout=5)
     assert f'id="message-{done.pk}"' in frame and "<strong>done</strong>" in frame
+    await ws.disconnect()
+
+
+async def test_notices_speak_the_pages_language(app_simulator):
+    app_simulator.add_scenario(Scenario(match="慢", reply=REPLY, token_delay=0.02))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation, language="zh-CN,zh;q=0.9")
+    await ws.send_to(text_data=send_frame("慢一点"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
+    await ws.send_to(text_data=send_frame("再来"))
+    await receive_until(ws, transcript, lambda t: 'class="notice"' in t.frames[-1])
+    assert "上一条回复仍在生成中" in transcript.frames[-1]
+    await ws.send_to(text_data='{"type": "stop"}')
+    await receive_until(ws, transcript, lambda t: "stopped" in t.status.values())
+    assert "已停止" in transcript.frames[-1]
+    await ws.disconnect()
+
+
+async def test_a_tab_that_reconnects_gets_the_messages_it_missed(app_simulator):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    sender, _, _ = await connect(owner, conversation)
+    await sender.send_to(text_data=send_frame("sent while the other tab was away"))
+    transcript = Transcript()
+    await receive_until(sender, transcript, lambda t: "complete" in t.status.values())
+    await sender.disconnect()
+    # The other tab's page had no messages; it says so when its socket comes back.
+    returning, _, _ = await connect(owner, conversation)
+    await returning.send_to(text_data=json.dumps({"type": "hello", "streaming": [], "last": 0}))
+    frame = await returning.receive_from(timeout=5)
+    assert frame.startswith('<div id="messages" hx-swap-oob="beforeend">')
+    assert "sent while the other tab was away" in frame
+    assert frame.count("<article") == 2
+    await returning.disconnect()
+
+
+async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat():
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    orphan = await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", content="half"
+    )
+    await Message.objects.filter(pk=orphan.pk).aupdate(
+        updated_at=timezone.now() - timedelta(seconds=10)
+    )
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data='{"type": "stop"}')
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "interrupted" in t.status.values(), within=8)
+    await orphan.arefresh_from_db()
+    assert (orphan.status, orphan.content) == ("interrupted", "half")
     await ws.disconnect()

@@ -39,10 +39,14 @@ def make_conversation(user, model_name: str = "qwen-plus") -> Conversation:
     return conversation_create(owner=user, model=ModelProfile.objects.get(name=model_name))
 
 
-async def connect(user, conversation, *, origin: str = "http://localhost", session=True):
+async def connect(
+    user, conversation, *, origin: str = "http://localhost", session=True, language=None
+):
     from qwenweb.asgi import application
 
     headers = [(b"host", b"localhost")]
+    if language:
+        headers.append((b"accept-language", language.encode()))
     if origin is not None:
         headers.append((b"origin", origin.encode()))
     if user is not None and session:

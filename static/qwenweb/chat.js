@@ -16,6 +16,7 @@
   }
 
   var pendingId = null; // the client_message_id of the message sent but not yet acknowledged
+  var pendingText = null; // and the text it carried
 
   function scroller() { return document.getElementById("chat-scroll"); }
   function nearBottom() {
@@ -43,11 +44,13 @@
     if (event.target && event.target.id === "composer-input") autosize(event.target);
   });
 
-  // The first message on the home page is a plain form post; give it an id as well.
+  // The first message on the home page is a plain form post; give it an id as well, one per
+  // page, so a double submit opens the chat it already started instead of a second one.
   document.addEventListener("submit", function (event) {
     var form = event.target;
     if (form.id === "composer" && !form.hasAttribute("ws-send")) {
-      form.elements.client_message_id.value = uuid4();
+      var field = form.elements.client_message_id;
+      if (!field.value) field.value = uuid4();
     }
   });
 
@@ -56,21 +59,23 @@
   document.addEventListener("htmx:wsConfigSend", function (event) {
     var params = event.detail.parameters;
     if (params.type === "send") {
-      if (!pendingId) pendingId = uuid4();
+      if (!pendingId || params.content !== pendingText) pendingId = uuid4();
+      pendingText = params.content;
       params.client_message_id = pendingId;
     }
   });
 
   // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply; it is
-  // appended as text, never parsed as HTML.
+  // appended as text, never parsed as HTML. Everything else is htmx's to swap.
+  var follow = false;
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    follow = nearBottom();
     var data = event.detail.message;
     if (typeof data !== "string" || data.charAt(0) !== "+") return;
     event.preventDefault();
     var colon = data.indexOf(":");
     var body = document.getElementById("message-" + data.slice(1, colon) + "-body");
     if (!body) return;
-    var follow = nearBottom();
     var last = body.lastChild;
     var text = data.slice(colon + 1);
     if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
@@ -78,30 +83,56 @@
     if (follow) toBottom();
   });
 
-  document.addEventListener("htmx:wsBeforeMessage", function () {
-    window.__qwenwebFollow = nearBottom();
-  });
-
   document.addEventListener("htmx:wsAfterMessage", function () {
     var ack = document.getElementById("composer-ack");
     var id = ack && ack.getAttribute("data-client-message-id");
     if (id && id === pendingId) {
-      pendingId = null;
-      ack.removeAttribute("data-client-message-id");
       var field = document.getElementById("composer-input");
-      if (field) { field.value = ""; autosize(field); }
+      // Clear what was sent, not what the user has typed since.
+      if (field && field.value === pendingText) { field.value = ""; autosize(field); }
+      pendingId = pendingText = null;
+      ack.removeAttribute("data-client-message-id");
     }
-    if (window.__qwenwebFollow) toBottom();
+    if (follow) toBottom();
+  });
+
+  function connectionNotice(text) {
+    var notices = document.getElementById("notices");
+    if (!notices) return;
+    notices.innerHTML = "";
+    if (text) {
+      var p = document.createElement("p");
+      p.className = "notice notice--connection";
+      p.setAttribute("role", "status");
+      p.textContent = text;
+      notices.appendChild(p);
+    }
+  }
+
+  // htmx reconnects by itself after a dropped connection; say so meanwhile. A socket the
+  // server refused (4403: signed out, or not your chat) will not come back: reload, which
+  // leads to the login page.
+  document.addEventListener("htmx:wsClose", function (event) {
+    var code = event.detail.event && event.detail.event.code;
+    if (code === 4403) { window.location.reload(); return; }
+    var chat = document.getElementById("chat");
+    if (chat && document.body.contains(chat)) {
+      connectionNotice(chat.getAttribute("data-disconnected-text"));
+    }
   });
 
   // On every (re)connect, name the replies this page shows as still streaming: the server
   // answers with where each stands now, so a reconnect leaves no gap and no duplicate.
+  function messagePk(el) { return parseInt(el.id.slice("message-".length), 10); }
   document.addEventListener("htmx:wsOpen", function (event) {
-    var ids = Array.prototype.map.call(
+    if (document.querySelector(".notice--connection")) connectionNotice(null);
+    var streaming = Array.prototype.map.call(
       document.querySelectorAll('article[data-role="assistant"][data-status="streaming"]'),
-      function (el) { return parseInt(el.id.slice("message-".length), 10); }
+      messagePk
     );
-    event.detail.socketWrapper.send(JSON.stringify({ type: "hello", streaming: ids }));
+    var all = Array.prototype.map.call(document.querySelectorAll("#messages > article"), messagePk);
+    var last = all.length ? Math.max.apply(null, all) : 0;
+    event.detail.socketWrapper.send(JSON.stringify({ type: "hello", streaming: streaming, last: last }));
   });
 
   document.addEventListener("DOMContentLoaded", function () {
