@@ -6,9 +6,10 @@ sends on every (re)connect: the replies it shows as streaming, and the newest me
 Other keys (htmx's HEADERS) are ignored.
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
-for the streamed text itself lean frames `+<message pk>:<new text>` that static/qwenweb/chat.js
-appends as text: each carries only the new text, so a reply costs about its own size on the
-wire (daphne has no permessage-deflate).
+for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
+for a thinking model's reasoning) that static/qwenweb/chat.js appends as text: each carries
+only the new text, so a reply costs about its own size on the wire (daphne has no
+permessage-deflate).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         # message pk -> characters of its text this socket has shown, or None while waiting
         # for the snapshot that tells where the reply stands.
         self.shown: dict[int, int | None] = {}
+        self.shown_reasoning: dict[int, int] = {}  # the same for the model's thinking
         self.delivered: set[int] = set()  # messages this socket has put on the page
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()
@@ -172,6 +174,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         for message in messages:
             if message.is_streaming:
                 self.shown.setdefault(message.pk, len(message.content))
+                self.shown_reasoning.setdefault(message.pk, len(message.reasoning))
         await self._send_messages(messages, append=True)
         if event.get("title"):
             self.conversation.title = event["title"]
@@ -183,7 +186,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self._request_snapshot(message_id)
         if self.shown[message_id] is None:
             return  # the snapshot on its way includes this text
-        await self._send_delta(message_id, event["offset"], event["text"])
+        await self._send_delta(message_id, event["offset"], event["text"], event.get("part"))
 
     async def conversation_snapshot(self, event: dict) -> None:
         message_id = event["message_id"]
@@ -196,21 +199,29 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if message is None:
             return
         message.content = event["text"]
+        message.reasoning = event.get("reasoning", "")
         await self._send_messages([message])
-        self.shown[message_id] = len(event["text"])
+        self.shown[message_id] = len(message.content)
+        self.shown_reasoning[message_id] = len(message.reasoning)
 
     async def conversation_finished(self, event: dict) -> None:
         message_id = event["message_id"]
         self.shown.pop(message_id, None)
+        self.shown_reasoning.pop(message_id, None)
         message = await _message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
 
     # -- helpers ------------------------------------------------------------------------------
 
-    async def _send_delta(self, message_id: int, offset: int, text: str) -> None:
-        """Send only what this socket has not shown yet: no gap, no duplicate."""
-        shown = self.shown[message_id] or 0
+    async def _send_delta(
+        self, message_id: int, offset: int, text: str, part: str | None = "text"
+    ) -> None:
+        """Send only what this socket has not shown yet: no gap, no duplicate. The answer
+        goes in `+<pk>:` frames, the model's thinking in `~<pk>:` frames."""
+        thinking = part == "reasoning"
+        counts = self.shown_reasoning if thinking else self.shown
+        shown = counts.get(message_id) or 0
         end = offset + len(text)
         if end <= shown:
             return
@@ -218,8 +229,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             # A frame went missing (a full channel drops messages): catch up from the source.
             await self._request_snapshot(message_id, force=True)
             return
-        self.shown[message_id] = end
-        await self.send(text_data=f"+{message_id}:{text[shown - offset :]}")
+        counts[message_id] = end
+        marker = "~" if thinking else "+"
+        await self.send(text_data=f"{marker}{message_id}:{text[shown - offset :]}")
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
         if not force and message_id in self.shown:
@@ -227,7 +239,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown[message_id] = None
         local = generation.running(message_id)
         if local is not None:
-            await self.conversation_snapshot({"message_id": message_id, "text": local.text})
+            await self.conversation_snapshot(
+                {"message_id": message_id, "text": local.text, "reasoning": local.reasoning}
+            )
             return
         await self.channel_layer.group_send(
             events.control_group(self.conversation.id),
@@ -252,6 +266,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if message is not None:
             await self._send_messages([message])
             self.shown[message_id] = len(message.content)
+            self.shown_reasoning[message_id] = len(message.reasoning)
             if not message.is_streaming:
                 self.shown.pop(message_id, None)
 

@@ -16,6 +16,7 @@ def conversation_data(conversation: Conversation) -> dict:
             {
                 "role": m.role,
                 "content": m.content,
+                "reasoning": m.reasoning,
                 "status": m.status,
                 "model": m.model,
                 "finish_reason": m.finish_reason,

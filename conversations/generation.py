@@ -64,6 +64,7 @@ class Generation:
     # Characters of `text` already published. Each frame carries its offset in the reply,
     # which is the sequence number sockets use to drop repeats and notice gaps.
     published: int = 0
+    reasoning_published: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
     request_id: str | None = None
@@ -183,6 +184,7 @@ class Generation:
                 self._dirty.set()
             elif isinstance(event, ReasoningDelta):
                 self.reasoning += event.text
+                self._dirty.set()
             elif isinstance(event, Usage):
                 self.usage = event
             elif isinstance(event, Finish):
@@ -208,34 +210,44 @@ class Generation:
                 return
             since = time.monotonic() - self._last_checkpoint
             checkpoint_running = self._checkpoint_task and not self._checkpoint_task.done()
+            progressed = self._checkpointed != len(self.text) + len(self.reasoning)
             if (
                 not checkpoint_running
                 and since >= self.checkpoint_interval
-                and (self._checkpointed != len(self.text) or since >= HEARTBEAT_INTERVAL)
+                and (progressed or since >= HEARTBEAT_INTERVAL)
             ):
                 # In its own task: a slow database must not hold up the frames.
                 self._checkpoint_task = asyncio.create_task(self._checkpoint())
             await asyncio.sleep(self.frame_interval)
 
     async def _publish_pending(self) -> None:
-        if self.published >= len(self.text):
-            return
-        offset, chunk = self.published, self.text[self.published :]
-        self.published = len(self.text)
-        await self.layer.group_send(
-            events.group(self.conversation_id),
-            {
-                "type": "conversation.delta",
-                "message_id": self.message_id,
-                "offset": offset,
-                "text": chunk,
-            },
-        )
+        """Publish what arrived since the last frame: the model's thinking (for models that
+        think aloud), then the answer, each with its offset."""
+        for part, text, published in (
+            ("reasoning", self.reasoning, self.reasoning_published),
+            ("text", self.text, self.published),
+        ):
+            if published >= len(text):
+                continue
+            if part == "text":
+                self.published = len(text)
+            else:
+                self.reasoning_published = len(text)
+            await self.layer.group_send(
+                events.group(self.conversation_id),
+                {
+                    "type": "conversation.delta",
+                    "message_id": self.message_id,
+                    "part": part,
+                    "offset": published,
+                    "text": text[published:],
+                },
+            )
 
     async def _checkpoint(self) -> None:
         """Save the partial text (and so refresh updated_at, the reply's heartbeat)."""
         self._last_checkpoint = time.monotonic()
-        self._checkpointed = len(self.text)
+        self._checkpointed = len(self.text) + len(self.reasoning)
         try:
             await save_message(self.message_id, content=self.text, reasoning=self.reasoning)
         except Exception:
@@ -259,6 +271,7 @@ class Generation:
                             "type": "conversation.snapshot",
                             "message_id": self.message_id,
                             "text": self.text,
+                            "reasoning": self.reasoning,
                         },
                     )
             except asyncio.CancelledError:

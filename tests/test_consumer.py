@@ -380,3 +380,20 @@ async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat():
     await orphan.arefresh_from_db()
     assert (orphan.status, orphan.content) == ("interrupted", "half")
     await ws.disconnect()
+
+
+async def test_a_thinking_models_reasoning_streams_and_is_kept(app_simulator):
+    thinking = "Let me think about this carefully. " * 5
+    app_simulator.add_scenario(Scenario(match="think", reply=REPLY, reasoning=thinking))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    await ws.send_to(text_data=send_frame("think first"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    streamed = "".join(f.split(":", 1)[1] for f in transcript.frames if f.startswith("~"))
+    assert streamed == thinking == reply.reasoning
+    assert transcript.text[reply.pk] == REPLY == reply.content
+    assert 'class="message__reasoning"' in transcript.frames[-1]
+    await ws.disconnect()

@@ -65,17 +65,26 @@
     }
   });
 
-  // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply; it is
-  // appended as text, never parsed as HTML. Everything else is htmx's to swap.
+  // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply, and
+  // "~<message pk>:<text>" the new text of a thinking model's reasoning; it is appended as
+  // text, never parsed as HTML. Everything else is htmx's to swap.
   var follow = false;
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     follow = nearBottom();
     var data = event.detail.message;
-    if (typeof data !== "string" || data.charAt(0) !== "+") return;
+    var marker = typeof data === "string" ? data.charAt(0) : "";
+    if (marker !== "+" && marker !== "~") return;
     event.preventDefault();
     var colon = data.indexOf(":");
-    var body = document.getElementById("message-" + data.slice(1, colon) + "-body");
+    var pk = data.slice(1, colon);
+    var body = document.getElementById("message-" + pk + (marker === "+" ? "-body" : "-reasoning"));
     if (!body) return;
+    if (marker === "~") {
+      var thinking = document.getElementById("message-" + pk + "-thinking");
+      if (thinking) thinking.hidden = false;
+    } else if (body.previousElementSibling && body.previousElementSibling.open) {
+      body.previousElementSibling.open = false; // the answer has begun: fold the thinking away
+    }
     var last = body.lastChild;
     var text = data.slice(colon + 1);
     if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
