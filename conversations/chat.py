@@ -13,13 +13,21 @@ from datetime import timedelta
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from conversations import events
 from conversations.dashscope import ChatMessage, ChatRequest
-from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
+from conversations.models import (
+    Conversation,
+    Message,
+    MessageImage,
+    ModelProfile,
+    SystemPrompt,
+)
 
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
@@ -67,8 +75,41 @@ def clean_content(content: object) -> str:
     return content.strip("\r\n").rstrip()
 
 
+def clean_image_urls(value: object) -> list[str]:
+    """Image URLs for a vision model, one per line (or space): http(s) only, a few at most."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        urls = value.split()
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        urls = [item.strip() for item in value if item.strip()]
+    else:
+        raise ReplyRefused(_("Image URLs must be text, one per line."))
+    if len(urls) > settings.QWENWEB_MAX_IMAGES:
+        raise ReplyRefused(
+            _("At most %(count)s images can go with one message.")
+            % {"count": settings.QWENWEB_MAX_IMAGES}
+        )
+    validate = URLValidator(schemes=["http", "https"])
+    for url in urls:
+        try:
+            if len(url) > 2000:
+                raise ValidationError("too long")
+            validate(url)
+        except ValidationError:
+            raise ReplyRefused(
+                _("“%(url)s” is not an image URL: use a link that starts with https://.")
+                % {"url": url[:80]}
+            ) from None
+    return urls
+
+
 def reply_start(
-    *, conversation: Conversation, content: str, client_message_id: uuid.UUID | None = None
+    *,
+    conversation: Conversation,
+    content: str,
+    client_message_id: uuid.UUID | None = None,
+    image_urls: object = None,
 ) -> StartedReply:
     """Save the user's message and an assistant placeholder before anything can fail upstream.
 
@@ -76,6 +117,7 @@ def reply_start(
     frame (a reconnecting socket replays its queue) never starts a second call.
     """
     content = clean_content(content)
+    images = clean_image_urls(image_urls)
     if client_message_id is not None:
         existing = _existing_reply(conversation, client_message_id)
         if existing:
@@ -94,11 +136,19 @@ def reply_start(
                 raise ReplyInProgress(
                     _("A reply is still being written. Wait for it or press Stop, then send.")
                 )
+            if images and not conversation.model.accepts_images:
+                raise ReplyRefused(
+                    _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
+                    % {"model": conversation.model.label}
+                )
             user_message = Message.objects.create(
                 conversation=conversation,
                 role=Message.Role.USER,
                 content=content,
                 client_message_id=client_message_id,
+            )
+            MessageImage.objects.bulk_create(
+                MessageImage(message=user_message, url=url) for url in images
             )
             assistant_message = Message.objects.create(
                 conversation=conversation,
@@ -200,14 +250,21 @@ def build_request(*, conversation: Conversation, reply_to: Message) -> ChatReque
 
 
 async def areply_start(
-    *, conversation: Conversation, content: object, client_message_id: uuid.UUID | None = None
+    *,
+    conversation: Conversation,
+    content: object,
+    client_message_id: uuid.UUID | None = None,
+    image_urls: object = None,
 ) -> StartedReply:
     """Save the message, tell every open socket, and start the reply in its own task."""
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
     started = await database_sync_to_async(reply_start)(
-        conversation=conversation, content=content, client_message_id=client_message_id
+        conversation=conversation,
+        content=content,
+        client_message_id=client_message_id,
+        image_urls=image_urls,
     )
     for message_id in started.interrupted:
         await announce_finished(conversation.id, message_id)

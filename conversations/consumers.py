@@ -1,6 +1,7 @@
 """The websocket of one open conversation: thin, it parses, checks, calls and renders.
 
-Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"},
+Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"} (with
+"image_urls": "<url> <url>" for a vision model),
 {"type": "stop"}, and {"type": "hello", "streaming": [<pk>, …], "last": <pk>} which the page
 sends on every (re)connect: the replies it shows as streaming, and the newest message it has.
 Other keys (htmx's HEADERS) are ignored.
@@ -123,6 +124,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 conversation=self.conversation,
                 content=data.get("content"),
                 client_message_id=client_message_id,
+                image_urls=data.get("image_urls"),
             )
         except chat.ReplyRefused as refusal:
             await self._send_notice(str(refusal))

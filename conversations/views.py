@@ -16,6 +16,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.text import slugify
+from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -90,9 +91,16 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
         ).afirst()
         if seen is not None:
             return redirect("conversation", seen.conversation_id)
+    image_urls = request.POST.get("image_urls", "")
     if content.strip():
         try:
             chat.clean_content(content)
+            chat.clean_image_urls(image_urls)
+            if image_urls.strip() and not (model or await _default_model()).accepts_images:
+                raise chat.ReplyRefused(
+                    _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
+                    % {"model": (model or await _default_model()).label}
+                )
         except chat.ReplyRefused as refusal:
             return await _home_with_error(request, user, content, str(refusal), model)
     try:
@@ -103,9 +111,16 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
         return await _home_with_error(request, user, content, str(refusal), model)
     if content.strip():
         await chat.areply_start(
-            conversation=conversation, content=content, client_message_id=client_message_id
+            conversation=conversation,
+            content=content,
+            client_message_id=client_message_id,
+            image_urls=image_urls,
         )
     return redirect(conversation)
+
+
+async def _default_model() -> ModelProfile | None:
+    return await sync_to_async(ModelProfile.objects.default)()
 
 
 async def _home_with_error(request, user, content, error, model) -> HttpResponse:
@@ -116,6 +131,7 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
             "models": list(ModelProfile.objects.enabled()),
             "selected_model": model or ModelProfile.objects.default(),
             "draft": content,
+            "draft_images": request.POST.get("image_urls", ""),
             "composer_error": error,
         }
     )()

@@ -397,3 +397,51 @@ async def test_a_thinking_models_reasoning_streams_and_is_kept(app_simulator):
     assert transcript.text[reply.pk] == REPLY == reply.content
     assert 'class="message__reasoning"' in transcript.frames[-1]
     await ws.disconnect()
+
+
+async def test_image_urls_go_to_a_vision_model(app_simulator):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
+    ws, _, _ = await connect(owner, conversation)
+    frame = json.loads(send_frame("What is in this picture?"))
+    frame["image_urls"] = "https://example.com/cat.png\nhttps://example.com/dog.jpg"
+    await ws.send_to(text_data=json.dumps(frame))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    request = app_simulator.requests[-1]
+    assert request.path.endswith("/multimodal-generation/generation")
+    assert request.body["input"]["messages"][-1]["content"] == [
+        {"image": "https://example.com/cat.png"},
+        {"image": "https://example.com/dog.jpg"},
+        {"text": "What is in this picture?"},
+    ]
+    user_message = await Message.objects.filter(role="user").aget()
+    urls = [url async for url in user_message.images.values_list("url", flat=True)]
+    assert urls == ["https://example.com/cat.png", "https://example.com/dog.jpg"]
+    assert any("https://example.com/cat.png" in f for f in transcript.frames)
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("model_name", "image_urls", "sentence"),
+    [
+        ("qwen-plus", "https://example.com/cat.png", "cannot see images"),
+        ("qwen3-vl-plus", "javascript:alert(1)", "is not an image URL"),
+        ("qwen3-vl-plus", "file:///etc/passwd", "is not an image URL"),
+        ("qwen3-vl-plus", " ".join(f"https://e.com/{i}.png" for i in range(5)), "At most 4"),
+    ],
+)
+async def test_bad_image_urls_are_refused_before_anything_is_saved(
+    app_simulator, model_name, image_urls, sentence
+):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner, model_name=model_name)
+    ws, _, _ = await connect(owner, conversation)
+    frame = json.loads(send_frame("look"))
+    frame["image_urls"] = image_urls
+    await ws.send_to(text_data=json.dumps(frame))
+    notice = await ws.receive_from(timeout=5)
+    assert sentence in notice
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+    assert app_simulator.requests == []
+    await ws.disconnect()

@@ -225,3 +225,42 @@ def test_chinese_interface(alice_client):
     html = alice_client.get("/", HTTP_ACCEPT_LANGUAGE="zh-CN,zh;q=0.9").content.decode()
     assert 'lang="zh-hans"' in html
     assert "新对话" in html and "发送" in html
+
+
+def test_first_message_with_an_image_for_a_text_model_is_refused_and_kept(alice_client):
+    response = alice_client.post(
+        "/c/new/",
+        {"content": "What is this?", "image_urls": "https://example.com/cat.png",
+         "model": ModelProfile.objects.get(name="qwen-plus").pk},
+    )  # fmt: skip
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "cannot see images" in html
+    assert "https://example.com/cat.png</textarea>" in html
+    assert not Conversation.objects.exists()
+
+
+def test_non_numeric_model_is_refused_not_a_crash(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    response = alice_client.post(f"/c/{conversation.id}/settings/", {"model": "abc"})
+    assert response.status_code == 400
+    assert alice_client.post("/c/new/", {"model": "abc"}).status_code == 302
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_double_submit_on_home_opens_the_same_chat():
+    user = await get_user_model().objects.acreate_user("dave", password="pw")
+    client = AsyncClient()
+    await client.aforce_login(user)
+    form = {"content": "hello", "client_message_id": "5f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f"}
+    first = await client.post("/c/new/", form)
+    second = await client.post("/c/new/", form)
+    assert first["Location"] == second["Location"]
+    assert await Conversation.objects.filter(owner=user).acount() == 1
+    conversation = await Conversation.objects.aget(owner=user)
+    for _ in range(200):
+        reply = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
+        if reply.status != "streaming":
+            break
+        await asyncio.sleep(0.02)

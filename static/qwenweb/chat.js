@@ -98,7 +98,12 @@
     if (id && id === pendingId) {
       var field = document.getElementById("composer-input");
       // Clear what was sent, not what the user has typed since.
-      if (field && field.value === pendingText) { field.value = ""; autosize(field); }
+      if (field && field.value === pendingText) {
+        field.value = "";
+        autosize(field);
+        var images = document.getElementById("composer-image-urls");
+        if (images) images.value = "";
+      }
       pendingId = pendingText = null;
       ack.removeAttribute("data-client-message-id");
     }
@@ -144,7 +149,21 @@
     event.detail.socketWrapper.send(JSON.stringify({ type: "hello", streaming: streaming, last: last }));
   });
 
+  // The image-URL field shows only while the chosen model can see images.
+  function syncImageField() {
+    var select = document.getElementById("model-select");
+    var field = document.getElementById("composer-images");
+    if (!select || !field) return;
+    var option = select.options[select.selectedIndex];
+    field.hidden = !(option && option.hasAttribute("data-images"));
+  }
+  document.addEventListener("change", function (event) {
+    if (event.target && event.target.id === "model-select") syncImageField();
+  });
+  document.addEventListener("htmx:afterSwap", syncImageField);
+
   document.addEventListener("DOMContentLoaded", function () {
+    syncImageField();
     toBottom();
     var field = document.getElementById("composer-input");
     if (field) { autosize(field); field.focus(); }
