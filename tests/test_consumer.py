@@ -20,6 +20,7 @@ from tests.ws_support import (
     connect,
     make_conversation,
     make_user,
+    open_chat,
     receive_until,
     send_frame,
     wait_for_status,
@@ -55,10 +56,7 @@ async def test_socket_from_a_foreign_origin_is_rejected():
 
 async def test_send_streams_the_reply_and_saves_it(app_simulator):
     app_simulator.add_scenario(Scenario(match="hello", reply=REPLY))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, connected, _ = await connect(owner, conversation)
-    assert connected
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("hello there"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
@@ -86,9 +84,7 @@ async def test_send_streams_the_reply_and_saves_it(app_simulator):
 
 
 async def test_repeated_client_message_id_starts_no_second_reply(app_simulator):
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    owner, conversation, ws = await open_chat()
     client_message_id = uuid.uuid4()
     await ws.send_to(text_data=send_frame("only once", client_message_id))
     await ws.send_to(text_data=send_frame("only once", client_message_id))
@@ -106,9 +102,7 @@ async def test_repeated_client_message_id_starts_no_second_reply(app_simulator):
 
 async def test_send_while_streaming_is_refused_with_a_notice(app_simulator):
     app_simulator.add_scenario(Scenario(match="slow", reply=REPLY, token_delay=0.02))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("slow one"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
@@ -125,9 +119,7 @@ async def test_send_while_streaming_is_refused_with_a_notice(app_simulator):
 
 async def test_stop_mid_reply_keeps_the_partial_text(app_simulator):
     app_simulator.add_scenario(Scenario(match="long", reply=REPLY, token_delay=0.03))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("a long one"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: sum(f.startswith("+") for f in t.frames) >= 3)
@@ -143,9 +135,7 @@ async def test_stop_mid_reply_keeps_the_partial_text(app_simulator):
 
 async def test_stop_before_the_first_token(app_simulator):
     app_simulator.add_scenario(Scenario(match="wait", reply=REPLY, first_token_delay=5))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("wait for it"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "streaming" in t.status.values())
@@ -158,9 +148,7 @@ async def test_stop_before_the_first_token(app_simulator):
 
 async def test_reply_survives_closed_tab(app_simulator):
     app_simulator.add_scenario(Scenario(match="bye", reply=REPLY, token_delay=0.01))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("bye for now"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
@@ -224,9 +212,7 @@ async def test_two_tabs_both_stream(app_simulator):
 )  # fmt: skip
 async def test_dashscope_errors_become_sentences_on_the_message(app_simulator, error, sentence):
     app_simulator.add_scenario(Scenario(match="fail", reply=REPLY, error=error, times=-1))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("please fail"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "error" in t.status.values(), within=15)
@@ -258,9 +244,7 @@ async def test_malformed_frame_closes_only_that_socket(app_simulator):
 
 async def test_message_too_long_is_refused_and_nothing_is_saved(settings):
     settings.QWENWEB_MAX_MESSAGE_CHARS = 100
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("x" * 101))
     frame = await ws.receive_from(timeout=5)
     assert "too long" in frame
@@ -276,9 +260,7 @@ async def test_stalled_stream_ends_with_a_timeout_sentence_and_keeps_the_partial
     app_simulator.add_scenario(
         Scenario(match="stall", reply=REPLY, stall_after_chunks=5, stall_seconds=5)
     )
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("stall please"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "error" in t.status.values(), within=10)
@@ -291,9 +273,7 @@ async def test_stalled_stream_ends_with_a_timeout_sentence_and_keeps_the_partial
 @pytest.mark.parametrize("finish_reason", ["length", "none"])
 async def test_truncated_reply_is_shown_as_such(app_simulator, finish_reason):
     app_simulator.add_scenario(Scenario(match="cut", reply=REPLY, finish_reason=finish_reason))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("cut short"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
@@ -331,9 +311,7 @@ async def test_hello_brings_a_finished_reply_up_to_date():
 
 async def test_notices_speak_the_pages_language(app_simulator):
     app_simulator.add_scenario(Scenario(match="慢", reply=REPLY, token_delay=0.02))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation, language="zh-CN,zh;q=0.9")
+    _owner, conversation, ws = await open_chat(language="zh-CN,zh;q=0.9")
     await ws.send_to(text_data=send_frame("慢一点"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: any(f.startswith("+") for f in t.frames))
@@ -385,9 +363,7 @@ async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat():
 async def test_a_thinking_models_reasoning_streams_and_is_kept(app_simulator):
     thinking = "Let me think about this carefully. " * 5
     app_simulator.add_scenario(Scenario(match="think", reply=REPLY, reasoning=thinking))
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat()
     await ws.send_to(text_data=send_frame("think first"))
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
@@ -400,9 +376,7 @@ async def test_a_thinking_models_reasoning_streams_and_is_kept(app_simulator):
 
 
 async def test_image_urls_go_to_a_vision_model(app_simulator):
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat("qwen3-vl-plus")
     frame = json.loads(send_frame("What is in this picture?"))
     frame["image_urls"] = "https://example.com/cat.png\nhttps://example.com/dog.jpg"
     await ws.send_to(text_data=json.dumps(frame))
@@ -434,9 +408,7 @@ async def test_image_urls_go_to_a_vision_model(app_simulator):
 async def test_bad_image_urls_are_refused_before_anything_is_saved(
     app_simulator, model_name, image_urls, sentence
 ):
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner, model_name=model_name)
-    ws, _, _ = await connect(owner, conversation)
+    _owner, conversation, ws = await open_chat(model_name)
     frame = json.loads(send_frame("look"))
     frame["image_urls"] = image_urls
     await ws.send_to(text_data=json.dumps(frame))

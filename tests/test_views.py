@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -11,6 +10,7 @@ from django.test import AsyncClient
 
 from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, ModelProfile
+from tests.ws_support import wait_for_status
 
 pytestmark = pytest.mark.django_db
 
@@ -94,12 +94,9 @@ async def test_first_message_on_home_creates_the_conversation_and_starts_the_rep
     assert response.status_code == 302
     assert response["Location"] == f"/c/{conversation.id}/"
     assert conversation.title == "Hi from the home page"
-    for _ in range(200):
-        reply = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
-        if reply.status != "streaming":
-            break
-        await asyncio.sleep(0.02)
-    assert reply.status == "complete" and reply.content
+    reply = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
+    reply = await wait_for_status(reply.pk, {"complete"})
+    assert reply.content
 
 
 def test_too_long_first_message_is_refused_and_kept_in_the_composer(alice_client, settings):
@@ -258,9 +255,5 @@ async def test_double_submit_on_home_opens_the_same_chat():
     second = await client.post("/c/new/", form)
     assert first["Location"] == second["Location"]
     assert await Conversation.objects.filter(owner=user).acount() == 1
-    conversation = await Conversation.objects.aget(owner=user)
-    for _ in range(200):
-        reply = await Message.objects.filter(conversation=conversation, role="assistant").afirst()
-        if reply.status != "streaming":
-            break
-        await asyncio.sleep(0.02)
+    reply = await Message.objects.filter(conversation__owner=user, role="assistant").afirst()
+    await wait_for_status(reply.pk, {"complete"})

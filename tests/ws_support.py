@@ -114,3 +114,12 @@ async def wait_for_status(message_pk: int, statuses: set[str], within: float = 1
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"message {message_pk} still {message.status}")
         await asyncio.sleep(0.02)
+
+
+async def open_chat(model_name: str = "qwen-plus", **connect_options):
+    """alice, a new conversation of hers, and a socket open on it."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner, model_name=model_name)
+    ws, connected, _code = await connect(owner, conversation, **connect_options)
+    assert connected
+    return owner, conversation, ws
