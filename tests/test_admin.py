@@ -72,3 +72,10 @@ def test_export_action(admin_client, conversation):
     assert [m["content"] for m in data[0]["messages"]] == ["A cat?", "A cat."]
     assert data[0]["messages"][0]["images"] == ["https://example.com/cat.png"]
     assert Conversation.objects.count() == 1
+
+
+def test_admin_says_when_replies_are_simulated(admin_client, settings):
+    settings.DASHSCOPE_API_KEY = ""
+    assert b"Offline demo" in admin_client.get("/admin/").content
+    settings.DASHSCOPE_API_KEY = "sk-real"
+    assert b"Offline demo" not in admin_client.get("/admin/").content
