@@ -199,9 +199,13 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 2 + 1
 
 
-def build_request(*, conversation: Conversation, reply_to: Message) -> ChatRequest:
+def build_request(
+    *, conversation: Conversation, reply_to: Message, partial: bool = False
+) -> ChatRequest:
     """The DashScope request for the reply `reply_to`: system prompt, then the history before
-    it, trimmed from the oldest turn to fit the model's context window."""
+    it, trimmed from the oldest turn to fit the model's context window. With `partial`, the
+    reply's text so far goes last, marked for DashScope's partial mode: the model carries on
+    from it."""
     profile = conversation.model
     history = list(
         conversation.messages.filter(pk__lt=reply_to.pk)
@@ -219,6 +223,8 @@ def build_request(*, conversation: Conversation, reply_to: Message) -> ChatReque
             else []
         )
         turns.append(ChatMessage(role=message.role, content=message.content, images=images))
+    if partial:
+        turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
 
     system = conversation.system_prompt.text if conversation.system_prompt else ""
     budget = profile.context_limit - (profile.max_output_tokens or DEFAULT_OUTPUT_RESERVE)
@@ -293,6 +299,71 @@ async def areply_start(
     )
     await generation.start(announce=announce)
     return started
+
+
+def reply_continue(*, conversation: Conversation) -> StartedReply:
+    """Reopen the conversation's last reply, if it was cut short, to be carried on."""
+    with transaction.atomic():
+        conversation = (
+            Conversation.objects.select_for_update(of=("self",))
+            .select_related("model", "system_prompt")
+            .get(pk=conversation.pk)
+        )
+        interrupted = conversation.messages.mark_stale_interrupted()
+        if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+            raise ReplyInProgress(
+                _("A reply is still being written. Wait for it or press Stop, then send.")
+            )
+        reply = conversation.messages.order_by("-pk").first()
+        if reply is None or not reply.can_continue:
+            raise ReplyRefused(_("There is no cut-off reply to continue."))
+        conversation.messages.filter(pk=reply.pk).update(
+            status=Message.Status.STREAMING,
+            finish_reason="",
+            error_code="",
+            error_message="",
+            completed_at=None,
+            updated_at=timezone.now(),
+        )
+        reply.refresh_from_db()
+        user_message = conversation.messages.filter(pk__lt=reply.pk, role="user").last()
+    return StartedReply(
+        conversation, user_message, reply, created=True, interrupted=tuple(interrupted)
+    )
+
+
+async def areply_continue(*, conversation: Conversation) -> StartedReply:
+    """Carry on a reply that was cut short, appending to the same message."""
+    from conversations.generation import Generation
+    from conversations.upstream import get_client
+
+    continued = await database_sync_to_async(reply_continue)(conversation=conversation)
+    for message_id in continued.interrupted:
+        await announce_finished(conversation.id, message_id)
+    reply = continued.assistant_message
+    request = await database_sync_to_async(build_request)(
+        conversation=continued.conversation, reply_to=reply, partial=True
+    )
+
+    async def announce() -> None:
+        await get_channel_layer().group_send(
+            events.group(conversation.id),
+            {"type": "conversation.continued", "message_id": reply.pk},
+        )
+
+    generation = Generation(
+        message_id=reply.pk,
+        conversation_id=str(conversation.id),
+        request=request,
+        client=get_client(),
+        text=reply.content,
+        reasoning=reply.reasoning,
+        published=len(reply.content),
+        reasoning_published=len(reply.reasoning),
+        earlier_output_tokens=reply.output_tokens or 0,
+    )
+    await generation.start(announce=announce)
+    return continued
 
 
 async def areply_stop(*, conversation: Conversation) -> list[int]:

@@ -1,10 +1,10 @@
 """The websocket of one open conversation: thin, it parses, checks, calls and renders.
 
 Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"} (with
-"image_urls": "<url> <url>" for a vision model),
-{"type": "stop"}, and {"type": "hello", "streaming": [<pk>, …], "last": <pk>} which the page
-sends on every (re)connect: the replies it shows as streaming, and the newest message it has.
-Other keys (htmx's HEADERS) are ignored.
+"image_urls": "<url> <url>" for a vision model), {"type": "stop"}, {"type": "continue"} (carry
+on the last reply if it was cut short), and {"type": "hello", "streaming": [<pk>, …], "last":
+<pk>}, which the page sends on every (re)connect: the replies it shows as streaming, and the
+newest message it has. Other keys (htmx's HEADERS) are ignored.
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
 for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
@@ -111,6 +111,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._send_message(data)
             elif kind == "stop":
                 await self._stop()
+            elif kind == "continue":
+                await self._continue()
             elif kind == "hello":
                 await self._hello(data.get("streaming"), data.get("last"))
 
@@ -138,6 +140,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             )  # fmt: skip
             return
         await self._send_fragment("ack", client_message_id=client_message_id)
+
+    async def _continue(self) -> None:
+        try:
+            await chat.areply_continue(conversation=self.conversation)
+        except chat.ReplyRefused as refusal:
+            await self._send_notice(str(refusal))
 
     async def _stop(self) -> None:
         message_ids = await chat.areply_stop(conversation=self.conversation)
@@ -181,6 +189,15 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if event.get("title"):
             self.conversation.title = event["title"]
             await self._send_fragment("title", conversation=self.conversation)
+
+    async def conversation_continued(self, event: dict) -> None:
+        """A cut-off reply is being carried on: show it streaming again, from its text."""
+        message = await _message(self.conversation, event["message_id"])
+        if message is None:
+            return
+        self.shown[message.pk] = len(message.content)
+        self.shown_reasoning[message.pk] = len(message.reasoning)
+        await self._send_messages([message])
 
     async def conversation_delta(self, event: dict) -> None:
         message_id = event["message_id"]

@@ -65,6 +65,7 @@ class Generation:
     # which is the sequence number sockets use to drop repeats and notice gaps.
     published: int = 0
     reasoning_published: int = 0
+    earlier_output_tokens: int = 0  # a continued reply counts what it had written before
     usage: Usage | None = None
     finish_reason: str | None = None
     request_id: str | None = None
@@ -145,7 +146,7 @@ class Generation:
         }
         if self.usage is not None:
             fields["input_tokens"] = self.usage.input_tokens
-            fields["output_tokens"] = self.usage.output_tokens
+            fields["output_tokens"] = self.earlier_output_tokens + self.usage.output_tokens
         if error is not None:
             fields["error_code"], fields["error_message"] = describe_error(error)
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]

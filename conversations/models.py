@@ -230,6 +230,19 @@ class Message(models.Model):
         return self.status == self.Status.STREAMING
 
     @property
+    def can_continue(self) -> bool:
+        """A reply cut short (stopped, interrupted, failed mid-way, or out of tokens) that the
+        model can carry on from (DashScope's partial mode)."""
+        return (
+            self.role == self.Role.ASSISTANT
+            and bool(self.content)
+            and (
+                self.status in {self.Status.STOPPED, self.Status.INTERRUPTED, self.Status.ERROR}
+                or self.truncated
+            )
+        )
+
+    @property
     def truncated(self) -> bool:
         """A reply that ended early because of the token limit or a cut-off stream."""
         return self.role == self.Role.ASSISTANT and (

@@ -264,6 +264,22 @@ def test_stop_keeps_partial_reply(live_app, app_simulator, alice_page):
     assert _export_assistant(page.request, url)["content"] == saved["content"]
 
 
+def test_continue_finishes_a_stopped_reply_in_place(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = _words(60, "cont")
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.05, times=2))
+    page = alice_page()
+    url = _start_chat(page, live_app, f"Carry on {token}")
+    _wait_for_text(page)
+    page.click(f"{ASSISTANT} [data-action=stop]")
+    _wait_status(page, "stopped", timeout=5_000)
+    page.click(f"{ASSISTANT} [data-action=continue]")
+    _wait_status(page, "complete", timeout=15_000)
+    assert page.locator(ASSISTANT).count() == 1
+    assert _assistant(page).locator(".message__body").inner_text().strip() == reply.strip()
+    assert _export_assistant(page.request, url)["content"] == reply
+
+
 # -- 4. another user sees nothing of it -------------------------------------------------------
 
 

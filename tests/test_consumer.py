@@ -417,3 +417,38 @@ async def test_bad_image_urls_are_refused_before_anything_is_saved(
     assert await Message.objects.filter(conversation=conversation).acount() == 0
     assert app_simulator.requests == []
     await ws.disconnect()
+
+
+async def test_continue_carries_a_stopped_reply_on_in_the_same_message(app_simulator):
+    app_simulator.add_scenario(Scenario(match="go on", reply=REPLY, token_delay=0.03, times=2))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("go on then"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: sum(f.startswith("+") for f in t.frames) >= 3)
+    await ws.send_to(text_data='{"type": "stop"}')
+    await receive_until(ws, transcript, lambda t: "stopped" in t.status.values())
+    stopped = await assistant_reply(conversation)
+    assert 'data-action="continue"' in transcript.frames[-1]
+
+    await ws.send_to(text_data='{"type": "continue"}')
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    assert reply.pk == stopped.pk
+    assert reply.content == REPLY
+    assert transcript.text[reply.pk] == REPLY
+    last = app_simulator.requests[-1].body["input"]["messages"][-1]
+    assert last == {"role": "assistant", "content": stopped.content, "partial": True}
+    assert await Message.objects.filter(conversation=conversation).acount() == 2
+    await ws.disconnect()
+
+
+async def test_continue_with_nothing_cut_short_is_refused(app_simulator):
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("complete answer please"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    await ws.send_to(text_data='{"type": "continue"}')
+    notice = await ws.receive_from(timeout=5)
+    assert "no cut-off reply" in notice
+    assert len(app_simulator.requests) == 1
+    await ws.disconnect()

@@ -694,6 +694,13 @@ class Simulator:
                 images=images,
                 target_tokens=scenario.tokens if scenario else None,
             )
+        if last.get("role") == "assistant" and last.get("partial") is True:
+            # Partial mode: the model carries on from the text it was given. The simulator
+            # carries on with the rest of the reply it would have written, when that text is
+            # its beginning (a stopped or interrupted reply), else with the whole reply.
+            prefix = _content_text(last.get("content"))[0]
+            if prefix and reply.startswith(prefix):
+                reply = reply[len(prefix) :]
         reply_tokens = tokenize(reply)
         reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
         if reasoning is None and thinking:
