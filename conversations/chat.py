@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -21,6 +20,7 @@ from django.utils.translation import gettext as _
 
 from conversations import events
 from conversations.dashscope import ChatMessage, ChatRequest
+from conversations.db import db_async
 from conversations.models import (
     Conversation,
     Message,
@@ -266,7 +266,7 @@ async def areply_start(
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
-    started = await database_sync_to_async(reply_start)(
+    started = await db_async(reply_start)(
         conversation=conversation,
         content=content,
         client_message_id=client_message_id,
@@ -277,7 +277,7 @@ async def areply_start(
     if not started.created:
         return started
     conversation = started.conversation
-    request = await database_sync_to_async(build_request)(
+    request = await db_async(build_request)(
         conversation=conversation, reply_to=started.assistant_message
     )
 
@@ -337,11 +337,11 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
-    continued = await database_sync_to_async(reply_continue)(conversation=conversation)
+    continued = await db_async(reply_continue)(conversation=conversation)
     for message_id in continued.interrupted:
         await announce_finished(conversation.id, message_id)
     reply = continued.assistant_message
-    request = await database_sync_to_async(build_request)(
+    request = await db_async(build_request)(
         conversation=continued.conversation, reply_to=reply, partial=True
     )
 
@@ -369,7 +369,7 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
 async def areply_stop(*, conversation: Conversation) -> list[int]:
     """Ask the conversation's running reply to stop, in whichever process it runs (the
     control group reaches them all). Returns the replies asked."""
-    message_ids = await database_sync_to_async(
+    message_ids = await db_async(
         lambda: list(
             conversation.messages.filter(status=Message.Status.STREAMING).values_list(
                 "pk", flat=True
@@ -409,7 +409,7 @@ async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool
             updated_at=timezone.now(),
         )
 
-    if not await database_sync_to_async(mark)():
+    if not await db_async(mark)():
         return False
     await announce_finished(conversation.id, message_id)
     return True

@@ -20,7 +20,6 @@ import json
 import logging
 import uuid
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.template.loader import render_to_string
@@ -29,6 +28,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
 from conversations import chat, events, generation
+from conversations.db import db_async
 from conversations.models import Conversation, Message
 
 logger = logging.getLogger(__name__)
@@ -315,11 +315,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=html.strip())
 
 
-# database_sync_to_async rather than the ORM's a… methods: it closes stale connections around
-# each call, so a socket open for days survives a database restart.
+# db_async rather than the ORM's a… methods: see conversations/db.py.
 
 
-@database_sync_to_async
+@db_async
 def _owned_conversation(user, conversation_id) -> Conversation | None:
     return (
         Conversation.objects.owned_by(user)
@@ -329,12 +328,12 @@ def _owned_conversation(user, conversation_id) -> Conversation | None:
     )
 
 
-@database_sync_to_async
+@db_async
 def _message(conversation: Conversation, pk: int) -> Message | None:
     return conversation.messages.filter(pk=pk).prefetch_related("images").first()
 
 
-@database_sync_to_async
+@db_async
 def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> list[Message]:
     return list(
         conversation.messages.filter(pk__gt=pk)
@@ -344,7 +343,7 @@ def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> l
     )
 
 
-@database_sync_to_async
+@db_async
 def _streaming_message_ids(conversation: Conversation) -> list[int]:
     return list(
         conversation.messages.filter(status=Message.Status.STREAMING).values_list("pk", flat=True)

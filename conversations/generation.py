@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
@@ -31,6 +30,7 @@ from conversations.dashscope import (
     TextDelta,
     Usage,
 )
+from conversations.db import db_async
 from conversations.errors import describe_error
 from conversations.models import Message
 
@@ -201,13 +201,14 @@ class Generation:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=HEARTBEAT_INTERVAL)
             self._dirty.clear()
+            done = self._done  # read before publishing: text may still arrive meanwhile
             try:
                 await self._publish_pending()
             except Exception:
                 # A lost frame is not lost text: sockets see the gap in the offsets and
                 # catch up from the generation.
                 logger.warning("Publishing reply %s failed", self.message_id, exc_info=True)
-            if self._done:
+            if done:
                 return
             since = time.monotonic() - self._last_checkpoint
             checkpoint_running = self._checkpoint_task and not self._checkpoint_task.done()
@@ -282,8 +283,7 @@ class Generation:
                 await asyncio.sleep(1)
 
 
-@database_sync_to_async
+@db_async
 def save_message(message_id: int, **fields) -> None:
-    """One UPDATE of a message. database_sync_to_async closes stale connections around it, so
-    a long-lived process recovers from a database restart."""
+    """One UPDATE of a message (see conversations/db.py for where it runs)."""
     Message.objects.filter(pk=message_id).update(updated_at=timezone.now(), **fields)

@@ -230,6 +230,14 @@ class Message(models.Model):
         return self.status == self.Status.STREAMING
 
     @property
+    def attached_images(self) -> list["MessageImage"]:
+        """The message's images: as a page fetched them for all its messages in one query
+        (`image_list`), else from the database."""
+        if hasattr(self, "image_list"):
+            return self.image_list
+        return list(self.images.all())
+
+    @property
     def can_continue(self) -> bool:
         """A reply cut short (stopped, interrupted, failed mid-way, or out of tokens) that the
         model can carry on from (DashScope's partial mode)."""

@@ -7,6 +7,11 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("c/new/", views.conversation_new, name="conversation_new"),
     path("c/<uuid:conversation_id>/", views.conversation_detail, name="conversation"),
+    path(
+        "c/<uuid:conversation_id>/messages/",
+        views.conversation_messages,
+        name="conversation_messages",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

@@ -7,7 +7,6 @@ import json
 import uuid
 
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.decorators import login_not_required
 from django.db import connection
@@ -23,9 +22,11 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import chat
 from conversations.exports import conversation_data
-from conversations.models import Conversation, Message, ModelProfile
+from conversations.models import Conversation, Message, MessageImage, ModelProfile
 
 SIDEBAR_LIMIT = 200
+# Messages a chat page shows at first; earlier ones load on request.
+MESSAGE_PAGE = 100
 
 
 def _sidebar(user) -> dict:
@@ -104,9 +105,7 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
         except chat.ReplyRefused as refusal:
             return await _home_with_error(request, user, content, str(refusal), model)
     try:
-        conversation = await database_sync_to_async(chat.conversation_create)(
-            owner=user, model=model
-        )
+        conversation = await sync_to_async(chat.conversation_create)(owner=user, model=model)
     except chat.ReplyRefused as refusal:
         return await _home_with_error(request, user, content, str(refusal), model)
     if content.strip():
@@ -143,18 +142,52 @@ def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
     for message_id in conversation.messages.mark_stale_interrupted():
         async_to_sync(chat.announce_finished)(conversation.id, message_id)
-    messages = list(conversation.messages.prefetch_related("images"))
     return render(
         request,
         "conversations/chat.html",
         {
             **_sidebar(request.user),
+            **_message_page(conversation),
             "conversation": conversation,
-            "chat_messages": messages,
             "models": _model_choices(conversation.model),
             "selected_model": conversation.model,
         },
     )
+
+
+@require_GET
+def conversation_messages(request: HttpRequest, conversation_id) -> HttpResponse:
+    """Earlier messages, a page at a time, for "Show earlier messages"."""
+    conversation = _owned(request, conversation_id)
+    try:
+        before = int(request.GET.get("before", ""))
+    except ValueError:
+        before = None
+    return render(
+        request,
+        "conversations/chat.html#earlier",
+        {"conversation": conversation, **_message_page(conversation, before=before)},
+    )
+
+
+def _message_page(conversation: Conversation, before: int | None = None) -> dict:
+    """The newest MESSAGE_PAGE messages (before `before`), oldest first, images attached
+    in one query, and whether there are earlier ones."""
+    messages = conversation.messages.order_by("-pk")
+    if before is not None:
+        messages = messages.filter(pk__lt=before)
+    page = list(messages[: MESSAGE_PAGE + 1])
+    has_earlier = len(page) > MESSAGE_PAGE
+    page = page[:MESSAGE_PAGE][::-1]
+    images: dict[int, list[MessageImage]] = {}
+    for image in MessageImage.objects.filter(message__in=[m.pk for m in page if m.role == "user"]):
+        images.setdefault(image.message_id, []).append(image)
+    for message in page:
+        message.image_list = images.get(message.pk, [])
+    return {
+        "chat_messages": page,
+        "earlier_before": page[0].pk if has_earlier and page else None,
+    }
 
 
 @require_POST

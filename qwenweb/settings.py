@@ -114,7 +114,10 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
-        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "0")),
+        # Connections are kept by the threads that run ORM calls (conversations/db.py) rather
+        # than opened per call: a new PostgreSQL backend or SQLite handle per checkpoint costs
+        # more than the write itself.
+        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
         conn_health_checks=True,
     )
 }

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.test import AsyncClient
 
 from conversations.chat import conversation_create
-from conversations.models import Conversation, Message, ModelProfile
+from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from tests.ws_support import wait_for_status
 
 pytestmark = pytest.mark.django_db
@@ -257,3 +257,41 @@ async def test_double_submit_on_home_opens_the_same_chat():
     assert await Conversation.objects.filter(owner=user).acount() == 1
     reply = await Message.objects.filter(conversation__owner=user, role="assistant").afirst()
     await wait_for_status(reply.pk, {"complete"})
+
+
+def test_long_chat_shows_the_newest_messages_and_loads_earlier_ones(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    Message.objects.bulk_create(
+        Message(conversation=conversation, role="user", content=f"message number {i}")
+        for i in range(250)
+    )
+    html = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    assert html.count("<article") == 100
+    assert "message number 249" in html and "message number 149<" not in html
+    assert 'id="earlier-messages"' in html
+    first_shown = Message.objects.filter(conversation=conversation).order_by("-pk")[99].pk
+    earlier = alice_client.get(f"/c/{conversation.id}/messages/?before={first_shown}")
+    page = earlier.content.decode()
+    assert page.count("<article") == 100
+    assert "message number 149<" in page and "message number 50<" in page
+    assert "message number 49<" not in page
+    assert 'id="earlier-messages"' in page
+    last_page = alice_client.get(
+        f"/c/{conversation.id}/messages/?before="
+        f"{Message.objects.filter(conversation=conversation).order_by('-pk')[199].pk}"
+    ).content.decode()
+    assert last_page.count("<article") == 50
+    assert 'id="earlier-messages"' not in last_page
+
+
+def test_earlier_messages_of_a_foreign_chat_are_404(alice_client, bob):
+    theirs = conversation_create(owner=bob)
+    assert alice_client.get(f"/c/{theirs.id}/messages/?before=1").status_code == 404
+
+
+def test_image_urls_show_on_the_users_message(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    question = Message.objects.create(conversation=conversation, role="user", content="look")
+    MessageImage.objects.create(message=question, url="https://example.com/cat.png")
+    html = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    assert 'href="https://example.com/cat.png"' in html

@@ -62,7 +62,16 @@ class DashScopeClient:
     ) -> None:
         self._config = config
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(follow_redirects=False)
+        # No cap on connections: every streaming reply holds one for its whole length, and
+        # httpx's default of 100 would make the 101st wait for a free one.
+        self._http = (
+            http
+            if http is not None
+            else httpx.AsyncClient(
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            )
+        )
         self._sleep = sleep
 
     def __repr__(self) -> str:
