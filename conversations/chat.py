@@ -147,8 +147,8 @@ def reply_start(
                 content=content,
                 client_message_id=client_message_id,
             )
-            MessageImage.objects.bulk_create(
-                MessageImage(message=user_message, url=url) for url in images
+            user_message.image_list = MessageImage.objects.bulk_create(
+                [MessageImage(message=user_message, url=url) for url in images]
             )
             assistant_message = Message.objects.create(
                 conversation=conversation,
@@ -266,27 +266,35 @@ async def areply_start(
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
-    started = await db_async(reply_start)(
-        conversation=conversation,
-        content=content,
-        client_message_id=client_message_id,
-        image_urls=image_urls,
-    )
+    def prepare() -> tuple[StartedReply, ChatRequest | None, list[dict]]:
+        # One trip to the database thread for everything the reply needs before it starts.
+        started = reply_start(
+            conversation=conversation,
+            content=content,
+            client_message_id=client_message_id,
+            image_urls=image_urls,
+        )
+        if not started.created:
+            return started, None, []
+        request = build_request(
+            conversation=started.conversation, reply_to=started.assistant_message
+        )
+        messages = [started.user_message.as_event(), started.assistant_message.as_event()]
+        return started, request, messages
+
+    started, request, messages = await db_async(prepare)()
     for message_id in started.interrupted:
         await announce_finished(conversation.id, message_id)
     if not started.created:
         return started
     conversation = started.conversation
-    request = await db_async(build_request)(
-        conversation=conversation, reply_to=started.assistant_message
-    )
 
     async def announce() -> None:
         await get_channel_layer().group_send(
             events.group(conversation.id),
             {
                 "type": "conversation.created",
-                "message_ids": [started.user_message.pk, started.assistant_message.pk],
+                "messages": messages,
                 "title": conversation.title if started.titled else "",
             },
         )

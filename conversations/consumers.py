@@ -179,8 +179,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     # -- group → client -----------------------------------------------------------------------
 
     async def conversation_created(self, event: dict) -> None:
-        new = [pk for pk in event["message_ids"] if pk not in self.delivered]
-        messages = [m for m in [await _message(self.conversation, pk) for pk in new] if m]
+        messages = [
+            Message.from_event(self.conversation, data)
+            for data in event["messages"]
+            if data["pk"] not in self.delivered
+        ]
         for message in messages:
             if message.is_streaming:
                 self.shown.setdefault(message.pk, len(message.content))
@@ -227,7 +230,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         message_id = event["message_id"]
         self.shown.pop(message_id, None)
         self.shown_reasoning.pop(message_id, None)
-        message = await _message(self.conversation, message_id)
+        if "message" in event:
+            message = Message.from_event(self.conversation, event["message"])
+        else:
+            message = await _message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
 

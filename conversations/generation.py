@@ -139,7 +139,7 @@ class Generation:
         fields = {
             "content": self.text,
             "reasoning": self.reasoning,
-            "status": status,
+            "status": str(status),
             "finish_reason": self.finish_reason or "",
             "request_id": self.request_id or "",
             "completed_at": timezone.now(),
@@ -160,10 +160,25 @@ class Generation:
                     exc_info=True,
                 )  # fmt: skip
                 await asyncio.sleep(2**attempt)
+        message = {
+            "pk": self.message_id,
+            "role": "assistant",
+            "model": self.request.model,
+            "images": [],
+            **{name: "" for name in ("error_code", "error_message")},
+            "input_tokens": None,
+            "output_tokens": None,
+            **fields,
+        }
+        message = {name: message[name] for name in ("pk", "images", *Message.EVENT_FIELDS)}
         try:
             await self.layer.group_send(
                 events.group(self.conversation_id),
-                {"type": "conversation.finished", "message_id": self.message_id},
+                {
+                    "type": "conversation.finished",
+                    "message_id": self.message_id,
+                    "message": message,
+                },
             )
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.

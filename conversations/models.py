@@ -229,6 +229,34 @@ class Message(models.Model):
     def is_streaming(self) -> bool:
         return self.status == self.Status.STREAMING
 
+    # What a socket needs to render a message, carried in channel-layer events so that a reply
+    # reaching many sockets costs no database read per socket.
+    EVENT_FIELDS = (
+        "role", "content", "reasoning", "status", "model", "finish_reason", "request_id",
+        "input_tokens", "output_tokens", "error_code", "error_message",
+    )  # fmt: skip
+
+    def as_event(self) -> dict:
+        # Plain values (not TextChoices members): the Redis layer packs them with msgpack.
+        data = {}
+        for name in self.EVENT_FIELDS:
+            value = getattr(self, name)
+            data[name] = str(value) if isinstance(value, str) else value
+        data["pk"] = self.pk
+        data["images"] = [image.url for image in self.attached_images]
+        return data
+
+    @classmethod
+    def from_event(cls, conversation: "Conversation", data: dict) -> "Message":
+        """An unsaved copy of the message, to render: built from an event, not the database."""
+        message = cls(
+            conversation=conversation,
+            pk=data["pk"],
+            **{name: data[name] for name in cls.EVENT_FIELDS},
+        )
+        message.image_list = [MessageImage(url=url) for url in data.get("images", ())]
+        return message
+
     @property
     def attached_images(self) -> list["MessageImage"]:
         """The message's images: as a page fetched them for all its messages in one query
