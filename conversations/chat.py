@@ -15,6 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -118,10 +119,6 @@ def reply_start(
     """
     content = clean_content(content)
     images = clean_image_urls(image_urls)
-    if client_message_id is not None:
-        existing = _existing_reply(conversation, client_message_id)
-        if existing:
-            return existing
     try:
         with transaction.atomic():
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
@@ -131,8 +128,22 @@ def reply_start(
                 .select_related("model", "system_prompt")
                 .get(pk=conversation.pk)
             )
-            interrupted = conversation.messages.mark_stale_interrupted()
-            if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+            # One query for all that can stand in the way: this very message sent before, and
+            # replies still streaming (alive, or dead with their process).
+            in_the_way = Q(status=Message.Status.STREAMING)
+            if client_message_id is not None:
+                in_the_way |= Q(client_message_id=client_message_id)
+            rows = conversation.messages.filter(in_the_way).values_list(
+                "client_message_id", "status", "updated_at", "pk"
+            )
+            streaming = []
+            for sent_id, status, updated_at, pk in rows:
+                if client_message_id is not None and sent_id == client_message_id:
+                    return _existing_reply(conversation, client_message_id)
+                if status == Message.Status.STREAMING:
+                    streaming.append((pk, updated_at))
+            interrupted = _interrupt_dead(conversation, streaming)
+            if len(interrupted) < len(streaming):
                 raise ReplyInProgress(
                     _("A reply is still being written. Wait for it or press Stop, then send.")
                 )
@@ -156,6 +167,7 @@ def reply_start(
                 status=Message.Status.STREAMING,
                 model=conversation.model.name,
             )
+            assistant_message.image_list = []
             fields = {"updated_at": timezone.now()}
             if not conversation.title:
                 fields["title"] = _title_from(content)
@@ -175,6 +187,20 @@ def reply_start(
         titled="title" in fields,
         interrupted=tuple(interrupted),
     )
+
+
+def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, object]]) -> list[int]:
+    """Of these streaming replies (pk, updated_at), mark those whose heartbeat stopped as
+    interrupted; returns their pks."""
+    cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+    dead = [pk for pk, updated_at in streaming if updated_at < cutoff]
+    if dead:
+        conversation.messages.filter(pk__in=dead).update(
+            status=Message.Status.INTERRUPTED,
+            completed_at=timezone.now(),
+            updated_at=timezone.now(),
+        )
+    return dead
 
 
 def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
@@ -207,12 +233,10 @@ def build_request(
     reply's text so far goes last, marked for DashScope's partial mode: the model carries on
     from it."""
     profile = conversation.model
-    history = list(
-        conversation.messages.filter(pk__lt=reply_to.pk)
-        .exclude(role=Message.Role.SYSTEM)
-        .prefetch_related("images")
-        .order_by("pk")
-    )
+    history = conversation.messages.filter(pk__lt=reply_to.pk).exclude(role=Message.Role.SYSTEM)
+    if profile.accepts_images:
+        history = history.prefetch_related("images")
+    history = list(history.order_by("pk"))
     turns: list[ChatMessage] = []
     for message in history:
         if message.role == Message.Role.ASSISTANT and not message.content:
