@@ -337,7 +337,8 @@ class Reply:
 
 
 STREAMING_BODY = re.compile(
-    r'data-role="assistant" data-status="streaming".*?message__body--streaming">(.*?)</div>', re.S
+    r'data-role="assistant" data-status="streaming".*?message__body--streaming"[^>]*>(.*?)</div>',
+    re.S,
 )
 STATUS = re.compile(r'data-role="assistant" data-status="(complete|error|stopped|interrupted)"')
 
@@ -368,7 +369,8 @@ class Conn:
                 pk, _, text = frame[1:].partition(":")
                 reply.frames.append((now, text))
                 reply.page += text
-                reply.pk = int(pk)
+                if pk:  # `+:<text>` goes where the previous frame went
+                    reply.pk = int(pk)
             elif (match := STATUS.search(frame)) is not None:
                 reply.status = match.group(1)
                 reply.done.set()

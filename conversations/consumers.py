@@ -8,8 +8,9 @@ newest message it has. Other keys (htmx's HEADERS) are ignored.
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
 for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
-for a thinking model's reasoning) that static/qwenweb/chat.js appends as text: each carries
-only the new text, so a reply costs about its own size on the wire (daphne has no
+for a thinking model's reasoning; the pk is left out, `+:<new text>`, when it is the same as
+in the socket's previous frame of that kind) that static/qwenweb/chat.js appends as text: each
+carries only the new text, so a reply costs about its own size on the wire (daphne has no
 permessage-deflate).
 """
 
@@ -62,6 +63,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         # for the snapshot that tells where the reply stands.
         self.shown: dict[int, int | None] = {}
         self.shown_reasoning: dict[int, int] = {}  # the same for the model's thinking
+        self.last_target: dict[str, int] = {}  # the message the last lean frame of a kind went to
         self.delivered: set[int] = set()  # messages this socket has put on the page
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
         self.background: set[asyncio.Task] = set()
@@ -256,7 +258,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         counts[message_id] = end
         marker = "~" if thinking else "+"
-        await self.send(text_data=f"{marker}{message_id}:{text[shown - offset :]}")
+        # The pk only when it changes: most frames are `+:<text>`, a few bytes saved on
+        # each of a reply's hundreds of frames.
+        target = "" if self.last_target.get(marker) == message_id else str(message_id)
+        self.last_target[marker] = message_id
+        await self.send(text_data=f"{marker}{target}:{text[shown - offset :]}")
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
         if not force and message_id in self.shown:

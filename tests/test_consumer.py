@@ -70,7 +70,9 @@ async def test_send_streams_the_reply_and_saves_it(app_simulator):
     assert reply.request_id and reply.output_tokens
     # What the socket showed while streaming is exactly the saved reply: no gap, no duplicate.
     assert transcript.text[reply.pk] == REPLY
-    deltas = [f for f in transcript.frames if f.startswith(f"+{reply.pk}:")]
+    deltas = [f for f in transcript.frames if f.startswith("+")]
+    assert deltas[0].startswith(f"+{reply.pk}:")
+    assert all(f.startswith("+:") for f in deltas[1:]), "the pk only when it changes"
     assert len(deltas) >= 2, "the reply should arrive in several frames"
     # Coalesced: fewer frames than tokens, each carrying only new text.
     assert len(deltas) < len(REPLY.split())
@@ -368,8 +370,7 @@ async def test_a_thinking_models_reasoning_streams_and_is_kept(app_simulator):
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
     reply = await assistant_reply(conversation)
-    streamed = "".join(f.split(":", 1)[1] for f in transcript.frames if f.startswith("~"))
-    assert streamed == thinking == reply.reasoning
+    assert transcript.reasoning[reply.pk] == thinking == reply.reasoning
     assert transcript.text[reply.pk] == REPLY == reply.content
     assert 'class="message__reasoning"' in transcript.frames[-1]
     await ws.disconnect()

@@ -18,7 +18,7 @@ from conversations.models import Conversation, Message, ModelProfile
 
 ARTICLE = re.compile(r'<article id="message-(\d+)"[^>]*data-role="(\w+)" data-status="(\w+)"', re.S)
 STREAMING_BODY = re.compile(
-    r'<div id="message-(\d+)-body" class="message__body message__body--streaming">(.*?)</div>',
+    r'<div id="message-(\d+)-body" class="message__body message__body--streaming"[^>]*>(.*?)</div>',
     re.S,
 )
 
@@ -64,12 +64,19 @@ class Transcript:
     frames: list[str] = field(default_factory=list)
     text: dict[int, str] = field(default_factory=dict)
     status: dict[int, str] = field(default_factory=dict)  # assistant messages only
+    reasoning: dict[int, str] = field(default_factory=dict)
+    last_pk: dict[str, int] = field(default_factory=dict)
 
     def feed(self, frame: str) -> None:
         self.frames.append(frame)
-        if frame.startswith("+"):
+        if frame[:1] in ("+", "~"):
+            # `+<pk>:<text>`, or `+:<text>` for the same message as the previous `+` frame.
+            marker = frame[0]
             pk, _, text = frame[1:].partition(":")
-            self.text[int(pk)] = self.text.get(int(pk), "") + text
+            pk = int(pk) if pk else self.last_pk[marker]
+            self.last_pk[marker] = pk
+            target = self.text if marker == "+" else self.reasoning
+            target[pk] = target.get(pk, "") + text
             return
         for pk, role, status in ARTICLE.findall(frame):
             if role == "assistant":

@@ -68,7 +68,29 @@
   // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply, and
   // "~<message pk>:<text>" the new text of a thinking model's reasoning; it is appended as
   // text, never parsed as HTML. Everything else is htmx's to swap.
+  // A thinking model's reasoning goes in a foldable section above the answer, made when its
+  // first words arrive (most replies have none, so the page does not carry an empty one).
+  function thinkingSection(pk) {
+    var answer = document.getElementById("message-" + pk + "-body");
+    if (!answer) return null;
+    var details = document.createElement("details");
+    details.className = "message__reasoning";
+    details.id = "message-" + pk + "-thinking";
+    details.open = true;
+    var summary = document.createElement("summary");
+    summary.textContent = answer.getAttribute("data-thinking") || "Thinking";
+    var body = document.createElement("div");
+    body.id = "message-" + pk + "-reasoning";
+    body.className = "message__reasoning-body";
+    details.appendChild(summary);
+    details.appendChild(body);
+    answer.parentNode.insertBefore(details, answer);
+    return body;
+  }
+
   var follow = false;
+  var lastPk = {}; // per kind of frame: a frame without a pk goes where the previous one went
+  document.addEventListener("htmx:wsOpen", function () { lastPk = {}; });
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     follow = nearBottom();
     var data = event.detail.message;
@@ -76,13 +98,12 @@
     if (marker !== "+" && marker !== "~") return;
     event.preventDefault();
     var colon = data.indexOf(":");
-    var pk = data.slice(1, colon);
+    var pk = data.slice(1, colon) || lastPk[marker];
+    lastPk[marker] = pk;
     var body = document.getElementById("message-" + pk + (marker === "+" ? "-body" : "-reasoning"));
+    if (!body && marker === "~") body = thinkingSection(pk);
     if (!body) return;
-    if (marker === "~") {
-      var thinking = document.getElementById("message-" + pk + "-thinking");
-      if (thinking) thinking.hidden = false;
-    } else if (body.previousElementSibling && body.previousElementSibling.open) {
+    if (marker === "+" && body.previousElementSibling && body.previousElementSibling.open) {
       body.previousElementSibling.open = false; // the answer has begun: fold the thinking away
     }
     var last = body.lastChild;
@@ -96,6 +117,7 @@
     var ack = document.getElementById("composer-ack");
     var id = ack && ack.getAttribute("data-client-message-id");
     if (id && id === pendingId) {
+      connectionNotice(null); // an accepted message clears an earlier refusal
       var field = document.getElementById("composer-input");
       // Clear what was sent, not what the user has typed since.
       if (field && field.value === pendingText) {
