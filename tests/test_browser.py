@@ -280,6 +280,25 @@ def test_continue_finishes_a_stopped_reply_in_place(live_app, app_simulator, ali
     assert _export_assistant(page.request, url)["content"] == reply
 
 
+def test_thinking_streams_in_its_own_section_then_folds(live_app, app_simulator, alice_page):
+    token = _token()
+    thinking = _words(40, "think")
+    reply = _words(20, "answer")
+    app_simulator.add_scenario(
+        Scenario(match=token, reply=reply, reasoning=thinking, token_delay=0.04)
+    )
+    page = alice_page()
+    _start_chat(page, live_app, f"Think first {token}")
+    section = page.locator(f"{ASSISTANT} details.message__reasoning")
+    section.wait_for(timeout=10_000)
+    assert section.evaluate("el => el.open")
+    _wait_status(page, "complete", timeout=15_000)
+    final = page.locator(f"{ASSISTANT} details.message__reasoning")
+    assert not final.evaluate("el => el.open"), "the thinking folds away once answered"
+    assert final.locator(".message__reasoning-body").text_content().strip() == thinking.strip()
+    assert _assistant(page).locator(".message__body").inner_text().strip() == reply.strip()
+
+
 # -- 4. another user sees nothing of it -------------------------------------------------------
 
 
