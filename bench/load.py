@@ -41,13 +41,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,8 @@ import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import free_port, logged_in_client  # noqa: E402
 
 from conversations.dashscope.simulator import tokenize  # noqa: E402
 
@@ -77,12 +79,6 @@ PYSPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -310,16 +306,7 @@ print(json.dumps([[str(c.id), j % users] for j, c in enumerate(made)]))
 
 
 def login(url: str, username: str) -> str:
-    with httpx.Client(base_url=url, follow_redirects=False, timeout=30) as client:
-        client.get("/accounts/login/")
-        response = client.post(
-            "/accounts/login/",
-            data={"username": username, "password": PASSWORD,
-                  "csrfmiddlewaretoken": client.cookies["csrftoken"]},
-            headers={"Referer": f"{url}/accounts/login/"},
-        )  # fmt: skip
-        if response.status_code != 302:
-            raise RuntimeError(f"login of {username} failed: {response.status_code}")
+    with closing(logged_in_client(url, username, PASSWORD)) as client:
         return client.cookies["sessionid"]
 
 

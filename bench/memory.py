@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from common import free_port, logged_in_client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -53,12 +53,6 @@ async def app(scope, receive, send):
             elif event["type"] == "websocket.disconnect":
                 return
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_kb(pid: int) -> int:
@@ -155,15 +149,7 @@ def prepare(data_dir: Path, n_conversations: int) -> dict:
 
 
 def login(url: str) -> tuple[httpx.Client, str]:
-    client = httpx.Client(base_url=url, timeout=30)
-    page = client.get("/accounts/login/")
-    response = client.post(
-        "/accounts/login/",
-        data={"username": "bench", "password": PASSWORD,
-              "csrfmiddlewaretoken": page.cookies["csrftoken"]},
-        headers={"Referer": f"{url}/accounts/login/"},
-    )  # fmt: skip
-    assert response.status_code == 302, response.status_code
+    client = logged_in_client(url, "bench", PASSWORD)
     return client, client.cookies["sessionid"]
 
 

@@ -24,15 +24,17 @@ import os
 import pstats
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
+
+from common import free_port, logged_in_client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -232,12 +234,6 @@ def time_function(fn, runs: int, warmup: int = 1) -> tuple[float, float, float, 
 # -- over HTTP ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def time_http(data_dir: str, urls: dict[str, str], runs: int) -> dict[str, tuple]:
     import httpx
 
@@ -261,15 +257,7 @@ def time_http(data_dir: str, urls: dict[str, str], runs: int) -> dict[str, tuple
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        with httpx.Client(base_url=base, timeout=30) as client:
-            login = client.get("/accounts/login/")
-            response = client.post(
-                "/accounts/login/",
-                data={"username": "bench", "password": PASSWORD,
-                      "csrfmiddlewaretoken": login.cookies["csrftoken"]},
-                headers={"Referer": f"{base}/accounts/login/"},
-            )  # fmt: skip
-            assert response.status_code == 302, response.status_code
+        with closing(logged_in_client(base, "bench", PASSWORD)) as client:
             for name, url in urls.items():
                 for _ in range(2):
                     assert client.get(url).status_code == 200
