@@ -65,9 +65,6 @@
     }
   });
 
-  // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply, and
-  // "~<message pk>:<text>" the new text of a thinking model's reasoning; it is appended as
-  // text, never parsed as HTML. Everything else is htmx's to swap.
   // A thinking model's reasoning goes in a foldable section above the answer, made when its
   // first words arrive (most replies have none, so the page does not carry an empty one).
   function thinkingSection(pk) {
@@ -88,8 +85,12 @@
     return body;
   }
 
+  // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply, and
+  // "~<message pk>:<text>" the new text of a thinking model's reasoning; it is appended as
+  // text, never parsed as HTML. A frame without a pk ("+:<text>") goes where the previous
+  // frame of its kind went. Everything else is htmx's to swap.
   var follow = false;
-  var lastPk = {}; // per kind of frame: a frame without a pk goes where the previous one went
+  var lastPk = {};
   document.addEventListener("htmx:wsOpen", function () { lastPk = {}; });
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     follow = nearBottom();
