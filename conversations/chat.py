@@ -195,7 +195,7 @@ def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, objec
     cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
     dead = [pk for pk, updated_at in streaming if updated_at < cutoff]
     if dead:
-        conversation.messages.filter(pk__in=dead).update(
+        conversation.messages.filter(pk__in=dead, status=Message.Status.STREAMING).update(
             status=Message.Status.INTERRUPTED,
             completed_at=timezone.now(),
             updated_at=timezone.now(),
@@ -351,6 +351,7 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
             raise ReplyRefused(_("There is no cut-off reply to continue."))
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
+            model=conversation.model.name,
             finish_reason="",
             error_code="",
             error_message="",

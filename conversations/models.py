@@ -268,10 +268,13 @@ class Message(models.Model):
     @property
     def can_continue(self) -> bool:
         """A reply cut short (stopped, interrupted, failed mid-way, or out of tokens) that the
-        model can carry on from (DashScope's partial mode)."""
+        model can carry on from. DashScope's partial mode is documented for Qwen models without
+        thinking, so replies of other models, or with thinking, are not offered it."""
         return (
             self.role == self.Role.ASSISTANT
             and bool(self.content)
+            and not self.reasoning
+            and self.model.startswith("qwen")
             and (
                 self.status in {self.Status.STOPPED, self.Status.INTERRUPTED, self.Status.ERROR}
                 or self.truncated

@@ -114,10 +114,9 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
-        # Connections are kept by the threads that run ORM calls (conversations/db.py) rather
-        # than opened per call: a new PostgreSQL backend or SQLite handle per checkpoint costs
-        # more than the write itself.
-        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+        # 0: under ASGI every synchronous view runs in a thread of its own, and a connection
+        # kept by such a thread is never reused nor closed (PostgreSQL runs out of them).
+        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "0")),
         conn_health_checks=True,
     )
 }

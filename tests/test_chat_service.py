@@ -106,3 +106,13 @@ def test_a_reply_whose_process_died_is_marked_interrupted_and_unblocks_the_chat(
     dead.refresh_from_db()
     assert (dead.status, dead.content) == ("interrupted", "partial text")
     assert started.created
+
+
+def test_continue_is_not_offered_for_replies_of_models_without_partial_mode():
+    """DashScope documents partial mode for Qwen models without thinking only."""
+    assert Message(role="assistant", content="x", status="stopped", model="qwen-plus").can_continue
+    for model, reasoning in [("deepseek-v3", ""), ("qwen-plus", "thought first")]:
+        message = Message(
+            role="assistant", content="x", status="stopped", model=model, reasoning=reasoning
+        )
+        assert not message.can_continue

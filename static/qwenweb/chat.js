@@ -104,8 +104,9 @@
     var body = document.getElementById("message-" + pk + (marker === "+" ? "-body" : "-reasoning"));
     if (!body && marker === "~") body = thinkingSection(pk);
     if (!body) return;
-    if (marker === "+" && body.previousElementSibling && body.previousElementSibling.open) {
-      body.previousElementSibling.open = false; // the answer has begun: fold the thinking away
+    var thinking = body.previousElementSibling;
+    if (marker === "+" && !body.textContent && thinking && thinking.open) {
+      thinking.open = false; // the answer begins: fold the thinking away (once; it can reopen)
     }
     var last = body.lastChild;
     var text = data.slice(colon + 1);
@@ -179,6 +180,9 @@
     if (!select || !field) return;
     var option = select.options[select.selectedIndex];
     field.hidden = !(option && option.hasAttribute("data-images"));
+    // A hidden field is also disabled, so image URLs typed for another model are not sent.
+    var urls = document.getElementById("composer-image-urls");
+    if (urls) urls.disabled = field.hidden;
   }
   document.addEventListener("change", function (event) {
     if (event.target && event.target.id === "model-select") syncImageField();
