@@ -25,3 +25,16 @@ def logged_in_client(url: str, username: str, password: str) -> httpx.Client:
         client.close()
         raise RuntimeError(f"login of {username} failed: HTTP {response.status_code}")
     return client
+
+
+def print_table(rows: list[tuple]) -> None:
+    """Rows as aligned columns; the first row is the header, underlined."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+        if n == 0:
+            print("  ".join("-" * width for width in widths))

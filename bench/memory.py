@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import free_port, logged_in_client  # noqa: E402
+from common import free_port, logged_in_client, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -220,18 +220,6 @@ async def socket_growth(
     return results
 
 
-def table(rows: list[tuple]) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        print(
-            "  ".join(
-                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
-            ).rstrip()
-        )
-        if n == 0:
-            print("  ".join("-" * width for width in widths))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sockets", default="200,1000", help="cumulative steps, e.g. 200,1000")
@@ -388,7 +376,7 @@ def run(args, steps: list[int], data_dir: Path, started: list) -> None:
          f"{bare_sockets['after_close_kb'] / 1024:.1f}"
          f" / {bare_sockets['after_second_cycle_kb'] / 1024:.1f} MB"),
     ]  # fmt: skip
-    table(rows)
+    print_table(rows)
     # -X importtime lines: "import time: self [us] | cumulative | imported package"
     imports = []
     total = 0

@@ -34,7 +34,7 @@ from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
-from common import free_port, logged_in_client  # noqa: E402
+from common import free_port, logged_in_client, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -426,16 +426,8 @@ def run(args, data_dir: str) -> None:
         ("SQL time in one chat page", f"{chat_page['query_ms']:.1f}", "", "", 1, "", "", "", "",
          ""),
     ]  # fmt: skip
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     print()
-    for n, row in enumerate(rows):
-        print(
-            "  ".join(
-                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
-            ).rstrip()
-        )
-        if n == 0:
-            print("  ".join("-" * width for width in widths))
+    print_table(rows)
 
     print(f"\nSQL of one chat page ({chat_page['queries']} queries):")
     for sql in chat_page["sql"]:
