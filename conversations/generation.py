@@ -83,34 +83,50 @@ class Generation:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, announce: Callable[[], Awaitable[None]] | None = None) -> asyncio.Task:
-        """Join the control group, announce the reply, then run it in its own task.
+        """Start the reply in its own task; returns once every socket has been told of it.
 
-        Joining first means a Stop sent the moment the reply appears on any socket already
-        reaches the generation; announcing before the first delta means every socket knows
-        the message before text for it arrives.
+        The upstream request goes out first: DashScope takes hundreds of milliseconds to the
+        first token, and joining the control group, announcing the messages and rendering
+        them on every socket fit in that wait instead of delaying the request (P1 in
+        bench/README.md). Nothing is published before the announcement, so every socket
+        knows the message before text for it arrives, and the control group is joined
+        before it, so a Stop sent the moment the reply appears reaches the generation.
         """
-        self._control_group = events.control_group(self.conversation_id)
-        self._control_channel = await self.layer.new_channel()
-        await self.layer.group_add(self._control_group, self._control_channel)
         _running[self.message_id] = self
-        if announce is not None:
-            await announce()
+        self._announced = asyncio.Event()
         # A fresh context: the reply outlives the request or socket that started it, and must
         # not inherit its per-request state (asgiref's executor for that request quits with it).
         self.task = asyncio.create_task(
-            self.run(), name=f"generation-{self.message_id}", context=contextvars.Context()
+            self.run(announce), name=f"generation-{self.message_id}", context=contextvars.Context()
         )
         self.task.add_done_callback(lambda _task: _running.pop(self.message_id, None))
+        announced = asyncio.ensure_future(self._announced.wait())
+        await asyncio.wait({self.task, announced}, return_when=asyncio.FIRST_COMPLETED)
+        announced.cancel()
         return self.task
 
-    async def run(self) -> None:
-        listener = asyncio.create_task(self._listen(self._control_channel))
-        publisher = asyncio.create_task(self._publish_loop())
+    async def run(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
         self._upstream = asyncio.create_task(self._consume())
         if self.stop_requested:
             self._upstream.cancel()
+        self._control_group = events.control_group(self.conversation_id)
+        self._control_channel = None
+        listener = publisher = None
         status, error = Message.Status.ERROR, None
         try:
+            try:
+                self._control_channel = await self.layer.new_channel()
+                await self.layer.group_add(self._control_group, self._control_channel)
+                listener = asyncio.create_task(self._listen(self._control_channel))
+                if announce is not None:
+                    await announce()
+            except Exception:
+                # The reply goes on: sockets that missed the announcement catch up from the
+                # database when they reconnect or load the page.
+                logger.warning("Announcing reply %s failed", self.message_id, exc_info=True)
+            finally:
+                self._announced.set()
+            publisher = asyncio.create_task(self._publish_loop())
             await asyncio.wait({self._upstream})
             if self._upstream.cancelled():
                 status = Message.Status.STOPPED
@@ -121,16 +137,21 @@ class Generation:
             else:
                 status = Message.Status.COMPLETE
         finally:
-            listener.cancel()
+            self._upstream.cancel()
+            if listener is not None:
+                listener.cancel()
             self._done = True
             self._dirty.set()
             for outcome in await asyncio.gather(
-                publisher, self._checkpoint_task or asyncio.sleep(0), return_exceptions=True
+                publisher or asyncio.sleep(0),
+                self._checkpoint_task or asyncio.sleep(0),
+                return_exceptions=True,
             ):
                 if isinstance(outcome, Exception):
                     logger.error("Reply %s: publisher failed", self.message_id, exc_info=outcome)
-            with contextlib.suppress(Exception):
-                await self.layer.group_discard(self._control_group, self._control_channel)
+            if self._control_channel is not None:
+                with contextlib.suppress(Exception):
+                    await self.layer.group_discard(self._control_group, self._control_channel)
         await self._finish(status, error)
 
     async def _finish(self, status: str, error: BaseException | None) -> None:
