@@ -145,6 +145,7 @@ class Stack:
     urls: list[str] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
     pg_database: str | None = None
+    floor: bool = False  # bench/floor_relay.py instead of the app: no database, no login
 
     def manage(self, *args: str) -> str:
         result = subprocess.run([PY, "manage.py", *args], cwd=ROOT, env=self.env,
@@ -155,7 +156,13 @@ class Stack:
 
     def db_messages(self, pks: list[int]) -> dict[int, tuple[str, str]]:
         """(content, status) of messages, read straight from the database (not through the app,
-        so the check costs the server nothing)."""
+        so the check costs the server nothing); for the floor relay, what it streamed."""
+        if self.floor:
+            found = {}
+            for url in self.urls:
+                ids = ",".join(str(pk) for pk in pks)
+                found |= httpx.get(f"{url}/texts", params={"ids": ids}, timeout=30).json()
+            return {int(pk): tuple(value) for pk, value in found.items()}
         sql = "SELECT id, content, status FROM conversations_message WHERE id = ANY(%s)"
         if self.pg_database:
             import psycopg
@@ -213,10 +220,12 @@ def wait_http(url: str, process: subprocess.Popen, log_path: Path, timeout: floa
 def start_daphne(stack: Stack, n: int) -> None:
     port = free_port()
     log_path = stack.data_dir / f"daphne-{n}.log"
+    app, cwd = ("floor_relay:application", ROOT / "bench") if stack.floor else (
+        "qwenweb.asgi:application", ROOT)  # fmt: skip
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "qwenweb.asgi:application"],
-            cwd=ROOT, env=stack.env, stdout=log, stderr=subprocess.STDOUT,
+            [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app],
+            cwd=cwd, env=stack.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", process, log_path)
@@ -252,6 +261,17 @@ def build_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str) 
         env["REDIS_URL"] = REDIS
         redis.Redis.from_url(REDIS).flushdb()
     stack.manage("migrate", "-v0")
+    for n in range(processes):
+        start_daphne(stack, n)
+    return stack
+
+
+def build_floor_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str) -> Stack:
+    """daphne serving bench/floor_relay.py: the same client code and frames, nothing else."""
+    data_dir = Path(tempfile.mkdtemp(prefix=f"qwenweb-load-{name}-"))
+    env = {**os.environ, "FLOOR_BASE_URL": f"{sim_url}/api/v1", "FLOOR_API_KEY": API_KEY,
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    stack = Stack(name=name, env=env, data_dir=data_dir, sim=sim, sim_url=sim_url, floor=True)
     for n in range(processes):
         start_daphne(stack, n)
     return stack
@@ -388,13 +408,17 @@ class Clients:
     """Logged-in users and one socket per conversation, spread over the daphne processes."""
 
     def __init__(self, stack: Stack, users: int, conversations: int) -> None:
+        self.stack = stack
+        self.conns: list[Conn] = []
+        if stack.floor:
+            self.conversations = [[str(uuid.uuid4()), 0] for _ in range(conversations)]
+            self.cookies = [""]
+            return
         out = stack.manage("shell", "-c", SETUP_SCRIPT.format(
             users=users, conversations=conversations, password=PASSWORD))  # fmt: skip
         self.conversations = json.loads(out.strip().splitlines()[-1])
-        self.stack = stack
         # Sessions live in the shared database: one login per user serves every process.
         self.cookies = [login(stack.urls[i % len(stack.urls)], f"bench{i}") for i in range(users)]
-        self.conns: list[Conn] = []
 
     async def ensure(self, count: int) -> list[Conn]:
         """At least `count` open sockets (opened 20 at a time, not timed)."""
@@ -762,9 +786,9 @@ async def run_p2(stack: Stack, clients: Clients, levels: list[int], profile_at: 
 
 
 async def run_stack(name: str, processes: int, sim, sim_url: str, p1_levels, p2_levels,
-                    profile_at, deadline) -> dict:  # fmt: skip
+                    profile_at, deadline, floor: bool = False) -> dict:  # fmt: skip
     print(f"== {name}: starting {processes} daphne process(es)", flush=True)
-    stack = build_stack(name, processes, sim, sim_url)
+    stack = (build_floor_stack if floor else build_stack)(name, processes, sim, sim_url)
     out = {"stack": stack}
     try:
         needed = max([*p2_levels, *(lvl for lvl, _ in p1_levels), profile_at or 0])
@@ -791,6 +815,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small levels: a smoke run")
     parser.add_argument("--no-two", action="store_true", help="skip the 2-process case")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the floor (bench/floor_relay.py)"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument(
@@ -832,14 +859,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qwenweb-load-"))
     sim, sim_url = start_simulator(work / "simulator.log")
     outputs = {}
-    try:
-        outputs["1 process (SQLite, in-memory layer)"] = asyncio.run(run_stack(
-            "1proc", 1, sim, sim_url, p1_levels, p2_one, profile_at,
-            deadline=begin + (90 if args.quick else 200)))  # fmt: skip
+    budget = 90 if args.quick else 200  # seconds of P2 per configuration, at most
+    runs = [("1proc", 1, "1 process (SQLite, in-memory layer)", p2_one, profile_at, False)]
+    if not args.no_two:
+        runs.append(("2proc", 2, "2 processes (PostgreSQL, Redis)", p2_two, profile_two, False))
+    if not args.no_floor:
+        runs.append(("floor1", 1, "floor, 1 process (daphne + DashScope client only)", p2_one,
+                     None, True))  # fmt: skip
         if not args.no_two:
-            outputs["2 processes (PostgreSQL, Redis)"] = asyncio.run(run_stack(
-                "2proc", 2, sim, sim_url, [], p2_two, profile_two,
-                deadline=begin + (150 if args.quick else 330)))  # fmt: skip
+            runs.append(("floor2", 2, "floor, 2 processes (daphne + DashScope client only)",
+                         p2_two, None, True))  # fmt: skip
+    try:
+        for key, processes, title, p2_levels, profile, floor in runs:
+            outputs[title] = asyncio.run(run_stack(
+                key, processes, sim, sim_url, p1_levels, p2_levels, profile,
+                deadline=time.monotonic() + budget, floor=floor))  # fmt: skip
     finally:
         sim.terminate()
         sim.wait(timeout=10)
