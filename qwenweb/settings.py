@@ -6,9 +6,11 @@ on one machine with SQLite, the in-memory channel layer and the offline DashScop
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.translation import gettext_lazy as _
 
@@ -72,12 +74,15 @@ INSTALLED_APPS = [
     "channels",
     "django_htmx",
     "template_partials",
+    "csp",
+    "axes",
     "conversations",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -87,6 +92,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: it turns a lockout into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "qwenweb.urls"
@@ -105,6 +112,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "conversations.context_processors.qwenweb",
+                "csp.context_processors.nonce",
             ],
         },
     },
@@ -182,10 +190,82 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = not _collected
 
-SESSION_COOKIE_HTTPONLY = True
+# --- Security -------------------------------------------------------------------------------
+# Plain http on a private network works as it is. DJANGO_HTTPS=1 says the site is served over
+# https (by daphne itself or behind a TLS proxy that sets X-Forwarded-Proto): http is redirected
+# to https, browsers are told to stay on https (HSTS), and cookies go over https only.
+HTTPS = env_flag("DJANGO_HTTPS")
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+# No script reads the CSRF cookie: pages send the token from the page itself (the body's
+# hx-headers and {% csrf_token %} fields), so the cookie can be HttpOnly.
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+LANGUAGE_COOKIE_HTTPONLY = True
+LANGUAGE_COOKIE_SAMESITE = "Lax"
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    # A load balancer's health check may stay on plain http.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_HSTS_SECONDS = 365 * 24 * 60 * 60
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    LANGUAGE_COOKIE_SECURE = True
+
+# Content-Security-Policy on every response (django-csp). Scripts run only from this origin
+# and only with the page's nonce when inline (there are none); no eval, no inline styles or
+# event handlers, images only from this origin or data: URLs (so an image in model output can
+# never load, even if it slipped past the sanitizer), websockets to this host ('self' covers
+# ws:/wss: of the same host), and no framing, plugins, foreign form targets or <base>.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "frame-ancestors": [NONE],
+        "form-action": [SELF],
+        "base-uri": [SELF],
+        "object-src": [NONE],
+    }
+}
+
+# Sign-in throttling (django-axes, counted in the database, so across every server process):
+# after QWENWEB_LOGIN_FAILURE_LIMIT failed sign-ins for one account, or from one address, that
+# account or address gets HTTP 429 for QWENWEB_LOGIN_LOCKOUT_MINUTES (counted from the last
+# attempt). A successful sign-in clears the count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = int(os.environ.get("QWENWEB_LOGIN_FAILURE_LIMIT", "5"))
+_lockout_minutes = float(os.environ.get("QWENWEB_LOGIN_LOCKOUT_MINUTES", "15"))
+AXES_COOLOFF_TIME = timedelta(minutes=_lockout_minutes)
+if AXES_FAILURE_LIMIT < 1 or _lockout_minutes <= 0:
+    # django-axes reads a zero lockout time as "locked until an admin unlocks".
+    raise ImproperlyConfigured(
+        "QWENWEB_LOGIN_FAILURE_LIMIT must be at least 1 and QWENWEB_LOGIN_LOCKOUT_MINUTES "
+        "more than 0."
+    )
+# Separate parameters: each account and each address has a count of its own.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False  # no banner on every start; failures and lockouts are still logged
+# How many proxies in front of the servers append to X-Forwarded-For; 0 means clients connect
+# directly and REMOTE_ADDR is their address.
+QWENWEB_TRUSTED_PROXY_COUNT = int(os.environ.get("QWENWEB_TRUSTED_PROXY_COUNT", "0"))
+
+
+AXES_CLIENT_IP_CALLABLE = "qwenweb.client_address.client_ip_address"
 
 LOGGING = {
     "version": 1,
@@ -195,6 +275,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("QWENWEB_LOG_LEVEL", "INFO")},
     "loggers": {
         "httpx": {"level": "WARNING"},
+        # httpcore's debug lines quote request headers; keep them out of the logs.
+        "httpcore": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
     },
@@ -202,7 +284,7 @@ LOGGING = {
 
 # DashScope. No API key means the offline demo: the project's simulator on a loopback port,
 # reached through the very same client code.
-DASHSCOPE_API_KEY = os.environ.get("DASHSCOPE_API_KEY", "")
+DASHSCOPE_API_KEY = os.environ.get("DASHSCOPE_API_KEY", "").strip()
 DASHSCOPE_REGION = os.environ.get("DASHSCOPE_REGION", "intl") or "intl"
 DASHSCOPE_BASE_URL = os.environ.get("DASHSCOPE_BASE_URL", "")
 DASHSCOPE_COMPATIBLE_BASE_URL = os.environ.get("DASHSCOPE_COMPATIBLE_BASE_URL", "")
@@ -218,5 +300,13 @@ QWENWEB_DEFAULT_MODEL = os.environ.get("QWENWEB_DEFAULT_MODEL", "qwen-plus") or 
 # of the partial reply at most this often.
 QWENWEB_FRAME_INTERVAL = float(os.environ.get("QWENWEB_FRAME_INTERVAL", "0.04"))
 QWENWEB_CHECKPOINT_INTERVAL = float(os.environ.get("QWENWEB_CHECKPOINT_INTERVAL", "2.0"))
+
+# --- Limits ---------------------------------------------------------------------------------
+# Checked before anything is saved or sent to DashScope (conversations/chat.py). The per-user
+# ones are counted in the database, so they hold across every server process; 0 turns them off.
 QWENWEB_MAX_MESSAGE_CHARS = int(os.environ.get("QWENWEB_MAX_MESSAGE_CHARS", "32000"))
 QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))
+# Replies one user may have being written at once, across all their chats.
+QWENWEB_MAX_CONCURRENT_REPLIES = int(os.environ.get("QWENWEB_MAX_CONCURRENT_REPLIES", "2"))
+# Messages one user may send in any 60 seconds.
+QWENWEB_MESSAGES_PER_MINUTE = int(os.environ.get("QWENWEB_MESSAGES_PER_MINUTE", "20"))

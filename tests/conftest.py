@@ -17,6 +17,14 @@ APP_API_KEY = "sk-app-test-4f2a9c"
 IN_CI = bool(os.environ.get("CI"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _asgi_application_loaded():
+    """Import the ASGI application once, first: its django.setup() applies settings.LOGGING,
+    which would otherwise replace pytest's log capture in the middle of whichever test
+    opens the first socket."""
+    import qwenweb.asgi  # noqa: F401
+
+
 @pytest.fixture(scope="session")
 def app_simulator():
     """The simulator the app talks to in tests: fast, but slow enough to see a reply grow."""

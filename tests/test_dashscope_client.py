@@ -706,6 +706,14 @@ def test_config_hides_the_key_and_rejects_an_empty_one():
         DashScopeConfig.from_values(api_key="")
 
 
+def test_config_takes_a_key_from_a_secret_file_and_refuses_a_mangled_one():
+    # A secret file's trailing newline is not part of the key.
+    assert DashScopeConfig.from_values(api_key="sk-secret\n").api_key == "sk-secret"
+    with pytest.raises(ValueError, match="spaces or control characters") as refused:
+        DashScopeConfig.from_values(api_key="sk-sec ret")
+    assert "sk-sec" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("status", "code", "message", "error_class", "retryable"),
     [

@@ -51,8 +51,17 @@ class DashScopeConfig:
     backoff_cap: float = 8.0
 
     def __post_init__(self) -> None:
-        if not self.api_key:
+        # A key read from a secret file often ends with a newline: an HTTP header cannot carry
+        # it, and the refusal would quote the key in an error message or a debug log.
+        api_key = (self.api_key or "").strip()
+        if not api_key:
             raise ValueError("DashScope API key is empty; set it before calling the model API.")
+        if any(ch.isspace() or not ch.isprintable() for ch in api_key):
+            raise ValueError(
+                "The DashScope API key contains spaces or control characters; "
+                "copy it again from the Model Studio console."
+            )
+        object.__setattr__(self, "api_key", api_key)
         object.__setattr__(self, "native_base_url", self.native_base_url.rstrip("/"))
         object.__setattr__(self, "compatible_base_url", self.compatible_base_url.rstrip("/"))
         if self.max_retries < 0:

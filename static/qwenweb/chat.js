@@ -189,6 +189,15 @@
   });
   document.addEventListener("htmx:afterSwap", syncImageField);
 
+  // Choosing a language applies it at once (a handler here, not an inline onchange: the
+  // Content-Security-Policy runs no inline script).
+  document.addEventListener("change", function (event) {
+    var select = event.target;
+    if (select && select.name === "language" && select.form && select.form.classList.contains("lang-form")) {
+      select.form.submit();
+    }
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     syncImageField();
     toBottom();
