@@ -244,6 +244,10 @@ def build_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str) 
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "DJANGO_SECRET_KEY": "bench-load-" + uuid.uuid4().hex,
         "PYTHONUNBUFFERED": "1",
+        # A few users stand for a crowd here: per-user limits high enough never to refuse
+        # (still counted, so their query is part of the cost).
+        "QWENWEB_MAX_CONCURRENT_REPLIES": "1000000",
+        "QWENWEB_MESSAGES_PER_MINUTE": "1000000",
     }
     env.pop("DJANGO_DEBUG", None)
     stack = Stack(name=name, env=env, data_dir=data_dir, sim=sim, sim_url=sim_url)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import time
@@ -112,10 +113,24 @@ async def one_reply(tokens: int) -> dict:
         "payload / final HTML": round(
             sum(len(f.encode()) for f in frames) / len(final_html.strip().encode()), 2
         ),
+        "payload: reply text in deltas": sum(len(f.partition(":")[2].encode()) for f in deltas),
+        "payload: delta frame prefixes": sum(len(f.partition(":")[0].encode()) + 1 for f in deltas),
+        "payload: other frames": ", ".join(
+            f"{label(f)} {len(f.encode())}" for f in frames if not f.startswith("+")
+        ),
         "database writes": len(WRITES),
         "writes": ", ".join(WRITES),
         "reply seconds": round(elapsed, 1),
     }
+
+
+def label(frame: str) -> str:
+    """A short name for a fragment: the ids it swaps in."""
+    ids = (
+        re.findall(r'<(\w+) id="([^"]+)"[^>]*hx-swap-oob', frame)
+        or re.findall(r'id="([^"]+)"', frame)[:1]
+    )
+    return "+".join(i if isinstance(i, str) else i[1] for i in ids) or frame[:20]
 
 
 def main() -> None:

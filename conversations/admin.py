@@ -1,8 +1,22 @@
-"""The admin: the model catalog, system prompts, and read-only review of conversations."""
+"""The admin: the model catalog, system prompts, and read-only review of conversations.
+
+Reading someone else's conversation is audited: each time a staff member opens a
+conversation (or one of its messages) that is not their own, or exports it as JSON, a
+`LogEntry` is written against the conversation, naming the reviewer and the time, with a
+change message saying what they did ("Viewed for review", "Viewed message 12 for review",
+"Exported as JSON for review"). Admins see these on the conversation's History page. The entry
+carries a flag of its own, REVIEWED, not Django's ADDITION/CHANGE/DELETION: a review changes
+nothing and must not be counted as a change. Each record also goes to the `qwenweb.audit`
+logger, for log shipping.
+"""
 
 import json
+import logging
 
 from django.contrib import admin
+from django.contrib.admin.models import LogEntry
+from django.contrib.admin.utils import unquote
+from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.db.models import Count
 from django.http import HttpResponse
@@ -10,6 +24,38 @@ from django.utils.translation import gettext_lazy as _
 
 from conversations.exports import conversation_data
 from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+
+audit_log = logging.getLogger("qwenweb.audit")
+
+# LogEntry.action_flag for "read for review": after Django's ADDITION (1), CHANGE (2) and
+# DELETION (3), none of which is true of a review.
+REVIEWED = 4
+
+
+def audit_review(request, conversations, action: str) -> None:
+    """Record that request.user read these conversations (`action`, e.g. "Viewed for review")
+    in the admin; nothing is recorded for a user's own conversations."""
+    reviewer = request.user
+    others = [c for c in conversations if c.owner_id != reviewer.pk]
+    if not others:
+        return
+    content_type = ContentType.objects.get_for_model(Conversation)
+    LogEntry.objects.bulk_create(
+        LogEntry(
+            user_id=reviewer.pk,
+            content_type=content_type,
+            object_id=str(conversation.pk),
+            object_repr=str(conversation)[:200],
+            action_flag=REVIEWED,
+            change_message=action,
+        )
+        for conversation in others
+    )
+    for conversation in others:
+        audit_log.info(
+            "%s: %s, conversation %s of user %s",
+            reviewer.get_username(), action, conversation.pk, conversation.owner_id,
+        )  # fmt: skip
 
 
 class ReviewPermissionMixin:
@@ -61,6 +107,16 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     inlines = [MessageImageInline]
     readonly_fields = ["created_at", "updated_at", "completed_at", "request_id"]
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if request.method in ("GET", "HEAD") and response.status_code == 200:
+            message = self.get_object(request, unquote(object_id))
+            if message is not None:
+                audit_review(
+                    request, [message.conversation], f"Viewed message {message.pk} for review"
+                )
+        return response
+
 
 class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     model = Message
@@ -86,14 +142,21 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
 
     @admin.action(description=_("Export selected conversations as JSON"))
     def export_json(self, request, queryset):
-        data = [
-            conversation_data(conversation)
-            for conversation in queryset.select_related("owner", "model", "system_prompt")
-        ]
+        conversations = list(queryset.select_related("owner", "model", "system_prompt"))
+        data = [conversation_data(conversation) for conversation in conversations]
+        audit_review(request, conversations, "Exported as JSON for review")
         response = HttpResponse(
             json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
         )
         response["Content-Disposition"] = 'attachment; filename="conversations.json"'
+        return response
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        response = super().change_view(request, object_id, form_url, extra_context)
+        if request.method in ("GET", "HEAD") and response.status_code == 200:
+            conversation = self.get_object(request, unquote(object_id))
+            if conversation is not None:
+                audit_review(request, [conversation], "Viewed for review")
         return response
 
     def get_queryset(self, request):

@@ -5,3 +5,7 @@ from django.utils.translation import gettext_lazy as _
 class ConversationsConfig(AppConfig):
     name = "conversations"
     verbose_name = _("Conversations")
+
+    def ready(self) -> None:
+        # A logout (and a password change, an account disabled or deleted) closes the sockets.
+        from conversations import signals  # noqa: F401

@@ -6,20 +6,22 @@ start, what DashScope is sent) so the transports stay thin.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
-from conversations import events
+from conversations import events, sockets
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.db import db_async
 from conversations.models import (
@@ -33,6 +35,8 @@ from conversations.models import (
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
 DEFAULT_OUTPUT_RESERVE = 8192
+# The window QWENWEB_MESSAGES_PER_MINUTE counts in.
+RATE_WINDOW = timedelta(seconds=60)
 
 
 class ReplyRefused(Exception):
@@ -123,11 +127,7 @@ def reply_start(
         with transaction.atomic():
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
             # read it afresh: the model or title may have changed since the socket opened.
-            conversation = (
-                Conversation.objects.select_for_update(of=("self",))
-                .select_related("model", "system_prompt")
-                .get(pk=conversation.pk)
-            )
+            conversation = _lock(conversation)
             # One query for all that can stand in the way: this very message sent before, and
             # replies still streaming (alive, or dead with their process).
             in_the_way = Q(status=Message.Status.STREAMING)
@@ -147,11 +147,13 @@ def reply_start(
                 raise ReplyInProgress(
                     _("A reply is still being written. Wait for it or press Stop, then send.")
                 )
+            _check_model(conversation)
             if images and not conversation.model.accepts_images:
                 raise ReplyRefused(
                     _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
                     % {"model": conversation.model.label}
                 )
+            _check_user_limits(conversation)
             user_message = Message.objects.create(
                 conversation=conversation,
                 role=Message.Role.USER,
@@ -187,6 +189,109 @@ def reply_start(
         titled="title" in fields,
         interrupted=tuple(interrupted),
     )
+
+
+def _lock(conversation: Conversation) -> Conversation:
+    """The conversation read afresh, locked until the transaction ends, with its owner's row:
+    one user's new replies start one at a time, so the per-user limits count every one of
+    them, whichever process it started in."""
+    return (
+        Conversation.objects.select_for_update(of=("self", "owner"), no_key=True)
+        .select_related("model", "system_prompt", "owner")
+        .get(pk=conversation.pk)
+    )
+
+
+def _check_model(conversation: Conversation) -> None:
+    """An admin may have disabled the conversation's model since it was chosen."""
+    if not conversation.model.enabled:
+        raise ReplyRefused(
+            _("%(model)s is no longer available. Pick another model at the top of the chat and "
+              "try again.")
+            % {"model": conversation.model.label}
+        )  # fmt: skip
+
+
+def _check_user_limits(conversation: Conversation) -> None:
+    """Refuse a new reply beyond its owner's limits: replies being written at once across
+    their chats (QWENWEB_MAX_CONCURRENT_REPLIES) and messages sent in the last minute
+    (QWENWEB_MESSAGES_PER_MINUTE). Counted in the database, so they hold across server
+    processes, in one query."""
+    max_replies = settings.QWENWEB_MAX_CONCURRENT_REPLIES
+    per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
+    if max_replies <= 0 and per_minute <= 0:
+        return
+    now = timezone.now()
+    found = _user_load(
+        conversation.owner_id,
+        # A reply whose heartbeat stopped has no process behind it: it takes no place.
+        alive_since=now - timedelta(seconds=Message.STALE_AFTER),
+        recent_since=now - RATE_WINDOW,
+        # The newest message but (limit - 1): while it is in the window the limit is reached,
+        # and one more may go when it leaves.
+        nth=max(per_minute, 1),
+    )
+    if max_replies > 0 and found["streaming"] >= max_replies:
+        raise ReplyRefused(
+            ngettext(
+                "You already have %(count)s reply being written in another chat. Wait for it "
+                "to finish or stop it, then send.",
+                "You already have %(count)s replies being written in other chats. Wait for one "
+                "to finish or stop it, then send.",
+                found["streaming"],
+            )
+            % {"count": found["streaming"]}
+        )
+    if per_minute > 0 and found["nth_recent"] is not None:
+        wait = found["nth_recent"] + RATE_WINDOW - now
+        seconds = min(60, max(1, math.ceil(wait.total_seconds())))
+        raise ReplyRefused(
+            ngettext(
+                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s second.",
+                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
+                seconds,
+            )
+            % {"limit": per_minute, "seconds": seconds}
+        )
+
+
+def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
+    """For one user, in one query: `streaming`, their replies being written (heartbeat since
+    alive_since), and `nth_recent`, when they sent their nth newest message since recent_since
+    (None: fewer than n). Neither reads the user's whole history: the first goes through the
+    status index (replies streaming now), the second through the (owner, updated_at) index of
+    conversations to the chats active within the window (every message sent moves its chat's
+    updated_at on), whose messages it reads.
+
+    SQL rather than the ORM: the same statement built from querysets cost about 1 ms of Python
+    per send, on SQLite and PostgreSQL alike; this costs its round trip."""
+    # Table names from the models; every value goes as a parameter.
+    messages, chats = Message._meta.db_table, Conversation._meta.db_table
+    sql = f"""
+        SELECT
+          (SELECT COUNT(*) FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
+            WHERE c.owner_id = %s AND m.status = %s AND m.role = %s AND m.updated_at >= %s),
+          (SELECT m.created_at FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
+            WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s AND m.created_at > %s
+            ORDER BY m.created_at DESC LIMIT 1 OFFSET %s)
+    """
+    moment = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql,
+            [
+                owner_id, Message.Status.STREAMING.value, Message.Role.ASSISTANT.value,
+                moment(alive_since),
+                owner_id, moment(recent_since), Message.Role.USER.value, moment(recent_since),
+                nth - 1,
+            ],
+        )  # fmt: skip
+        streaming, nth_recent = cursor.fetchone()
+    if isinstance(nth_recent, str):  # SQLite: the text Django stores, in UTC
+        nth_recent = datetime.fromisoformat(nth_recent)
+    if nth_recent is not None and timezone.is_naive(nth_recent):
+        nth_recent = nth_recent.replace(tzinfo=UTC)
+    return {"streaming": streaming, "nth_recent": nth_recent}
 
 
 def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, object]]) -> list[int]:
@@ -314,8 +419,8 @@ async def areply_start(
     conversation = started.conversation
 
     async def announce() -> None:
-        await get_channel_layer().group_send(
-            events.group(conversation.id),
+        await sockets.broadcast(
+            conversation.id,
             {
                 "type": "conversation.created",
                 "messages": messages,
@@ -336,11 +441,7 @@ async def areply_start(
 def reply_continue(*, conversation: Conversation) -> StartedReply:
     """Reopen the conversation's last reply, if it was cut short, to be carried on."""
     with transaction.atomic():
-        conversation = (
-            Conversation.objects.select_for_update(of=("self",))
-            .select_related("model", "system_prompt")
-            .get(pk=conversation.pk)
-        )
+        conversation = _lock(conversation)
         interrupted = conversation.messages.mark_stale_interrupted()
         if conversation.messages.filter(status=Message.Status.STREAMING).exists():
             raise ReplyInProgress(
@@ -349,6 +450,8 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
         reply = conversation.messages.order_by("-pk").first()
         if reply is None or not reply.can_continue:
             raise ReplyRefused(_("There is no cut-off reply to continue."))
+        _check_model(conversation)
+        _check_user_limits(conversation)
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
             model=conversation.model.name,
@@ -379,9 +482,8 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
     )
 
     async def announce() -> None:
-        await get_channel_layer().group_send(
-            events.group(conversation.id),
-            {"type": "conversation.continued", "message_id": reply.pk},
+        await sockets.broadcast(
+            conversation.id, {"type": "conversation.continued", "message_id": reply.pk}
         )
 
     generation = Generation(
@@ -449,7 +551,6 @@ async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool
 
 
 async def announce_finished(conversation_id, message_id: int) -> None:
-    await get_channel_layer().group_send(
-        events.group(conversation_id),
-        {"type": "conversation.finished", "message_id": message_id},
+    await sockets.broadcast(
+        conversation_id, {"type": "conversation.finished", "message_id": message_id}
     )

@@ -4,7 +4,13 @@ Client → server (JSON): {"type": "send", "content": "…", "client_message_id"
 "image_urls": "<url> <url>" for a vision model), {"type": "stop"}, {"type": "continue"} (carry
 on the last reply if it was cut short), and {"type": "hello", "streaming": [<pk>, …], "last":
 <pk>}, which the page sends on every (re)connect: the replies it shows as streaming, and the
-newest message it has. Other keys (htmx's HEADERS) are ignored.
+newest message it has. Other keys (htmx's HEADERS, or a "model" or "parameters": the model is
+the conversation's, set in the settings view) and other types are ignored.
+
+Closing: a frame that is binary or not a JSON object closes the socket with 1003, one over
+MAX_FRAME_BYTES with 1009 (that socket only); a logout closes the sockets its session opened,
+and a password change or an account disabled or deleted all the user's, with 4403, in every
+server process (conversations/signals.py).
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
 for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
@@ -28,7 +34,7 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
-from conversations import chat, events, generation
+from conversations import chat, events, generation, sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
 
@@ -69,7 +75,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.background: set[asyncio.Task] = set()
         self.group = events.group(conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        # The socket ends with the session that opened it (see session_ended): the session is
+        # named by a hash, its key being a credential.
+        session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.session = events.session_tag(session_key) if session_key else ""
+        self.user_group = events.user_group(user.pk)
+        await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
+        sockets.add(conversation.id, self)
         self._spawn(self._keep_group_membership())
         for message_id in await _streaming_message_ids(conversation):
             await self._request_snapshot(message_id)
@@ -91,13 +104,20 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         for task in list(getattr(self, "background", ())):
             task.cancel()
         if hasattr(self, "group"):
+            sockets.discard(self.conversation.id, self)
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        if hasattr(self, "user_group"):
+            await self.channel_layer.group_discard(self.user_group, self.channel_name)
 
     # -- client → server ----------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
-        if text_data is None or len(text_data) > MAX_FRAME_BYTES:
-            await self.close(code=1009)
+        # A bad frame closes this socket only; the user's other tabs carry on.
+        if text_data is None:
+            await self.close(code=1003)  # binary: unsupported data
+            return
+        if len(text_data) > MAX_FRAME_BYTES:
+            await self.close(code=1009)  # too big
             return
         try:
             data = json.loads(text_data)
@@ -180,37 +200,78 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     # -- group → client -----------------------------------------------------------------------
 
+    # Events from a generation or a use case in this process come through deliver(), in order
+    # (conversations/sockets.py); the channel layer brings those of other processes, and its
+    # copies of this process's own are skipped.
+
+    async def deliver(self, event: dict) -> None:
+        handler = {
+            "conversation.created": self._created,
+            "conversation.continued": self._continued,
+            "conversation.delta": self._direct_delta,
+            "conversation.finished": self._finished,
+        }[event["type"]]
+        await handler(event)
+
     async def conversation_created(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await self._created(event)
+
+    async def conversation_continued(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await self._continued(event)
+
+    async def conversation_finished(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await self._finished(event)
+
+    async def _created(self, event: dict) -> None:
         messages = [
             Message.from_event(self.conversation, data)
             for data in event["messages"]
             if data["pk"] not in self.delivered
         ]
+        # On the page first, then counted as shown: text handed over directly meanwhile is
+        # dropped (and caught up from its offset) rather than sent before its element.
+        await self._send_messages(messages, append=True)
         for message in messages:
             if message.is_streaming:
                 self.shown.setdefault(message.pk, len(message.content))
                 self.shown_reasoning.setdefault(message.pk, len(message.reasoning))
-        await self._send_messages(messages, append=True)
+                await self._watch(message.pk)
         if event.get("title"):
             self.conversation.title = event["title"]
             await self._send_fragment("title", conversation=self.conversation)
 
-    async def conversation_continued(self, event: dict) -> None:
+    async def _continued(self, event: dict) -> None:
         """A cut-off reply is being carried on: show it streaming again, from its text."""
         message = await _message(self.conversation, event["message_id"])
         if message is None:
             return
+        await self._send_messages([message])
         self.shown[message.pk] = len(message.content)
         self.shown_reasoning[message.pk] = len(message.reasoning)
-        await self._send_messages([message])
+        await self._watch(message.pk)
 
     async def conversation_delta(self, event: dict) -> None:
+        """A delta over the channel layer, from a generation in another process."""
+        if event.get("process") == sockets.PROCESS_ID:
+            return
         message_id = event["message_id"]
         if message_id not in self.shown:
             await self._request_snapshot(message_id)
         if self.shown[message_id] is None:
             return  # the snapshot on its way includes this text
         await self._send_delta(message_id, event["offset"], event["text"], event.get("part"))
+
+    async def _direct_delta(self, event: dict) -> None:
+        """A delta handed over by a generation running in this process, in its own task."""
+        message_id = event["message_id"]
+        if self.shown.get(message_id) is None:
+            return  # not on this page yet, or a snapshot with this text is on its way
+        await self._send_delta(
+            message_id, event["offset"], event["text"], event.get("part"), direct=True
+        )
 
     async def conversation_snapshot(self, event: dict) -> None:
         message_id = event["message_id"]
@@ -228,7 +289,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown[message_id] = len(message.content)
         self.shown_reasoning[message_id] = len(message.reasoning)
 
-    async def conversation_finished(self, event: dict) -> None:
+    async def _finished(self, event: dict) -> None:
         message_id = event["message_id"]
         self.shown.pop(message_id, None)
         self.shown_reasoning.pop(message_id, None)
@@ -239,10 +300,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if message is not None:
             await self._send_messages([message])
 
+    async def session_ended(self, event: dict) -> None:
+        """The session that opened this socket was logged out, or all the user's sessions
+        ended (a password change, the account disabled or deleted): close, as a new socket
+        would be refused. 4403 makes the page reload, onto the login page."""
+        if not event["session"] or event["session"] == self.session:
+            await self.close(code=CLOSE_FORBIDDEN)
+
     # -- helpers ------------------------------------------------------------------------------
 
     async def _send_delta(
-        self, message_id: int, offset: int, text: str, part: str | None = "text"
+        self, message_id: int, offset: int, text: str, part: str | None = "text", direct=False
     ) -> None:
         """Send only what this socket has not shown yet: no gap, no duplicate. The answer
         goes in `+<pk>:` frames, the model's thinking in `~<pk>:` frames."""
@@ -254,7 +322,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         if offset > shown:
             # A frame went missing (a full channel drops messages): catch up from the source.
-            await self._request_snapshot(message_id, force=True)
+            if direct:  # not in the generation's task: it serves every socket
+                self.shown[message_id] = None
+                self._spawn(self._request_snapshot(message_id, force=True))
+            else:
+                await self._request_snapshot(message_id, force=True)
             return
         counts[message_id] = end
         marker = "~" if thinking else "+"
@@ -263,6 +335,16 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         target = "" if self.last_target.get(marker) == message_id else str(message_id)
         self.last_target[marker] = message_id
         await self.send(text_data=f"{marker}{target}:{text[shown - offset :]}")
+
+    async def _watch(self, message_id: int) -> None:
+        """Ask a reply running in another process to send its text over the channel layer
+        too (a generation hands it to the sockets of its own process directly)."""
+        if generation.running(message_id) is None:
+            await self.channel_layer.group_send(
+                events.control_group(self.conversation.id),
+                {"type": "generation.watch", "message_id": message_id,
+                 "process": sockets.PROCESS_ID},
+            )  # fmt: skip
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
         if not force and message_id in self.shown:
@@ -280,6 +362,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 "type": "generation.sync",
                 "message_id": message_id,
                 "reply_channel": self.channel_name,
+                "process": sockets.PROCESS_ID,
             },
         )
         if message_id not in self.snapshot_timeouts:
@@ -305,6 +388,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         while True:
             await asyncio.sleep(REJOIN_INTERVAL)
             await self.channel_layer.group_add(self.group, self.channel_name)
+            await self.channel_layer.group_add(self.user_group, self.channel_name)
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)

@@ -20,7 +20,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from conversations import events
+from conversations import events, sockets
 from conversations.dashscope import (
     ChatRequest,
     DashScopeClient,
@@ -79,6 +79,8 @@ class Generation:
         self._checkpointed = 0
         self._checkpoint_task: asyncio.Task | None = None
         self.layer = get_channel_layer()
+        # A socket in another process reads this reply: deltas go over the channel layer too.
+        self.remote_readers = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -193,14 +195,8 @@ class Generation:
         }
         message = {name: message[name] for name in ("pk", "images", *Message.EVENT_FIELDS)}
         try:
-            await self.layer.group_send(
-                events.group(self.conversation_id),
-                {
-                    "type": "conversation.finished",
-                    "message_id": self.message_id,
-                    "message": message,
-                },
-            )
+            event = {"type": "conversation.finished", "message_id": self.message_id}
+            await sockets.broadcast(self.conversation_id, {**event, "message": message})
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.
             logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
@@ -271,16 +267,14 @@ class Generation:
                 self.published = len(text)
             else:
                 self.reasoning_published = len(text)
-            await self.layer.group_send(
-                events.group(self.conversation_id),
-                {
-                    "type": "conversation.delta",
-                    "message_id": self.message_id,
-                    "part": part,
-                    "offset": published,
-                    "text": text[published:],
-                },
-            )
+            event = {
+                "type": "conversation.delta",
+                "message_id": self.message_id,
+                "part": part,
+                "offset": published,
+                "text": text[published:],
+            }
+            await sockets.broadcast(self.conversation_id, event, remote=self.remote_readers)
 
     async def _checkpoint(self) -> None:
         """Save the partial text (and so refresh updated_at, the reply's heartbeat)."""
@@ -300,6 +294,9 @@ class Generation:
                 if message.get("message_id") not in (None, self.message_id):
                     continue
                 kind = message.get("type")
+                if kind in ("generation.sync", "generation.watch"):
+                    # Requests from before sockets.py carry no process: assume another one.
+                    self.remote_readers |= message.get("process") != sockets.PROCESS_ID
                 if kind == "generation.stop":
                     self.stop()
                 elif kind == "generation.sync":

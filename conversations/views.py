@@ -109,12 +109,17 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     except chat.ReplyRefused as refusal:
         return await _home_with_error(request, user, content, str(refusal), model)
     if content.strip():
-        await chat.areply_start(
-            conversation=conversation,
-            content=content,
-            client_message_id=client_message_id,
-            image_urls=image_urls,
-        )
+        try:
+            await chat.areply_start(
+                conversation=conversation,
+                content=content,
+                client_message_id=client_message_id,
+                image_urls=image_urls,
+            )
+        except chat.ReplyRefused as refusal:
+            # A per-user limit: no empty chat left behind, and the draft stays in the box.
+            await conversation.adelete()
+            return await _home_with_error(request, user, content, str(refusal), model)
     return redirect(conversation)
 
 

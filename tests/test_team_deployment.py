@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.live_server import ROOT, _start_daphne
+from tests.ws_support import Transcript
 
 pytestmark = pytest.mark.services
 
@@ -131,11 +132,14 @@ def test_reply_started_on_one_process_streams_to_the_other_and_stops_from_it(tea
         ):
             await tab_a.send(json.dumps({"type": "send", "content": "across processes",
                                          "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            # What B's page shows: lean frames appended, a catch-up fragment replacing the
+            # text (B asks A's generation for the reply's frames once it has seen the reply;
+            # anything sent before that comes as a catch-up).
+            page_b = Transcript()
             seen_on_b = ""
             while seen_on_b.count("token") < 10:
-                frame = await asyncio.wait_for(tab_b.recv(), 10)
-                if frame.startswith("+"):
-                    seen_on_b += frame.split(":", 1)[1]
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 10))
+                seen_on_b = max(page_b.text.values(), key=len, default="")
             # A tab opened on B mid-reply catches up from the generation running on A: first
             # the text so far, then the live frames, with no gap and no repeat.
             async with websockets.connect(
@@ -165,3 +169,44 @@ def test_reply_started_on_one_process_streams_to_the_other_and_stops_from_it(tea
     assert assistant["status"] == "stopped"
     assert assistant["content"].startswith(seen_on_b) and reply.startswith(assistant["content"])
     assert app_simulator.wait_for_outcome() == "disconnected"
+
+
+def test_logout_through_one_process_closes_that_sessions_socket_on_the_other(team):
+    url_a, url_b = team
+    leaving, staying = _login(url_a), _login(url_b)  # two sessions (browsers) of one user
+    response = leaving.post(
+        "/c/new/", data={"csrfmiddlewaretoken": leaving.cookies["csrftoken"]},
+        headers={"Referer": f"{url_a}/"},
+    )  # fmt: skip
+    ws_url = url_b.replace("http://", "ws://") + "/ws" + response.headers["Location"]
+
+    def cookie(client: httpx.Client) -> dict:
+        return {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+
+    async def scenario() -> tuple[int, float]:
+        import websockets
+
+        async with (
+            websockets.connect(ws_url, additional_headers=cookie(leaving), origin=url_b) as tab,
+            websockets.connect(ws_url, additional_headers=cookie(staying), origin=url_b) as other,
+        ):
+            logout = await asyncio.to_thread(
+                leaving.post, "/accounts/logout/",
+                data={"csrfmiddlewaretoken": leaving.cookies["csrftoken"]},
+                headers={"Referer": f"{url_a}/"},
+            )  # fmt: skip
+            assert logout.status_code == 302
+            loop = asyncio.get_running_loop()
+            logged_out_at = loop.time()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(tab.recv(), 1)
+            took = loop.time() - logged_out_at
+            # The user's other session, open on the same process, is untouched.
+            await asyncio.sleep(0.3)
+            await asyncio.wait_for(await other.ping(), 2)
+            return closed.value.rcvd.code, took
+
+    code, took = asyncio.run(scenario())
+    assert code == 4403
+    assert took < 1.0

@@ -295,3 +295,51 @@ def test_image_urls_show_on_the_users_message(alice_client, alice):
     MessageImage.objects.create(message=question, url="https://example.com/cat.png")
     html = alice_client.get(f"/c/{conversation.id}/").content.decode()
     assert 'href="https://example.com/cat.png"' in html
+
+
+FORGED_MODEL_IDS = ["999999", "-1", "0", "1.5", "1 OR 1=1", "qwen-max", "", "[1]", "0x1"]
+
+
+def test_settings_refuse_disabled_unknown_and_forged_model_ids(alice_client, alice):
+    conversation = conversation_create(owner=alice)
+    disabled = ModelProfile.objects.filter(enabled=False).first()
+    for value in [disabled.pk, *FORGED_MODEL_IDS]:
+        response = alice_client.post(f"/c/{conversation.id}/settings/", {"model": value})
+        assert response.status_code == 400, value
+        conversation.refresh_from_db()
+        assert conversation.model == ModelProfile.objects.default(), value
+    # A model the admin disables after it was picked cannot be picked again.
+    qwen_max = ModelProfile.objects.get(name="qwen-max")
+    response = alice_client.post(f"/c/{conversation.id}/settings/", {"model": qwen_max.pk})
+    assert response.status_code == 200
+    ModelProfile.objects.filter(pk=qwen_max.pk).update(enabled=False)
+    other = conversation_create(owner=alice)
+    response = alice_client.post(f"/c/{other.id}/settings/", {"model": qwen_max.pk})
+    assert response.status_code == 400
+
+
+def test_a_new_chat_never_gets_a_disabled_unknown_or_forged_model(alice_client, alice):
+    disabled = ModelProfile.objects.filter(enabled=False).first()
+    for value in [disabled.pk, *FORGED_MODEL_IDS]:
+        response = alice_client.post("/c/new/", {"model": value})
+        assert response.status_code == 302, value
+    models = set(Conversation.objects.filter(owner=alice).values_list("model", flat=True))
+    assert models == {ModelProfile.objects.default().pk}
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_first_message_over_a_limit_is_refused_and_kept(settings):
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    user = await get_user_model().objects.acreate_user("erin", password="pw")
+    client = AsyncClient()
+    await client.aforce_login(user)
+    await client.post("/c/new/", {"content": "the first"})
+    reply = await Message.objects.filter(conversation__owner=user, role="assistant").afirst()
+    await wait_for_status(reply.pk, {"complete"})
+    response = await client.post("/c/new/", {"content": "the second, too soon"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "Messages are limited to 1 a minute" in html
+    assert "the second, too soon</textarea>" in html
+    assert await Conversation.objects.filter(owner=user).acount() == 1

@@ -1,0 +1,320 @@
+"""Per-user limits, checked before anything is saved or sent upstream: replies at once, messages
+a minute, the model still enabled. Counted in the database, so they hold across processes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone, translation
+
+from conversations import chat
+from conversations.dashscope.simulator import Scenario
+from conversations.models import Conversation, Message, ModelProfile
+from tests.ws_support import Transcript, open_chat, receive_until, send_frame
+
+pytestmark = pytest.mark.django_db
+
+REPLY = "A reply that takes its time: " + " ".join(f"word{i}" for i in range(40))
+
+
+@pytest.fixture
+def user():
+    return get_user_model().objects.create_user("lima", password="pw")
+
+
+def streaming_reply(owner, *, age: float = 0) -> Message:
+    """A reply being written in a chat of its own, its heartbeat `age` seconds old."""
+    conversation = chat.conversation_create(owner=owner)
+    reply = Message.objects.create(conversation=conversation, role="assistant", status="streaming")
+    Message.objects.filter(pk=reply.pk).update(updated_at=timezone.now() - timedelta(seconds=age))
+    return reply
+
+
+def send(conversation, content="hello") -> chat.StartedReply:
+    started = chat.reply_start(
+        conversation=conversation, content=content, client_message_id=uuid.uuid4()
+    )
+    # The reply is over at once: only the per-minute count is left to stand in the way.
+    Message.objects.filter(pk=started.assistant_message.pk).update(status="complete")
+    return started
+
+
+def test_concurrent_replies_are_limited_across_the_users_chats(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
+    streaming_reply(user)
+    streaming_reply(user)
+    conversation = chat.conversation_create(owner=user)
+    with pytest.raises(chat.ReplyRefused) as refused:
+        chat.reply_start(conversation=conversation, content="a third one")
+    assert str(refused.value) == (
+        "You already have 2 replies being written in other chats. "
+        "Wait for one to finish or stop it, then send."
+    )
+    assert not conversation.messages.exists()
+
+
+def test_one_reply_at_a_time_reads_in_the_singular(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
+    streaming_reply(user)
+    with pytest.raises(chat.ReplyRefused, match="1 reply being written in another chat"):
+        chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+
+
+def test_dead_replies_and_other_users_replies_take_no_place(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
+    streaming_reply(user)
+    streaming_reply(user, age=Message.STALE_AFTER + 5)  # its process is gone
+    streaming_reply(get_user_model().objects.create_user("other", password="pw"))
+    streaming_reply(get_user_model().objects.create_user("another", password="pw"))
+    started = chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+    assert started.created
+
+
+def test_zero_turns_the_concurrent_limit_off(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 0
+    for _ in range(3):
+        streaming_reply(user)
+    assert chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+
+
+def test_continue_counts_as_a_reply_being_written(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
+    conversation = chat.conversation_create(owner=user)
+    Message.objects.create(conversation=conversation, role="user", content="tell me")
+    Message.objects.create(
+        conversation=conversation, role="assistant", content="Once upon", status="stopped",
+        model="qwen-plus",
+    )  # fmt: skip
+    streaming_reply(user)
+    with pytest.raises(chat.ReplyRefused, match="being written in another chat"):
+        chat.reply_continue(conversation=conversation)
+    assert conversation.messages.last().status == "stopped"
+
+
+def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(user, settings):
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 3
+    first, second = chat.conversation_create(owner=user), chat.conversation_create(owner=user)
+    sent = [send(first), send(second), send(first)]
+    with pytest.raises(chat.ReplyRefused) as refused:
+        send(second, "one too many")
+    assert str(refused.value).startswith("Messages are limited to 3 a minute. Try again in ")
+    assert not second.messages.filter(content="one too many").exists()
+    # Sent 50, 30 and 10 seconds ago: the oldest leaves the window in 10 seconds.
+    now = timezone.now()
+    for message, age in zip(sent, [50, 30, 10], strict=True):
+        Message.objects.filter(pk=message.user_message.pk).update(
+            created_at=now - timedelta(seconds=age)
+        )
+    with pytest.raises(chat.ReplyRefused) as refused:
+        send(second, "still too many")
+    assert str(refused.value) == "Messages are limited to 3 a minute. Try again in 10 seconds."
+    Message.objects.filter(pk=sent[0].user_message.pk).update(
+        created_at=now - timedelta(seconds=61)
+    )
+    assert send(second, "now it goes").created
+
+
+def test_a_lowered_per_minute_limit_waits_for_enough_messages_to_leave_the_window(user, settings):
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 0  # off: any number
+    conversation = chat.conversation_create(owner=user)
+    sent = [send(conversation) for _ in range(4)]
+    now = timezone.now()
+    for message, age in zip(sent, [55, 40, 20, 5], strict=True):
+        Message.objects.filter(pk=message.user_message.pk).update(
+            created_at=now - timedelta(seconds=age)
+        )
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 2
+    # Four in the window, two allowed: the second newest (20 s old) must leave it first.
+    with pytest.raises(chat.ReplyRefused, match=r"Try again in 40 seconds\.$"):
+        send(conversation)
+
+
+def test_a_resent_frame_is_answered_from_before_even_at_the_limit(user, settings):
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    conversation = chat.conversation_create(owner=user)
+    client_message_id = uuid.uuid4()
+    first = chat.reply_start(
+        conversation=conversation, content="once", client_message_id=client_message_id
+    )
+    again = chat.reply_start(
+        conversation=conversation, content="once", client_message_id=client_message_id
+    )
+    assert not again.created and again.user_message.pk == first.user_message.pk
+
+
+def test_a_model_disabled_since_is_refused_before_anything_is_saved(user):
+    conversation = chat.conversation_create(owner=user)
+    Message.objects.create(conversation=conversation, role="user", content="tell me")
+    Message.objects.create(
+        conversation=conversation, role="assistant", content="Once upon", status="stopped",
+        model="qwen-plus",
+    )  # fmt: skip
+    ModelProfile.objects.filter(name="qwen-plus").update(enabled=False)
+    for start in [
+        lambda: chat.reply_start(conversation=conversation, content="hello again"),
+        lambda: chat.reply_continue(conversation=conversation),
+    ]:
+        with pytest.raises(chat.ReplyRefused) as refused:
+            start()
+        assert str(refused.value) == (
+            "Qwen-Plus is no longer available. Pick another model at the top of the chat and "
+            "try again."
+        )
+    assert conversation.messages.count() == 2
+    assert conversation.messages.last().status == "stopped"
+    # Picking another model unblocks the chat.
+    Conversation.objects.filter(pk=conversation.pk).update(
+        model=ModelProfile.objects.get(name="qwen-max")
+    )
+    assert chat.reply_start(conversation=conversation, content="hello again").created
+
+
+def test_length_and_image_count_are_checked_before_any_query(user, settings):
+    settings.QWENWEB_MAX_MESSAGE_CHARS = 10
+    conversation = chat.conversation_create(owner=user)
+    urls = " ".join(f"https://example.com/{i}.png" for i in range(settings.QWENWEB_MAX_IMAGES + 1))
+    with CaptureQueriesContext(connection) as queries:
+        with pytest.raises(chat.ReplyRefused, match="too long"):
+            chat.reply_start(conversation=conversation, content="x" * 11)
+        with pytest.raises(chat.ReplyRefused, match="At most"):
+            chat.reply_start(conversation=conversation, content="look", image_urls=urls)
+    assert queries.captured_queries == []
+
+
+def test_the_limits_cost_one_query(user, settings):
+    conversation = chat.conversation_create(owner=user)
+
+    def queries_of_a_send() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            send(conversation)
+        return len(queries.captured_queries)
+
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = settings.QWENWEB_MESSAGES_PER_MINUTE = 0
+    without = queries_of_a_send()
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES, settings.QWENWEB_MESSAGES_PER_MINUTE = 2, 20
+    assert queries_of_a_send() == without + 1
+
+
+def test_refusals_speak_chinese(user, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    streaming_reply(user)
+    streaming_reply(user)
+    conversation = chat.conversation_create(owner=user)
+    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+        chat.reply_start(conversation=conversation, content="你好")
+    assert str(refused.value) == (
+        "你已有 2 条回复正在其他对话中生成。请等待回复完成或将其停止，然后再发送。"
+    )
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 0
+    send(conversation)
+    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+        send(conversation)
+    assert str(refused.value).startswith("每分钟最多发送 1 条消息。请在 ")
+    ModelProfile.objects.filter(name="qwen-plus").update(enabled=False)
+    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+        send(conversation)
+    assert str(refused.value) == "Qwen-Plus 已不再提供。请在对话顶部选择其他模型后重试。"
+
+
+# -- over the socket --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_refused_send_is_a_notice_and_the_composer_keeps_the_text(app_simulator, settings):
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("the first"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    sent = len(transcript.frames)
+    await ws.send_to(text_data=send_frame("the second"))
+    await receive_until(ws, transcript, lambda t: 'class="notice"' in t.frames[-1])
+    assert "Messages are limited to 1 a minute. Try again in " in transcript.frames[-1]
+    # No acknowledgement: the page clears the composer only on one (static/qwenweb/chat.js).
+    assert not any("composer-ack" in frame for frame in transcript.frames[sent:])
+    assert len(app_simulator.requests) == 1
+    contents = [m async for m in conversation.messages.values_list("content", flat=True)]
+    assert "the second" not in contents
+    await ws.disconnect()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_model_disabled_while_the_chat_is_open_is_refused_over_the_socket(app_simulator):
+    _owner, conversation, ws = await open_chat()
+    await ModelProfile.objects.filter(name="qwen-plus").aupdate(enabled=False)
+    frame = json.loads(send_frame("still there?"))
+    await ws.send_to(text_data=json.dumps(frame))
+    notice = await ws.receive_from(timeout=5)
+    assert "Qwen-Plus is no longer available. Pick another model" in notice
+    assert "composer-ack" not in notice
+    assert app_simulator.requests == []
+    assert await conversation.messages.acount() == 0
+    await ws.disconnect()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_concurrent_limit_holds_over_sockets_of_two_chats(app_simulator, settings):
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
+    app_simulator.add_scenario(Scenario(match="slow", reply=REPLY, token_delay=0.02))
+    from tests.ws_support import connect, make_conversation
+
+    owner, first, ws_first = await open_chat()
+    second = await make_conversation(owner)
+    ws_second, _, _ = await connect(owner, second)
+    await ws_first.send_to(text_data=send_frame("slow please"))
+    transcript = Transcript()
+    await receive_until(ws_first, transcript, lambda t: any(f.startswith("+") for f in t.frames))
+    await ws_second.send_to(text_data=send_frame("meanwhile"))
+    notice = await ws_second.receive_from(timeout=5)
+    assert "1 reply being written in another chat" in notice
+    await receive_until(ws_first, transcript, lambda t: "complete" in t.status.values())
+    await ws_second.send_to(text_data=send_frame("now"))
+    other = Transcript()
+    await receive_until(ws_second, other, lambda t: "complete" in t.status.values())
+    assert len(app_simulator.requests) == 2
+    await ws_first.disconnect()
+    await ws_second.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sends_at_the_same_moment_in_two_chats_cannot_both_pass_the_limit(settings):
+    """The owner's row is locked with the conversation: concurrent sends of one user, even
+    through two server processes, are counted one after the other."""
+    if connection.vendor != "postgresql":
+        # SQLite runs one write transaction at a time anyway; its in-memory test database
+        # refuses a second writer instead of making it wait.
+        pytest.skip("needs PostgreSQL: DATABASE_URL=postgres://…")
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
+    owner = get_user_model().objects.create_user("racer", password="pw")
+    chats = [chat.conversation_create(owner=owner) for _ in range(8)]
+    barrier = threading.Barrier(len(chats))
+    outcomes = []
+
+    def send_now(conversation) -> None:
+        try:
+            barrier.wait()
+            chat.reply_start(conversation=conversation, content="at once")
+            outcomes.append("started")
+        except chat.ReplyRefused:
+            outcomes.append("refused")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send_now, args=(c,)) for c in chats]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * (len(chats) - 1) + ["started"]
+    assert Message.objects.filter(conversation__owner=owner, status="streaming").count() == 1

