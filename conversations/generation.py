@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # A streaming reply saves at least this often, even when no text arrives: its updated_at is
 # the heartbeat by which a reply whose process died is recognised (Message.STALE_AFTER).
-HEARTBEAT_INTERVAL = 10.0
+HEARTBEAT_INTERVAL = Message.STALE_AFTER / 3
 FINISH_ATTEMPTS = 4
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and

@@ -152,15 +152,16 @@ class Conversation(models.Model):
 
 
 class MessageQuerySet(models.QuerySet):
-    def stale_streaming(self):
-        """Replies still marked streaming whose heartbeat stopped: their process is gone."""
-        cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+    def stale_streaming(self, saved_before=None):
+        """Replies still marked streaming whose heartbeat stopped (or, with `saved_before`,
+        last saved before that moment): their process is gone."""
+        cutoff = saved_before or timezone.now() - timedelta(seconds=Message.STALE_AFTER)
         return self.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
 
-    def mark_stale_interrupted(self) -> list[int]:
+    def mark_stale_interrupted(self, saved_before=None) -> list[int]:
         """Mark dead replies `interrupted`, keeping their last checkpoint of text. Returns
         their pks, so open sockets can be told."""
-        stale = list(self.stale_streaming().values_list("pk", flat=True))
+        stale = list(self.stale_streaming(saved_before).values_list("pk", flat=True))
         if stale:  # usually not: read, don't write
             self.filter(pk__in=stale, status=Message.Status.STREAMING).update(
                 status=Message.Status.INTERRUPTED,
@@ -171,9 +172,9 @@ class MessageQuerySet(models.QuerySet):
 
 
 class Message(models.Model):
-    # A streaming reply refreshes updated_at at least every 10 s (generation.HEARTBEAT_INTERVAL);
-    # one silent for this long lost its process.
-    STALE_AFTER = 60
+    # A streaming reply refreshes updated_at at least three times in this many seconds
+    # (generation.HEARTBEAT_INTERVAL); one silent for this long lost its process.
+    STALE_AFTER = settings.QWENWEB_REPLY_STALE_AFTER
 
     class Role(models.TextChoices):
         SYSTEM = "system", _("System")

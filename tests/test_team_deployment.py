@@ -39,6 +39,25 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
+class Team(list):
+    """The URLs of the two processes, A and B; `processes` are their daphnes."""
+
+    def __init__(self, env: dict, data_dir) -> None:
+        self.env, self.data_dir, self.processes = env, data_dir, []
+        super().__init__()
+        for n in range(2):
+            self.start(n)
+
+    def start(self, n: int) -> None:
+        """(Re)start process n (0: A, 1: B), on a new port."""
+        process, url = _start_daphne(self.env, self.data_dir / f"daphne-{n}.log")
+        if n < len(self):
+            self.processes[n], self[n] = process, url
+        else:
+            self.processes.append(process)
+            self.append(url)
+
+
 @pytest.fixture(scope="module")
 def team(app_simulator, tmp_path_factory):
     missing = [
@@ -69,6 +88,8 @@ def team(app_simulator, tmp_path_factory):
         "DASHSCOPE_API_KEY": APP_API_KEY,
         "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # A reply silent for 3 s (not 30) lost its process: the sweep test need not wait long.
+        "QWENWEB_REPLY_STALE_AFTER": "3",
     }
     run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], **run)
@@ -78,11 +99,12 @@ def team(app_simulator, tmp_path_factory):
          f"from django.contrib.auth.models import User; {create_user}"],
         **run,
     )  # fmt: skip
-    processes = [_start_daphne(env, data_dir / f"daphne-{n}.log") for n in "ab"]
-    yield [url for _process, url in processes]
-    for process, _url in processes:
-        process.terminate()
-        process.wait(timeout=10)
+    team = Team(env, data_dir)
+    yield team
+    for process in team.processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
     with psycopg.connect(PG, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
@@ -210,3 +232,89 @@ def test_logout_through_one_process_closes_that_sessions_socket_on_the_other(tea
     code, took = asyncio.run(scenario())
     assert code == 4403
     assert took < 1.0
+
+
+def test_a_killed_process_leaves_an_interrupted_reply_that_continue_completes(team, app_simulator):
+    """SIGKILL the process writing a reply: a surviving process sweeps it to `interrupted`
+    with its last checkpoint (at most one checkpoint of text lost) and tells its sockets;
+    Continue there finishes the same message; the restarted process serves the chat."""
+    from conversations.dashscope.simulator import Scenario
+
+    reply = " ".join(f"word{i}" for i in range(400))
+    app_simulator.add_scenario(Scenario(match="killed", reply=reply, token_delay=0.02, times=2))
+    url_a, url_b = team
+    client = _login(url_a)
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url_a}/"},
+    )  # fmt: skip
+    conversation_path = response.headers["Location"]
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+
+    def ws_url(base: str) -> str:
+        return base.replace("http://", "ws://") + "/ws" + conversation_path
+
+    async def scenario() -> tuple[str, float, str]:
+        import websockets
+
+        async with (
+            websockets.connect(ws_url(url_a), additional_headers=headers, origin=url_a) as tab_a,
+            websockets.connect(ws_url(url_b), additional_headers=headers, origin=url_b) as tab_b,
+        ):
+            await tab_a.send(json.dumps({"type": "send", "content": "until killed",
+                                         "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            page_b = Transcript()
+            seen = ""
+            while seen.count("word") < 150:  # 3 s in: a checkpoint or more saved
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 10))
+                seen = max(page_b.text.values(), key=len, default="")
+            team.processes[0].kill()  # SIGKILL: no cleanup of any kind
+            loop = asyncio.get_running_loop()
+            killed_at = loop.time()
+            while "interrupted" not in page_b.status.values():
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 60))
+            swept_after = loop.time() - killed_at
+            (pk,) = [pk for pk, status in page_b.status.items() if status == "interrupted"]
+            await tab_b.send(json.dumps({"type": "continue"}))
+            while page_b.status.get(pk) != "complete":
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 30))
+            return seen, swept_after
+
+    seen, swept_after = asyncio.run(scenario())
+    assert swept_after < 60, swept_after
+    client_b = httpx.Client(base_url=url_b, cookies=client.cookies)
+    messages = client_b.get(conversation_path + "export.json").json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[-1]["status"] == "complete"
+    assert messages[-1]["content"] == reply  # carried on in the same message, no gap
+    # Continue was DashScope's partial mode: the saved text went back as the last assistant
+    # message with "partial": true.
+    body = app_simulator.requests[-1].body
+    last = (body.get("input") or body)["messages"][-1]
+    assert (last["role"], last.get("partial")) == ("assistant", True)
+    # What was carried on is the interrupted message's text, its last checkpoint: what B had
+    # shown, less at most one checkpoint interval (2 s at 50 words/s).
+    checkpoint = last["content"]
+    assert checkpoint and seen.startswith(checkpoint)
+    assert seen.count("word") - checkpoint.count("word") <= 110
+
+    # A restarted process serves the chat as before, and a new reply through it completes.
+    team.start(0)
+    client_a = httpx.Client(base_url=team[0], cookies=client.cookies)
+    page = client_a.get(conversation_path)
+    assert page.status_code == 200 and "word399" in page.text
+
+    async def send_on_restarted() -> str:
+        import websockets
+
+        async with websockets.connect(
+            ws_url(team[0]), additional_headers=headers, origin=team[0]
+        ) as tab:
+            await tab.send(json.dumps({"type": "send", "content": "after the restart",
+                                       "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            page_a = Transcript()
+            while "complete" not in [page_a.status.get(pk) for pk in page_a.text]:
+                page_a.feed(await asyncio.wait_for(tab.recv(), 30))
+            return max(page_a.text.values(), key=len)
+
+    assert asyncio.run(send_on_restarted())

@@ -1,0 +1,94 @@
+"""The sweep: replies whose process died become `interrupted`, so they block no one.
+
+A reply being written saves itself at least every HEARTBEAT_INTERVAL (a third of
+QWENWEB_REPLY_STALE_AFTER). When its process is killed, the reply stays `streaming` in the
+database with the text of its last checkpoint. Every server process sweeps such replies once a
+heartbeat interval, and at start-up: they become `interrupted`, keep that text, every open
+socket is told, and the user can press Continue.
+
+At start-up a process with no Redis (the only process there is) also takes every reply last
+saved before it started: no other process can be writing it. With Redis, other processes may
+be, so only replies silent for QWENWEB_REPLY_STALE_AFTER go.
+
+The sweep also runs where a dead reply would be in the way: a send, a page load, a catch-up.
+Daphne has no start-up hook for applications, so the first request a process serves (a load
+balancer's health check, within seconds) starts its sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import weakref
+
+from django.conf import settings
+from django.utils import timezone
+
+from conversations.db import db_async
+from conversations.models import Message
+
+logger = logging.getLogger(__name__)
+
+STARTED_AT = timezone.now()
+_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def interval() -> float:
+    return Message.STALE_AFTER / 3
+
+
+def sweep(*, at_start: bool = False) -> list[tuple[str, int]]:
+    """Mark dead replies interrupted; returns (conversation id, message pk) of each."""
+    saved_before = STARTED_AT if at_start and not settings.REDIS_URL else None
+    marked = Message.objects.mark_stale_interrupted(saved_before=saved_before)
+    if not marked:
+        return []
+    rows = Message.objects.filter(pk__in=marked).values_list("conversation_id", "pk")
+    return [(str(conversation_id), pk) for conversation_id, pk in rows]
+
+
+async def sweep_and_announce(*, at_start: bool = False) -> int:
+    from conversations.chat import announce_finished
+
+    marked = await db_async(sweep)(at_start=at_start)
+    for conversation_id, message_id in marked:
+        logger.warning("Reply %s lost its process: marked interrupted", message_id)
+        await announce_finished(conversation_id, message_id)
+    return len(marked)
+
+
+async def _run() -> None:
+    at_start = True
+    while True:
+        try:
+            await sweep_and_announce(at_start=at_start)
+            at_start = False
+        except Exception:
+            logger.warning("Sweeping interrupted replies failed", exc_info=True)
+        # Jitter, so several processes started together do not sweep in step.
+        await asyncio.sleep(interval() * random.uniform(0.8, 1.0))
+
+
+def ensure_running() -> None:
+    """Start this process's sweeper on the running event loop, once."""
+    loop = asyncio.get_running_loop()
+    task = _sweepers.get(loop)
+    if task is None or task.done():
+        # A fresh context: the sweeper outlives the request that started it.
+        _sweepers[loop] = loop.create_task(_run(), name="sweep", context=contextvars.Context())
+
+
+class StartSweeper:
+    """ASGI middleware: the first request on an event loop starts the sweeper."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            ensure_running()
+        return await self.app(scope, receive, send)
