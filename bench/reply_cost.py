@@ -124,6 +124,42 @@ async def one_reply(tokens: int) -> dict:
     }
 
 
+def intake_database_work(rounds: int = 200) -> dict:
+    """The save-first part of P1's intake, alone: what reply_start and build_request cost
+    per send on this machine's SQLite (the limits query, 2 inserts, the conversation's update
+    and the history read, in one transaction), median of `rounds` sends to fresh chats, with
+    nothing else running. No design that saves the message before calling DashScope avoids
+    this; bench/load.py's floor (daphne + the client) does not include it."""
+    import statistics
+    import uuid
+
+    from django.contrib.auth import get_user_model
+
+    from conversations.chat import build_request, conversation_create, reply_start
+
+    user = get_user_model().objects.create_user(f"intake{time.time_ns()}", password="x")
+    chats = [conversation_create(owner=user) for _ in range(rounds + 20)]
+    with override_limits():
+        times = []
+        for n, chat in enumerate(chats):
+            started = time.perf_counter()
+            reply = reply_start(conversation=chat, content="hello", client_message_id=uuid.uuid4())
+            build_request(conversation=reply.conversation, reply_to=reply.assistant_message)
+            if n >= 20:  # the first ones warm the caches
+                times.append(time.perf_counter() - started)
+    median_ms = statistics.median(times) * 1000
+    return {"intake database work per send (median, SQLite)": f"{median_ms:.2f} ms"}
+
+
+def override_limits():
+    from django.test import override_settings
+
+    # One user sends all of them: limits high enough never to refuse, still counted.
+    return override_settings(
+        QWENWEB_MAX_CONCURRENT_REPLIES=10**6, QWENWEB_MESSAGES_PER_MINUTE=10**6
+    )
+
+
 def label(frame: str) -> str:
     """A short name for a fragment: the ids it swaps in."""
     ids = (
@@ -149,6 +185,7 @@ def main() -> None:
             settings.DASHSCOPE_API_KEY = "sk-bench"
             settings.DASHSCOPE_BASE_URL = sim.native_base_url
             figures = asyncio.run(one_reply(args.tokens))
+            figures |= intake_database_work()
     width = max(len(key) for key in figures)
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")
