@@ -81,6 +81,13 @@ PYSPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.
 # -- small helpers ----------------------------------------------------------------------------
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its waited-for children), from /proc."""
     try:
@@ -789,15 +796,44 @@ async def run_p2(stack: Stack, clients: Clients, levels: list[int], profile_at: 
     return results
 
 
+async def run_soak(stack: Stack, clients: Clients, level: int, seconds: float) -> dict:
+    """`level` concurrent replies, round after round, for `seconds`: replies lost, errors in
+    the logs, and the processes' memory at start and end."""
+    pids = {f"daphne{n}": p.pid for n, p in enumerate(stack.daphnes)}
+    pids |= {"sim": stack.sim.pid, "client": os.getpid()}
+    await clients.ensure(level)
+    rss_start = [rss_mb(p.pid) for p in stack.daphnes]
+    began, rounds = time.monotonic(), []
+    while time.monotonic() - began < seconds:
+        result = await p2_level(clients, level, pids, None)
+        rounds.append(result)
+        print(f"  soak {time.monotonic() - began:5.0f} s: {level} replies, lost "
+              f"{result['lost']}, statuses {result['statuses']}, lag p95 "
+              f"{ms(result['lag95'])} ms, RSS {[round(rss_mb(p.pid)) for p in stack.daphnes]} MB",
+              flush=True)  # fmt: skip
+    return {
+        "seconds": time.monotonic() - began,
+        "replies": sum(r["level"] for r in rounds),
+        "lost": sum(r["lost"] for r in rounds),
+        "not complete": sum(n for r in rounds for k, n in r["statuses"].items() if k != "complete"),
+        "lag95": max(r["lag95"] for r in rounds),
+        "rss_start": rss_start,
+        "rss_end": [rss_mb(p.pid) for p in stack.daphnes],
+    }
+
+
 async def run_stack(name: str, processes: int, sim, sim_url: str, p1_levels, p2_levels,
-                    profile_at, deadline, floor: bool = False) -> dict:  # fmt: skip
+                    profile_at, deadline, floor: bool = False, soak=None) -> dict:  # fmt: skip
     print(f"== {name}: starting {processes} daphne process(es)", flush=True)
     stack = (build_floor_stack if floor else build_stack)(name, processes, sim, sim_url)
     out = {"stack": stack}
     try:
-        needed = max([*p2_levels, *(lvl for lvl, _ in p1_levels), profile_at or 0])
+        needed = max([*p2_levels, *(lvl for lvl, _ in p1_levels), profile_at or 0,
+                      soak[0] if soak else 0])  # fmt: skip
         clients = Clients(stack, users=8, conversations=needed)
         try:
+            if soak:
+                out["soak"] = await run_soak(stack, clients, *soak)
             if p1_levels:
                 out["p1"] = await run_p1(stack, clients, p1_levels)
             out["p2"] = await run_p2(stack, clients, p2_levels, profile_at, deadline)
@@ -838,6 +874,10 @@ def main() -> None:
     parser.add_argument("--p1", help="P1 levels as sends:rounds, comma-separated (e.g. 1:20,50:3)")
     parser.add_argument("--p2-one", help="1-process levels, comma-separated")
     parser.add_argument("--p2-two", help="2-process levels, comma-separated")
+    parser.add_argument(
+        "--soak", metavar="N:SECONDS",
+        help="only a soak: N concurrent replies on the 2-process stack, round after round",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         p1_levels = [(1, 5), (10, 2)]
@@ -863,6 +903,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qwenweb-load-"))
     sim, sim_url = start_simulator(work / "simulator.log")
     outputs = {}
+    if args.soak:
+        level, seconds = (int(x) for x in args.soak.split(":"))
+        try:
+            out = asyncio.run(run_stack("soak", 2, sim, sim_url, [], [], None,
+                                        deadline=0, soak=(level, seconds)))  # fmt: skip
+        finally:
+            sim.terminate()
+            sim.wait(timeout=10)
+        soak, problems = out["soak"], out.get("problems") or []
+        print(f"\nsoak: {level} concurrent replies on 2 processes (PostgreSQL, Redis) for "
+              f"{soak['seconds']:.0f} s: {soak['replies']} replies, lost {soak['lost']}, not "
+              f"complete {soak['not complete']}, worst round's lag p95 {ms(soak['lag95'])} ms, "
+              f"daphne log problems {len(problems)}, RSS start "
+              f"{[round(x) for x in soak['rss_start']]} MB, end "
+              f"{[round(x) for x in soak['rss_end']]} MB")  # fmt: skip
+        for line in problems[:15]:
+            print("  " + line)
+        shutil.rmtree(out["stack"].data_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     budget = 90 if args.quick else 200  # seconds of P2 per configuration, at most
     runs = [("1proc", 1, "1 process (SQLite, in-memory layer)", p2_one, profile_at, False)]
     if not args.no_two:
