@@ -340,11 +340,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         """Ask a reply running in another process to send its text over the channel layer
         too (a generation hands it to the sockets of its own process directly)."""
         if generation.running(message_id) is None:
-            await self.channel_layer.group_send(
-                events.control_group(self.conversation.id),
-                {"type": "generation.watch", "message_id": message_id,
-                 "process": sockets.PROCESS_ID},
-            )  # fmt: skip
+            await self._ask_generation(
+                message_id, {"type": "generation.watch", "process": sockets.PROCESS_ID}
+            )
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
         if not force and message_id in self.shown:
@@ -356,17 +354,28 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 {"message_id": message_id, "text": local.text, "reasoning": local.reasoning}
             )
             return
-        await self.channel_layer.group_send(
-            events.control_group(self.conversation.id),
+        await self._ask_generation(
+            message_id,
             {
                 "type": "generation.sync",
-                "message_id": message_id,
                 "reply_channel": self.channel_name,
                 "process": sockets.PROCESS_ID,
             },
         )
         if message_id not in self.snapshot_timeouts:
             self.snapshot_timeouts[message_id] = self._spawn(self._snapshot_timeout(message_id))
+
+    async def _ask_generation(self, message_id: int, request: dict) -> None:
+        """Send a request to the generation of a reply, wherever it runs. A channel layer
+        that is away (Redis restarting) loses it but closes no socket: a lost catch-up request
+        ends in its timeout (the saved text), and the next gap in the frames asks again."""
+        try:
+            await self.channel_layer.group_send(
+                events.control_group(self.conversation.id), {**request, "message_id": message_id}
+            )
+        except Exception:
+            logger.warning("Asking reply %s for %s failed", message_id, request["type"],
+                           exc_info=True)  # fmt: skip
 
     async def _snapshot_timeout(self, message_id: int) -> None:
         """No generation answered: it ended, or its process is gone. Show what was saved."""

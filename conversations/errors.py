@@ -1,5 +1,6 @@
 """Every DashScope failure as a sentence a person can act on."""
 
+import httpx
 from django.utils.translation import gettext as _
 
 from conversations.dashscope import (
@@ -49,9 +50,15 @@ def describe_error(error: BaseException) -> tuple[str, str]:
             "a shorter request."
         )
     if isinstance(error, TransportError):
+        if isinstance(error.__cause__, httpx.ConnectError):  # DashScope was never reached
+            return code, _(
+                "The connection to DashScope failed. Check this server's network access to "
+                "DashScope, then send again."
+            )
+        # Reached, then cut off mid-response: the network works, the text so far is kept.
         return code, _(
-            "The connection to DashScope failed. Check this server's network access to "
-            "DashScope, then send again."
+            "The connection to DashScope was lost before the reply was finished. Send again "
+            "in a moment."
         )
     if isinstance(error, BadRequestError):
         detail = error.message[:300]

@@ -100,6 +100,7 @@ def team(app_simulator, tmp_path_factory):
         **run,
     )  # fmt: skip
     team = Team(env, data_dir)
+    team.database = database  # tests/test_faults.py makes it unavailable for a while
     yield team
     for process in team.processes:
         if process.poll() is None:
