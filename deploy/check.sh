@@ -2,8 +2,8 @@
 # Runs the README's "Deploying for a team" steps on this machine and checks the result:
 # two daphne processes, started as deploy/qwenweb@.service starts them, on a fresh PostgreSQL
 # database and Redis, behind an nginx running deploy/nginx.conf. Prints PASS/FAIL lines and
-# exits non-zero on any FAIL. Not part of CI: it needs root, nginx, PostgreSQL and Redis, and
-# takes about a minute.
+# exits non-zero on any FAIL. It needs root, nginx, PostgreSQL and Redis, and takes about a
+# minute; tests/test_deploy_check.py runs it in CI.
 #
 #   bash deploy/check.sh
 #
