@@ -6,6 +6,7 @@ start, what DashScope is sent) so the transports stay thin.
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ TITLE_LENGTH = 60
 DEFAULT_OUTPUT_RESERVE = 8192
 # The window QWENWEB_MESSAGES_PER_MINUTE counts in.
 RATE_WINDOW = timedelta(seconds=60)
+
+logger = logging.getLogger(__name__)
 
 
 class ReplyRefused(Exception):
@@ -168,6 +171,7 @@ def reply_start(
                 role=Message.Role.ASSISTANT,
                 status=Message.Status.STREAMING,
                 model=conversation.model.name,
+                writer=uuid.uuid4(),
             )
             assistant_message.image_list = []
             fields = {"updated_at": timezone.now()}
@@ -300,7 +304,9 @@ def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, objec
     cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
     dead = [pk for pk, updated_at in streaming if updated_at < cutoff]
     if dead:
-        conversation.messages.filter(pk__in=dead, status=Message.Status.STREAMING).update(
+        conversation.messages.filter(
+            pk__in=dead, status=Message.Status.STREAMING, updated_at__lt=cutoff
+        ).update(
             status=Message.Status.INTERRUPTED,
             completed_at=timezone.now(),
             updated_at=timezone.now(),
@@ -430,6 +436,7 @@ async def areply_start(
 
     generation = Generation(
         message_id=started.assistant_message.pk,
+        writer=started.assistant_message.writer,
         conversation_id=str(conversation.id),
         request=request,
         client=get_client(),
@@ -454,6 +461,7 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
         _check_user_limits(conversation)
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
+            writer=uuid.uuid4(),  # an earlier generation of this reply can write no more
             model=conversation.model.name,
             finish_reason="",
             error_code="",
@@ -486,8 +494,17 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
             conversation.id, {"type": "conversation.continued", "message_id": reply.pk}
         )
 
+    # A generation of this reply may still run somewhere (taken for dead by a sweep while the
+    # database was away): it stops, and its saves change nothing now (Message.writer).
+    retire = {"type": "generation.retire", "message_id": reply.pk, "writer": str(reply.writer)}
+    try:
+        await get_channel_layer().group_send(events.control_group(conversation.id), retire)
+    except Exception:
+        logger.warning("Retiring earlier generations of reply %s failed", reply.pk, exc_info=True)
+
     generation = Generation(
         message_id=reply.pk,
+        writer=reply.writer,
         conversation_id=str(conversation.id),
         request=request,
         client=get_client(),

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class Generation:
     conversation_id: str
     request: ChatRequest
     client: DashScopeClient
+    # The reply's fencing token (Message.writer): saves change the message only while it is
+    # this generation's; None (a test's own message) writes whatever it holds.
+    writer: uuid.UUID | None = None
     frame_interval: float = field(default_factory=lambda: settings.QWENWEB_FRAME_INTERVAL)
     checkpoint_interval: float = field(default_factory=lambda: settings.QWENWEB_CHECKPOINT_INTERVAL)
 
@@ -70,6 +74,9 @@ class Generation:
     finish_reason: str | None = None
     request_id: str | None = None
     stop_requested: bool = False
+    # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
+    # save and announce nothing more.
+    superseded: bool = False
     task: asyncio.Task | None = None
 
     def __post_init__(self) -> None:
@@ -101,11 +108,15 @@ class Generation:
         self.task = asyncio.create_task(
             self.run(announce), name=f"generation-{self.message_id}", context=contextvars.Context()
         )
-        self.task.add_done_callback(lambda _task: _running.pop(self.message_id, None))
+        self.task.add_done_callback(self._forget)
         announced = asyncio.ensure_future(self._announced.wait())
         await asyncio.wait({self.task, announced}, return_when=asyncio.FIRST_COMPLETED)
         announced.cancel()
         return self.task
+
+    def _forget(self, _task: asyncio.Task) -> None:
+        if _running.get(self.message_id) is self:  # not a newer generation of the reply
+            del _running[self.message_id]
 
     async def run(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
         self._upstream = asyncio.create_task(self._consume())
@@ -159,6 +170,10 @@ class Generation:
     async def _finish(self, status: str, error: BaseException | None) -> None:
         """Save the result once, and tell every socket. A database that is briefly away gets
         a few more tries: the text is only in memory now."""
+        if self.superseded:
+            logger.warning("Reply %s was continued by another generation", self.message_id)
+            return
+        saved = SAVED  # unless the database never answered: tell the sockets anyway
         fields = {
             "content": self.text,
             "reasoning": self.reasoning,
@@ -175,7 +190,7 @@ class Generation:
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
         for attempt in range(FINISH_ATTEMPTS):
             try:
-                await save_message(self.message_id, **fields)
+                saved = await save_reply(self.message_id, self.writer, final=True, **fields)
                 break
             except Exception:
                 logger.warning(
@@ -183,6 +198,9 @@ class Generation:
                     exc_info=True,
                 )  # fmt: skip
                 await asyncio.sleep(2**attempt)
+        if not saved:
+            logger.warning("Reply %s was continued by another generation", self.message_id)
+            return
         message = {
             "pk": self.message_id,
             "role": "assistant",
@@ -281,11 +299,26 @@ class Generation:
         self._last_checkpoint = time.monotonic()
         self._checkpointed = len(self.text) + len(self.reasoning)
         try:
-            await save_message(self.message_id, content=self.text, reasoning=self.reasoning)
+            saved = await save_reply(
+                self.message_id, self.writer, content=self.text, reasoning=self.reasoning
+            )
         except Exception:
             # A missed checkpoint costs at most one interval of text if this process dies;
             # the reply itself goes on and is saved whole at the end.
             logger.warning("Checkpoint of reply %s failed", self.message_id, exc_info=True)
+            return
+        if saved == RESUMED:
+            # A sweep took this reply for dead while its checkpoints failed (the database was
+            # away longer than QWENWEB_REPLY_STALE_AFTER): the pages show it streaming again.
+            logger.warning("Reply %s was marked interrupted while alive: resumed", self.message_id)
+            with contextlib.suppress(Exception):
+                await sockets.broadcast(
+                    self.conversation_id,
+                    {"type": "conversation.continued", "message_id": self.message_id},
+                )
+        elif not saved:
+            self.superseded = True
+            self.stop()
 
     async def _listen(self, channel: str) -> None:
         while True:
@@ -298,6 +331,10 @@ class Generation:
                     # Requests from before sockets.py carry no process: assume another one.
                     self.remote_readers |= message.get("process") != sockets.PROCESS_ID
                 if kind == "generation.stop":
+                    self.stop()
+                elif kind == "generation.retire" and message.get("writer") != str(self.writer):
+                    # Continue gave this reply to a newer generation: this one is done.
+                    self.superseded = True
                     self.stop()
                 elif kind == "generation.sync":
                     await self.layer.send(
@@ -316,7 +353,24 @@ class Generation:
                 await asyncio.sleep(1)
 
 
+SAVED, RESUMED = "saved", "resumed"
+
+
 @db_async
-def save_message(message_id: int, **fields) -> None:
-    """One UPDATE of a message (see conversations/db.py for where it runs)."""
-    Message.objects.filter(pk=message_id).update(updated_at=timezone.now(), **fields)
+def save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = False, **fields) -> str:
+    """Save a reply's text, or its end (`final`), if the reply is still this generation's
+    (see conversations/db.py for where it runs). One UPDATE as a rule; returns SAVED, RESUMED
+    (a checkpoint of a reply a sweep had marked interrupted: streaming again) or "" (the
+    reply is another generation's now, or gone: nothing was written)."""
+    mine = Message.objects.filter(pk=message_id)
+    if writer is not None:
+        mine = mine.filter(writer=writer)
+    now = timezone.now()
+    if final:
+        return SAVED if mine.update(updated_at=now, **fields) else ""
+    if mine.filter(status=Message.Status.STREAMING).update(updated_at=now, **fields):
+        return SAVED
+    resumed = mine.filter(status=Message.Status.INTERRUPTED).update(
+        status=Message.Status.STREAMING, completed_at=None, updated_at=now, **fields
+    )
+    return RESUMED if resumed else ""

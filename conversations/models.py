@@ -163,7 +163,8 @@ class MessageQuerySet(models.QuerySet):
         their pks, so open sockets can be told."""
         stale = list(self.stale_streaming(saved_before).values_list("pk", flat=True))
         if stale:  # usually not: read, don't write
-            self.filter(pk__in=stale, status=Message.Status.STREAMING).update(
+            # Still stale when written: a checkpoint saved meanwhile keeps its reply alive.
+            self.stale_streaming(saved_before).filter(pk__in=stale).update(
                 status=Message.Status.INTERRUPTED,
                 completed_at=timezone.now(),
                 updated_at=timezone.now(),
@@ -205,6 +206,9 @@ class Message(models.Model):
     error_code = models.CharField(_("error code"), max_length=100, blank=True)
     error_message = models.TextField(_("error message"), blank=True)
     client_message_id = models.UUIDField(null=True, blank=True, editable=False)
+    # The generation writing this reply (a fencing token): Continue gives the reply a new
+    # one, and the saves of an earlier generation still running then change nothing.
+    writer = models.UUIDField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
     completed_at = models.DateTimeField(_("completed"), null=True, blank=True)

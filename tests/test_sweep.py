@@ -4,17 +4,23 @@ The cross-process case (a daphne process killed with SIGKILL mid-reply, swept by
 is tests/test_team_deployment.py::test_a_killed_process_leaves_an_interrupted_reply_that_...
 """
 
+import asyncio
+import html
+import re
+import time
+import uuid
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations import sweep
-from conversations.chat import conversation_create
+from conversations import generation, sweep
+from conversations.chat import announce_finished, conversation_create
+from conversations.dashscope.simulator import Scenario
 from conversations.models import Message
-from tests.ws_support import Transcript, open_chat, receive_until
+from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 
 
 def _reply(conversation, *, saved_at):
@@ -71,3 +77,107 @@ def test_at_start_the_only_process_takes_every_reply_of_its_previous_run(
     assert sweep.sweep(at_start=True) == [(str(conversation.id), reply.pk)]
     reply.refresh_from_db()
     assert (reply.status, reply.content) == ("interrupted", "the checkpoint")
+
+
+# -- a live reply taken for dead (its checkpoints failed longer than STALE_AFTER) -------------
+
+LONG = " ".join(f"word{i}" for i in range(150))  # 3 s at 0.02 s a word
+
+
+def _statuses(transcript: Transcript, pk: int) -> list[str]:
+    """Every status the page showed the reply in, in order, repeats folded."""
+    pattern = re.compile(rf'<article id="message-{pk}"[^>]*data-status="(\w+)"')
+    seen = [m.group(1) for frame in transcript.frames for m in pattern.finditer(frame)]
+    return [status for i, status in enumerate(seen) if i == 0 or seen[i - 1] != status]
+
+
+async def _taken_for_dead(app_simulator, settings, *, checkpoint_every: float):
+    """A long reply streaming on a socket, with a checkpoint saved, then marked interrupted as
+    a sweep marks it after a database outage longer than QWENWEB_REPLY_STALE_AFTER (its
+    heartbeat failed meanwhile, though its generation lives on) and the pages told so."""
+    settings.QWENWEB_CHECKPOINT_INTERVAL = checkpoint_every
+    app_simulator.add_scenario(Scenario(match="alive", reply=LONG, token_delay=0.02, times=2))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("still alive?"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "word10 " in "".join(t.text.values()))
+    reply = await Message.objects.filter(conversation=conversation, role="assistant").aget()
+    deadline = time.monotonic() + 5
+    while not (await Message.objects.aget(pk=reply.pk)).content:  # the first checkpoint
+        assert time.monotonic() < deadline, "no checkpoint was saved"
+        await asyncio.sleep(0.02)
+    await Message.objects.filter(pk=reply.pk).aupdate(status="interrupted")
+    await announce_finished(conversation.id, reply.pk)
+    return conversation, ws, transcript, reply
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_live_reply_marked_interrupted_streams_on_and_ends_complete(
+    app_simulator, settings
+):
+    """Its next checkpoint finds it interrupted and takes it back: the page shows it streaming
+    again (no Continue button to press meanwhile) and it ends complete and whole, from one
+    upstream request."""
+    conversation, ws, transcript, reply = await _taken_for_dead(
+        app_simulator, settings, checkpoint_every=0.3
+    )
+    await receive_until(ws, transcript, lambda t: t.status.get(reply.pk) == "complete", 15)
+    await ws.disconnect()
+    assert _statuses(transcript, reply.pk) == ["streaming", "interrupted", "streaming", "complete"]
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content) == ("complete", LONG)
+    assert LONG in html.unescape(transcript.frames[-1])
+    assert len([r for r in app_simulator.requests if r.path.endswith("/generation")]) == 1
+    app_simulator.clear_scenarios()
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_continue_on_a_reply_still_alive_retires_its_generation(app_simulator, settings):
+    """Continue pressed on such a reply before its next checkpoint: the earlier generation
+    stops at once and writes nothing more; the new one carries on from the saved text, and
+    the reply ends as one text, not two interleaved."""
+    conversation, ws, transcript, reply = await _taken_for_dead(
+        app_simulator, settings, checkpoint_every=1.0
+    )
+    earlier = generation.running(reply.pk)
+    assert earlier is not None
+    # No more checkpoints of its own: only the word from Continue can stop it (the fencing
+    # token alone is the next test's).
+    earlier.checkpoint_interval = 60
+    await ws.send_to(text_data='{"type": "continue"}')
+    await asyncio.wait_for(asyncio.shield(earlier.task), 1)  # it runs on for 3 s otherwise
+    assert earlier.superseded
+    await receive_until(ws, transcript, lambda t: t.status.get(reply.pk) == "complete", 15)
+    await asyncio.sleep(1.2)  # an earlier generation still writing would have saved by now
+    await ws.disconnect()
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content) == ("complete", LONG)
+    assert LONG in html.unescape(transcript.frames[-1])
+    requests = [r for r in app_simulator.requests if r.path.endswith("/generation")]
+    assert len(requests) == 2 and requests[-1].body["input"]["messages"][-1]["partial"] is True
+    app_simulator.clear_scenarios()
+
+
+@pytest.mark.filterwarnings("ignore:async_to_sync was passed a non-async-marked callable")
+@pytest.mark.django_db
+def test_saves_of_a_generation_whose_reply_was_handed_on_change_nothing(conversation):
+    """The fencing token: only the reply's current writer saves it; a checkpoint of a reply a
+    sweep marked interrupted takes it back; any other save changes nothing."""
+    mine, newer = uuid.uuid4(), uuid.uuid4()
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", status="streaming", writer=mine
+    )
+    save = async_to_sync(generation.save_reply)
+    assert save(reply.pk, mine, content="one") == generation.SAVED
+    Message.objects.filter(pk=reply.pk).update(status="interrupted")
+    assert save(reply.pk, mine, content="one two") == generation.RESUMED
+    reply.refresh_from_db()
+    assert (reply.status, reply.content, reply.completed_at) == ("streaming", "one two", None)
+    Message.objects.filter(pk=reply.pk).update(writer=newer)  # Continue
+    assert save(reply.pk, mine, content="stale") == ""
+    assert save(reply.pk, mine, final=True, content="stale", status="complete") == ""
+    reply.refresh_from_db()
+    assert (reply.status, reply.content) == ("streaming", "one two")
+    assert save(reply.pk, newer, final=True, content="done", status="complete") == generation.SAVED
