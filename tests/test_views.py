@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -222,6 +223,25 @@ def test_chinese_interface(alice_client):
     html = alice_client.get("/", HTTP_ACCEPT_LANGUAGE="zh-CN,zh;q=0.9").content.decode()
     assert 'lang="zh-hans"' in html
     assert "新对话" in html and "发送" in html
+
+
+def test_the_sign_in_page_switches_language_before_signing_in():
+    """Someone who cannot read English switches the sign-in page to Chinese: the form is on it,
+    it takes an anonymous visitor (with the CSRF token of the page, not without), and the page
+    comes back in Chinese."""
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    page = client.get("/accounts/login/").content.decode()
+    assert 'class="lang-form"' in page and 'action="/i18n/setlang/"' in page
+    choose = {"language": "zh-hans", "next": "/accounts/login/"}
+    assert client.post("/i18n/setlang/", choose).status_code == 403
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    response = client.post("/i18n/setlang/", {**choose, "csrfmiddlewaretoken": token})
+    assert (response.status_code, response["Location"]) == (302, "/accounts/login/")
+    page = client.get("/accounts/login/").content.decode()
+    assert 'lang="zh-hans"' in page and "登录" in page
+    assert client.get("/").status_code == 302, "the chats still need a sign-in"
 
 
 def test_first_message_with_an_image_for_a_text_model_is_refused_and_kept(alice_client):
