@@ -50,6 +50,10 @@ class ReplyInProgress(ReplyRefused):
     pass
 
 
+class StopUndelivered(ReplyRefused):
+    """Stop could not reach a reply running in another process (Redis is away)."""
+
+
 @dataclass(frozen=True)
 class StartedReply:
     conversation: Conversation  # as it was read under the lock: current model, prompt, title
@@ -520,7 +524,8 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
 
 async def areply_stop(*, conversation: Conversation) -> list[int]:
     """Ask the conversation's running reply to stop, in whichever process it runs (the
-    control group reaches them all). Returns the replies asked."""
+    control group reaches them all). Returns the replies asked; raises StopUndelivered when
+    the channel layer could not carry the request to one (it runs on)."""
     message_ids = await db_async(
         lambda: list(
             conversation.messages.filter(status=Message.Status.STREAMING).values_list(
@@ -528,11 +533,27 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
             )
         )
     )()
+    from conversations import generation
+
+    undelivered = False
     for message_id in message_ids:
-        await get_channel_layer().group_send(
-            events.control_group(conversation.id),
-            {"type": "generation.stop", "message_id": message_id},
-        )
+        local = generation.running(message_id)
+        if local is not None:  # this process's: no need of Redis to stop it
+            local.stop()
+            continue
+        try:
+            await get_channel_layer().group_send(
+                events.control_group(conversation.id),
+                {"type": "generation.stop", "message_id": message_id},
+            )
+        except Exception:
+            logger.warning("Asking reply %s to stop failed", message_id, exc_info=True)
+            undelivered = True
+    if undelivered:
+        raise StopUndelivered(
+            _("Stop did not reach the reply: this server is out of touch with the others for "
+              "a moment. Press Stop again shortly.")
+        )  # fmt: skip
     return message_ids
 
 

@@ -48,6 +48,9 @@ SNAPSHOT_TIMEOUT = 2.0
 REJOIN_INTERVAL = 3600
 MAX_FRAME_BYTES = 256 * 1024
 MAX_CATCH_UP_MESSAGES = 100
+# A reply this socket shows as streaming and has heard nothing of for this long is looked up
+# in the database: its end may have been announced while the channel layer was away.
+QUIET_AFTER = generation.HEARTBEAT_INTERVAL
 
 
 class ConversationConsumer(AsyncWebsocketConsumer):
@@ -72,6 +75,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.last_target: dict[str, int] = {}  # the message the last lean frame of a kind went to
         self.delivered: set[int] = set()  # messages this socket has put on the page
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
+        self.heard: dict[int, float] = {}  # message pk -> when this socket last had word of it
         self.background: set[asyncio.Task] = set()
         self.group = events.group(conversation.id)
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -84,6 +88,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await self.accept()
         sockets.add(conversation.id, self)
         self._spawn(self._keep_group_membership())
+        self._spawn(self._check_quiet_replies())
         for message_id in await _streaming_message_ids(conversation):
             await self._request_snapshot(message_id)
 
@@ -170,7 +175,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self._send_notice(str(refusal))
 
     async def _stop(self) -> None:
-        message_ids = await chat.areply_stop(conversation=self.conversation)
+        try:
+            message_ids = await chat.areply_stop(conversation=self.conversation)
+        except chat.StopUndelivered as undelivered:
+            await self._send_notice(str(undelivered))
+            return
         if message_ids:
             # A live generation stops within moments; one still "streaming" after that has
             # no process behind it, and must not keep the chat blocked.
@@ -314,6 +323,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     ) -> None:
         """Send only what this socket has not shown yet: no gap, no duplicate. The answer
         goes in `+<pk>:` frames, the model's thinking in `~<pk>:` frames."""
+        self.heard[message_id] = asyncio.get_running_loop().time()
         thinking = part == "reasoning"
         counts = self.shown_reasoning if thinking else self.shown
         shown = counts.get(message_id) or 0
@@ -398,6 +408,29 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(REJOIN_INTERVAL)
             await self.channel_layer.group_add(self.group, self.channel_name)
             await self.channel_layer.group_add(self.user_group, self.channel_name)
+
+    async def _check_quiet_replies(self) -> None:
+        """A reply shown streaming that has gone quiet (no text for QUIET_AFTER) is looked up:
+        if it ended while its end could not reach this socket (Redis away, in a team), the
+        page shows the end now. Costs nothing while text flows; a reply still streaming in
+        the database is left to its generation, or to the sweep."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(QUIET_AFTER / 2)
+            now = loop.time()
+            for message_id in list(self.heard):
+                if message_id not in self.shown:
+                    del self.heard[message_id]
+            for message_id in list(self.shown):
+                if now - self.heard.setdefault(message_id, now) < QUIET_AFTER:
+                    continue
+                self.heard[message_id] = now
+                message = await _message(self.conversation, message_id)
+                # Unless its end arrived meanwhile (then it is no longer in `shown`).
+                if message is not None and not message.is_streaming and message_id in self.shown:
+                    del self.shown[message_id]
+                    self.shown_reasoning.pop(message_id, None)
+                    await self._send_messages([message])
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)

@@ -85,6 +85,7 @@ class Generation:
         self._last_checkpoint = time.monotonic()
         self._checkpointed = 0
         self._checkpoint_task: asyncio.Task | None = None
+        self._publish_failures = 0
         self.layer = get_channel_layer()
         # A socket in another process reads this reply: deltas go over the channel layer too.
         self.remote_readers = False
@@ -256,8 +257,17 @@ class Generation:
                 await self._publish_pending()
             except Exception:
                 # A lost frame is not lost text: sockets see the gap in the offsets and
-                # catch up from the generation.
-                logger.warning("Publishing reply %s failed", self.message_id, exc_info=True)
+                # catch up from the generation. Logged once per outage, not once a frame.
+                if not self._publish_failures:
+                    logger.warning("Publishing reply %s failed", self.message_id, exc_info=True)
+                self._publish_failures += 1
+            else:
+                if self._publish_failures:
+                    logger.warning(
+                        "Publishing reply %s works again after %s failed frames",
+                        self.message_id, self._publish_failures,
+                    )  # fmt: skip
+                    self._publish_failures = 0
             if done:
                 return
             since = time.monotonic() - self._last_checkpoint

@@ -129,6 +129,9 @@ eval "$helper"
 tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./var --exclude=./staticfiles \
     --exclude=./test-artifacts --exclude=__pycache__ --exclude=./.pytest_cache \
     --exclude=./.ruff_cache -cf - . | tar -C "$APP" -xf - || die "copying the work tree failed"
+# As `sudo git clone` leaves /srv/qwenweb (umask 022): readable by all, writable by root
+# only, whatever the modes of this tree (a clone in a mktemp directory is 700).
+chmod -R u+rwX,go+rX,go-w "$APP"
 if [ -x "$REPO/.venv/bin/python" ]; then
     ln -s "$REPO/.venv" "$APP/.venv"
 else

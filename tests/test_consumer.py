@@ -348,7 +348,11 @@ async def test_a_tab_that_reconnects_gets_the_messages_it_missed(app_simulator):
     await returning.disconnect()
 
 
-async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat():
+async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat(monkeypatch):
+    from conversations import sweep
+
+    # Not the sweep's (it would take a reply saved before this process started at once).
+    monkeypatch.setattr(sweep, "STARTED_AT", timezone.now() - timedelta(days=1))
     owner = await make_user("alice")
     conversation = await make_conversation(owner)
     orphan = await Message.objects.acreate(
@@ -444,6 +448,29 @@ async def test_continue_carries_a_stopped_reply_on_in_the_same_message(app_simul
     last = app_simulator.requests[-1].body["input"]["messages"][-1]
     assert last == {"role": "assistant", "content": stopped.content, "partial": True}
     assert await Message.objects.filter(conversation=conversation).acount() == 2
+    await ws.disconnect()
+
+
+async def test_a_reply_whose_end_never_reached_the_socket_ends_on_the_page(monkeypatch):
+    """The end of a reply announced while the channel layer was away (Redis restarting, in a
+    team) never reaches a socket on another process: once the reply has been quiet for
+    QUIET_AFTER, the socket looks it up and the page shows the end."""
+    from conversations import consumers
+
+    monkeypatch.setattr(consumers, "QUIET_AFTER", 0.3)
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    reply = await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", content="Half"
+    )
+    ws, connected, _code = await connect(owner, conversation)
+    assert connected
+    transcript = Transcript()
+    # No generation answers its catch-up request: after SNAPSHOT_TIMEOUT the saved text shows.
+    await receive_until(ws, transcript, lambda t: t.text.get(reply.pk) == "Half", within=5)
+    await Message.objects.filter(pk=reply.pk).aupdate(status="complete", content="Half done.")
+    await receive_until(ws, transcript, lambda t: t.status.get(reply.pk) == "complete", within=3)
+    assert "Half done." in transcript.frames[-1]
     await ws.disconnect()
 
 

@@ -530,6 +530,8 @@ def own_redis_team(app_simulator, tmp_path):
         "DASHSCOPE_API_KEY": APP_API_KEY,
         "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # A third of it is how long a socket waits on a quiet reply before looking it up.
+        "QWENWEB_REPLY_STALE_AFTER": "3",
     }
     processes = None
     try:
@@ -590,3 +592,45 @@ def test_redis_restarted_mid_reply_is_survived(own_redis_team, app_simulator):
         ("user", "complete", "redis restarts"), ("assistant", "complete", LONG_REPLY),
     ]  # fmt: skip
     assert httpx.get(f"{url_b}/healthz").json()["channel_layer"] == "ok"
+
+
+@pytest.mark.services
+def test_a_reply_that_ends_while_redis_is_away_ends_on_every_tab(own_redis_team, app_simulator):
+    """Redis stays away until the reply is over. Stop pressed on B, the other process, cannot
+    reach the reply: B says so and stays open, and the reply goes on. Its end cannot reach B
+    either: B, hearing nothing more of the reply, looks it up and shows its end, all before
+    Redis is back."""
+    (url_a, url_b), redis = own_redis_team
+    app_simulator.add_scenario(Scenario(match="away", reply=LONG_REPLY, token_delay=0.02))
+    client, path, cookie = open_team_chat(url_a)
+
+    async def scenario() -> tuple[Tab, Tab, int]:
+        tabs = tab_a, tab_b = (
+            await Tab(url_a, path, cookie).open(),
+            await Tab(url_b, path, cookie).open(),
+        )
+        await tab_a.send(**sent("redis goes away"))
+        await until(lambda: tab_a.words() >= 30 and tab_b.words() >= 30, "the reply", tabs)
+        pk = tab_a.newest_reply()
+        await asyncio.to_thread(redis.stop)
+        try:
+            await tab_b.send(type="stop")
+            await until(
+                lambda: any("did not reach the reply" in f for f in tab_b.page.frames),
+                "B's notice", tabs,
+            )  # fmt: skip
+            await until(lambda: tab_a.complete(pk), "the end on A", tabs, 30)
+            await until(lambda: tab_b.complete(pk), "the end on B, Redis still away", tabs, 10)
+        finally:
+            await asyncio.to_thread(redis.start)
+        for tab in tabs:
+            await tab.close()
+        return tab_a, tab_b, pk
+
+    tab_a, tab_b, pk = asyncio.run(scenario())
+    for tab in (tab_a, tab_b):
+        assert LONG_REPLY in tab.final(pk), "every tab ends showing the whole reply"
+    messages = client.get(path + "export.json").json()["messages"]
+    assert [(m["status"], m["content"]) for m in messages] == [
+        ("complete", "redis goes away"), ("complete", LONG_REPLY),
+    ]  # fmt: skip

@@ -1364,8 +1364,9 @@ def test_15_own_conversations_are_not_audited(client, django_user_model, alices_
 
 # -- every page and socket needs a login -------------------------------------------------------
 
-# Anyone may GET these (200): signing in, the health check.
-PUBLIC_URL_NAMES = {"login", "admin:login", "healthz"}
+# Anyone may use these: signing in, the health check, and choosing the language of the sign-in
+# page (a cookie and a redirect; it shows and changes no one's data, and CSRF applies).
+PUBLIC_URL_NAMES = {"login", "admin:login", "healthz", "set_language"}
 
 
 @pytest.mark.django_db
