@@ -3,6 +3,7 @@ a minute, the model still enabled. Counted in the database, so they hold across 
 
 from __future__ import annotations
 
+import html
 import json
 import threading
 import uuid
@@ -17,6 +18,7 @@ from django.utils import timezone, translation
 from conversations import chat
 from conversations.dashscope.simulator import Scenario
 from conversations.models import Conversation, Message, ModelProfile
+from tests.test_team_deployment import team  # noqa: F401 (a fixture)
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 
 pytestmark = pytest.mark.django_db
@@ -294,7 +296,10 @@ def test_sends_at_the_same_moment_in_two_chats_cannot_both_pass_the_limit(settin
     if connection.vendor != "postgresql":
         # SQLite runs one write transaction at a time anyway; its in-memory test database
         # refuses a second writer instead of making it wait.
-        pytest.skip("needs PostgreSQL: DATABASE_URL=postgres://…")
+        pytest.skip(
+            "needs PostgreSQL: DATABASE_URL=postgres://… (across two processes on PostgreSQL: "
+            "the test below, which CI runs)"
+        )
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
     owner = get_user_model().objects.create_user("racer", password="pw")
     chats = [chat.conversation_create(owner=owner) for _ in range(8)]
@@ -318,3 +323,57 @@ def test_sends_at_the_same_moment_in_two_chats_cannot_both_pass_the_limit(settin
         thread.join()
     assert sorted(outcomes) == ["refused"] * (len(chats) - 1) + ["started"]
     assert Message.objects.filter(conversation__owner=owner, status="streaming").count() == 1
+
+
+@pytest.mark.services
+def test_one_persons_sends_through_two_processes_at_once_start_only_their_limit(
+    team,  # noqa: F811
+    app_simulator,
+):
+    """QWENWEB_MAX_CONCURRENT_REPLIES (2) holds across server processes: six chats of one
+    person, three open on each process, send at the same moment; two replies start, the four
+    other tabs are told why, on PostgreSQL with its row locks (the test above, in threads, runs
+    only where the test database is PostgreSQL)."""
+    import asyncio
+
+    from tests.test_faults import LONG_REPLY, Tab, open_team_chat, sent, until
+
+    app_simulator.add_scenario(Scenario(match="at once", reply=LONG_REPLY, token_delay=0.02))
+    url_a, url_b = team
+    client, path, cookie = open_team_chat(url_a)
+    paths = [path]
+    for _ in range(5):
+        response = client.post(
+            "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+            headers={"Referer": f"{url_a}/"},
+        )  # fmt: skip
+        paths.append(response.headers["Location"])
+
+    def refused(tab: Tab) -> bool:
+        return any('role="alert"' in frame for frame in tab.page.frames)
+
+    async def scenario() -> list[Tab]:
+        tabs = [await Tab((url_a, url_b)[i % 2], p, cookie).open() for i, p in enumerate(paths)]
+        await asyncio.gather(*(tab.send(**sent("all at once")) for tab in tabs))
+        await until(
+            lambda: sum(bool(tab.newest_reply()) or refused(tab) for tab in tabs) == 6,
+            "every tab's answer", tuple(tabs),
+        )  # fmt: skip
+        for tab in tabs:  # stop what started, so the next test finds no reply running
+            if tab.newest_reply():
+                await tab.send(type="stop")
+        for tab in tabs:
+            if tab.newest_reply():
+                await until(lambda: tab.statuses(tab.newest_reply())[-1] == "stopped",  # noqa: B023
+                            "the stop", tuple(tabs))  # fmt: skip
+            await tab.close()
+        return tabs
+
+    tabs = asyncio.run(scenario())
+    app_simulator.clear_scenarios()
+    started = [tab for tab in tabs if tab.newest_reply()]
+    told = [tab for tab in tabs if refused(tab)]
+    assert (len(started), len(told)) == (2, 4)
+    assert {tab.base for tab in started} | {tab.base for tab in told} == {url_a, url_b}
+    for tab in told:
+        assert "replies being written" in html.unescape(" ".join(tab.page.frames))
