@@ -318,21 +318,35 @@ def log_problems(stack: Stack) -> list[str]:
 
 # -- users, conversations, sockets ------------------------------------------------------------
 
+# One person per conversation (P1's "10 people send at once"), each signed in: a session
+# made here, as a sign-in makes it (the password hashed once for all of them; one sign-in
+# through the login form, by `login`, checks that path and gives the first cookie).
 SETUP_SCRIPT = """
 import json
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.test import Client
 from conversations.models import Conversation, ModelProfile, SystemPrompt
 users, conversations = {users}, {conversations}
 with transaction.atomic():
-    owners = [User.objects.create_user(f"bench{{i}}", password={password!r}) for i in range(users)]
+    password = make_password({password!r})
+    owners = User.objects.bulk_create(
+        User(username=f"bench{{i}}", password=password) for i in range(users)
+    )
     model = ModelProfile.objects.default()
     prompt = SystemPrompt.objects.filter(is_default=True).first()
     made = Conversation.objects.bulk_create(
         Conversation(owner=owners[j % users], model=model, system_prompt=prompt)
         for j in range(conversations)
     )
-print(json.dumps([[str(c.id), j % users] for j, c in enumerate(made)]))
+cookies = []
+for owner in owners[1:]:
+    client = Client()
+    client.force_login(owner)
+    cookies.append(client.cookies["sessionid"].value)
+print(json.dumps({{"conversations": [[str(c.id), j % users] for j, c in enumerate(made)],
+                  "cookies": cookies}}))
 """
 
 
@@ -427,9 +441,10 @@ class Clients:
             return
         out = stack.manage("shell", "-c", SETUP_SCRIPT.format(
             users=users, conversations=conversations, password=PASSWORD))  # fmt: skip
-        self.conversations = json.loads(out.strip().splitlines()[-1])
-        # Sessions live in the shared database: one login per user serves every process.
-        self.cookies = [login(stack.urls[i % len(stack.urls)], f"bench{i}") for i in range(users)]
+        made = json.loads(out.strip().splitlines()[-1])
+        self.conversations = made["conversations"]
+        # Sessions live in the shared database: one per user serves every process.
+        self.cookies = [login(stack.urls[0], "bench0"), *made["cookies"]]
 
     async def ensure(self, count: int) -> list[Conn]:
         """At least `count` open sockets (opened 20 at a time, not timed)."""
@@ -830,7 +845,7 @@ async def run_stack(name: str, processes: int, sim, sim_url: str, p1_levels, p2_
     try:
         needed = max([*p2_levels, *(lvl for lvl, _ in p1_levels), profile_at or 0,
                       soak[0] if soak else 0])  # fmt: skip
-        clients = Clients(stack, users=8, conversations=needed)
+        clients = Clients(stack, users=needed, conversations=needed)
         try:
             if soak:
                 out["soak"] = await run_soak(stack, clients, *soak)
