@@ -362,10 +362,12 @@ def test_one_persons_sends_through_two_processes_at_once_start_only_their_limit(
         for tab in tabs:  # stop what started, so the next test finds no reply running
             if tab.newest_reply():
                 await tab.send(type="stop")
-        for tab in tabs:
-            if tab.newest_reply():
-                await until(lambda: tab.statuses(tab.newest_reply())[-1] == "stopped",  # noqa: B023
-                            "the stop", tuple(tabs))  # fmt: skip
+        started = [tab for tab in tabs if tab.newest_reply()]
+        await until(
+            lambda: all(tab.statuses(tab.newest_reply())[-1] == "stopped" for tab in started),
+            "the stops", tuple(tabs),
+        )  # fmt: skip
+        for tab in tabs:  # only now: `until` takes a closed tab for a failure
             await tab.close()
         return tabs
 
