@@ -811,7 +811,9 @@ async def run_p2(stack: Stack, clients: Clients, levels: list[int], profile_at: 
     return results
 
 
-async def run_soak(stack: Stack, clients: Clients, level: int, seconds: float) -> dict:
+async def run_soak(
+    stack: Stack, clients: Clients, level: int, seconds: float, short: bool = False
+) -> dict:
     """`level` concurrent replies, round after round, for `seconds`: replies lost, errors in
     the logs, and the processes' memory at start and end."""
     pids = {f"daphne{n}": p.pid for n, p in enumerate(stack.daphnes)}
@@ -822,6 +824,11 @@ async def run_soak(stack: Stack, clients: Clients, level: int, seconds: float) -
     while time.monotonic() - began < seconds:
         result = await p2_level(clients, level, pids, None)
         rounds.append(result)
+        if short:  # chats of constant length: what memory does with history out of the way
+            import psycopg
+
+            with psycopg.connect(pg_url(stack.pg_database), autocommit=True) as db:
+                db.execute("DELETE FROM conversations_message")
         print(f"  soak {time.monotonic() - began:5.0f} s: {level} replies, lost "
               f"{result['lost']}, statuses {result['statuses']}, lag p95 "
               f"{ms(result['lag95'])} ms, RSS {[round(rss_mb(p.pid)) for p in stack.daphnes]} MB",
@@ -890,6 +897,10 @@ def main() -> None:
     parser.add_argument("--p2-one", help="1-process levels, comma-separated")
     parser.add_argument("--p2-two", help="2-process levels, comma-separated")
     parser.add_argument(
+        "--soak-short", action="store_true",
+        help="with --soak: empty the chats after every round (their history stays short)",
+    )  # fmt: skip
+    parser.add_argument(
         "--soak", metavar="N:SECONDS",
         help="only a soak: N concurrent replies on the 2-process stack, round after round",
     )  # fmt: skip
@@ -921,8 +932,9 @@ def main() -> None:
     if args.soak:
         level, seconds = (int(x) for x in args.soak.split(":"))
         try:
+            soak_args = (level, seconds, args.soak_short)
             out = asyncio.run(run_stack("soak", 2, sim, sim_url, [], [], None,
-                                        deadline=0, soak=(level, seconds)))  # fmt: skip
+                                        deadline=0, soak=soak_args))  # fmt: skip
         finally:
             sim.terminate()
             sim.wait(timeout=10)
