@@ -387,6 +387,20 @@ async def until(predicate, what: str, tabs: tuple[Tab, ...], within: float = 15)
         await asyncio.sleep(0.02)
 
 
+async def reply_on_two_tabs(
+    urls: tuple[str, str], path: str, cookie: str, content: str, *, words_on_a: int = 30
+) -> tuple[Tab, Tab]:
+    """A chat open in a tab on process A and one on B; `content` sent from A, its reply
+    streaming on both (`words_on_a` words on A, 30 on B)."""
+    tabs = tab_a, tab_b = (
+        await Tab(urls[0], path, cookie).open(),
+        await Tab(urls[1], path, cookie).open(),
+    )
+    await tab_a.send(**sent(content))
+    await until(lambda: tab_a.words() >= words_on_a and tab_b.words() >= 30, "the reply", tabs)
+    return tabs
+
+
 def sent(content: str) -> dict:
     return {"type": "send", "content": content, "client_message_id": str(uuid.uuid4())}
 
@@ -432,12 +446,9 @@ def test_the_database_unavailable_mid_reply_is_survived(team, app_simulator):  #
                 )
 
     async def scenario() -> tuple[Tab, Tab, int]:
-        tabs = tab_a, tab_b = (
-            await Tab(url_a, path, cookie).open(),
-            await Tab(url_b, path, cookie).open(),
+        tabs = tab_a, tab_b = await reply_on_two_tabs(
+            (url_a, url_b), path, cookie, "outage ahead", words_on_a=60
         )
-        await tab_a.send(**sent("outage ahead"))
-        await until(lambda: tab_a.words() >= 60 and tab_b.words() >= 30, "the reply", tabs)
         try:
             await asyncio.to_thread(allow_connections, False)
             await asyncio.sleep(3)
@@ -567,12 +578,9 @@ def test_redis_restarted_mid_reply_is_survived(own_redis_team, app_simulator):
     client, path, cookie = open_team_chat(url_a)
 
     async def scenario() -> tuple[Tab, Tab, int]:
-        tabs = tab_a, tab_b = (
-            await Tab(url_a, path, cookie).open(),
-            await Tab(url_b, path, cookie).open(),
+        tabs = tab_a, tab_b = await reply_on_two_tabs(
+            (url_a, url_b), path, cookie, "redis restarts", words_on_a=60
         )
-        await tab_a.send(**sent("redis restarts"))
-        await until(lambda: tab_a.words() >= 60 and tab_b.words() >= 30, "the reply", tabs)
         await asyncio.to_thread(redis.stop)
         await asyncio.sleep(1)
         await asyncio.to_thread(redis.start)
@@ -605,12 +613,9 @@ def test_a_reply_that_ends_while_redis_is_away_ends_on_every_tab(own_redis_team,
     client, path, cookie = open_team_chat(url_a)
 
     async def scenario() -> tuple[Tab, Tab, int]:
-        tabs = tab_a, tab_b = (
-            await Tab(url_a, path, cookie).open(),
-            await Tab(url_b, path, cookie).open(),
+        tabs = tab_a, tab_b = await reply_on_two_tabs(
+            (url_a, url_b), path, cookie, "redis goes away"
         )
-        await tab_a.send(**sent("redis goes away"))
-        await until(lambda: tab_a.words() >= 30 and tab_b.words() >= 30, "the reply", tabs)
         pk = tab_a.newest_reply()
         await asyncio.to_thread(redis.stop)
         try:
