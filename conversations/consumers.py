@@ -427,9 +427,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 self.heard[message_id] = now
                 message = await _message(self.conversation, message_id)
                 # Unless its end arrived meanwhile (then it is no longer in `shown`).
-                if message is not None and not message.is_streaming and message_id in self.shown:
-                    del self.shown[message_id]
-                    self.shown_reasoning.pop(message_id, None)
+                if message_id not in self.shown or (message and message.is_streaming):
+                    continue
+                del self.shown[message_id]  # ended, or deleted with its chat: stop asking
+                self.shown_reasoning.pop(message_id, None)
+                if message is not None:
                     await self._send_messages([message])
 
     def _spawn(self, coroutine) -> asyncio.Task:
