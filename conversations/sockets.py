@@ -17,6 +17,7 @@ import uuid
 from collections import defaultdict
 from typing import Protocol
 
+from autobahn.exception import Disconnected
 from channels.layers import get_channel_layer
 
 from conversations import events
@@ -42,6 +43,13 @@ async def broadcast(conversation_id, event: dict, *, remote: bool = True) -> Non
     for socket in open_on(conversation_id):
         try:
             await socket.deliver(event)
+        except Disconnected:
+            # A tab going away, not a failure: its close frame is in, so daphne's websocket
+            # (autobahn) sends no more, but its connection is not gone yet, so its consumer
+            # has not been told to disconnect. It gets nothing further; its consumer's
+            # disconnect() then finds it gone from here.
+            discard(conversation_id, socket)
+            logger.debug("A socket on %s closed while a frame was on its way", conversation_id)
         except Exception:
             logger.warning("A socket on %s failed", conversation_id, exc_info=True)
     if remote:

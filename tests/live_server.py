@@ -67,25 +67,36 @@ class LiveApp:
         page.wait_for_url(f"{self.url}/")
 
 
-def _start_daphne(env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def _start_daphne(
+    env: dict, log_path: Path, *, send_buffer: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """daphne in a process of its own, its output in `log_path`, once it answers /healthz.
+
+    With `send_buffer` (bytes), every connection it accepts gets a kernel send buffer that
+    small (a listening socket of ours, handed to daphne with --fd, passes it on to them), so a
+    client that stops reading backs frames up in daphne within a few KB, as a slow or vanishing
+    client does on a real network; on loopback the kernel would otherwise absorb megabytes."""
+    if send_buffer is None:
+        port = free_port()
+        where, pass_fds = ["-b", "127.0.0.1", "-p", str(port)], ()
+    else:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        where, pass_fds = ["--fd", str(listener.fileno())], (listener.fileno(),)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "qwenweb.asgi:application",
-            ],  # fmt: skip
+            [sys.executable, "-m", "daphne", *where, "qwenweb.asgi:application"],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
+    if send_buffer is not None:
+        listener.close()  # daphne has its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -94,6 +94,8 @@ import asyncio
 import json
 import logging
 import re
+import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -102,6 +104,7 @@ from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -125,6 +128,7 @@ from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_mar
 from conversations.routing import websocket_urlpatterns
 from conversations.upstream import reset_clients
 from tests.conftest import APP_API_KEY
+from tests.live_server import PASSWORDS, _start_daphne
 from tests.ws_support import (
     Transcript,
     assistant_reply,
@@ -1400,3 +1404,107 @@ async def test_every_socket_needs_a_login():
     for pattern in websocket_urlpatterns:
         path = "/" + re.sub(r"<(?:\w+:)?(\w+)>", str(conversation.id), str(pattern.pattern))
         assert await _raw_socket(path, None) == (False, 4403), path
+
+
+# -- a tab closed mid-reply is no error --------------------------------------------------------
+
+CLOSING_REPLY = "A reply for a tab that goes away: " + " ".join(f"word{i}" for i in range(8000))
+
+
+@pytest.fixture
+def slow_client_server(live_app, tmp_path):
+    """A second daphne on the live app's database whose connections have a 4 KB send buffer
+    (a client that stops reading backs frames up in daphne at once), logging at DEBUG."""
+    log_path = tmp_path / "daphne.log"
+    env = {**live_app.env, "QWENWEB_LOG_LEVEL": "DEBUG"}
+    process, url = _start_daphne(env, log_path, send_buffer=4096)
+    try:
+        yield url, process, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _signed_in(url: str, username: str) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=10)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": PASSWORDS[username],
+              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/accounts/login/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return client
+
+
+def test_a_tab_closed_mid_reply_leaves_no_error_in_the_log(slow_client_server, app_simulator):
+    """A tab that goes away while a reply streams to it is a normal event: the reply goes on
+    to completion in the database, and the server logs no traceback for it. (The moment this
+    is about: the tab's close frame is in, so autobahn refuses to send, but its connection is
+    not gone yet, so the consumer is still listed among the conversation's sockets; a delta
+    sent then raised autobahn's `Disconnected`, logged as a failure with its traceback.)
+
+    The client is a real websocket client that stops reading, then sends its close frame and
+    later drops the connection, as a closing tab behind a slow network does."""
+    from websockets.client import ClientProtocol
+    from websockets.protocol import State
+    from websockets.uri import parse_uri
+
+    url, process, log_path = slow_client_server
+    app_simulator.add_scenario(
+        Scenario(match="goes away", reply=CLOSING_REPLY, token_delay=0.0002, tokens_per_chunk=20)
+    )
+    client = _signed_in(url, "alice")
+    location = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/"},
+    ).headers["Location"]  # fmt: skip
+
+    uri = parse_uri(url.replace("http://", "ws://") + "/ws" + location)
+    tab = ClientProtocol(uri, origin=url)
+    handshake = tab.connect()
+    handshake.headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    tab.send_request(handshake)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect((uri.host, uri.port))
+
+        def flush() -> None:
+            sock.sendall(b"".join(tab.data_to_send()))
+
+        flush()
+        while tab.state is State.CONNECTING:
+            tab.receive_data(sock.recv(4096))
+        assert tab.state is State.OPEN
+        frame = {"type": "send", "content": "a tab that goes away", "client_message_id": "%s"}
+        tab.send_text((json.dumps(frame) % uuid.uuid4()).encode())
+        flush()
+        deltas = 0
+        while not deltas:  # the reply streams to this tab
+            tab.receive_data(sock.recv(4096))
+            deltas = sum(1 for e in tab.events_received() if getattr(e, "data", b"")[:1] == b"+")
+        time.sleep(1.5)  # not reading: what daphne sends backs up in its buffer
+        tab.send_close(1001)  # the tab goes away
+        flush()
+        time.sleep(1)  # the reply streams on meanwhile
+    # The connection is gone now (closed with unread data: reset).
+
+    deadline = time.monotonic() + 30
+    while True:
+        last = client.get(f"{location}export.json").json()["messages"][-1]
+        if last["status"] != "streaming" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (last["role"], last["status"]) == ("assistant", "complete")
+    assert last["content"] == CLOSING_REPLY
+    process.terminate()
+    process.wait(timeout=10)
+    log = log_path.read_text()
+    assert "Disconnected" not in log
+    assert "Traceback" not in log
+    assert "closed while a frame was on its way" in log, "the test missed the moment"
