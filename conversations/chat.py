@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, connection, transaction
@@ -36,7 +37,7 @@ from conversations.models import (
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
 DEFAULT_OUTPUT_RESERVE = 8192
-# The window QWENWEB_MESSAGES_PER_MINUTE counts in.
+# The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
 RATE_WINDOW = timedelta(seconds=60)
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,57 @@ class StartedReply:
 def conversation_create(
     *, owner, model: ModelProfile | None = None, system_prompt: SystemPrompt | None = None
 ) -> Conversation:
+    """A new, empty chat of `owner`'s with `model` (the default one if None) and the default
+    system prompt. Refused (nothing created) when no model is enabled, or when the owner has
+    created QWENWEB_CHATS_PER_MINUTE chats in the last minute."""
     model = model or ModelProfile.objects.default()
     if model is None:
         raise ReplyRefused(_("No model is enabled. Ask an administrator to enable one."))
     if system_prompt is None:
         system_prompt = SystemPrompt.objects.filter(is_default=True).first()
-    return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+    per_minute = settings.QWENWEB_CHATS_PER_MINUTE
+    if per_minute <= 0:
+        return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+    with transaction.atomic():
+        # The owner's row, locked as a send locks it (_lock): one user's new chats are counted
+        # one after another, so two at the same moment, even in two processes, cannot both
+        # take the last place. (SQLite runs one write transaction at a time anyway.)
+        list(
+            get_user_model()
+            .objects.select_for_update(no_key=True)
+            .filter(pk=owner.pk)
+            .values_list("pk")
+        )
+        _check_chats_per_minute(owner, per_minute)
+        return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+
+
+def _check_chats_per_minute(owner, per_minute: int) -> None:
+    """Refuse a chat beyond QWENWEB_CHATS_PER_MINUTE, saying when one more may be created.
+    Empty chats cost no tokens, but made by the hundred they fill the database and bury the
+    sidebar."""
+    now = timezone.now()
+    # The newest chat but (limit - 1): while it is in the window the limit is reached, and
+    # one more may be created when it leaves.
+    nth_recent = (
+        Conversation.objects.owned_by(owner)
+        .filter(created_at__gt=now - RATE_WINDOW)
+        .order_by("-created_at")
+        .values_list("created_at", flat=True)[per_minute - 1 : per_minute]
+        .first()
+    )
+    if nth_recent is None:
+        return
+    wait = nth_recent + RATE_WINDOW - now
+    seconds = min(60, max(1, math.ceil(wait.total_seconds())))
+    raise ReplyRefused(
+        ngettext(
+            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s second.",
+            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
+            seconds,
+        )
+        % {"limit": per_minute, "seconds": seconds}
+    )
 
 
 def clean_content(content: object) -> str:

@@ -314,3 +314,6 @@ QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))
 QWENWEB_MAX_CONCURRENT_REPLIES = int(os.environ.get("QWENWEB_MAX_CONCURRENT_REPLIES", "2"))
 # Messages one user may send in any 60 seconds.
 QWENWEB_MESSAGES_PER_MINUTE = int(os.environ.get("QWENWEB_MESSAGES_PER_MINUTE", "20"))
+# New chats one user may create in any 60 seconds (an empty chat costs no tokens, but made by
+# the hundred they fill the database and bury the sidebar).
+QWENWEB_CHATS_PER_MINUTE = int(os.environ.get("QWENWEB_CHATS_PER_MINUTE", "30"))

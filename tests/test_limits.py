@@ -1,5 +1,6 @@
 """Per-user limits, checked before anything is saved or sent upstream: replies at once, messages
-a minute, the model still enabled. Counted in the database, so they hold across processes."""
+a minute, new chats a minute, the model still enabled. Counted in the database, so they hold
+across processes."""
 
 from __future__ import annotations
 
@@ -224,6 +225,66 @@ def test_refusals_speak_chinese(user, settings):
     with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
         send(conversation)
     assert str(refused.value) == "Qwen-Plus 已不再提供。请在对话顶部选择其他模型后重试。"
+
+
+# -- new chats a minute -----------------------------------------------------------------------
+
+
+def age_chats(owner, *ages: float) -> None:
+    """Make the owner's chats, newest first, `ages` seconds old."""
+    now = timezone.now()
+    chats = Conversation.objects.owned_by(owner).order_by("-created_at")
+    for conversation, age in zip(chats, ages, strict=True):
+        Conversation.objects.filter(pk=conversation.pk).update(
+            created_at=now - timedelta(seconds=age)
+        )
+
+
+def test_the_31st_chat_in_a_minute_is_refused_and_says_when_to_try_again(user, client, settings):
+    settings.QWENWEB_CHATS_PER_MINUTE = 30
+    client.force_login(user)
+    for _ in range(30):
+        assert client.post("/c/new/").status_code == 302
+    sentence = "New chats are limited to 30 a minute. Try again in "
+    # From the home page's composer (its first message kept in the box), and as htmx would.
+    for headers in ({}, {"HX-Request": "true"}):
+        response = client.post("/c/new/", {"content": "one chat too many"}, headers=headers)
+        assert response.status_code == 400
+        page = html.unescape(response.content.decode())
+        assert sentence in page
+        assert "one chat too many</textarea>" in page
+    assert Conversation.objects.owned_by(user).count() == 30
+    assert not Message.objects.exists()
+    # The oldest of the 30 was created 45 seconds ago: in 15 seconds one more may be.
+    age_chats(user, *[45] * 30)
+    with pytest.raises(chat.ReplyRefused) as refused:
+        chat.conversation_create(owner=user)
+    assert str(refused.value) == sentence + "15 seconds."
+    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+        chat.conversation_create(owner=user)
+    assert str(refused.value) == "每分钟最多新建 30 个对话。请在 15 秒后重试。"
+    age_chats(user, *[45] * 29, 61)
+    assert client.post("/c/new/").status_code == 302
+    assert Conversation.objects.owned_by(user).count() == 31
+
+
+def test_zero_chats_per_minute_means_no_limit(user, settings):
+    settings.QWENWEB_CHATS_PER_MINUTE = 0
+    for _ in range(40):
+        chat.conversation_create(owner=user)
+    assert Conversation.objects.owned_by(user).count() == 40
+
+
+def test_another_users_chats_leave_ones_own_limit_alone(user, settings):
+    settings.QWENWEB_CHATS_PER_MINUTE = 3
+    other = get_user_model().objects.create_user("other", password="pw")
+    for _ in range(3):
+        chat.conversation_create(owner=other)
+    with pytest.raises(chat.ReplyRefused, match="limited to 3 a minute"):
+        chat.conversation_create(owner=other)
+    for _ in range(3):
+        chat.conversation_create(owner=user)
+    assert Conversation.objects.owned_by(user).count() == 3
 
 
 # -- over the socket --------------------------------------------------------------------------
