@@ -73,6 +73,16 @@ Item, then the tests that cover it (in this file unless a path is given):
  -  every page and socket except the public ones requires a login
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
+ -  a signed-in user's pages, exports and htmx fragments are never stored by the browser
+      test_every_page_of_a_signed_in_user_is_never_stored (URL conf enumerated, plain and htmx)
+      test_pages_served_over_asgi_are_never_stored_either
+      test_static_files_and_public_pages_keep_their_caching
+ -  new chats a minute are limited per user (QWENWEB_CHATS_PER_MINUTE)
+      tests/test_limits.py::test_the_31st_chat_in_a_minute_is_refused_and_says_when_to_try_again
+      tests/test_limits.py::test_zero_chats_per_minute_means_no_limit
+      tests/test_limits.py::test_another_users_chats_leave_ones_own_limit_alone
+ -  a tab that closes while a reply streams to it is no error in the server log
+      test_a_tab_closed_mid_reply_leaves_no_error_in_the_log (real daphne)
 
 Decisions recorded here:
 
@@ -81,6 +91,11 @@ Decisions recorded here:
   with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: the server
   never fetches an image URL, it only passes it to DashScope, which fetches it from its own
   network, and the credentials are the sender's own, shown only to them (and to reviewers).
+- Caching: `Cache-Control: no-store, private` on every response to a signed-in user
+  (qwenweb/cache_control.py). Static files keep WhiteNoise's public caching (the middleware
+  sits after it); the health check and the sign-in page already carry Django's never_cache
+  (no-store included) for everyone, and are left as they are; other responses to anonymous
+  users (redirects to the sign-in page) are left alone.
 - Audit (15): a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
   conversations/admin.py, not ADDITION/CHANGE/DELETION: a review changes nothing) and a
   plain-text change message ("Viewed for review", "Viewed message <pk> for review",
@@ -1394,6 +1409,99 @@ def test_every_page_needs_a_login(client):
             wrong.append((method.upper(), path, name, status, response.get("Location")))
     assert wrong == [], "reachable without a login"
     assert client.get(reverse("healthz")).status_code == 200
+
+
+# -- a signed-in user's pages stay out of the browser's cache -----------------------------------
+
+# Pages that must answer 200 to their owner in the walk below (so it cannot pass on errors).
+OWN_PAGES = {
+    "home", "conversation", "conversation_messages", "conversation_export_json",
+    "conversation_export_md", "admin:index",
+}  # fmt: skip
+NEVER_CACHE = "max-age=0, no-cache, no-store, must-revalidate, private"
+
+
+def cache_directives(response) -> set[str]:
+    return {
+        part.strip().split("=")[0].lower()
+        for part in response.get("Cache-Control", "").split(",")
+        if part.strip()
+    }
+
+
+@pytest.mark.django_db
+def test_every_page_of_a_signed_in_user_is_never_stored(client, alice, alices_chat):
+    """Every URL in the URL conf, as GET from a signed-in user (on her own conversation where
+    the URL takes one; plain and htmx), and the POSTs that answer with a page or a fragment:
+    `Cache-Control: no-store, private`, whatever the status, so that after she signs out of
+    a shared computer Back shows none of it from the browser's cache."""
+    alice.is_staff = alice.is_superuser = True  # the admin's pages too
+    alice.save()
+    client.force_login(alice)
+    wrong, seen = [], {}
+    for path, name, _ in url_patterns():
+        path = path.replace(DUMMY_UUID, str(alices_chat.id))
+        for headers in ({}, {"HX-Request": "true"}):
+            response = client.get(path, headers=headers)
+            seen[name] = response.status_code
+            if not {"no-store", "private"} <= cache_directives(response):
+                wrong.append(
+                    ("GET", path, headers, response.status_code, response.get("Cache-Control"))
+                )
+    base = f"/c/{alices_chat.id}/"
+    posts = [
+        (f"{base}rename/", {"title": "Renamed"}, {"HX-Request": "true"}),  # the title fragment
+        (f"{base}settings/", {"model": _other_enabled_model(alices_chat)}, {"HX-Request": "true"}),
+        (f"{base}settings/", {"model": "forged"}, {"HX-Request": "true"}),  # 400, a fragment
+        ("/c/new/", {"content": "x" * (django_settings.QWENWEB_MAX_MESSAGE_CHARS + 1)}, {}),
+        ("/c/new/", {}, {}),
+    ]
+    for path, data, headers in posts:
+        response = client.post(path, data, headers=headers)
+        if not {"no-store", "private"} <= cache_directives(response):
+            wrong.append(
+                ("POST", path, headers, response.status_code, response.get("Cache-Control"))
+            )
+    assert wrong == [], "a signed-in user's response the browser may keep"
+    assert {name: seen[name] for name in OWN_PAGES} == dict.fromkeys(OWN_PAGES, 200)
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_pages_served_over_asgi_are_never_stored_either():
+    """The same through Django's ASGI handler, as daphne serves it (the check runs in the
+    synchronous part of the middleware chain there): a sync view, an async one, a fragment."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    client = AsyncClient()
+    await client.aforce_login(owner)
+    responses = [
+        await client.get("/"),
+        await client.post("/c/new/"),
+        await client.get(f"/c/{conversation.id}/messages/", headers={"HX-Request": "true"}),
+    ]
+    assert [r.status_code for r in responses] == [200, 302, 200]
+    for response in responses:
+        assert {"no-store", "private"} <= cache_directives(response)
+
+
+@pytest.mark.django_db
+def test_static_files_and_public_pages_keep_their_caching(client, alice):
+    """Static files keep WhiteNoise's public caching, signed in or not; the health check and
+    the sign-in page keep what Django's never_cache gives them (no-store already), for
+    anyone."""
+    static = django_settings.STATIC_URL + "qwenweb/app.css"
+    for signed_in in (False, True):
+        if signed_in:
+            client.force_login(alice)
+        response = client.get(static)
+        assert response.status_code == 200
+        assert "no-store" not in cache_directives(response)
+        assert {"public", "max-age"} <= cache_directives(response)
+        response.close()
+        assert client.get(reverse("healthz"))["Cache-Control"] == NEVER_CACHE
+    client.logout()
+    assert client.get(reverse("login"))["Cache-Control"] == NEVER_CACHE
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,30 @@
+"""What a signed-in user saw stays out of the browser's cache."""
+
+from django.utils.cache import patch_cache_control
+
+
+def no_store_for_signed_in_users(get_response):
+    """`Cache-Control: no-store, private` on every response to a signed-in user: pages,
+    exports, htmx fragments and the admin alike. Without it, after someone signs out of a
+    shared computer, Back shows their chats again from the browser's cache.
+
+    Responses to anyone else keep their own caching: static files (served by WhiteNoise
+    before this is reached) their long lifetimes. A response that already says no-store (the
+    sign-in page, the health check, the admin's never_cache pages) is left as it is, without
+    looking the user up.
+
+    Synchronous on purpose, and right under WhiteNoise, which is synchronous too: it adds no
+    hop between the event loop and a thread, and `request.user` may be read here (a query
+    only where nothing before has read it)."""
+
+    def middleware(request):
+        response = get_response(request)
+        if "no-store" in response.get("Cache-Control", ""):
+            return response
+        # No user when a middleware before AuthenticationMiddleware answered.
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
+            patch_cache_control(response, no_store=True, private=True)
+        return response
+
+    return middleware
