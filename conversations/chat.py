@@ -450,7 +450,10 @@ async def areply_start(
 
 
 def reply_continue(*, conversation: Conversation) -> StartedReply:
-    """Reopen the conversation's last reply, if it was cut short, to be carried on."""
+    """Reopen the conversation's last reply, if it was cut short, to be carried on from its
+    text (Message.can_continue), or written again from the start (Message.can_retry: nothing
+    saved, or no partial mode for its model). The StartedReply's message has its text so far:
+    none when it is written again."""
     with transaction.atomic():
         conversation = _lock(conversation)
         interrupted = conversation.messages.mark_stale_interrupted()
@@ -459,10 +462,14 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
                 _("A reply is still being written. Wait for it or press Stop, then send.")
             )
         reply = conversation.messages.order_by("-pk").first()
-        if reply is None or not reply.can_continue:
+        if reply is None or not (reply.can_continue or reply.can_retry):
             raise ReplyRefused(_("There is no cut-off reply to continue."))
         _check_model(conversation)
         _check_user_limits(conversation)
+        fields = {}
+        if not reply.can_continue:
+            fields = {"content": "", "reasoning": "", "request_id": "",
+                      "input_tokens": None, "output_tokens": None}  # fmt: skip
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
             writer=uuid.uuid4(),  # an earlier generation of this reply can write no more
@@ -472,6 +479,7 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
             error_message="",
             completed_at=None,
             updated_at=timezone.now(),
+            **fields,
         )
         reply.refresh_from_db()
         user_message = conversation.messages.filter(pk__lt=reply.pk, role="user").last()
@@ -481,7 +489,8 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
 
 
 async def areply_continue(*, conversation: Conversation) -> StartedReply:
-    """Carry on a reply that was cut short, appending to the same message."""
+    """Carry on a reply that was cut short, appending to the same message (or write it again
+    in place, when it has no text to carry on from)."""
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
@@ -490,7 +499,7 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
         await announce_finished(conversation.id, message_id)
     reply = continued.assistant_message
     request = await db_async(build_request)(
-        conversation=continued.conversation, reply_to=reply, partial=True
+        conversation=continued.conversation, reply_to=reply, partial=bool(reply.content)
     )
 
     async def announce() -> None:

@@ -314,3 +314,7 @@ QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))
 QWENWEB_MAX_CONCURRENT_REPLIES = int(os.environ.get("QWENWEB_MAX_CONCURRENT_REPLIES", "2"))
 # Messages one user may send in any 60 seconds.
 QWENWEB_MESSAGES_PER_MINUTE = int(os.environ.get("QWENWEB_MESSAGES_PER_MINUTE", "20"))
+# What one websocket may have waiting to be sent to a client that does not read (a stalled
+# or hostile client) before the server drops it (qwenweb/daphne_guard.py). Well above the
+# largest catch-up a page asks for on reconnect, so a slow phone is never cut off.
+QWENWEB_SOCKET_BACKLOG_BYTES = int(os.environ.get("QWENWEB_SOCKET_BACKLOG_BYTES", str(8 << 20)))
