@@ -1400,3 +1400,179 @@ async def test_every_socket_needs_a_login():
     for pattern in websocket_urlpatterns:
         path = "/" + re.sub(r"<(?:\w+:)?(\w+)>", str(conversation.id), str(pattern.pattern))
         assert await _raw_socket(path, None) == (False, 4403), path
+
+
+# -- a socket's abuse costs a bounded amount, on a real daphne ---------------------------------
+#
+# These run against a daphne process of their own (its log and its figures are read), through
+# the `websockets` client: daphne's websocket layer (autobahn) is where a bad close code and
+# an unread socket used to cost memory, so the in-process communicator cannot show them.
+
+OPS_PASSWORD = "ops-pass-7713"
+USERS = {"mallory": "mallory-pass-1", "carol": "carol-pass-2", "dave": "dave-pass-3",
+         "erin": "erin-pass-4"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_server(app_simulator, tmp_path_factory):
+    """A daphne of these tests' own, on SQLite, with a staff account (to read the process's
+    figures on /healthz) and a few users."""
+    import subprocess
+    import sys
+
+    from tests.conftest import APP_API_KEY
+    from tests.live_server import _start_daphne
+
+    data_dir = tmp_path_factory.mktemp("abuse")
+    env = {
+        **__import__("os").environ,
+        "QWENWEB_DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
+        "DASHSCOPE_API_KEY": APP_API_KEY,
+        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        "QWENWEB_MESSAGES_PER_MINUTE": "0",
+    }
+    env.pop("REDIS_URL", None)
+    run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], **run)
+    users = "; ".join(f"User.objects.create_user({n!r}, password={p!r})" for n, p in USERS.items())
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c",
+         "from django.contrib.auth.models import User; "
+         f"User.objects.create_user('ops', password={OPS_PASSWORD!r}, is_staff=True); {users}"],
+        **run,
+    )  # fmt: skip
+    log_path = data_dir / "daphne.log"
+    process, url = _start_daphne(env, log_path)
+
+    class Server:
+        pass
+
+    server = Server()
+    server.url, server.env, server.process, server.log_path = url, env, process, log_path
+
+    def shell(code: str) -> str:
+        return subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", code], **{**run, "text": True}
+        ).stdout
+
+    server.shell = shell
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _sign_in(url: str, username: str, password: str):
+    import httpx
+
+    client = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": password,
+              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/accounts/login/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return client
+
+
+def _new_chat(client) -> str:
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{client.base_url}/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return response.headers["Location"]
+
+
+def _socket_options(client, path: str) -> tuple[str, dict]:
+    url = str(client.base_url).rstrip("/")
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+    return url.replace("http://", "ws://") + "/ws" + path, {
+        "additional_headers": headers,
+        "origin": url,
+    }
+
+
+def _process(ops) -> dict:
+    return ops.get("/healthz").json()["process"]
+
+
+def _settled(ops, *, within: float = 10.0) -> dict:
+    """The process's figures once its sockets have all gone (daphne reaps a closed socket's
+    application within a second or two)."""
+    deadline = time.monotonic() + within
+    while True:
+        figures = _process(ops)
+        if figures["sockets"] == 0 or time.monotonic() > deadline:
+            time.sleep(1.5)  # and once cancelled tasks are gone too
+            return _process(ops)
+        time.sleep(0.2)
+
+
+def _log_since(server, offset: int) -> str:
+    return server.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+BAD_FRAMES = [
+    "x",  # text, not JSON
+    b"\x00\x01binary",
+    "[1, 2]",  # JSON, not an object
+    "x" * (256 * 1024 + 1),  # over MAX_FRAME_BYTES
+]
+
+
+def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
+    """1,000 sockets closed by a bad frame leave the process as 1,000 clean closes do: no
+    socket in the registry, no background task, no memory beyond, no traceback in the log;
+    each is closed with a code of the app's own and a sentence. (Before: close(1003) was
+    refused by autobahn, daphne sent 1011 and logged a traceback, disconnect() never ran, and
+    every such consumer stayed registered with its tasks running.)"""
+    import websockets
+
+    mallory = _sign_in(own_server.url, "mallory", USERS["mallory"])
+    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
+    ws_url, options = _socket_options(mallory, _new_chat(mallory))
+    log_offset = own_server.log_path.stat().st_size
+
+    async def sockets(count: int, bad: bool) -> list[tuple[int, str]]:
+        closes = []
+
+        async def one(n: int) -> None:
+            async with websockets.connect(ws_url, max_size=None, **options) as ws:
+                if not bad:
+                    return  # a clean close, code 1000
+                await ws.send(BAD_FRAMES[n % len(BAD_FRAMES)])
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+                closes.append((closed.value.rcvd.code, closed.value.rcvd.reason))
+
+        for start in range(0, count, 25):
+            await asyncio.gather(*(one(n) for n in range(start, min(count, start + 25))))
+        return closes
+
+    asyncio.run(sockets(100, bad=False))  # warm up: caches, pools, the markdown renderer
+    before = _settled(ops)
+    asyncio.run(sockets(1000, bad=False))
+    after_clean = _settled(ops)
+    closes = asyncio.run(sockets(1000, bad=True))
+    after_bad = _settled(ops)
+
+    codes = {code for code, _reason in closes}
+    assert len(closes) == 1000 and codes == {4003, 4009}, codes
+    assert all(reason for _code, reason in closes)
+    assert {"This connection takes JSON objects only.", "This connection takes text messages "
+            "only.", "That message was too large to handle."} == {r for _c, r in closes}  # fmt: skip
+    assert after_clean["sockets"] == after_bad["sockets"] == 0, (after_clean, after_bad)
+    assert after_bad["tasks"] <= after_clean["tasks"] + 2, (before, after_clean, after_bad)
+    grown_clean = after_clean["rss_bytes"] - before["rss_bytes"]
+    grown_bad = after_bad["rss_bytes"] - after_clean["rss_bytes"]
+    print(f"RSS: +{grown_clean / 2**20:.1f} MB over 1,000 clean closes, "
+          f"+{grown_bad / 2**20:.1f} MB over 1,000 bad frames")  # fmt: skip
+    assert grown_bad < grown_clean + 8 * 2**20, (grown_clean, grown_bad)
+    log = _log_since(own_server, log_offset)
+    assert "Traceback" not in log and "Exception inside application" not in log, log[-3000:]
