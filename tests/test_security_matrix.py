@@ -91,6 +91,7 @@ Decisions recorded here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -1433,6 +1434,8 @@ def own_server(app_simulator, tmp_path_factory):
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",
         "QWENWEB_MESSAGES_PER_MINUTE": "0",
+        # 1 MiB rather than 8: one answer to a hello below passes it.
+        "QWENWEB_SOCKET_BACKLOG_BYTES": str(1 << 20),
     }
     env.pop("REDIS_URL", None)
     run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
@@ -1454,9 +1457,12 @@ def own_server(app_simulator, tmp_path_factory):
     server.url, server.env, server.process, server.log_path = url, env, process, log_path
 
     def shell(code: str) -> str:
-        return subprocess.run(
+        """Run code in `manage.py shell`, as an admin at the command line would; returns the
+        last line it printed."""
+        output = subprocess.run(
             [sys.executable, "manage.py", "shell", "-c", code], **{**run, "text": True}
         ).stdout
+        return (output.strip().splitlines() or [""])[-1]
 
     server.shell = shell
     yield server
@@ -1576,3 +1582,93 @@ def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
     assert grown_bad < grown_clean + 8 * 2**20, (grown_clean, grown_bad)
     log = _log_since(own_server, log_offset)
     assert "Traceback" not in log and "Exception inside application" not in log, log[-3000:]
+
+
+def test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory(own_server):
+    """A client that sends hellos naming long messages and never reads what comes back: the
+    hellos are answered at most once a second, the server stops reading from it once its
+    buffer is full, the socket is dropped once what waits for it passes
+    QWENWEB_SOCKET_BACKLOG_BYTES (1 MiB here), and the process's memory grows by a bounded
+    amount (before: 1,000 hellos took a process from 341 MB to 723 MB, kept after the client
+    left)."""
+    import socket
+
+    import websockets
+
+    dave = _sign_in(own_server.url, "dave", USERS["dave"])
+    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
+    path = _new_chat(dave)
+    conversation_id = path.strip("/").split("/")[-1]
+    # Twenty finished replies of 200 KB each: every hello naming them asks for 4 MB of HTML.
+    ids = json.loads(own_server.shell(
+        "import json; from conversations.models import Conversation, Message; "
+        f"c = Conversation.objects.get(pk={conversation_id!r}); "
+        "body = ('A paragraph of a long reply, *with* some `code` in it. ' * 30 + '\\n\\n') * 120; "
+        "ids = [Message.objects.create(conversation=c, role='assistant', status='complete', "
+        "content=body).pk for _ in range(20)]; print(json.dumps(ids))"
+    ))  # fmt: skip
+    ws_url, options = _socket_options(dave, path)
+    before = _settled(ops)
+
+    async def flood() -> tuple[int, float]:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+        raw.connect(("127.0.0.1", int(ws_url.split(":")[2].split("/")[0])))
+        async with websockets.connect(ws_url, sock=raw, max_queue=1, **options) as ws:
+            hello = json.dumps({"type": "hello", "streaming": ids * 5, "last": None})
+            started = time.monotonic()
+            sent = 0
+            try:
+                while time.monotonic() - started < 30:
+                    await asyncio.wait_for(ws.send(hello), 5)
+                    sent += 1
+                    await asyncio.sleep(0.05)
+            except (websockets.ConnectionClosed, OSError, TimeoutError):
+                return sent, time.monotonic() - started
+            return sent, -1.0
+
+    hellos, dropped_after = asyncio.run(flood())
+    peak = _process(ops)
+    after = _settled(ops)
+    print(f"{hellos} hellos, dropped after {dropped_after:.1f} s; RSS "
+          f"{before['rss_bytes'] / 2**20:.0f} -> {peak['rss_bytes'] / 2**20:.0f} MB "
+          f"(after: {after['rss_bytes'] / 2**20:.0f} MB)")  # fmt: skip
+    assert dropped_after > 0, "the socket of a client that does not read was never dropped"
+    assert after["sockets"] == 0
+    assert peak["rss_bytes"] - before["rss_bytes"] < 64 * 2**20
+    assert "stopped reading" in _log_since(own_server, 0)
+
+
+def test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window(own_server):
+    """Many hellos at once, naming the same finished replies over and over: the first is
+    answered, the rest at most once more (the latest), each reply rendered once per answer."""
+    import websockets
+
+    erin = _sign_in(own_server.url, "erin", USERS["erin"])
+    path = _new_chat(erin)
+    conversation_id = path.strip("/").split("/")[-1]
+    ids = json.loads(own_server.shell(
+        "import json; from conversations.models import Conversation, Message; "
+        f"c = Conversation.objects.get(pk={conversation_id!r}); "
+        "ids = [Message.objects.create(conversation=c, role='assistant', status='complete', "
+        "content=f'reply {n}').pk for n in range(30)]; print(json.dumps(ids))"
+    ))  # fmt: skip
+    ws_url, options = _socket_options(erin, path)
+
+    async def hellos() -> list[str]:
+        frames = []
+        async with websockets.connect(ws_url, **options) as ws:
+            hello = json.dumps({"type": "hello", "streaming": ids * 10, "last": None})
+            for _ in range(200):
+                await ws.send(hello)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    frames.append(await asyncio.wait_for(ws.recv(), 2.5))
+        return frames
+
+    frames = asyncio.run(hellos())
+    rendered = [pk for frame in frames for pk in re.findall(r'<article id="message-(\d+)"', frame)]
+    counts = {int(pk): rendered.count(pk) for pk in set(rendered)}
+    # At most MAX_HELLO_IDS (20) distinct replies per answer, each once; two answers.
+    assert set(counts) <= set(ids[:20]) and len(counts) == 20, counts
+    assert max(counts.values()) <= 2, counts
