@@ -1672,3 +1672,58 @@ def test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window(own_s
     # At most MAX_HELLO_IDS (20) distinct replies per answer, each once; two answers.
     assert set(counts) <= set(ids[:20]) and len(counts) == 20, counts
     assert max(counts.values()) <= 2, counts
+
+
+# What an admin does at the command line, where no signal reaches the server's sockets.
+SESSION_ENDINGS = {
+    "password-changed": "u = User.objects.get(username='carol'); u.set_password('new-pw-9'); "
+    "u.save()",
+    "deactivated": "User.objects.filter(username='carol').update(is_active=False)",
+    "sessions-deleted": "from django.contrib.sessions.models import Session; "
+    "Session.objects.all().delete()",
+}
+
+
+@pytest.mark.parametrize("ending", list(SESSION_ENDINGS))
+def test_a_session_ended_from_the_command_line_refuses_the_next_send(own_server, ending):
+    """A password changed, the account deactivated or the session deleted through
+    `manage.py shell` (another process: its signals never reach the server's sockets): the
+    already-open socket refuses the next send, saves nothing and closes with 4403, which
+    makes the page reload onto the sign-in page."""
+    import websockets
+
+    own_server.shell(
+        "from django.contrib.auth.models import User; "
+        "u = User.objects.get(username='carol'); u.is_active = True; "
+        f"u.set_password({USERS['carol']!r}); u.save()"
+    )
+    carol = _sign_in(own_server.url, "carol", USERS["carol"])
+    path = _new_chat(carol)
+    ws_url, options = _socket_options(carol, path)
+
+    def saved() -> int:
+        return int(own_server.shell(
+            "from conversations.models import Message; "
+            f"print(Message.objects.filter(conversation_id={path.strip('/').split('/')[-1]!r})"
+            ".count())"
+        ))  # fmt: skip
+
+    async def scenario() -> tuple[int, str]:
+        async with websockets.connect(ws_url, **options) as ws:
+            await ws.send(json.dumps({"type": "send", "content": "before",
+                                      "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            transcript = Transcript()
+            while "complete" not in transcript.status.values():
+                transcript.feed(await asyncio.wait_for(ws.recv(), 10))
+            await asyncio.to_thread(own_server.shell, SESSION_ENDINGS[ending])
+            await asyncio.sleep(2.2)  # past SESSION_CHECK_INTERVAL: the next frame re-checks
+            await ws.send(json.dumps({"type": "send", "content": "after",
+                                      "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    code, reason = asyncio.run(scenario())
+    assert code == 4403 and "Sign in again" in reason
+    assert saved() == 2  # "before" and its reply; nothing of "after"
