@@ -50,6 +50,10 @@ Item, then the tests that cover it (in this file unless a path is given):
 11  the API key never appears in HTML, frames, logs, error messages or exports
       test_11_api_key_never_leaks
       test_11_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
+      test_a_key_echoed_by_the_upstream_is_never_stored_or_shown (request id, x-request-id,
+        error code and message, reply text: the client redacts them, conversations/dashscope/
+        sanitize.py)
+      tests/test_dashscope_client.py::test_key_echoed_into_request_ids_errors_and_reply_never_comes_out
 12  image URLs: absolute http(s) only; the server never fetches a URL itself
       test_12_image_urls_must_be_http_or_https
       test_12_refused_image_urls_save_nothing_over_socket_and_form
@@ -1098,6 +1102,74 @@ async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, set
         assert APP_API_KEY not in text, text
     # The key read from a secret file works: the newline is not part of it.
     assert set(transcript.status.values()) == {"complete"}, transcript.status
+
+
+def _text_columns(model) -> list[str]:
+    return [
+        field.attname
+        for field in model._meta.concrete_fields
+        if field.get_internal_type() in ("CharField", "TextField", "JSONField")
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_key_echoed_by_the_upstream_is_never_stored_or_shown(app_simulator, caplog):
+    """An upstream (or a proxy) that echoes the Authorization header into the request id
+    (JSON and x-request-id), the error's code and message, and the reply text. One reply
+    completes, one fails mid-stream, one is refused before the stream (native and compatible):
+    the key is in no text column of Message or Conversation, no export, no page of the admin
+    (change and review), no socket frame and no log record (every logger at DEBUG but
+    httpcore, whose debug lines quote response headers as received: the app keeps it at
+    WARNING, whatever QWENWEB_LOG_LEVEL says)."""
+    _capture_all_logs(caplog)
+    assert django_settings.LOGGING["loggers"]["httpcore"]["level"] == "WARNING"
+    caplog.set_level(logging.WARNING, logger="httpcore")
+    app_simulator.add_scenario(Scenario(match="talk", times=-1, echo_authorization=True))
+    app_simulator.add_scenario(
+        Scenario(match="break", times=-1, echo_authorization=True, reply="some words then more",
+                 error=ScenarioError(status=500, code="InternalError", where="mid_stream",
+                                     after_chunks=2))
+    )  # fmt: skip
+    app_simulator.add_scenario(
+        Scenario(match="refuse", times=-1, echo_authorization=True,
+                 error=ScenarioError(status=400, code="InvalidParameter"))
+    )  # fmt: skip
+    owner = await make_user("alice")
+    admin = await get_user_model().objects.acreate_superuser("root", password="pw-root")
+    native = await make_conversation(owner)
+    compatible = await make_conversation(owner, model_name="qwen-max")
+    await ModelProfile.objects.filter(name="qwen-max").aupdate(protocol="compatible")
+
+    frames: list[str] = []
+    replies: list[int] = []
+    for conversation in (native, compatible):
+        ws, _, _ = await connect(owner, conversation)
+        transcript = Transcript()
+        for text in ("talk to me", "break please", "refuse this"):
+            replies.append(await send_and_settle(ws, transcript, text))
+        frames += transcript.frames
+        await ws.disconnect()
+
+    saved = [await Message.objects.aget(pk=pk) for pk in replies]
+    assert [m.status for m in saved] == ["complete", "error", "error"] * 2
+    # The echo really reached the app, redacted, everywhere it was put.
+    for message in saved:
+        assert "sk-***" in message.request_id, message.request_id
+    assert all("Bearer sk-***" in saved[i].content for i in (0, 3))
+
+    pages = await sync_to_async(_pages)(owner, admin, [native, compatible])
+    rows = [
+        json.dumps(row, default=str)
+        async for row in Message.objects.values(*_text_columns(Message))
+    ] + [
+        json.dumps(row, default=str)
+        async for row in Conversation.objects.values(*_text_columns(Conversation))
+    ]
+    haystacks = {"frame": frames, "page": pages, "saved": rows, "log": _log_text(caplog)}
+    for kind, texts in haystacks.items():
+        leaks = [text for text in texts if APP_API_KEY in text]
+        assert leaks == [], f"the key in a {kind}: {leaks[:1]}"
 
 
 # -- 12. image URLs ----------------------------------------------------------------------------

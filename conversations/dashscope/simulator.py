@@ -103,6 +103,9 @@ class Scenario:
 
     ``match`` selects requests whose last user message contains it (None: any request);
     ``times`` is how many requests it applies to (-1: forever). Unset fields keep the defaults.
+    ``echo_authorization`` plays an upstream (or a proxy) that echoes the request's
+    Authorization header: into the request id (body and ``x-request-id``), the error's code and
+    message, and the reply text.
     """
 
     match: str | None = None
@@ -119,6 +122,7 @@ class Scenario:
     drop_after_chunks: int | None = None
     finish_reason: str | None = None
     framing: str = "standard"
+    echo_authorization: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.error, dict):
@@ -583,18 +587,20 @@ class Simulator:
         record = self._new_record(scope, body)
         request_id = record.request_id
         base_headers = [(b"x-request-id", request_id.encode())]
+        authorization = _authorization(scope)
         if not record.authorized:
             self._set_outcome(record, "error")
             payload = _error_body(protocol, "InvalidApiKey", _bad_key_message(), request_id)
             await _send_json(send, 401, payload, base_headers)
             return
         try:
-            plan = self._plan(record, protocol, multimodal)
+            plan = self._plan(record, protocol, multimodal, authorization)
         except _HTTPError as exc:
             self._set_outcome(record, "error")
             payload = _error_body(protocol, exc.code, exc.message, request_id)
             await _send_json(send, exc.status, payload, base_headers)
             return
+        base_headers = [(b"x-request-id", plan.request_id.encode("latin-1"))]
 
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
@@ -610,7 +616,11 @@ class Simulator:
         self._set_outcome(record, outcome)
 
     def _plan(
-        self, record: RecordedRequest, protocol: Literal["native", "compatible"], multimodal: bool
+        self,
+        record: RecordedRequest,
+        protocol: Literal["native", "compatible"],
+        multimodal: bool,
+        authorization: str = "",
     ) -> _Plan:
         data = record.body
         if not isinstance(data, dict):
@@ -701,6 +711,17 @@ class Simulator:
             prefix = _content_text(last.get("content"))[0]
             if prefix and reply.startswith(prefix):
                 reply = reply[len(prefix) :]
+        request_id = record.request_id
+        if scenario and scenario.echo_authorization:
+            # The record keeps its own id: /_simulator/requests never shows the header.
+            request_id = f"{record.request_id} {authorization}"
+            reply += f" (Your request said: {authorization})"
+            if scenario.error is not None:
+                scenario.error = dataclasses.replace(
+                    scenario.error,
+                    code=f"{scenario.error.code}:{authorization}",
+                    message=f"{scenario.error.message} (you sent {authorization})",
+                )
         reply_tokens = tokenize(reply)
         reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
         if reasoning is None and thinking:
@@ -716,7 +737,7 @@ class Simulator:
             return default if value is None else value
 
         return _Plan(
-            request_id=record.request_id,
+            request_id=request_id,
             protocol=protocol,
             multimodal=multimodal,
             model=model,
@@ -1049,6 +1070,13 @@ def _bad_key_message() -> str:
 def _native_error_frame(frame_id: int, error: ScenarioError, request_id: str) -> str:
     data = json.dumps({"code": error.code, "message": error.message, "request_id": request_id})
     return f"id:{frame_id}\nevent:error\n:HTTP_STATUS/{error.status}\ndata:{data}\n\n"
+
+
+def _authorization(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            return value.decode("latin-1")
+    return ""
 
 
 def _seconds(value: float) -> str:
