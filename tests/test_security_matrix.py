@@ -77,6 +77,11 @@ Item, then the tests that cover it (in this file unless a path is given):
  -  every page and socket except the public ones requires a login
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
+ -  the offline demo's simulator takes orders only from the app: a control token and an API
+    key random per run, and only the newest 200 requests kept
+      test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes
+      tests/test_simulator.py::test_control_needs_the_token_when_one_is_set
+      tests/test_simulator.py::test_the_record_keeps_only_the_newest_requests
 
 Decisions recorded here:
 
@@ -106,6 +111,7 @@ from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -1170,6 +1176,42 @@ async def test_a_key_echoed_by_the_upstream_is_never_stored_or_shown(app_simulat
     for kind, texts in haystacks.items():
         leaks = [text for text in texts if APP_API_KEY in text]
         assert leaks == [], f"the key in a {kind}: {leaks[:1]}"
+
+
+def test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes(settings):
+    """With no API key the app starts the simulator on a loopback port every local process can
+    reach: its control endpoints need a token only the app knows (401 without, 403 with a
+    guess), its API key is random per run (the old well-known one is refused), and it keeps
+    only the newest requests."""
+    from conversations import upstream
+    from conversations.dashscope.simulator import SimulatorServer
+
+    settings.DASHSCOPE_API_KEY = ""
+    config = upstream.get_config()
+    demo = upstream._simulator
+    try:
+        assert isinstance(demo, SimulatorServer) and config.native_base_url == demo.native_base_url
+        scenario = {"reply": "Injected by a stranger.", "times": -1}
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer guess"}, 403),
+            ({"Authorization": "Bearer sk-offline-demo"}, 403),
+        ):
+            post = httpx.post(demo.url + "/_simulator/scenarios", json=scenario, headers=headers)
+            read = httpx.get(demo.url + "/_simulator/requests", headers=headers)
+            assert (post.status_code, read.status_code) == (status, status)
+        assert demo.simulator.scenarios == []
+        owner = {"Authorization": f"Bearer {upstream.DEMO_CONTROL_TOKEN}"}
+        assert httpx.get(demo.url + "/_simulator/state", headers=owner).status_code == 200
+
+        assert config.api_key == upstream.DEMO_API_KEY != "sk-offline-demo"
+        assert len(upstream.DEMO_API_KEY) > 30
+        old_key = {"Authorization": "Bearer sk-offline-demo"}
+        assert httpx.get(demo.compatible_base_url + "/models", headers=old_key).status_code == 401
+        assert demo.simulator.max_recorded == 200
+    finally:
+        demo.stop()
+        upstream._simulator = None
 
 
 # -- 12. image URLs ----------------------------------------------------------------------------
