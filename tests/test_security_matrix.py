@@ -77,6 +77,10 @@ Item, then the tests that cover it (in this file unless a path is given):
  -  every page and socket except the public ones requires a login
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
+ -  NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
+    dropped from messages, titles and model output, refused in image URLs
+      tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
+        test_the_same_on_postgresql)
  -  the offline demo's simulator takes orders only from the app: a control token and an API
     key random per run, and only the newest 200 requests kept
       test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes
