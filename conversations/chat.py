@@ -24,6 +24,7 @@ from django.utils.translation import ngettext
 
 from conversations import events, sockets
 from conversations.dashscope import ChatMessage, ChatRequest
+from conversations.dashscope.sanitize import strip_controls
 from conversations.db import db_async
 from conversations.models import (
     Conversation,
@@ -76,6 +77,15 @@ def conversation_create(
 
 
 def clean_content(content: object) -> str:
+    """The message as it will be saved, or ReplyRefused with a sentence for the user.
+
+    NUL and the other C0 control characters (tab, newline and carriage return aside) are
+    dropped, not refused: they are invisible, so a person cannot see what to remove, and
+    PostgreSQL refuses NUL in text (it was a 500 there, and stored as is on SQLite). A message
+    of nothing else is an empty one: "Type a message first."
+    """
+    if isinstance(content, str):
+        content = strip_controls(content)
     if not isinstance(content, str) or not content.strip():
         raise ReplyRefused(_("Type a message first."))
     if len(content) > settings.QWENWEB_MAX_MESSAGE_CHARS:
@@ -85,6 +95,13 @@ def clean_content(content: object) -> str:
         )
     # Keep the message as typed (indented code, say), less blank lines around it.
     return content.strip("\r\n").rstrip()
+
+
+def clean_title(title: str) -> str:
+    """A title as typed into Rename: one line, spaces collapsed, 200 characters at most, and
+    without control characters (dropped, as in messages; ``clean_content`` says why). Empty
+    is allowed: the chat is then shown untitled."""
+    return " ".join(strip_controls(title).split())[:200]
 
 
 def clean_image_urls(value: object) -> list[str]:
@@ -107,11 +124,15 @@ def clean_image_urls(value: object) -> list[str]:
         try:
             if len(url) > 2000:
                 raise ValidationError("too long")
+            # URLValidator lets a control character in the path through (NUL too, which
+            # PostgreSQL refuses); dropping it would send another URL than the one typed.
+            if strip_controls(url) != url:
+                raise ValidationError("control character")
             validate(url)
         except ValidationError:
             raise ReplyRefused(
                 _("“%(url)s” is not an image URL: use a link that starts with https://.")
-                % {"url": url[:80]}
+                % {"url": strip_controls(url)[:80]}
             ) from None
     return urls
 

@@ -200,7 +200,7 @@ def _message_page(conversation: Conversation, before: int | None = None) -> dict
 @require_POST
 def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    title = " ".join(request.POST.get("title", "").split())[:200]
+    title = chat.clean_title(request.POST.get("title", ""))
     conversation.title = title
     conversation.save(update_fields=["title"])
     if request.htmx:

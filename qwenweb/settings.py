@@ -275,7 +275,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("QWENWEB_LOG_LEVEL", "INFO")},
     "loggers": {
         "httpx": {"level": "WARNING"},
-        # httpcore's debug lines quote request headers; keep them out of the logs.
+        # httpcore's debug lines quote response headers as received (an upstream that echoes
+        # the Authorization header puts the key there); keep them out of the logs.
         "httpcore": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},

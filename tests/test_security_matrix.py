@@ -50,6 +50,10 @@ Item, then the tests that cover it (in this file unless a path is given):
 11  the API key never appears in HTML, frames, logs, error messages or exports
       test_11_api_key_never_leaks
       test_11_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
+      test_a_key_echoed_by_the_upstream_is_never_stored_or_shown (request id, x-request-id,
+        error code and message, reply text: the client redacts them, conversations/dashscope/
+        sanitize.py)
+      tests/test_dashscope_client.py::test_key_echoed_into_request_ids_errors_and_reply_never_comes_out
 12  image URLs: absolute http(s) only; the server never fetches a URL itself
       test_12_image_urls_must_be_http_or_https
       test_12_refused_image_urls_save_nothing_over_socket_and_form
@@ -73,6 +77,15 @@ Item, then the tests that cover it (in this file unless a path is given):
  -  every page and socket except the public ones requires a login
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
+ -  NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
+    dropped from messages, titles and model output, refused in image URLs
+      tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
+        test_the_same_on_postgresql)
+ -  the offline demo's simulator takes orders only from the app: a control token and an API
+    key random per run, and only the newest 200 requests kept
+      test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes
+      tests/test_simulator.py::test_control_needs_the_token_when_one_is_set
+      tests/test_simulator.py::test_the_record_keeps_only_the_newest_requests
 
 Decisions recorded here:
 
@@ -103,6 +116,7 @@ from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -1099,6 +1113,110 @@ async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, set
         assert APP_API_KEY not in text, text
     # The key read from a secret file works: the newline is not part of it.
     assert set(transcript.status.values()) == {"complete"}, transcript.status
+
+
+def _text_columns(model) -> list[str]:
+    return [
+        field.attname
+        for field in model._meta.concrete_fields
+        if field.get_internal_type() in ("CharField", "TextField", "JSONField")
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_key_echoed_by_the_upstream_is_never_stored_or_shown(app_simulator, caplog):
+    """An upstream (or a proxy) that echoes the Authorization header into the request id
+    (JSON and x-request-id), the error's code and message, and the reply text. One reply
+    completes, one fails mid-stream, one is refused before the stream (native and compatible):
+    the key is in no text column of Message or Conversation, no export, no page of the admin
+    (change and review), no socket frame and no log record (every logger at DEBUG but
+    httpcore, whose debug lines quote response headers as received: the app keeps it at
+    WARNING, whatever QWENWEB_LOG_LEVEL says)."""
+    _capture_all_logs(caplog)
+    assert django_settings.LOGGING["loggers"]["httpcore"]["level"] == "WARNING"
+    caplog.set_level(logging.WARNING, logger="httpcore")
+    app_simulator.add_scenario(Scenario(match="talk", times=-1, echo_authorization=True))
+    app_simulator.add_scenario(
+        Scenario(match="break", times=-1, echo_authorization=True, reply="some words then more",
+                 error=ScenarioError(status=500, code="InternalError", where="mid_stream",
+                                     after_chunks=2))
+    )  # fmt: skip
+    app_simulator.add_scenario(
+        Scenario(match="refuse", times=-1, echo_authorization=True,
+                 error=ScenarioError(status=400, code="InvalidParameter"))
+    )  # fmt: skip
+    owner = await make_user("alice")
+    admin = await get_user_model().objects.acreate_superuser("root", password="pw-root")
+    native = await make_conversation(owner)
+    compatible = await make_conversation(owner, model_name="qwen-max")
+    await ModelProfile.objects.filter(name="qwen-max").aupdate(protocol="compatible")
+
+    frames: list[str] = []
+    replies: list[int] = []
+    for conversation in (native, compatible):
+        ws, _, _ = await connect(owner, conversation)
+        transcript = Transcript()
+        for text in ("talk to me", "break please", "refuse this"):
+            replies.append(await send_and_settle(ws, transcript, text))
+        frames += transcript.frames
+        await ws.disconnect()
+
+    saved = [await Message.objects.aget(pk=pk) for pk in replies]
+    assert [m.status for m in saved] == ["complete", "error", "error"] * 2
+    # The echo really reached the app, redacted, everywhere it was put.
+    for message in saved:
+        assert "sk-***" in message.request_id, message.request_id
+    assert all("Bearer sk-***" in saved[i].content for i in (0, 3))
+
+    pages = await sync_to_async(_pages)(owner, admin, [native, compatible])
+    rows = [
+        json.dumps(row, default=str)
+        async for row in Message.objects.values(*_text_columns(Message))
+    ] + [
+        json.dumps(row, default=str)
+        async for row in Conversation.objects.values(*_text_columns(Conversation))
+    ]
+    haystacks = {"frame": frames, "page": pages, "saved": rows, "log": _log_text(caplog)}
+    for kind, texts in haystacks.items():
+        leaks = [text for text in texts if APP_API_KEY in text]
+        assert leaks == [], f"the key in a {kind}: {leaks[:1]}"
+
+
+def test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes(settings):
+    """With no API key the app starts the simulator on a loopback port every local process can
+    reach: its control endpoints need a token only the app knows (401 without, 403 with a
+    guess), its API key is random per run (the old well-known one is refused), and it keeps
+    only the newest requests."""
+    from conversations import upstream
+    from conversations.dashscope.simulator import SimulatorServer
+
+    settings.DASHSCOPE_API_KEY = ""
+    config = upstream.get_config()
+    demo = upstream._simulator
+    try:
+        assert isinstance(demo, SimulatorServer) and config.native_base_url == demo.native_base_url
+        scenario = {"reply": "Injected by a stranger.", "times": -1}
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer guess"}, 403),
+            ({"Authorization": "Bearer sk-offline-demo"}, 403),
+        ):
+            post = httpx.post(demo.url + "/_simulator/scenarios", json=scenario, headers=headers)
+            read = httpx.get(demo.url + "/_simulator/requests", headers=headers)
+            assert (post.status_code, read.status_code) == (status, status)
+        assert demo.simulator.scenarios == []
+        owner = {"Authorization": f"Bearer {upstream.DEMO_CONTROL_TOKEN}"}
+        assert httpx.get(demo.url + "/_simulator/state", headers=owner).status_code == 200
+
+        assert config.api_key == upstream.DEMO_API_KEY != "sk-offline-demo"
+        assert len(upstream.DEMO_API_KEY) > 30
+        old_key = {"Authorization": "Bearer sk-offline-demo"}
+        assert httpx.get(demo.compatible_base_url + "/models", headers=old_key).status_code == 401
+        assert demo.simulator.max_recorded == 200
+    finally:
+        demo.stop()
+        upstream._simulator = None
 
 
 # -- 12. image URLs ----------------------------------------------------------------------------
