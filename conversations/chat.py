@@ -25,6 +25,7 @@ from django.utils.translation import ngettext
 
 from conversations import events, sockets
 from conversations.dashscope import ChatMessage, ChatRequest
+from conversations.dashscope.sanitize import strip_controls
 from conversations.db import db_async
 from conversations.models import (
     Conversation,
@@ -122,6 +123,15 @@ def _check_chats_per_minute(owner, per_minute: int) -> None:
 
 
 def clean_content(content: object) -> str:
+    """The message as it will be saved, or ReplyRefused with a sentence for the user.
+
+    NUL and the other C0 control characters (tab, newline and carriage return aside) are
+    dropped, not refused: they are invisible, so a person cannot see what to remove, and
+    PostgreSQL refuses NUL in text (it was a 500 there, and stored as is on SQLite). A message
+    of nothing else is an empty one: "Type a message first."
+    """
+    if isinstance(content, str):
+        content = strip_controls(content)
     if not isinstance(content, str) or not content.strip():
         raise ReplyRefused(_("Type a message first."))
     if len(content) > settings.QWENWEB_MAX_MESSAGE_CHARS:
@@ -131,6 +141,13 @@ def clean_content(content: object) -> str:
         )
     # Keep the message as typed (indented code, say), less blank lines around it.
     return content.strip("\r\n").rstrip()
+
+
+def clean_title(title: str) -> str:
+    """A title as typed into Rename: one line, spaces collapsed, 200 characters at most, and
+    without control characters (dropped, as in messages; ``clean_content`` says why). Empty
+    is allowed: the chat is then shown untitled."""
+    return " ".join(strip_controls(title).split())[:200]
 
 
 def clean_image_urls(value: object) -> list[str]:
@@ -153,11 +170,15 @@ def clean_image_urls(value: object) -> list[str]:
         try:
             if len(url) > 2000:
                 raise ValidationError("too long")
+            # URLValidator lets a control character in the path through (NUL too, which
+            # PostgreSQL refuses); dropping it would send another URL than the one typed.
+            if strip_controls(url) != url:
+                raise ValidationError("control character")
             validate(url)
         except ValidationError:
             raise ReplyRefused(
                 _("“%(url)s” is not an image URL: use a link that starts with https://.")
-                % {"url": url[:80]}
+                % {"url": strip_controls(url)[:80]}
             ) from None
     return urls
 
@@ -496,7 +517,10 @@ async def areply_start(
 
 
 def reply_continue(*, conversation: Conversation) -> StartedReply:
-    """Reopen the conversation's last reply, if it was cut short, to be carried on."""
+    """Reopen the conversation's last reply, if it was cut short, to be carried on from its
+    text (Message.can_continue), or written again from the start (Message.can_retry: nothing
+    saved, or no partial mode for its model). The StartedReply's message has its text so far:
+    none when it is written again."""
     with transaction.atomic():
         conversation = _lock(conversation)
         interrupted = conversation.messages.mark_stale_interrupted()
@@ -505,10 +529,14 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
                 _("A reply is still being written. Wait for it or press Stop, then send.")
             )
         reply = conversation.messages.order_by("-pk").first()
-        if reply is None or not reply.can_continue:
+        if reply is None or not (reply.can_continue or reply.can_retry):
             raise ReplyRefused(_("There is no cut-off reply to continue."))
         _check_model(conversation)
         _check_user_limits(conversation)
+        fields = {}
+        if not reply.can_continue:
+            fields = {"content": "", "reasoning": "", "request_id": "",
+                      "input_tokens": None, "output_tokens": None}  # fmt: skip
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
             writer=uuid.uuid4(),  # an earlier generation of this reply can write no more
@@ -518,6 +546,7 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
             error_message="",
             completed_at=None,
             updated_at=timezone.now(),
+            **fields,
         )
         reply.refresh_from_db()
         user_message = conversation.messages.filter(pk__lt=reply.pk, role="user").last()
@@ -527,7 +556,8 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
 
 
 async def areply_continue(*, conversation: Conversation) -> StartedReply:
-    """Carry on a reply that was cut short, appending to the same message."""
+    """Carry on a reply that was cut short, appending to the same message (or write it again
+    in place, when it has no text to carry on from)."""
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
@@ -536,7 +566,7 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
         await announce_finished(conversation.id, message_id)
     reply = continued.assistant_message
     request = await db_async(build_request)(
-        conversation=continued.conversation, reply_to=reply, partial=True
+        conversation=continued.conversation, reply_to=reply, partial=bool(reply.content)
     )
 
     async def announce() -> None:

@@ -7,10 +7,22 @@ on the last reply if it was cut short), and {"type": "hello", "streaming": [<pk>
 newest message it has. Other keys (htmx's HEADERS, or a "model" or "parameters": the model is
 the conversation's, set in the settings view) and other types are ignored.
 
-Closing: a frame that is binary or not a JSON object closes the socket with 1003, one over
-MAX_FRAME_BYTES with 1009 (that socket only); a logout closes the sockets its session opened,
-and a password change or an account disabled or deleted all the user's, with 4403, in every
-server process (conversations/signals.py).
+Closing: every refusal closes with a code of the app's own (4000–4999: daphne's websocket
+layer refuses the IANA codes such as 1003, and a refused close used to leak the consumer) and
+a sentence, as a notice frame and as the close reason. A frame that is binary or not a JSON
+object closes the socket with 4003, one over MAX_FRAME_BYTES with 4009 (that socket only). A
+logout closes the sockets its session opened, and a password change or an account disabled or
+deleted all the user's, with 4403, in every server process (conversations/signals.py); and
+since a change made where no signal reaches (`manage.py shell`, another host on the in-memory
+layer) would leave them open, a socket also re-checks its session before it acts on a frame
+(at most every SESSION_CHECK_INTERVAL seconds) and closes with 4403 when it has ended.
+Whatever way a socket ends, its cleanup runs (`__call__`'s finally): the sockets registry, its
+groups and its background tasks never outlive it.
+
+Cost bounds: a `hello` names at most MAX_HELLO_IDS replies (repeats count once) and is
+answered at once and then at most once per HELLO_INTERVAL (the latest one wins), and a client
+that stops reading is dropped once what waits for it passes QWENWEB_SOCKET_BACKLOG_BYTES
+(qwenweb/daphne_guard.py).
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
 for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
@@ -26,9 +38,12 @@ import asyncio
 import json
 import logging
 import uuid
+from importlib import import_module
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.contrib import auth
+from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import translation
 from django.utils.translation import gettext as _
@@ -37,10 +52,14 @@ from django.utils.translation.trans_real import parse_accept_lang_header
 from conversations import chat, events, generation, sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
+from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
 
-CLOSE_FORBIDDEN = 4403
+# Close codes: the app's own range (4000-4999), the last three digits after HTTP's where one fits.
+CLOSE_FORBIDDEN = 4403  # signed out, session ended, or not your chat: the page reloads
+CLOSE_UNSUPPORTED = 4003  # a binary frame, or one that is not a JSON object
+CLOSE_TOO_BIG = 4009  # a frame over MAX_FRAME_BYTES
 # How long a socket waits for the running generation to answer a catch-up request before it
 # concludes the generation is gone and falls back to what the database holds.
 SNAPSHOT_TIMEOUT = 2.0
@@ -48,6 +67,14 @@ SNAPSHOT_TIMEOUT = 2.0
 REJOIN_INTERVAL = 3600
 MAX_FRAME_BYTES = 256 * 1024
 MAX_CATCH_UP_MESSAGES = 100
+# A hello names the replies a page shows as streaming: a page has one or two.
+MAX_HELLO_IDS = 20
+# A page sends one hello per (re)connect; more within this many seconds are answered once, at
+# the end of it, with the latest one's arguments.
+HELLO_INTERVAL = 1.0
+# How long a socket trusts its session between checks (a password change, a deactivation or
+# a deleted session closes it at the next frame after at most this long).
+SESSION_CHECK_INTERVAL = 2.0
 # A reply this socket shows as streaming and has heard nothing of for this long is looked up
 # in the database: its end may have been announced while the channel layer was away.
 QUIET_AFTER = generation.HEARTBEAT_INTERVAL
@@ -55,6 +82,14 @@ QUIET_AFTER = generation.HEARTBEAT_INTERVAL
 
 class ConversationConsumer(AsyncWebsocketConsumer):
     conversation: Conversation
+
+    async def __call__(self, scope, receive, send) -> None:
+        # disconnect() runs only when the server reports the close; an error or a
+        # cancellation (daphne cancels an application that outlives its socket) skips it.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._clean_up()
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -77,12 +112,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
         self.heard: dict[int, float] = {}  # message pk -> when this socket last had word of it
         self.background: set[asyncio.Task] = set()
-        self.group = events.group(conversation.id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.hello_answered_at = float("-inf")
+        self.hello_waiting: tuple[list[int], int | None] | None = None
+        self.user_id = user.pk
         # The socket ends with the session that opened it (see session_ended): the session is
         # named by a hash, its key being a credential.
-        session_key = getattr(self.scope.get("session"), "session_key", None)
-        self.session = events.session_tag(session_key) if session_key else ""
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.session = events.session_tag(self.session_key) if self.session_key else ""
+        # The auth middleware checked the session just now.
+        self.session_checked_at = asyncio.get_running_loop().time()
+        self.group = events.group(conversation.id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
         self.user_group = events.user_group(user.pk)
         await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
@@ -106,42 +146,88 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         return None
 
     async def disconnect(self, code: int) -> None:
+        await self._clean_up()
+
+    async def _clean_up(self) -> None:
+        """Leave the registry, the groups and the background tasks; runs once, however the
+        socket ended."""
+        if getattr(self, "cleaned_up", False):
+            return
+        self.cleaned_up = True
         for task in list(getattr(self, "background", ())):
             task.cancel()
-        if hasattr(self, "group"):
-            sockets.discard(self.conversation.id, self)
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-        if hasattr(self, "user_group"):
-            await self.channel_layer.group_discard(self.user_group, self.channel_name)
+        if not hasattr(self, "conversation"):
+            return  # refused at connect: it joined nothing
+        sockets.discard(self.conversation.id, self)
+        for name in ("group", "user_group"):
+            if hasattr(self, name):
+                try:
+                    await self.channel_layer.group_discard(getattr(self, name), self.channel_name)
+                except Exception:
+                    # Redis away: the membership expires with the layer's group_expiry.
+                    logger.warning("Leaving %s failed", getattr(self, name), exc_info=True)
+
+    async def _refuse(self, code: int, sentence: str) -> None:
+        """Close this socket with one of the app's codes, saying why."""
+        await self._send_notice(sentence)
+        await self.close(code=code, reason=close_reason(sentence))
 
     # -- client → server ----------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
         # A bad frame closes this socket only; the user's other tabs carry on.
-        if text_data is None:
-            await self.close(code=1003)  # binary: unsupported data
-            return
-        if len(text_data) > MAX_FRAME_BYTES:
-            await self.close(code=1009)  # too big
-            return
-        try:
-            data = json.loads(text_data)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            await self.close(code=1003)
-            return
-        kind = data.get("type")
-        # Sentences made while handling this frame (refusals, notices) speak the page's language.
         with translation.override(self.language):
+            if text_data is None:
+                await self._refuse(
+                    CLOSE_UNSUPPORTED, _("This connection takes text messages only.")
+                )
+                return
+            if len(text_data) > MAX_FRAME_BYTES:
+                await self._refuse(CLOSE_TOO_BIG, _("That message was too large to handle."))
+                return
+            try:
+                data = json.loads(text_data)
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                await self._refuse(CLOSE_UNSUPPORTED, _("This connection takes JSON objects only."))
+                return
+            kind = data.get("type")
+            if kind not in ("send", "stop", "continue", "hello"):
+                return
+            if not await self._session_still_valid():
+                await self._refuse(
+                    CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
+                )
+                return
+            # Sentences made while handling this frame (refusals, notices) speak the page's
+            # language.
             if kind == "send":
                 await self._send_message(data)
             elif kind == "stop":
                 await self._stop()
             elif kind == "continue":
                 await self._continue()
-            elif kind == "hello":
-                await self._hello(data.get("streaming"), data.get("last"))
+            else:
+                await self._hello_request(data.get("streaming"), data.get("last"))
+
+    async def _session_still_valid(self) -> bool:
+        """Whether the session that opened this socket still signs its user in: not logged
+        out or deleted, the password unchanged, the account active. Checked against the
+        session store and the user's row, so a change made anywhere counts (a signal reaches
+        only its own process); trusted for SESSION_CHECK_INTERVAL after a check."""
+        now = asyncio.get_running_loop().time()
+        if now - self.session_checked_at < SESSION_CHECK_INTERVAL:
+            return True
+        try:
+            valid = await _session_signs_in(self.session_key, self.user_id)
+        except Exception:
+            # The database is away: the frame's own work needs it too, and says so.
+            logger.warning("Checking the session of a socket failed", exc_info=True)
+            return True
+        if valid:
+            self.session_checked_at = now
+        return valid
 
     async def _send_message(self, data: dict) -> None:
         try:
@@ -190,22 +276,47 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         for message_id in message_ids:
             await chat.areply_abandon(conversation=self.conversation, message_id=message_id)
 
-    async def _hello(self, streaming: object, last: object) -> None:
+    async def _hello_request(self, streaming: object, last: object) -> None:
+        """Answer a hello at once, or, within HELLO_INTERVAL of the last answer, once at the
+        end of it (with the latest arguments): a page sends one per connect, and each answer
+        may render many messages."""
+        ids = list(dict.fromkeys(v for v in streaming if type(v) is int)) if isinstance(
+            streaming, list
+        ) else []  # fmt: skip
+        request = (ids[:MAX_HELLO_IDS], last if type(last) is int else None)
+        if self.hello_waiting is not None:
+            self.hello_waiting = request
+            return
+        wait = self.hello_answered_at + HELLO_INTERVAL - asyncio.get_running_loop().time()
+        if wait <= 0:
+            self.hello_answered_at = asyncio.get_running_loop().time()
+            await self._hello(*request)
+            return
+        self.hello_waiting = request
+        self._spawn(self._hello_later(wait))
+
+    async def _hello_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        request, self.hello_waiting = self.hello_waiting, None
+        self.hello_answered_at = asyncio.get_running_loop().time()
+        with translation.override(self.language):
+            await self._hello(*request)
+
+    async def _hello(self, streaming: list[int], last: int | None) -> None:
         """Bring a (re)connected page up to date: messages it never saw, and the state of the
         replies it shows as streaming."""
-        if isinstance(last, int):
+        if last is not None:
             missed = await _messages_after(self.conversation, last, exclude=self.delivered)
             if missed:
                 await self._send_messages(missed, append=True)
                 for message in missed:
                     if message.is_streaming:
                         await self._request_snapshot(message.pk, force=True)
-        if isinstance(streaming, list):
-            for value in streaming[:20]:
-                if isinstance(value, int) and value not in self.shown:
-                    message = await _message(self.conversation, value)
-                    if message is not None and not message.is_streaming:
-                        await self._send_messages([message])
+        for value in streaming:
+            if value not in self.shown:
+                message = await _message(self.conversation, value)
+                if message is not None and not message.is_streaming:
+                    await self._send_messages([message])
 
     # -- group → client -----------------------------------------------------------------------
 
@@ -314,7 +425,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         ended (a password change, the account disabled or deleted): close, as a new socket
         would be refused. 4403 makes the page reload, onto the login page."""
         if not event["session"] or event["session"] == self.session:
-            await self.close(code=CLOSE_FORBIDDEN)
+            with translation.override(self.language):
+                await self._refuse(
+                    CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
+                )
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -466,6 +580,19 @@ def _owned_conversation(user, conversation_id) -> Conversation | None:
         .filter(pk=conversation_id)
         .first()
     )
+
+
+@db_async
+def _session_signs_in(session_key: str | None, user_id) -> bool:
+    """What a page request would find: the session still there, signing this user in with
+    today's password hash, the account active (django.contrib.auth.get_user, which also
+    flushes a session whose hash no longer matches)."""
+    if not session_key:
+        return False
+    request = HttpRequest()
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = auth.get_user(request)
+    return user.is_authenticated and user.pk == user_id
 
 
 @db_async

@@ -51,6 +51,10 @@ def running(message_id: int) -> Generation | None:
     return _running.get(message_id)
 
 
+def running_count() -> int:
+    return len(_running)
+
+
 @dataclass
 class Generation:
     message_id: int

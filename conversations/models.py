@@ -287,6 +287,18 @@ class Message(models.Model):
         )
 
     @property
+    def can_retry(self) -> bool:
+        """A reply stopped or interrupted that cannot be carried on: nothing saved yet (its
+        process died before the first checkpoint, or before DashScope was even asked), or a
+        model without partial mode. Continue writes it again, in place, from the same user
+        message: a crash at any moment costs the person one click, never retyping."""
+        return (
+            self.role == self.Role.ASSISTANT
+            and self.status in {self.Status.STOPPED, self.Status.INTERRUPTED}
+            and not self.can_continue
+        )
+
+    @property
     def truncated(self) -> bool:
         """A reply that ended early because of the token limit or a cut-off stream."""
         return self.role == self.Role.ASSISTANT and (

@@ -71,3 +71,8 @@ def discard(conversation_id, socket: Reader) -> None:
 
 def open_on(conversation_id) -> list[Reader]:
     return list(_open.get(str(conversation_id), ()))
+
+
+def count() -> int:
+    """Sockets open in this process (the health check shows it to staff)."""
+    return sum(len(sockets) for sockets in _open.values())

@@ -6,6 +6,7 @@ process on a loopback port, through exactly the same client code as the real ser
 
 import asyncio
 import logging
+import secrets
 import threading
 import weakref
 
@@ -15,7 +16,11 @@ from conversations.dashscope import DashScopeClient, DashScopeConfig
 
 logger = logging.getLogger(__name__)
 
-DEMO_API_KEY = "sk-offline-demo"
+# Both random per run and known only to this process: the demo simulator listens on a
+# loopback port every local process can reach, and with a known key or open control
+# endpoints any of them could read what people typed or put words into their chats.
+DEMO_API_KEY = "sk-demo-" + secrets.token_urlsafe(24)
+DEMO_CONTROL_TOKEN = secrets.token_urlsafe(32)
 
 _simulator = None
 _simulator_lock = threading.Lock()
@@ -35,7 +40,9 @@ def _demo_simulator():
         if _simulator is None:
             from conversations.dashscope.simulator import SimulatorServer
 
-            _simulator = SimulatorServer(api_key=DEMO_API_KEY).start()
+            _simulator = SimulatorServer(
+                api_key=DEMO_API_KEY, control_token=DEMO_CONTROL_TOKEN
+            ).start()
             logger.info(
                 "No DASHSCOPE_API_KEY: offline demo, replies simulated at %s", _simulator.url
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import uuid
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -21,7 +22,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import chat
+from conversations import chat, sockets
 from conversations.exports import conversation_data
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
 
@@ -199,7 +200,7 @@ def _message_page(conversation: Conversation, before: int | None = None) -> dict
 @require_POST
 def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    title = " ".join(request.POST.get("title", "").split())[:200]
+    title = chat.clean_title(request.POST.get("title", ""))
     conversation.title = title
     conversation.save(update_fields=["title"])
     if request.htmx:
@@ -297,10 +298,26 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         checks["channel_layer"] = f"error: {type(exc).__name__}"
     healthy = all(value == "ok" for value in checks.values())
-    return JsonResponse(
-        {"status": "ok" if healthy else "error", **checks, "time": timezone.now().isoformat()},
-        status=200 if healthy else 503,
-    )
+    body = {"status": "ok" if healthy else "error", **checks, "time": timezone.now().isoformat()}
+    if (await request.auser()).is_staff:
+        # For whoever runs the site: what this process holds (a leak shows here first).
+        body["process"] = _process_figures()
+    return JsonResponse(body, status=200 if healthy else 503)
+
+
+def _process_figures() -> dict:
+    from conversations import generation
+
+    figures = {
+        "pid": os.getpid(),
+        "sockets": sockets.count(),
+        "replies": generation.running_count(),
+        "tasks": len(asyncio.all_tasks()),
+    }
+    # Linux: resident pages, the second field.
+    with contextlib.suppress(OSError), open("/proc/self/statm") as statm:
+        figures["rss_bytes"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return figures
 
 
 def _ping_database() -> None:

@@ -12,9 +12,13 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from conversations.sweep import StartSweeper  # noqa: E402
+from qwenweb import daphne_guard  # noqa: E402
+
+daphne_guard.install(backlog_limit=settings.QWENWEB_SOCKET_BACKLOG_BYTES)
 
 application = StartSweeper(
     ProtocolTypeRouter(

@@ -277,7 +277,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("QWENWEB_LOG_LEVEL", "INFO")},
     "loggers": {
         "httpx": {"level": "WARNING"},
-        # httpcore's debug lines quote request headers; keep them out of the logs.
+        # httpcore's debug lines quote response headers as received (an upstream that echoes
+        # the Authorization header puts the key there); keep them out of the logs.
         "httpcore": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
@@ -319,3 +320,7 @@ QWENWEB_MESSAGES_PER_MINUTE = int(os.environ.get("QWENWEB_MESSAGES_PER_MINUTE", 
 # New chats one user may create in any 60 seconds (an empty chat costs no tokens, but made by
 # the hundred they fill the database and bury the sidebar).
 QWENWEB_CHATS_PER_MINUTE = int(os.environ.get("QWENWEB_CHATS_PER_MINUTE", "30"))
+# What one websocket may have waiting to be sent to a client that does not read (a stalled
+# or hostile client) before the server drops it (qwenweb/daphne_guard.py). Well above the
+# largest catch-up a page asks for on reconnect, so a slow phone is never cut off.
+QWENWEB_SOCKET_BACKLOG_BYTES = int(os.environ.get("QWENWEB_SOCKET_BACKLOG_BYTES", str(8 << 20)))

@@ -116,3 +116,20 @@ def test_continue_is_not_offered_for_replies_of_models_without_partial_mode():
             role="assistant", content="x", status="stopped", model=model, reasoning=reasoning
         )
         assert not message.can_continue
+
+
+def test_a_stopped_or_interrupted_reply_that_cannot_be_carried_on_can_be_written_again():
+    """Every stopped or interrupted reply can be finished in place: carried on from its
+    text, or, with no text (its process died before the first checkpoint) or no partial mode
+    for its model, written again from the same user message."""
+    for status in ("stopped", "interrupted"):
+        empty = Message(role="assistant", content="", status=status, model="qwen-plus")
+        assert empty.can_retry and not empty.can_continue
+        thinking = Message(role="assistant", content="x", status=status, model="deepseek-r1",
+                           reasoning="first")  # fmt: skip
+        assert thinking.can_retry and not thinking.can_continue
+        carried = Message(role="assistant", content="x", status=status, model="qwen-plus")
+        assert carried.can_continue and not carried.can_retry
+    for status in ("complete", "streaming", "error"):
+        assert not Message(role="assistant", content="", status=status, model="q").can_retry
+    assert not Message(role="user", content="", status="stopped").can_retry

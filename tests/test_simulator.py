@@ -463,3 +463,57 @@ def test_command_line_runs_the_simulator_in_the_foreground():
             process.terminate()
             stdout, _ = process.communicate(timeout=10)
     assert f"http://127.0.0.1:{port}/compatible-mode/v1" in stdout.decode()
+
+
+CONTROL_ROUTES = [
+    ("POST", "/_simulator/scenarios"),
+    ("GET", "/_simulator/scenarios"),
+    ("DELETE", "/_simulator/scenarios"),
+    ("GET", "/_simulator/requests"),
+    ("DELETE", "/_simulator/requests"),
+    ("GET", "/_simulator/state"),
+    ("DELETE", "/_simulator/state"),
+]
+
+
+def control(server: SimulatorServer, method: str, path: str, token: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    body = {"reply": "Injected.", "times": -1} if method == "POST" else None
+    return httpx.request(method, server.url + path, json=body, headers=headers)
+
+
+def test_control_needs_the_token_when_one_is_set():
+    """With a control token, every /_simulator/ route answers 401 without it and 403 with
+    another (the simulator's key included), and changes nothing; with it, they work. The
+    model endpoints still take the API key, not the token."""
+    token = "control-token-5c1e9a"
+    with SimulatorServer(
+        api_key=SIMULATOR_API_KEY, control_token=token, first_token_delay=0, token_delay=0
+    ) as server:
+        post(server, TEXT_PATH, native_body("Private words"), AUTH)
+        for method, path in CONTROL_ROUTES:
+            assert control(server, method, path, None).status_code == 401, (method, path)
+            for wrong in ("wrong-token", SIMULATOR_API_KEY, token + "x", token[:-1]):
+                assert control(server, method, path, wrong).status_code == 403, (method, path)
+        assert server.simulator.scenarios == [] and len(server.requests) == 1
+
+        assert control(server, "POST", "/_simulator/scenarios", token).status_code == 201
+        recorded = control(server, "GET", "/_simulator/requests", token).json()["requests"]
+        assert recorded[0]["body"]["input"]["messages"][0]["content"] == "Private words"
+        reply = post(server, TEXT_PATH, native_body(), AUTH).json()
+        assert reply["output"]["choices"][0]["message"]["content"] == "Injected."
+        token_as_key = {"Authorization": f"Bearer {token}"}
+        assert post(server, TEXT_PATH, native_body(), token_as_key).status_code == 401
+
+
+def test_the_record_keeps_only_the_newest_requests():
+    """A long-running simulator (the offline demo) keeps the newest requests, not all."""
+    with SimulatorServer(
+        api_key=SIMULATOR_API_KEY, max_recorded=3, first_token_delay=0, token_delay=0
+    ) as server:
+        for number in range(5):
+            post(server, TEXT_PATH, native_body(f"message {number}"), AUTH)
+        texts = [r.body["input"]["messages"][0]["content"] for r in server.requests]
+        assert texts == ["message 2", "message 3", "message 4"]
+        assert httpx.get(server.url + "/_simulator/state").json()["requests"] == 3
+    assert SimulatorServer().simulator.max_recorded == 200

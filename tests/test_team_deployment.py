@@ -319,3 +319,63 @@ def test_a_killed_process_leaves_an_interrupted_reply_that_continue_completes(te
             return max(page_a.text.values(), key=len)
 
     assert asyncio.run(send_on_restarted())
+
+
+def test_a_reply_killed_before_its_first_checkpoint_is_written_again_in_place(team, app_simulator):
+    """SIGKILL the process writing a reply before any text of it was saved (DashScope has not
+    answered yet): the reply is swept to `interrupted` with no text, the page offers to try
+    again, and one click sends the same user message again (not in partial mode, nothing to
+    carry on from) and completes the same message on the other process. Nobody retypes."""
+    from conversations.dashscope.simulator import Scenario
+
+    reply = "Written again after the crash."
+    app_simulator.add_scenario(
+        Scenario(match="first checkpoint", reply=reply, first_token_delay=4.0, times=1)
+    )
+    app_simulator.add_scenario(Scenario(match="first checkpoint", reply=reply, times=1))
+    url_a, url_b = team
+    client = _login(url_a)
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url_a}/"},
+    )  # fmt: skip
+    conversation_path = response.headers["Location"]
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+
+    def ws_url(base: str) -> str:
+        return base.replace("http://", "ws://") + "/ws" + conversation_path
+
+    async def scenario() -> tuple[list[str], str]:
+        import websockets
+
+        async with (
+            websockets.connect(ws_url(url_a), additional_headers=headers, origin=url_a) as tab_a,
+            websockets.connect(ws_url(url_b), additional_headers=headers, origin=url_b) as tab_b,
+        ):
+            await tab_a.send(json.dumps({"type": "send", "content": "before the first checkpoint",
+                                         "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            page_b = Transcript()
+            while "streaming" not in page_b.status.values():
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 10))
+            team.processes[0].kill()  # before DashScope's first token: nothing saved
+            while "interrupted" not in page_b.status.values():
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 60))
+            (pk,) = [pk for pk, status in page_b.status.items() if status == "interrupted"]
+            offered = [frame for frame in page_b.frames if f'id="message-{pk}"' in frame][-1]
+            await tab_b.send(json.dumps({"type": "continue"}))
+            while page_b.status.get(pk) != "complete":
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 30))
+            return offered, page_b.text.get(pk, "")
+
+    offered, shown = asyncio.run(scenario())
+    assert 'data-action="continue"' in offered and "Try again" in offered
+    assert shown == reply
+    client_b = httpx.Client(base_url=url_b, cookies=client.cookies)
+    messages = client_b.get(conversation_path + "export.json").json()["messages"]
+    assert [(m["role"], m["status"]) for m in messages] == [("user", "complete"),
+                                                            ("assistant", "complete")]  # fmt: skip
+    assert messages[-1]["content"] == reply
+    body = app_simulator.requests[-1].body
+    last = (body.get("input") or body)["messages"][-1]
+    assert last == {"role": "user", "content": "before the first checkpoint"}
+    team.start(0)  # the next test of the module finds both processes up

@@ -363,3 +363,24 @@ async def test_a_first_message_over_a_limit_is_refused_and_kept(settings):
     assert "Messages are limited to 1 a minute" in html
     assert "the second, too soon</textarea>" in html
     assert await Conversation.objects.filter(owner=user).acount() == 1
+
+
+@pytest.mark.django_db
+def test_every_stopped_or_interrupted_reply_offers_a_way_to_finish_it(alice_client, alice):
+    """One click, whatever the crash: Continue on a reply with text, Try again on one
+    without (both send {"type": "continue"} over the socket)."""
+    conversation = conversation_create(owner=alice)
+    replies = {}
+    for status, content in [("interrupted", ""), ("stopped", ""), ("interrupted", "Half")]:
+        Message.objects.create(conversation=conversation, role="user", content="q")
+        replies[status, content] = Message.objects.create(
+            conversation=conversation, role="assistant", status=status, content=content,
+            model="qwen-plus",
+        )  # fmt: skip
+    page = alice_client.get(conversation.get_absolute_url()).content.decode()
+    for (_status, content), reply in replies.items():
+        article = re.search(rf'<article id="message-{reply.pk}".*?</article>', page, re.S)
+        assert article, reply
+        button = re.search(r'<button[^>]*data-action="continue"[^>]*>([^<]*)<', article.group())
+        assert button, reply
+        assert button.group(1) == ("Continue" if content else "Try again")

@@ -21,6 +21,7 @@ import httpx
 
 from .config import DashScopeConfig
 from .errors import DashScopeError, DashScopeTimeoutError, TransportError, classify
+from .sanitize import OutputCleaner, clean_metadata, redact_key, strip_controls
 from .sse import DONE, RawData, SSEFrame, aiter_frames, parse_frames
 from .types import (
     ChatMessage,
@@ -42,7 +43,6 @@ _NATIVE_PATHS = {
 }
 _USER_AGENT = "qwenweb-dashscope/1.0 (httpx)"
 _MAX_ERROR_BODY = 64 * 1024
-_MIN_REDACTED_KEY = 8
 
 
 class DashScopeClient:
@@ -145,6 +145,7 @@ class DashScopeClient:
                     raise errors.from_body(response.status_code, await _read_text(response))
                 state = _StreamState(
                     errors=errors,
+                    api_key=self._config.api_key,
                     http_status=response.status_code,
                     header_request_id=response.headers.get("x-request-id"),
                     incremental=_is_incremental(request),
@@ -190,6 +191,7 @@ class DashScopeClient:
             raise errors.from_body(response.status_code, text)
         state = _StreamState(
             errors=errors,
+            api_key=self._config.api_key,
             http_status=response.status_code,
             header_request_id=response.headers.get("x-request-id"),
             incremental=True,
@@ -310,17 +312,26 @@ def _is_incremental(request: ChatRequest) -> bool:
 
 
 class _StreamState:
-    """Turns decoded payloads into events and remembers what the final events need."""
+    """Turns decoded payloads into events and remembers what the final events need.
+
+    Every string in an event has been through ``sanitize``: metadata (request id, finish
+    reason, tool call ids and names) is cleaned of anything shaped like a key, model output
+    of the configured key (see ``OutputCleaner`` for why only that one).
+    """
 
     def __init__(
         self,
         *,
         errors: _ErrorFactory,
+        api_key: str,
         http_status: int,
         header_request_id: str | None,
         incremental: bool,
     ) -> None:
         self._errors = errors
+        self._api_key = api_key
+        self._text_cleaner = OutputCleaner(api_key)
+        self._reasoning_cleaner = OutputCleaner(api_key)
         self._http_status = http_status
         self._header_request_id = header_request_id
         self._incremental = incremental
@@ -335,7 +346,8 @@ class _StreamState:
 
     @property
     def request_id(self) -> str | None:
-        return self._body_request_id or self._header_request_id or self._completion_id
+        raw = self._body_request_id or self._header_request_id or self._completion_id
+        return clean_metadata(raw, self._api_key)
 
     def feed_frame(self, frame: SSEFrame) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -361,6 +373,10 @@ class _StreamState:
 
     def finish(self) -> list[StreamEvent]:
         events: list[StreamEvent] = []
+        if reasoning := self._reasoning_cleaner.flush():
+            events.append(ReasoningDelta(reasoning))
+        if text := self._text_cleaner.flush():
+            events.append(TextDelta(text))
         if self._usage is not None:
             events.append(self._usage)
         events.append(Finish(self._finish_reason, self.request_id))
@@ -407,6 +423,8 @@ class _StreamState:
         if not incremental:
             reasoning, self._reasoning_so_far = _suffix(self._reasoning_so_far, reasoning)
             content, self._text_so_far = _suffix(self._text_so_far, content)
+        reasoning = self._reasoning_cleaner.feed(reasoning)
+        content = self._text_cleaner.feed(content)
         if reasoning:
             events.append(ReasoningDelta(reasoning))
         if content:
@@ -415,12 +433,12 @@ class _StreamState:
         if isinstance(tool_calls, list):
             for position, call in enumerate(tool_calls):
                 if isinstance(call, dict):
-                    events.append(_tool_call_delta(call, position))
+                    events.append(_tool_call_delta(call, position, self._api_key))
         return events
 
     def _note_finish(self, reason: Any) -> None:
         if isinstance(reason, str) and reason and reason != "null":
-            self._finish_reason = reason
+            self._finish_reason = clean_metadata(reason, self._api_key)
 
 
 def _suffix(previous: str, current: str) -> tuple[str, str]:
@@ -446,15 +464,23 @@ def _flatten(content: Any) -> str:
     return ""
 
 
-def _tool_call_delta(call: dict[str, Any], position: int) -> ToolCallDelta:
+def _tool_call_delta(call: dict[str, Any], position: int, api_key: str) -> ToolCallDelta:
     function = call.get("function") if isinstance(call.get("function"), dict) else {}
     index = call.get("index")
+    arguments = function.get("arguments")
     return ToolCallDelta(
         index=index if isinstance(index, int) else position,
-        id=call.get("id") or None,
-        name=function.get("name") or None,
-        arguments=function.get("arguments") or "",
+        id=clean_metadata(_str_or_none(call.get("id")), api_key) or None,
+        name=clean_metadata(_str_or_none(function.get("name")), api_key) or None,
+        # Arguments are model output, like the reply: only the configured key goes.
+        arguments=redact_key(strip_controls(arguments), api_key)
+        if isinstance(arguments, str)
+        else "",
     )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _usage(raw: Any) -> Usage | None:
@@ -525,7 +551,8 @@ def _is_business_error(payload: dict[str, Any]) -> bool:
 
 
 class _ErrorFactory:
-    """Builds errors for one attempt: adds retry hints from headers, strips the API key."""
+    """Builds errors for one attempt: adds retry hints from headers, and cleans every string
+    that came from the upstream (``clean_metadata``) before it goes into an error."""
 
     def __init__(self, api_key: str) -> None:
         self._api_key = api_key
@@ -535,7 +562,7 @@ class _ErrorFactory:
 
     def observe(self, response: httpx.Response) -> None:
         self._retry_after = _retry_after(response.headers)
-        self._request_id = response.headers.get("x-request-id")
+        self._request_id = clean_metadata(response.headers.get("x-request-id"), self._api_key)
         should_retry = response.headers.get("x-should-retry", "").lower()
         if should_retry in ("true", "false"):
             self._should_retry = should_retry == "true"
@@ -544,7 +571,11 @@ class _ErrorFactory:
         self, status: int | None, code: str | None, message: str, request_id: str | None
     ) -> DashScopeError:
         error = classify(
-            status, code, self._redact(message), request_id or self._request_id, self._retry_after
+            status,
+            clean_metadata(code, self._api_key),
+            clean_metadata(message, self._api_key) or "",
+            clean_metadata(request_id, self._api_key) or self._request_id,
+            self._retry_after,
         )
         if self._should_retry is not None:
             error.retryable = self._should_retry
@@ -579,19 +610,12 @@ class _ErrorFactory:
         return DashScopeTimeoutError(message, request_id=self._request_id)
 
     def transport(self, exc: httpx.RequestError) -> DashScopeError:
-        detail = self._redact(str(exc)) or type(exc).__name__
+        detail = clean_metadata(str(exc), self._api_key) or type(exc).__name__
         if isinstance(exc, httpx.ConnectError):
             message = f"Could not connect to DashScope: {detail}"
         else:
             message = f"Connection to DashScope failed: {detail}"
         return TransportError(message, request_id=self._request_id)
-
-    def _redact(self, text: str) -> str:
-        # Real keys are ~35 characters; redacting a toy key of a letter or two would only
-        # garble messages ("chunked" -> "chun***ed") without protecting anything.
-        if len(self._api_key) < _MIN_REDACTED_KEY:
-            return text
-        return text.replace(self._api_key, "sk-***")
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

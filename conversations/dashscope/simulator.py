@@ -4,6 +4,9 @@ It is the peer for the client's tests and the backend of the app's offline demo 
 default it writes pleasant, deterministic markdown replies built from the request, streamed at a
 human pace. Tests steer it with scenarios (errors, stalls, dropped connections, odd framing),
 registered in-process or over HTTP (``/_simulator/...``) when it runs in another process.
+With a ``control_token`` those control endpoints answer only requests that carry it
+(``Authorization: Bearer <token>``): the offline demo runs one on a loopback port that every
+local process can reach, and its scenarios would put words into anyone's chat.
 
 Run it in the foreground::
 
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -24,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -103,6 +108,9 @@ class Scenario:
 
     ``match`` selects requests whose last user message contains it (None: any request);
     ``times`` is how many requests it applies to (-1: forever). Unset fields keep the defaults.
+    ``echo_authorization`` plays an upstream (or a proxy) that echoes the request's
+    Authorization header: into the request id (body and ``x-request-id``), the error's code and
+    message, and the reply text.
     """
 
     match: str | None = None
@@ -119,6 +127,7 @@ class Scenario:
     drop_after_chunks: int | None = None
     finish_reason: str | None = None
     framing: str = "standard"
+    echo_authorization: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.error, dict):
@@ -359,15 +368,21 @@ class Simulator:
         first_token_delay: float = 0.3,
         token_delay: float = 0.02,
         tokens_per_chunk: int = 1,
+        control_token: str | None = None,
+        max_recorded: int = 200,
     ) -> None:
         self.api_key = api_key
+        self.control_token = control_token
         self.first_token_delay = first_token_delay
         self.token_delay = token_delay
         self.tokens_per_chunk = max(1, tokens_per_chunk)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._scenarios: list[Scenario] = []
-        self._requests: list[RecordedRequest] = []
+        # Only the newest requests: a demo that runs for months must not keep every message
+        # ever sent (nor grow without bound), and tests look at the last few.
+        self.max_recorded = max_recorded
+        self._requests: deque[RecordedRequest] = deque(maxlen=max_recorded)
         self.disconnected_streams = 0
         self.completed_streams = 0
         _install_drop_filter()
@@ -389,7 +404,8 @@ class Simulator:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Generation and model-list requests seen so far (control requests excluded)."""
+        """The newest generation and model-list requests (``max_recorded`` at most; control
+        requests excluded)."""
         with self._lock:
             return list(self._requests)
 
@@ -458,6 +474,10 @@ class Simulator:
         method: str = scope["method"]
         body = await _read_body(receive)
         if path.startswith("/_simulator/"):
+            refusal = self._control_refusal(scope)
+            if refusal:
+                await _send_json(send, refusal, {"error": "the control token is missing or wrong"})
+                return
             await self._control(method, path, body, send)
             return
         routes = {
@@ -474,6 +494,16 @@ class Simulator:
             await _send_json(send, 404, {"code": "NotFound", "message": f"No route {path}."})
 
     # -- control endpoints ------------------------------------------------------------------
+
+    def _control_refusal(self, scope: Scope) -> int | None:
+        """401 without a token, 403 with a wrong one, None when control is allowed."""
+        if self.control_token is None:
+            return None
+        authorization = _authorization(scope)
+        if not authorization:
+            return 401
+        expected = f"Bearer {self.control_token}".encode()
+        return None if hmac.compare_digest(authorization.encode(), expected) else 403
 
     async def _control(self, method: str, path: str, body: bytes, send: Send) -> None:
         if path == "/_simulator/scenarios" and method == "POST":
@@ -583,18 +613,20 @@ class Simulator:
         record = self._new_record(scope, body)
         request_id = record.request_id
         base_headers = [(b"x-request-id", request_id.encode())]
+        authorization = _authorization(scope)
         if not record.authorized:
             self._set_outcome(record, "error")
             payload = _error_body(protocol, "InvalidApiKey", _bad_key_message(), request_id)
             await _send_json(send, 401, payload, base_headers)
             return
         try:
-            plan = self._plan(record, protocol, multimodal)
+            plan = self._plan(record, protocol, multimodal, authorization)
         except _HTTPError as exc:
             self._set_outcome(record, "error")
             payload = _error_body(protocol, exc.code, exc.message, request_id)
             await _send_json(send, exc.status, payload, base_headers)
             return
+        base_headers = [(b"x-request-id", plan.request_id.encode("latin-1"))]
 
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
@@ -610,7 +642,11 @@ class Simulator:
         self._set_outcome(record, outcome)
 
     def _plan(
-        self, record: RecordedRequest, protocol: Literal["native", "compatible"], multimodal: bool
+        self,
+        record: RecordedRequest,
+        protocol: Literal["native", "compatible"],
+        multimodal: bool,
+        authorization: str = "",
     ) -> _Plan:
         data = record.body
         if not isinstance(data, dict):
@@ -701,6 +737,17 @@ class Simulator:
             prefix = _content_text(last.get("content"))[0]
             if prefix and reply.startswith(prefix):
                 reply = reply[len(prefix) :]
+        request_id = record.request_id
+        if scenario and scenario.echo_authorization:
+            # The record keeps its own id: /_simulator/requests never shows the header.
+            request_id = f"{record.request_id} {authorization}"
+            reply += f" (Your request said: {authorization})"
+            if scenario.error is not None:
+                scenario.error = dataclasses.replace(
+                    scenario.error,
+                    code=f"{scenario.error.code}:{authorization}",
+                    message=f"{scenario.error.message} (you sent {authorization})",
+                )
         reply_tokens = tokenize(reply)
         reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
         if reasoning is None and thinking:
@@ -716,7 +763,7 @@ class Simulator:
             return default if value is None else value
 
         return _Plan(
-            request_id=record.request_id,
+            request_id=request_id,
             protocol=protocol,
             multimodal=multimodal,
             model=model,
@@ -1051,6 +1098,13 @@ def _native_error_frame(frame_id: int, error: ScenarioError, request_id: str) ->
     return f"id:{frame_id}\nevent:error\n:HTTP_STATUS/{error.status}\ndata:{data}\n\n"
 
 
+def _authorization(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            return value.decode("latin-1")
+    return ""
+
+
 def _seconds(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
@@ -1136,7 +1190,9 @@ class SimulatorServer:
     """Runs a ``Simulator`` under uvicorn in a daemon thread on a free loopback port.
 
     Use as a context manager, or call ``start()`` / ``stop()``. The in-process controls
-    (``add_scenario``, ``requests``, ``reset`` ...) act on the same ``simulator`` object.
+    (``add_scenario``, ``requests``, ``reset`` ...) act on the same ``simulator`` object; with a
+    ``control_token``, the HTTP ones (``/_simulator/...``) need ``Authorization: Bearer <token>``
+    (401 without it, 403 with another). ``max_recorded`` caps the requests kept in memory.
     """
 
     def __init__(
@@ -1148,12 +1204,16 @@ class SimulatorServer:
         tokens_per_chunk: int = 1,
         host: str = "127.0.0.1",
         port: int = 0,
+        control_token: str | None = None,
+        max_recorded: int = 200,
     ) -> None:
         self.simulator = Simulator(
             api_key=api_key,
             first_token_delay=first_token_delay,
             token_delay=token_delay,
             tokens_per_chunk=tokens_per_chunk,
+            control_token=control_token,
+            max_recorded=max_recorded,
         )
         self.host = host
         self.port = port
@@ -1254,6 +1314,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-token-delay", type=float, default=0.3)
     parser.add_argument("--token-delay", type=float, default=0.02)
     parser.add_argument("--tokens-per-chunk", type=int, default=1)
+    parser.add_argument(
+        "--control-token", default=None, help="require this bearer token on /_simulator/..."
+    )
     return parser.parse_args(argv)
 
 
@@ -1265,6 +1328,7 @@ def main(argv: list[str] | None = None) -> None:
         first_token_delay=args.first_token_delay,
         token_delay=args.token_delay,
         tokens_per_chunk=args.tokens_per_chunk,
+        control_token=args.control_token,
     )
     base = f"http://{args.host}:{args.port}"
     print(
