@@ -107,6 +107,7 @@ def install(backlog_limit: int) -> bool:
         if self.state != self.STATE_OPEN and self.state != self.STATE_CONNECTING:
             # The client is going (its close frame arrived first): a closing tab is normal,
             # and autobahn would raise Disconnected into the app for each late frame.
+            logger.debug("A socket of %s closed while a frame was on its way", self.client_addr)
             return
         original_server_send(self, content, binary)
 
