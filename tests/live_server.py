@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
 ]
 PASSWORDS = {"alice": "alice-pass-5521", "bob": "bob-pass-9034"}
 
-__all__ = ["LiveApp", "browser", "live_app", "new_page", "free_port"]
+__all__ = ["LiveApp", "browser", "live_app", "new_page", "free_port"]  # fixtures and their kin
 
 
 def free_port() -> int:
@@ -111,21 +111,53 @@ def _start_daphne(
     raise RuntimeError("daphne did not answer /healthz within 30 s")
 
 
-@pytest.fixture(scope="session")
-def live_app(app_simulator) -> LiveApp:
+def app_env(data_dir: Path, simulator, **extra: str) -> dict:
+    """The environment of a server process of its own: SQLite in data_dir, the test simulator,
+    the in-memory channel layer (one process), and `extra` on top."""
     from tests.conftest import APP_API_KEY
 
-    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-live-"))
     env = {
         **os.environ,
         "QWENWEB_DATA_DIR": str(data_dir),
         "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
         "DASHSCOPE_API_KEY": APP_API_KEY,
-        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
+        "DASHSCOPE_BASE_URL": simulator.native_base_url,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",
+        **extra,
     }
     env.pop("REDIS_URL", None)
+    return env
+
+
+def signed_in_client(url: str, username: str, password: str) -> httpx.Client:
+    """An httpx client signed in through the sign-in form, as a browser would be."""
+    client = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": password,
+              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/accounts/login/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return client
+
+
+def new_chat(client: httpx.Client) -> str:
+    """POST /c/new/ as the signed-in client; the new chat's path."""
+    response = client.post(
+        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{client.base_url}/"},
+    )  # fmt: skip
+    assert response.status_code == 302, response.text
+    return response.headers["Location"]
+
+
+@pytest.fixture(scope="session")
+def live_app(app_simulator) -> LiveApp:
+    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-live-"))
+    env = app_env(data_dir, app_simulator)
     log_path = data_dir / "daphne.log"
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     create_users = "; ".join(

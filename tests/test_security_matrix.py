@@ -178,7 +178,7 @@ from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_mar
 from conversations.routing import websocket_urlpatterns
 from conversations.upstream import reset_clients
 from tests.conftest import APP_API_KEY
-from tests.live_server import PASSWORDS, _start_daphne
+from tests.live_server import PASSWORDS, _start_daphne, new_chat, signed_in_client
 from tests.ws_support import (
     Transcript,
     assistant_reply,
@@ -1668,26 +1668,18 @@ USERS = {"mallory": "mallory-pass-1", "carol": "carol-pass-2", "dave": "dave-pas
 def own_server(app_simulator, tmp_path_factory):
     """A daphne of these tests' own, on SQLite, with a staff account (to read the process's
     figures on /healthz) and a few users."""
-    import subprocess
     import sys
 
-    from tests.conftest import APP_API_KEY
-    from tests.live_server import _start_daphne
+    from tests.live_server import app_env
 
     data_dir = tmp_path_factory.mktemp("abuse")
-    env = {
-        **__import__("os").environ,
-        "QWENWEB_DATA_DIR": str(data_dir),
-        "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
-        "DASHSCOPE_API_KEY": APP_API_KEY,
-        "DASHSCOPE_BASE_URL": app_simulator.native_base_url,
-        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "PYTHONUNBUFFERED": "1",
-        "QWENWEB_MESSAGES_PER_MINUTE": "0",
+    env = app_env(
+        data_dir,
+        app_simulator,
+        QWENWEB_MESSAGES_PER_MINUTE="0",
         # 1 MiB rather than 8: one answer to a hello below passes it.
-        "QWENWEB_SOCKET_BACKLOG_BYTES": str(1 << 20),
-    }
-    env.pop("REDIS_URL", None)
+        QWENWEB_SOCKET_BACKLOG_BYTES=str(1 << 20),
+    )
     run = {"cwd": ROOT, "env": env, "check": True, "capture_output": True}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], **run)
     users = "; ".join(f"User.objects.create_user({n!r}, password={p!r})" for n, p in USERS.items())
@@ -1718,30 +1710,6 @@ def own_server(app_simulator, tmp_path_factory):
     yield server
     process.terminate()
     process.wait(timeout=10)
-
-
-def _sign_in(url: str, username: str, password: str):
-    import httpx
-
-    client = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
-    client.get("/accounts/login/")
-    response = client.post(
-        "/accounts/login/",
-        data={"username": username, "password": password,
-              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{url}/accounts/login/"},
-    )  # fmt: skip
-    assert response.status_code == 302, response.text
-    return client
-
-
-def _new_chat(client) -> str:
-    response = client.post(
-        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{client.base_url}/"},
-    )  # fmt: skip
-    assert response.status_code == 302, response.text
-    return response.headers["Location"]
 
 
 def _socket_options(client, path: str) -> tuple[str, dict]:
@@ -1789,9 +1757,9 @@ def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
     every such consumer stayed registered with its tasks running.)"""
     import websockets
 
-    mallory = _sign_in(own_server.url, "mallory", USERS["mallory"])
-    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
-    ws_url, options = _socket_options(mallory, _new_chat(mallory))
+    mallory = signed_in_client(own_server.url, "mallory", USERS["mallory"])
+    ops = signed_in_client(own_server.url, "ops", OPS_PASSWORD)
+    ws_url, options = _socket_options(mallory, new_chat(mallory))
     log_offset = own_server.log_path.stat().st_size
 
     async def sockets(count: int, bad: bool) -> list[tuple[int, str]]:
@@ -1848,9 +1816,9 @@ def test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory(own_ser
 
     import websockets
 
-    dave = _sign_in(own_server.url, "dave", USERS["dave"])
-    ops = _sign_in(own_server.url, "ops", OPS_PASSWORD)
-    path = _new_chat(dave)
+    dave = signed_in_client(own_server.url, "dave", USERS["dave"])
+    ops = signed_in_client(own_server.url, "ops", OPS_PASSWORD)
+    path = new_chat(dave)
     conversation_id = path.strip("/").split("/")[-1]
     # Twenty finished replies of 200 KB each: every hello naming them asks for 4 MB of HTML.
     ids = json.loads(own_server.shell(
@@ -1897,8 +1865,8 @@ def test_hellos_are_deduplicated_capped_and_answered_at_most_once_a_window(own_s
     answered, the rest at most once more (the latest), each reply rendered once per answer."""
     import websockets
 
-    erin = _sign_in(own_server.url, "erin", USERS["erin"])
-    path = _new_chat(erin)
+    erin = signed_in_client(own_server.url, "erin", USERS["erin"])
+    path = new_chat(erin)
     conversation_id = path.strip("/").split("/")[-1]
     ids = json.loads(own_server.shell(
         "import json; from conversations.models import Conversation, Message; "
@@ -1950,8 +1918,8 @@ def test_a_session_ended_from_the_command_line_refuses_the_next_send(own_server,
         "u = User.objects.get(username='carol'); u.is_active = True; "
         f"u.set_password({USERS['carol']!r}); u.save()"
     )
-    carol = _sign_in(own_server.url, "carol", USERS["carol"])
-    path = _new_chat(carol)
+    carol = signed_in_client(own_server.url, "carol", USERS["carol"])
+    path = new_chat(carol)
     ws_url, options = _socket_options(carol, path)
 
     def saved() -> int:
@@ -2005,7 +1973,7 @@ def slow_client_server(live_app, tmp_path):
 
 
 def _signed_in(url: str, username: str) -> httpx.Client:
-    return _sign_in(url, username, PASSWORDS[username])
+    return signed_in_client(url, username, PASSWORDS[username])
 
 
 def test_a_tab_closed_mid_reply_leaves_no_error_in_the_log(slow_client_server, app_simulator):

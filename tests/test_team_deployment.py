@@ -20,7 +20,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.live_server import ROOT, _start_daphne
+from tests.live_server import ROOT, _start_daphne, new_chat, signed_in_client
 from tests.ws_support import Transcript
 
 pytestmark = pytest.mark.services
@@ -111,16 +111,14 @@ def team(app_simulator, tmp_path_factory):
 
 
 def _login(url: str) -> httpx.Client:
-    client = httpx.Client(base_url=url, follow_redirects=False)
-    client.get("/accounts/login/")
-    response = client.post(
-        "/accounts/login/",
-        data={"username": "tess", "password": "tess-pw-1",
-              "csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{url}/accounts/login/"},
-    )  # fmt: skip
-    assert response.status_code == 302, response.text
-    return client
+    return signed_in_client(url, "tess", "tess-pw-1")
+
+
+def _new_team_chat(url: str) -> tuple[httpx.Client, str, dict]:
+    """tess signed in on `url`, a new chat of hers, and the headers for its sockets."""
+    client = _login(url)
+    path = new_chat(client)
+    return client, path, {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
 
 
 def test_health_check_reports_postgres_and_redis(team):
@@ -244,13 +242,7 @@ def test_a_killed_process_leaves_an_interrupted_reply_that_continue_completes(te
     reply = " ".join(f"word{i}" for i in range(400))
     app_simulator.add_scenario(Scenario(match="killed", reply=reply, token_delay=0.02, times=2))
     url_a, url_b = team
-    client = _login(url_a)
-    response = client.post(
-        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{url_a}/"},
-    )  # fmt: skip
-    conversation_path = response.headers["Location"]
-    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+    client, conversation_path, headers = _new_team_chat(url_a)
 
     def ws_url(base: str) -> str:
         return base.replace("http://", "ws://") + "/ws" + conversation_path
@@ -334,13 +326,7 @@ def test_a_reply_killed_before_its_first_checkpoint_is_written_again_in_place(te
     )
     app_simulator.add_scenario(Scenario(match="first checkpoint", reply=reply, times=1))
     url_a, url_b = team
-    client = _login(url_a)
-    response = client.post(
-        "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{url_a}/"},
-    )  # fmt: skip
-    conversation_path = response.headers["Location"]
-    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+    client, conversation_path, headers = _new_team_chat(url_a)
 
     def ws_url(base: str) -> str:
         return base.replace("http://", "ws://") + "/ws" + conversation_path
