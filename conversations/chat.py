@@ -34,6 +34,7 @@ from conversations.models import (
     ModelProfile,
     SystemPrompt,
 )
+from conversations.replies import liveness
 
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
@@ -372,17 +373,11 @@ def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
 def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, object]]) -> list[int]:
     """Of these streaming replies (pk, updated_at), mark those whose heartbeat stopped as
     interrupted; returns their pks."""
-    cutoff = timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+    cutoff = liveness.stale_cutoff()
     dead = [pk for pk, updated_at in streaming if updated_at < cutoff]
-    if dead:
-        conversation.messages.filter(
-            pk__in=dead, status=Message.Status.STREAMING, updated_at__lt=cutoff
-        ).update(
-            status=Message.Status.INTERRUPTED,
-            completed_at=timezone.now(),
-            updated_at=timezone.now(),
-        )
-    return dead
+    if not dead:
+        return []
+    return liveness.mark_interrupted(conversation.messages.filter(pk__in=dead), saved_before=cutoff)
 
 
 def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
@@ -523,7 +518,7 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
     none when it is written again."""
     with transaction.atomic():
         conversation = _lock(conversation)
-        interrupted = conversation.messages.mark_stale_interrupted()
+        interrupted = liveness.mark_interrupted(conversation.messages.all())
         if conversation.messages.filter(status=Message.Status.STREAMING).exists():
             raise ReplyInProgress(
                 _("A reply is still being written. Wait for it or press Stop, then send.")
@@ -633,13 +628,6 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
     return message_ids
 
 
-# A generation answers a catch-up or stop request within moments, and a new reply's
-# placeholder is saved moments before its generation starts listening: a reply still
-# "streaming" that no generation answered for this long, and not saved for as long, has no
-# process behind it.
-ABANDON_AFTER_SECONDS = 3
-
-
 async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool:
     """Mark a streaming reply that no generation answers for as `interrupted` (its last
     checkpoint of text is kept) and tell every socket. False when it is alive or over."""
@@ -648,14 +636,10 @@ async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool
     if generation.running(message_id) is not None:
         return False
 
-    def mark() -> int:
-        cutoff = timezone.now() - timedelta(seconds=ABANDON_AFTER_SECONDS)
-        return conversation.messages.filter(
-            pk=message_id, status=Message.Status.STREAMING, updated_at__lt=cutoff
-        ).update(
-            status=Message.Status.INTERRUPTED,
-            completed_at=timezone.now(),
-            updated_at=timezone.now(),
+    def mark() -> list[int]:
+        after = timezone.now() - timedelta(seconds=liveness.ABANDON_AFTER_SECONDS)
+        return liveness.mark_interrupted(
+            conversation.messages.filter(pk=message_id), saved_before=after
         )
 
     if not await db_async(mark)():

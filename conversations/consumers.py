@@ -52,6 +52,7 @@ from django.utils.translation.trans_real import parse_accept_lang_header
 from conversations import chat, events, generation, sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
+from conversations.replies import liveness
 from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ HELLO_INTERVAL = 1.0
 SESSION_CHECK_INTERVAL = 2.0
 # A reply this socket shows as streaming and has heard nothing of for this long is looked up
 # in the database: its end may have been announced while the channel layer was away.
-QUIET_AFTER = generation.HEARTBEAT_INTERVAL
+QUIET_AFTER = liveness.HEARTBEAT_INTERVAL
 
 
 class ConversationConsumer(AsyncWebsocketConsumer):

@@ -34,12 +34,10 @@ from conversations.dashscope import (
 from conversations.db import db_async
 from conversations.errors import describe_error
 from conversations.models import Message
+from conversations.replies import liveness
 
 logger = logging.getLogger(__name__)
 
-# A streaming reply saves at least this often, even when no text arrives: its updated_at is
-# the heartbeat by which a reply whose process died is recognised (Message.STALE_AFTER).
-HEARTBEAT_INTERVAL = Message.STALE_AFTER / 3
 FINISH_ATTEMPTS = 4
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and
@@ -254,7 +252,7 @@ class Generation:
             # Wake up now and then even without text, so a long silence upstream still
             # refreshes the heartbeat that tells other processes this reply is alive.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=HEARTBEAT_INTERVAL)
+                await asyncio.wait_for(self._dirty.wait(), timeout=liveness.HEARTBEAT_INTERVAL)
             self._dirty.clear()
             done = self._done  # read before publishing: text may still arrive meanwhile
             try:
@@ -280,7 +278,7 @@ class Generation:
             if (
                 not checkpoint_running
                 and since >= self.checkpoint_interval
-                and (progressed or since >= HEARTBEAT_INTERVAL)
+                and (progressed or since >= liveness.HEARTBEAT_INTERVAL)
             ):
                 # In its own task: a slow database must not hold up the frames.
                 self._checkpoint_task = asyncio.create_task(self._checkpoint())

@@ -1,7 +1,6 @@
 """Conversations, their messages, and the catalog admins curate (models, system prompts)."""
 
 import uuid
-from datetime import timedelta
 
 from django.conf import settings
 from django.core.validators import URLValidator
@@ -151,27 +150,6 @@ class Conversation(models.Model):
         return self.title or str(_("New chat"))
 
 
-class MessageQuerySet(models.QuerySet):
-    def stale_streaming(self, saved_before=None):
-        """Replies still marked streaming whose heartbeat stopped (or, with `saved_before`,
-        last saved before that moment): their process is gone."""
-        cutoff = saved_before or timezone.now() - timedelta(seconds=Message.STALE_AFTER)
-        return self.filter(status=Message.Status.STREAMING, updated_at__lt=cutoff)
-
-    def mark_stale_interrupted(self, saved_before=None) -> list[int]:
-        """Mark dead replies `interrupted`, keeping their last checkpoint of text. Returns
-        their pks, so open sockets can be told."""
-        stale = list(self.stale_streaming(saved_before).values_list("pk", flat=True))
-        if stale:  # usually not: read, don't write
-            # Still stale when written: a checkpoint saved meanwhile keeps its reply alive.
-            self.stale_streaming(saved_before).filter(pk__in=stale).update(
-                status=Message.Status.INTERRUPTED,
-                completed_at=timezone.now(),
-                updated_at=timezone.now(),
-            )
-        return stale
-
-
 class Message(models.Model):
     # A streaming reply refreshes updated_at at least three times in this many seconds
     # (generation.HEARTBEAT_INTERVAL); one silent for this long lost its process.
@@ -212,8 +190,6 @@ class Message(models.Model):
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
     completed_at = models.DateTimeField(_("completed"), null=True, blank=True)
-
-    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]

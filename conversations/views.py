@@ -25,6 +25,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from conversations import chat, sockets
 from conversations.exports import conversation_data
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
+from conversations.replies import liveness
 
 SIDEBAR_LIMIT = 200
 # Messages a chat page shows at first; earlier ones load on request.
@@ -147,7 +148,7 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
 @require_GET
 def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    for message_id in conversation.messages.mark_stale_interrupted():
+    for message_id in liveness.mark_interrupted(conversation.messages.all()):
         async_to_sync(chat.announce_finished)(conversation.id, message_id)
     return render(
         request,

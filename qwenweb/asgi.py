@@ -14,8 +14,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from conversations.replies.liveness import StartSweeper  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
-from conversations.sweep import StartSweeper  # noqa: E402
 from qwenweb import daphne_guard  # noqa: E402
 
 daphne_guard.install(backlog_limit=settings.QWENWEB_SOCKET_BACKLOG_BYTES)

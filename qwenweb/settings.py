@@ -304,8 +304,8 @@ QWENWEB_DEFAULT_MODEL = os.environ.get("QWENWEB_DEFAULT_MODEL", "qwen-plus") or 
 QWENWEB_FRAME_INTERVAL = float(os.environ.get("QWENWEB_FRAME_INTERVAL", "0.04"))
 QWENWEB_CHECKPOINT_INTERVAL = float(os.environ.get("QWENWEB_CHECKPOINT_INTERVAL", "2.0"))
 # A streaming reply not saved for this many seconds lost its process (killed, crashed, its host
-# gone): every process sweeps such replies to `interrupted` (conversations/sweep.py), keeping
-# the text of their last checkpoint, and the user can Continue them.
+# gone): every process sweeps such replies to `interrupted` (conversations/replies/liveness.py),
+# keeping the text of their last checkpoint, and the user can Continue them.
 QWENWEB_REPLY_STALE_AFTER = float(os.environ.get("QWENWEB_REPLY_STALE_AFTER", "30"))
 
 # --- Limits ---------------------------------------------------------------------------------

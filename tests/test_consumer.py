@@ -348,7 +348,7 @@ async def test_a_tab_that_reconnects_gets_the_messages_it_missed(app_simulator):
 
 
 async def test_stop_on_a_reply_without_a_generation_unblocks_the_chat(monkeypatch):
-    from conversations import sweep
+    from conversations.replies import liveness as sweep
 
     # Not the sweep's (it would take a reply saved before this process started at once).
     monkeypatch.setattr(sweep, "STARTED_AT", timezone.now() - timedelta(days=1))

@@ -1,4 +1,5 @@
-"""The sweep: replies whose process died become `interrupted`, and open sockets are told.
+"""Liveness (conversations/replies/liveness.py): replies whose process died become
+`interrupted` in one place, and open sockets are told.
 
 The cross-process case (a daphne process killed with SIGKILL mid-reply, swept by the other)
 is tests/test_team_deployment.py::test_a_killed_process_leaves_an_interrupted_reply_that_...
@@ -16,10 +17,11 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations import generation, sweep
+from conversations import generation
 from conversations.chat import announce_finished, conversation_create
 from conversations.dashscope.simulator import Scenario
 from conversations.models import Message
+from conversations.replies import liveness as sweep
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 
 
@@ -181,3 +183,23 @@ def test_saves_of_a_generation_whose_reply_was_handed_on_change_nothing(conversa
     reply.refresh_from_db()
     assert (reply.status, reply.content) == ("streaming", "one two")
     assert save(reply.pk, newer, final=True, content="done", status="complete") == generation.SAVED
+
+
+@pytest.mark.django_db
+def test_mark_interrupted_takes_only_silent_streaming_replies_and_keeps_their_text(conversation):
+    """The one interrupted write: of the given replies, those still streaming and silent
+    since the cutoff; the text of their last checkpoint stays, finished and fresh replies are
+    left as they are, and the pks of those it marked come back (for the sockets)."""
+    silent = _reply(conversation, saved_at=timezone.now() - timedelta(seconds=60))
+    fresh = _reply(conversation, saved_at=timezone.now())
+    finished = _reply(conversation, saved_at=timezone.now() - timedelta(seconds=60))
+    Message.objects.filter(pk=finished.pk).update(status="complete")
+    cutoff = sweep.stale_cutoff()
+    assert sweep.mark_interrupted(conversation.messages.all(), saved_before=cutoff) == [silent.pk]
+    statuses = dict(conversation.messages.values_list("pk", "status"))
+    assert (statuses[silent.pk], statuses[fresh.pk], statuses[finished.pk]) == (
+        "interrupted", "streaming", "complete",
+    )  # fmt: skip
+    silent.refresh_from_db()
+    assert silent.content == "the checkpoint" and silent.completed_at is not None
+    assert sweep.mark_interrupted(conversation.messages.all()) == []  # once

@@ -1,4 +1,5 @@
-"""The sweep: replies whose process died become `interrupted`, so they block no one.
+"""A reply's liveness: its heartbeat, when it counts as dead, and the one place it becomes
+`interrupted` (mark_interrupted), so it blocks no one.
 
 A reply being written saves itself at least every HEARTBEAT_INTERVAL (a third of
 QWENWEB_REPLY_STALE_AFTER). When its process is killed, the reply stays `streaming` in the
@@ -10,7 +11,9 @@ At start-up a process with no Redis (the only process there is) also takes every
 saved before it started: no other process can be writing it. With Redis, other processes may
 be, so only replies silent for QWENWEB_REPLY_STALE_AFTER go.
 
-The sweep also runs where a dead reply would be in the way: a send, a page load, a catch-up.
+The same check runs where a dead reply would be in the way: a send, Continue, a page load, and
+a socket's catch-up that no generation answers (abandon_after: a shorter wait, since there the
+reply has been asked and did not answer).
 Daphne has no start-up hook for applications, so the first request a process serves (a load
 balancer's health check, within seconds) starts its sweeper.
 """
@@ -22,8 +25,10 @@ import contextvars
 import logging
 import random
 import weakref
+from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from conversations.db import db_async
@@ -37,14 +42,46 @@ _sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = 
 )
 
 
+# A streaming reply saves at least this often, even when no text arrives: its updated_at is
+# the heartbeat by which a reply whose process died is recognised.
+HEARTBEAT_INTERVAL = Message.STALE_AFTER / 3
+# A generation answers a catch-up or stop request within moments, and a new reply's
+# placeholder is saved moments before its generation starts listening: a reply still
+# "streaming" that no generation answered for this long, and not saved for as long, has no
+# process behind it.
+ABANDON_AFTER_SECONDS = 3
+
+
 def interval() -> float:
-    return Message.STALE_AFTER / 3
+    return HEARTBEAT_INTERVAL
+
+
+def stale_cutoff() -> datetime:
+    """A streaming reply last saved before this has lost its process."""
+    return timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+
+
+def mark_interrupted(messages: QuerySet, *, saved_before: datetime | None = None) -> list[int]:
+    """Mark the replies among `messages` that are still streaming but last saved before
+    `saved_before` (default: stale_cutoff()) `interrupted`, keeping their last checkpoint of
+    text; returns their pks, so open sockets can be told. The only place a reply becomes
+    interrupted."""
+    saved_before = saved_before or stale_cutoff()
+    dead = messages.filter(status=Message.Status.STREAMING, updated_at__lt=saved_before)
+    stale = list(dead.values_list("pk", flat=True))
+    if stale:  # usually not: read, don't write
+        # Still stale when written: a checkpoint saved meanwhile keeps its reply alive.
+        now = timezone.now()
+        dead.filter(pk__in=stale).update(
+            status=Message.Status.INTERRUPTED, completed_at=now, updated_at=now
+        )
+    return stale
 
 
 def sweep(*, at_start: bool = False) -> list[tuple[str, int]]:
     """Mark dead replies interrupted; returns (conversation id, message pk) of each."""
     saved_before = STARTED_AT if at_start and not settings.REDIS_URL else None
-    marked = Message.objects.mark_stale_interrupted(saved_before=saved_before)
+    marked = mark_interrupted(Message.objects.all(), saved_before=saved_before)
     if not marked:
         return []
     rows = Message.objects.filter(pk__in=marked).values_list("conversation_id", "pk")
