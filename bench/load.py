@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import free_port, logged_in_client  # noqa: E402
 
-from conversations.dashscope.simulator import tokenize  # noqa: E402
+from dashscope_simulator import tokenize  # noqa: E402
 
 PY = sys.executable
 PG = os.environ.get("QWENWEB_BENCH_POSTGRES", "postgres://root@127.0.0.1:5432/test")

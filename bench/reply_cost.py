@@ -53,8 +53,8 @@ async def one_reply(tokens: int) -> dict:
     from django.test import Client
 
     from conversations.chat import conversation_create
-    from conversations.dashscope.simulator import Scenario
     from conversations.models import Message
+    from dashscope_simulator import Scenario
     from qwenweb.asgi import application
 
     def prepare():
@@ -180,7 +180,7 @@ def main() -> None:
         setup(data_dir)
         from django.conf import settings
 
-        from conversations.dashscope.simulator import SimulatorServer
+        from dashscope_simulator import SimulatorServer
 
         with SimulatorServer(api_key="sk-bench", first_token_delay=0.3, token_delay=0.02) as sim:
             SIMULATOR = sim

@@ -1,7 +1,7 @@
 """The DashScope simulator in its own process, with wall-clock stamps for the load bench.
 
 The same ``Simulator`` the app's offline demo and tests use, served by uvicorn as
-``python -m conversations.dashscope.simulator`` serves it, plus one thing: for every generation
+``python -m dashscope_simulator`` serves it, plus one thing: for every generation
 request it notes when the request arrived (before its body was read) and when each body chunk
 of the response was handed to the server (one SSE event per token at tokens_per_chunk=1), with
 ``time.time()`` so ``bench/load.py`` can compare them with its own clock on the same machine.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvicorn  # noqa: E402
 
-from conversations.dashscope.simulator import Simulator, _install_drop_filter  # noqa: E402
+from dashscope_simulator.server import Simulator, _install_drop_filter  # noqa: E402
 
 TAG = re.compile(r"\[([A-Za-z0-9_.-]+)\]")
 

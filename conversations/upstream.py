@@ -38,7 +38,7 @@ def _demo_simulator():
     global _simulator
     with _simulator_lock:
         if _simulator is None:
-            from conversations.dashscope.simulator import SimulatorServer
+            from dashscope_simulator import SimulatorServer
 
             _simulator = SimulatorServer(
                 api_key=DEMO_API_KEY, control_token=DEMO_CONTROL_TOKEN

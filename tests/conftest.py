@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from conversations.dashscope.simulator import SimulatorServer
 from conversations.upstream import reset_clients
+from dashscope_simulator import SimulatorServer
 from tests.dashscope_fixtures import *  # noqa: F403
 from tests.live_server import *  # noqa: F403
 

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from conversations.dashscope import DashScopeClient, DashScopeConfig
-from conversations.dashscope.simulator import SimulatorServer
+from dashscope_simulator import SimulatorServer
 
 __all__ = [
     "SIMULATOR_API_KEY",

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conversations.dashscope.simulator import Scenario, ScenarioError
+from dashscope_simulator import Scenario, ScenarioError
 from tests.live_server import ARTIFACTS
 
 pytestmark = pytest.mark.browser

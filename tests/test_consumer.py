@@ -15,9 +15,9 @@ from django.test import Client
 from django.utils import timezone
 
 from conversations.consumers import MAX_FRAME_BYTES
-from conversations.dashscope.simulator import Scenario, ScenarioError
 from conversations.models import Message, ModelProfile, SystemPrompt
 from conversations.upstream import reset_clients
+from dashscope_simulator import Scenario, ScenarioError
 from tests.ws_support import (
     Transcript,
     assistant_reply,

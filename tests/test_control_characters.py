@@ -25,8 +25,8 @@ from django.test import AsyncClient, Client
 
 from conversations import chat
 from conversations.chat import conversation_create
-from conversations.dashscope.simulator import Scenario
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
+from dashscope_simulator import Scenario
 from tests.conftest import IN_CI
 from tests.ws_support import (
     Transcript,

@@ -32,8 +32,8 @@ from conversations.dashscope import (
     compatible_base_from_native,
 )
 from conversations.dashscope.sanitize import OutputCleaner
-from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
 from conversations.dashscope.sse import parse_frames
+from dashscope_simulator import Scenario, ScenarioError, tokenize
 from tests.dashscope_fixtures import *  # noqa: F403
 from tests.dashscope_fixtures import SIMULATOR_API_KEY, RecordingSleep
 

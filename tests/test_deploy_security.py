@@ -595,7 +595,7 @@ def watched_page(new_page):
 
 @pytest.mark.browser
 def test_chat_runs_under_the_policy(live_app, app_simulator, watched_page):
-    from conversations.dashscope.simulator import Scenario
+    from dashscope_simulator import Scenario
     from tests.test_browser import ASSISTANT, _start_chat, _token, _wait_status
 
     image_server = ImageServer()

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
 from conversations.models import Message
 from conversations.upstream import reset_clients
+from dashscope_simulator import Scenario, ScenarioError, tokenize
 from tests.conftest import APP_API_KEY
 from tests.live_server import ROOT, free_port
 from tests.test_team_deployment import (

@@ -17,8 +17,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone, translation
 
 from conversations import chat
-from conversations.dashscope.simulator import Scenario
 from conversations.models import Conversation, Message, ModelProfile
+from dashscope_simulator import Scenario
 from tests.test_team_deployment import team  # noqa: F401 (a fixture)
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 

@@ -19,9 +19,9 @@ from django.utils import timezone
 
 from conversations import generation
 from conversations.chat import announce_finished, conversation_create
-from conversations.dashscope.simulator import Scenario
 from conversations.models import Message
 from conversations.replies import liveness as sweep
+from dashscope_simulator import Scenario
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 
 

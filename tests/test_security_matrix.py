@@ -172,11 +172,11 @@ from markdown_it import MarkdownIt
 from conversations import chat, rendering
 from conversations.admin import REVIEWED
 from conversations.chat import conversation_create
-from conversations.dashscope.simulator import Scenario, ScenarioError, tokenize
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
 from conversations.routing import websocket_urlpatterns
 from conversations.upstream import reset_clients
+from dashscope_simulator import Scenario, ScenarioError, tokenize
 from tests.conftest import APP_API_KEY
 from tests.live_server import PASSWORDS, _start_daphne, new_chat, signed_in_client
 from tests.ws_support import (
@@ -1228,7 +1228,7 @@ def test_the_offline_demo_simulator_takes_no_orders_from_other_local_processes(s
     guess), its API key is random per run (the old well-known one is refused), and it keeps
     only the newest requests."""
     from conversations import upstream
-    from conversations.dashscope.simulator import SimulatorServer
+    from dashscope_simulator import SimulatorServer
 
     settings.DASHSCOPE_API_KEY = ""
     config = upstream.get_config()

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conversations.dashscope.simulator import (
+from dashscope_simulator import (
     Scenario,
     SimulatorServer,
     compose_reply,
@@ -433,7 +433,7 @@ def test_command_line_runs_the_simulator_in_the_foreground():
     command = [
         sys.executable,
         "-m",
-        "conversations.dashscope.simulator",
+        "dashscope_simulator",
         "--port",
         str(port),
         "--api-key",

@@ -127,7 +127,7 @@ def test_health_check_reports_postgres_and_redis(team):
 
 
 def test_reply_started_on_one_process_streams_to_the_other_and_stops_from_it(team, app_simulator):
-    from conversations.dashscope.simulator import Scenario
+    from dashscope_simulator import Scenario
 
     reply = " ".join(f"token{i}" for i in range(400))
     app_simulator.add_scenario(Scenario(match="across", reply=reply, token_delay=0.02))
@@ -237,7 +237,7 @@ def test_a_killed_process_leaves_an_interrupted_reply_that_continue_completes(te
     """SIGKILL the process writing a reply: a surviving process sweeps it to `interrupted`
     with its last checkpoint (at most one checkpoint of text lost) and tells its sockets;
     Continue there finishes the same message; the restarted process serves the chat."""
-    from conversations.dashscope.simulator import Scenario
+    from dashscope_simulator import Scenario
 
     reply = " ".join(f"word{i}" for i in range(400))
     app_simulator.add_scenario(Scenario(match="killed", reply=reply, token_delay=0.02, times=2))
@@ -318,7 +318,7 @@ def test_a_reply_killed_before_its_first_checkpoint_is_written_again_in_place(te
     answered yet): the reply is swept to `interrupted` with no text, the page offers to try
     again, and one click sends the same user message again (not in partial mode, nothing to
     carry on from) and completes the same message on the other process. Nobody retypes."""
-    from conversations.dashscope.simulator import Scenario
+    from dashscope_simulator import Scenario
 
     reply = "Written again after the crash."
     app_simulator.add_scenario(

@@ -1,4 +1,6 @@
-"""DashScope (Alibaba Cloud Model Studio / Qwen) chat client and a local simulator.
+"""DashScope (Alibaba Cloud Model Studio / Qwen) chat client: the protocol and nothing else.
+
+The local simulator (tests, offline demo) is a package of its own, ``dashscope_simulator``.
 
 This package imports nothing from Django: the app builds a ``DashScopeConfig`` from its settings
 and hands it to ``DashScopeClient``.

@@ -10,7 +10,7 @@ local process can reach, and its scenarios would put words into anyone's chat.
 
 Run it in the foreground::
 
-    python -m conversations.dashscope.simulator --host 127.0.0.1 --port 8765
+    python -m dashscope_simulator --host 127.0.0.1 --port 8765
 """
 
 from __future__ import annotations
@@ -1321,7 +1321,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point for ``python -m conversations.dashscope.simulator``."""
+    """Entry point for ``python -m dashscope_simulator``."""
     args = _parse_args(argv)
     app = Simulator(
         api_key=args.api_key,

@@ -1,0 +1,36 @@
+"""A local DashScope look-alike: the peer for the client's tests and the offline demo's backend.
+
+It imports nothing from the app or from ``conversations.dashscope`` (the protocol client); it
+speaks the wire protocol on its own. The app imports it only for the offline demo, lazily.
+Everything is in ``server``; run it with ``python -m dashscope_simulator --port 8765``.
+"""
+
+from .server import (
+    KNOWN_MODELS,
+    RecordedRequest,
+    Scenario,
+    ScenarioError,
+    Simulator,
+    SimulatorServer,
+    compose_reasoning,
+    compose_reply,
+    is_known_model,
+    is_vision_model,
+    main,
+    tokenize,
+)
+
+__all__ = [
+    "KNOWN_MODELS",
+    "RecordedRequest",
+    "Scenario",
+    "ScenarioError",
+    "Simulator",
+    "SimulatorServer",
+    "compose_reasoning",
+    "compose_reply",
+    "is_known_model",
+    "is_vision_model",
+    "main",
+    "tokenize",
+]
