@@ -1307,7 +1307,10 @@ class SimulatorServer:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run the DashScope simulator in the foreground.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dashscope_simulator",
+        description="Run the DashScope simulator in the foreground.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--api-key", default=None, help="reject requests without this key")
