@@ -426,7 +426,7 @@ def test_the_database_unavailable_mid_reply_is_survived(team, app_simulator):  #
     The team's processes take a reply silent for 3 s (QWENWEB_REPLY_STALE_AFTER) as dead, so
     the sweep may mark this one `interrupted` when the database is back, before its next
     checkpoint: the pages show it so for a moment, and that checkpoint takes it back (the
-    reply's own fencing token: tests/test_sweep.py)."""
+    reply's own fencing token: tests/test_liveness.py)."""
     import psycopg
 
     app_simulator.add_scenario(Scenario(match="outage", reply=LONG_REPLY, token_delay=0.02))
