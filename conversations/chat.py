@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
-from conversations import events, sockets
+from conversations import sockets
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.dashscope.sanitize import strip_controls
 from conversations.db import db_async
@@ -34,7 +34,7 @@ from conversations.models import (
     ModelProfile,
     SystemPrompt,
 )
-from conversations.replies import liveness
+from conversations.replies import events, liveness
 
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
@@ -493,11 +493,9 @@ async def areply_start(
     async def announce() -> None:
         await sockets.broadcast(
             conversation.id,
-            {
-                "type": "conversation.created",
-                "messages": messages,
-                "title": conversation.title if started.titled else "",
-            },
+            events.Created(
+                messages=messages, title=conversation.title if started.titled else ""
+            ).as_message(),
         )
 
     generation = Generation(
@@ -565,13 +563,11 @@ async def areply_continue(*, conversation: Conversation) -> StartedReply:
     )
 
     async def announce() -> None:
-        await sockets.broadcast(
-            conversation.id, {"type": "conversation.continued", "message_id": reply.pk}
-        )
+        await sockets.broadcast(conversation.id, events.Continued(message_id=reply.pk).as_message())
 
     # A generation of this reply may still run somewhere (taken for dead by a sweep while the
     # database was away): it stops, and its saves change nothing now (Message.writer).
-    retire = {"type": "generation.retire", "message_id": reply.pk, "writer": str(reply.writer)}
+    retire = events.Retire(message_id=reply.pk, writer=str(reply.writer)).as_message()
     try:
         await get_channel_layer().group_send(events.control_group(conversation.id), retire)
     except Exception:
@@ -615,7 +611,7 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
         try:
             await get_channel_layer().group_send(
                 events.control_group(conversation.id),
-                {"type": "generation.stop", "message_id": message_id},
+                events.Stop(message_id=message_id).as_message(),
             )
         except Exception:
             logger.warning("Asking reply %s to stop failed", message_id, exc_info=True)
@@ -649,6 +645,4 @@ async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool
 
 
 async def announce_finished(conversation_id, message_id: int) -> None:
-    await sockets.broadcast(
-        conversation_id, {"type": "conversation.finished", "message_id": message_id}
-    )
+    await sockets.broadcast(conversation_id, events.Finished(message_id=message_id).as_message())

@@ -49,10 +49,10 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
-from conversations import chat, events, generation, sockets
+from conversations import chat, generation, sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
-from conversations.replies import liveness
+from conversations.replies import events, liveness
 from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
@@ -327,10 +327,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def deliver(self, event: dict) -> None:
         handler = {
-            "conversation.created": self._created,
-            "conversation.continued": self._continued,
-            "conversation.delta": self._direct_delta,
-            "conversation.finished": self._finished,
+            events.Created.TYPE: self._created,
+            events.Continued.TYPE: self._continued,
+            events.Delta.TYPE: self._direct_delta,
+            events.Finished.TYPE: self._finished,
         }[event["type"]]
         await handler(event)
 
@@ -466,7 +466,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         too (a generation hands it to the sockets of its own process directly)."""
         if generation.running(message_id) is None:
             await self._ask_generation(
-                message_id, {"type": "generation.watch", "process": sockets.PROCESS_ID}
+                events.Watch(message_id=message_id, process=sockets.PROCESS_ID)
             )
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
@@ -475,31 +475,29 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown[message_id] = None
         local = generation.running(message_id)
         if local is not None:
-            await self.conversation_snapshot(
-                {"message_id": message_id, "text": local.text, "reasoning": local.reasoning}
+            snapshot = events.Snapshot(
+                message_id=message_id, text=local.text, reasoning=local.reasoning
             )
+            await self.conversation_snapshot(snapshot.as_message())
             return
         await self._ask_generation(
-            message_id,
-            {
-                "type": "generation.sync",
-                "reply_channel": self.channel_name,
-                "process": sockets.PROCESS_ID,
-            },
+            events.Sync(
+                message_id=message_id, reply_channel=self.channel_name, process=sockets.PROCESS_ID
+            )
         )
         if message_id not in self.snapshot_timeouts:
             self.snapshot_timeouts[message_id] = self._spawn(self._snapshot_timeout(message_id))
 
-    async def _ask_generation(self, message_id: int, request: dict) -> None:
+    async def _ask_generation(self, request: events.Sync | events.Watch) -> None:
         """Send a request to the generation of a reply, wherever it runs. A channel layer
         that is away (Redis restarting) loses it but closes no socket: a lost catch-up request
         ends in its timeout (the saved text), and the next gap in the frames asks again."""
         try:
             await self.channel_layer.group_send(
-                events.control_group(self.conversation.id), {**request, "message_id": message_id}
+                events.control_group(self.conversation.id), request.as_message()
             )
         except Exception:
-            logger.warning("Asking reply %s for %s failed", message_id, request["type"],
+            logger.warning("Asking reply %s for %s failed", request.message_id, request.TYPE,
                            exc_info=True)  # fmt: skip
 
     async def _snapshot_timeout(self, message_id: int) -> None:

@@ -21,7 +21,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from conversations import events, sockets
+from conversations import sockets
 from conversations.dashscope import (
     ChatRequest,
     DashScopeClient,
@@ -34,7 +34,7 @@ from conversations.dashscope import (
 from conversations.db import db_async
 from conversations.errors import describe_error
 from conversations.models import Message
-from conversations.replies import liveness
+from conversations.replies import events, liveness
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ class Generation:
         }
         message = {name: message[name] for name in ("pk", "images", *Message.EVENT_FIELDS)}
         try:
-            event = {"type": "conversation.finished", "message_id": self.message_id}
-            await sockets.broadcast(self.conversation_id, {**event, "message": message})
+            event = events.Finished(message_id=self.message_id, message=message)
+            await sockets.broadcast(self.conversation_id, event.as_message())
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.
             logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
@@ -297,14 +297,12 @@ class Generation:
                 self.published = len(text)
             else:
                 self.reasoning_published = len(text)
-            event = {
-                "type": "conversation.delta",
-                "message_id": self.message_id,
-                "part": part,
-                "offset": published,
-                "text": text[published:],
-            }
-            await sockets.broadcast(self.conversation_id, event, remote=self.remote_readers)
+            event = events.Delta(
+                message_id=self.message_id, part=part, offset=published, text=text[published:]
+            )
+            await sockets.broadcast(
+                self.conversation_id, event.as_message(), remote=self.remote_readers
+            )
 
     async def _checkpoint(self) -> None:
         """Save the partial text (and so refresh updated_at, the reply's heartbeat)."""
@@ -326,7 +324,7 @@ class Generation:
             with contextlib.suppress(Exception):
                 await sockets.broadcast(
                     self.conversation_id,
-                    {"type": "conversation.continued", "message_id": self.message_id},
+                    events.Continued(message_id=self.message_id).as_message(),
                 )
         elif not saved:
             self.superseded = True
@@ -339,25 +337,20 @@ class Generation:
                 if message.get("message_id") not in (None, self.message_id):
                     continue
                 kind = message.get("type")
-                if kind in ("generation.sync", "generation.watch"):
+                if kind in (events.Sync.TYPE, events.Watch.TYPE):
                     # Requests from before sockets.py carry no process: assume another one.
                     self.remote_readers |= message.get("process") != sockets.PROCESS_ID
-                if kind == "generation.stop":
+                if kind == events.Stop.TYPE:
                     self.stop()
-                elif kind == "generation.retire" and message.get("writer") != str(self.writer):
+                elif kind == events.Retire.TYPE and message.get("writer") != str(self.writer):
                     # Continue gave this reply to a newer generation: this one is done.
                     self.superseded = True
                     self.stop()
-                elif kind == "generation.sync":
-                    await self.layer.send(
-                        message["reply_channel"],
-                        {
-                            "type": "conversation.snapshot",
-                            "message_id": self.message_id,
-                            "text": self.text,
-                            "reasoning": self.reasoning,
-                        },
+                elif kind == events.Sync.TYPE:
+                    snapshot = events.Snapshot(
+                        message_id=self.message_id, text=self.text, reasoning=self.reasoning
                     )
+                    await self.layer.send(message["reply_channel"], snapshot.as_message())
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from conversations import events
+from conversations.replies import events
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,9 @@ SEND_TIMEOUT = 2.0
 def end_sessions(user_id, session_key: str | None = None) -> None:
     """Close the user's open sockets: those of this session, or all of them (None). From
     synchronous code (signal handlers run in a view's or the admin's thread)."""
-    event = {
-        "type": "session.ended",
-        "session": events.session_tag(session_key) if session_key else "",
-    }
+    event = events.SessionEnded(
+        session=events.session_tag(session_key) if session_key else ""
+    ).as_message()
 
     async def send() -> None:
         layer = get_channel_layer()

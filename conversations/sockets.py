@@ -20,7 +20,7 @@ from typing import Protocol
 from autobahn.exception import Disconnected
 from channels.layers import get_channel_layer
 
-from conversations import events
+from conversations.replies import events
 
 logger = logging.getLogger(__name__)
 

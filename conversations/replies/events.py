@@ -1,0 +1,143 @@
+"""What travels on the channel layer, in one place: group names and every event, as types.
+
+Group names use ASCII letters, digits, '-', '_' and '.'. An event is a frozen dataclass whose
+TYPE is its channel-layer type (Channels dispatches `conversation.delta` to a consumer's
+`conversation_delta`); `as_message()` gives the plain dict the layer carries (the Redis layer
+packs it with msgpack). Fields left at None are not sent.
+
+To sockets (the conversation's group, or one socket's channel): Created, Continued, Delta,
+Finished, Snapshot; to the user's group: SessionEnded. To a running generation (the
+conversation's control group): Stop, Sync, Watch, Retire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+
+def group(conversation_id) -> str:
+    """Every socket open on the conversation listens here for messages, deltas and endings."""
+    return f"conv-{conversation_id}"
+
+
+def control_group(conversation_id) -> str:
+    """The conversation's running generation listens here for stop and catch-up requests."""
+    return f"conv-{conversation_id}.control"
+
+
+def user_group(user_id) -> str:
+    """Every socket of the user, in any process, listens here for the end of its session
+    (SessionEnded: a logout, a password change, the account disabled or deleted)."""
+    return f"user-{user_id}"
+
+
+def session_tag(session_key: str) -> str:
+    """Names a session in events without carrying its key, a credential, over the channel
+    layer (Redis)."""
+    return hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Event:
+    TYPE: ClassVar[str]
+
+    def as_message(self) -> dict:
+        fields = {name: value for name, value in asdict(self).items() if value is not None}
+        return {"type": self.TYPE, **fields}
+
+
+# -- to sockets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Created(Event):
+    """A user message and its reply's placeholder were saved (`messages`: Message.as_event)."""
+
+    TYPE = "conversation.created"
+    messages: list
+    title: str = ""  # the conversation's new title, when this message gave it one
+
+
+@dataclass(frozen=True)
+class Continued(Event):
+    """A cut-off reply is being carried on (or written again): show it streaming."""
+
+    TYPE = "conversation.continued"
+    message_id: int
+
+
+@dataclass(frozen=True)
+class Delta(Event):
+    """New text of a streaming reply, from character `offset` of its `part`."""
+
+    TYPE = "conversation.delta"
+    message_id: int
+    part: str  # "text" or "reasoning"
+    offset: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    """A reply ended; `message` (Message.as_event) spares each socket a database read."""
+
+    TYPE = "conversation.finished"
+    message_id: int
+    message: dict | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot(Event):
+    """A running reply's text so far, to one socket that asked (Sync)."""
+
+    TYPE = "conversation.snapshot"
+    message_id: int
+    text: str
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class SessionEnded(Event):
+    """Close the sockets of this session (session_tag), or all the user's ("")."""
+
+    TYPE = "session.ended"
+    session: str
+
+
+# -- to a running generation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stop(Event):
+    TYPE = "generation.stop"
+    message_id: int
+
+
+@dataclass(frozen=True)
+class Sync(Event):
+    """Send a Snapshot to `reply_channel`; `process` names the asking socket's process."""
+
+    TYPE = "generation.sync"
+    message_id: int
+    reply_channel: str
+    process: str
+
+
+@dataclass(frozen=True)
+class Watch(Event):
+    """A socket in `process` shows this reply: send its deltas over the layer too."""
+
+    TYPE = "generation.watch"
+    message_id: int
+    process: str
+
+
+@dataclass(frozen=True)
+class Retire(Event):
+    """Continue gave the reply to the generation holding `writer`: any other one stops."""
+
+    TYPE = "generation.retire"
+    message_id: int
+    writer: str
