@@ -509,11 +509,12 @@ async def areply_start(
     return started
 
 
-def reply_continue(*, conversation: Conversation) -> StartedReply:
+def reply_continue(*, conversation: Conversation, message_id: int | None = None) -> StartedReply:
     """Reopen the conversation's last reply, if it was cut short, to be carried on from its
     text (Message.can_continue), or written again from the start (Message.can_retry: nothing
     saved, or no partial mode for its model). The StartedReply's message has its text so far:
-    none when it is written again."""
+    none when it is written again. With `message_id` (the reply whose button was pressed), a
+    page that is behind cannot carry on or rewrite a newer reply it has not seen."""
     with transaction.atomic():
         conversation = _lock(conversation)
         interrupted = liveness.mark_interrupted(conversation.messages.all())
@@ -522,7 +523,11 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
                 _("A reply is still being written. Wait for it or press Stop, then send.")
             )
         reply = conversation.messages.order_by("-pk").first()
-        if reply is None or not (reply.can_continue or reply.can_retry):
+        if (
+            reply is None
+            or not (reply.can_continue or reply.can_retry)
+            or (message_id is not None and reply.pk != message_id)
+        ):
             raise ReplyRefused(_("There is no cut-off reply to continue."))
         _check_model(conversation)
         _check_user_limits(conversation)
@@ -548,13 +553,15 @@ def reply_continue(*, conversation: Conversation) -> StartedReply:
     )
 
 
-async def areply_continue(*, conversation: Conversation) -> StartedReply:
+async def areply_continue(
+    *, conversation: Conversation, message_id: int | None = None
+) -> StartedReply:
     """Carry on a reply that was cut short, appending to the same message (or write it again
     in place, when it has no text to carry on from)."""
     from conversations.generation import Generation
     from conversations.upstream import get_client
 
-    continued = await db_async(reply_continue)(conversation=conversation)
+    continued = await db_async(reply_continue)(conversation=conversation, message_id=message_id)
     for message_id in continued.interrupted:
         await announce_finished(conversation.id, message_id)
     reply = continued.assistant_message

@@ -43,9 +43,9 @@ from importlib import import_module
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib import auth
-from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import translation
+from django.utils.crypto import constant_time_compare
 from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
@@ -208,7 +208,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             elif kind == "stop":
                 await self._stop()
             elif kind == "continue":
-                await self._continue()
+                await self._continue(data.get("message_id"))
             else:
                 await self._hello_request(data.get("streaming"), data.get("last"))
 
@@ -255,9 +255,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         await self._send_fragment("ack", client_message_id=client_message_id)
 
-    async def _continue(self) -> None:
+    async def _continue(self, message_id: object) -> None:
         try:
-            await chat.areply_continue(conversation=self.conversation)
+            await chat.areply_continue(
+                conversation=self.conversation,
+                # The page's form sends it as text (htmx's ws-send).
+                message_id=int(message_id) if str(message_id).isdecimal() else None,
+            )
         except chat.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
 
@@ -308,6 +312,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         replies it shows as streaming."""
         if last is not None:
             missed = await _messages_after(self.conversation, last, exclude=self.delivered)
+            # Announced to this socket while the query ran: already on the page.
+            missed = [message for message in missed if message.pk not in self.delivered]
             if missed:
                 await self._send_messages(missed, append=True)
                 for message in missed:
@@ -583,15 +589,27 @@ def _owned_conversation(user, conversation_id) -> Conversation | None:
 
 @db_async
 def _session_signs_in(session_key: str | None, user_id) -> bool:
-    """What a page request would find: the session still there, signing this user in with
-    today's password hash, the account active (django.contrib.auth.get_user, which also
-    flushes a session whose hash no longer matches)."""
+    """What a page request would find: the session still there and signing this user in, its
+    password hash today's (or one made with a SECRET_KEY_FALLBACKS key), and the account
+    active as its backend sees it. The checks of django.contrib.auth.get_user, without its
+    writes: it would cycle the key of a session hashed with a fallback secret, and a key
+    cycled here reaches no browser (the page's own session would be gone)."""
     if not session_key:
         return False
-    request = HttpRequest()
-    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    user = auth.get_user(request)
-    return user.is_authenticated and user.pk == user_id
+    data = import_module(settings.SESSION_ENGINE).SessionStore(session_key).load()
+    backend_path = data.get(auth.BACKEND_SESSION_KEY)
+    if str(data.get(auth.SESSION_KEY)) != str(user_id) or (
+        backend_path not in settings.AUTHENTICATION_BACKENDS
+    ):
+        return False
+    user = auth.load_backend(backend_path).get_user(user_id)
+    stored = data.get(auth.HASH_SESSION_KEY) or ""
+    if user is None or not stored:
+        return False
+    hashes = [user.get_session_auth_hash()] + [
+        user._get_session_auth_hash(secret=secret) for secret in settings.SECRET_KEY_FALLBACKS
+    ]
+    return any(constant_time_compare(stored, value) for value in hashes)
 
 
 @db_async

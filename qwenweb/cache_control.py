@@ -21,9 +21,13 @@ def no_store_for_signed_in_users(get_response):
         response = get_response(request)
         if "no-store" in response.get("Cache-Control", ""):
             return response
-        # No user when a middleware before AuthenticationMiddleware answered.
+        # No user when a middleware before AuthenticationMiddleware answered. The user is
+        # looked at only if something already read the session (every page that needs a
+        # login did): a first read this late could cycle its key after SessionMiddleware
+        # has sent the cookie.
         user = getattr(request, "user", None)
-        if user is not None and user.is_authenticated:
+        session = getattr(request, "session", None)
+        if user is not None and session is not None and session.accessed and user.is_authenticated:
             patch_cache_control(response, no_store=True, private=True)
         return response
 

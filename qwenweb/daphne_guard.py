@@ -94,7 +94,7 @@ def install(backlog_limit: int) -> bool:
             if backlog.dropped:
                 return
             if backlog.paused:
-                backlog.queued += len(content)
+                backlog.queued += len(content) if binary else len(content.encode())
                 if backlog.queued > backlog_limit:
                     backlog.dropped = True
                     logger.info(

@@ -752,3 +752,59 @@ async def test_saving_a_user_otherwise_closes_nothing():
     await sync_to_async(_new_session)(owner)  # another login: last_login is saved
     assert await ws.receive_nothing(timeout=0.3)
     await ws.disconnect()
+
+
+async def test_continue_names_its_reply_so_a_page_behind_cannot_rewrite_a_newer_one(
+    app_simulator,
+):
+    """The Continue/Try again button sends its reply's id: pressed on a page that has not
+    seen a newer cut-off reply (another tab sent more meanwhile), it refuses instead of
+    rewriting that newer reply; on the newest reply it works as before."""
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    replies = []
+    for text in ("older", "newer"):
+        await Message.objects.acreate(conversation=conversation, role="user", content=text)
+        replies.append(await Message.objects.acreate(
+            conversation=conversation, role="assistant", status="stopped", content="",
+            model="qwen-plus",
+        ))  # fmt: skip
+    older, newer = replies
+    ws, connected, _code = await connect(owner, conversation)
+    assert connected
+    await ws.send_to(text_data=json.dumps({"type": "continue", "message_id": str(older.pk)}))
+    assert "no cut-off reply" in await ws.receive_from(timeout=5)
+    assert (await Message.objects.aget(pk=newer.pk)).status == "stopped"
+    assert app_simulator.requests == []
+    await ws.send_to(text_data=json.dumps({"type": "continue", "message_id": str(newer.pk)}))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: t.status.get(newer.pk) == "complete")
+    await ws.disconnect()
+
+
+async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(settings):
+    """After SECRET_KEY is rotated (the old one kept in SECRET_KEY_FALLBACKS) a session still
+    signs its user in, and the check writes nothing: get_user's key cycling would delete the
+    page's own session. A changed password, a deactivated account or a deleted session do
+    not pass."""
+    from django.contrib.sessions.models import Session
+
+    from conversations.consumers import _session_signs_in
+
+    owner = await make_user("alice")
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    key = client.cookies["sessionid"].value
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "rotated-" + "x" * 50
+    assert await _session_signs_in(key, owner.pk)
+    assert await Session.objects.filter(session_key=key).aexists()
+    assert not await _session_signs_in(key, owner.pk + 1)
+    owner.is_active = False
+    await owner.asave()
+    assert not await _session_signs_in(key, owner.pk)
+    owner.is_active = True
+    owner.set_password("changed-pw-1")
+    await owner.asave()
+    assert not await _session_signs_in(key, owner.pk)
+    assert not await _session_signs_in("no-such-session", owner.pk)

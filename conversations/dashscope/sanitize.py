@@ -17,7 +17,8 @@ REDACTED = "sk-***"
 MIN_REDACTED_KEY = 8
 _KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9_\-]{6,}")
 # C0 controls except tab, newline and carriage return: invisible, and NUL breaks PostgreSQL.
-_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# Lone surrogates too (JSON's "\ud800" decodes to one): no database can encode them.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 
 
 def strip_controls(text: str) -> str:
