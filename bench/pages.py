@@ -117,6 +117,7 @@ def build_data(n_messages: int, n_conversations: int):
     from django.utils import timezone
 
     from conversations.models import Conversation, Message, ModelProfile
+    from conversations.replies import branches
 
     rng = random.Random(4)
     user = get_user_model().objects.create_user("bench", password=PASSWORD)
@@ -163,6 +164,7 @@ def build_data(n_messages: int, n_conversations: int):
                     )
                 )
         Message.objects.bulk_create(messages, batch_size=500)
+        branches.link_in_order(big)
         # What a chat page showing only its newest 100 messages would render.
         short = Conversation.objects.create(
             owner=user, model=model, title="The last hundred", updated_at=now - timedelta(seconds=1)
@@ -172,6 +174,7 @@ def build_data(n_messages: int, n_conversations: int):
                         if f.attname not in {"id", "conversation_id"}}, conversation=short)
              for m in messages[-100:]]
         )  # fmt: skip
+        branches.link_in_order(short)
     return user, big, short, time.perf_counter() - started
 
 

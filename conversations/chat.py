@@ -34,7 +34,7 @@ from conversations.models import (
     ModelProfile,
     SystemPrompt,
 )
-from conversations.replies import events, liveness
+from conversations.replies import branches, events, liveness
 
 TITLE_LENGTH = 60
 # Room kept free in the context window for the reply itself when trimming history.
@@ -192,6 +192,8 @@ def reply_start(
     image_urls: object = None,
 ) -> StartedReply:
     """Save the user's message and an assistant placeholder before anything can fail upstream.
+    The message follows the active branch's last one and becomes, with its reply, the branch's
+    new end.
 
     A repeated client_message_id returns the messages it created the first time, so a resent
     frame (a reconnecting socket replays its queue) never starts a second call.
@@ -203,25 +205,9 @@ def reply_start(
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
             # read it afresh: the model or title may have changed since the socket opened.
             conversation = _lock(conversation)
-            # One query for all that can stand in the way: this very message sent before, and
-            # replies still streaming (alive, or dead with their process).
-            in_the_way = Q(status=Message.Status.STREAMING)
-            if client_message_id is not None:
-                in_the_way |= Q(client_message_id=client_message_id)
-            rows = conversation.messages.filter(in_the_way).values_list(
-                "client_message_id", "status", "updated_at", "pk"
-            )
-            streaming = []
-            for sent_id, status, updated_at, pk in rows:
-                if client_message_id is not None and sent_id == client_message_id:
-                    return _existing_reply(conversation, client_message_id)
-                if status == Message.Status.STREAMING:
-                    streaming.append((pk, updated_at))
-            interrupted = _interrupt_dead(conversation, streaming)
-            if len(interrupted) < len(streaming):
-                raise ReplyInProgress(
-                    _("A reply is still being written. Wait for it or press Stop, then send.")
-                )
+            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            if existing is not None:
+                return existing
             _check_model(conversation)
             if images and not conversation.model.accepts_images:
                 raise ReplyRefused(
@@ -229,29 +215,15 @@ def reply_start(
                     % {"model": conversation.model.label}
                 )
             _check_user_limits(conversation)
-            user_message = Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.USER,
+            user_message, assistant_message = _new_turn(
+                conversation,
+                parent_id=_leaf_id(conversation),
                 content=content,
+                images=images,
                 client_message_id=client_message_id,
             )
-            user_message.image_list = MessageImage.objects.bulk_create(
-                [MessageImage(message=user_message, url=url) for url in images]
-            )
-            assistant_message = Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.ASSISTANT,
-                status=Message.Status.STREAMING,
-                model=conversation.model.name,
-                writer=uuid.uuid4(),
-            )
-            assistant_message.image_list = []
-            fields = {"updated_at": timezone.now()}
-            if not conversation.title:
-                fields["title"] = _title_from(content)
-            Conversation.objects.filter(pk=conversation.pk).update(**fields)
-            for name, value in fields.items():
-                setattr(conversation, name, value)
+            titled = not conversation.title
+            _move_to(conversation, assistant_message, title=_title_from(content) if titled else "")
     except IntegrityError:
         existing = client_message_id and _existing_reply(conversation, client_message_id)
         if not existing:
@@ -262,9 +234,215 @@ def reply_start(
         user_message,
         assistant_message,
         created=True,
-        titled="title" in fields,
+        titled=titled,
         interrupted=tuple(interrupted),
     )
+
+
+def reply_regenerate(
+    *,
+    conversation: Conversation,
+    message_id: int | None = None,
+    client_message_id: uuid.UUID | None = None,
+) -> StartedReply:
+    """A new version of a reply (the active branch's last one, or `message_id`), written beside
+    it from the same history; the earlier version is kept, and the new one is shown. Any
+    finished reply may be regenerated: complete, stopped, interrupted or failed (the retry)."""
+    try:
+        with transaction.atomic():
+            conversation = _lock(conversation)
+            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            if existing is not None:
+                return existing
+            target = conversation.messages.filter(
+                pk=message_id if message_id is not None else _leaf_id(conversation),
+                role=Message.Role.ASSISTANT,
+            ).first()
+            if target is None or target.parent_id is None:
+                raise ReplyRefused(_("There is no reply to regenerate."))
+            _check_model(conversation)
+            _check_user_limits(conversation)
+            reply = _new_reply(
+                conversation, parent_id=target.parent_id, client_message_id=client_message_id
+            )
+            _move_to(conversation, reply, forked=True)
+            user_message = conversation.messages.get(pk=target.parent_id)
+    except IntegrityError:
+        existing = client_message_id and _existing_reply(conversation, client_message_id)
+        if not existing:
+            raise
+        return existing
+    return StartedReply(
+        conversation, user_message, reply, created=True, interrupted=tuple(interrupted)
+    )
+
+
+def reply_edit(
+    *,
+    conversation: Conversation,
+    message_id: object,
+    content: object,
+    client_message_id: uuid.UUID | None = None,
+) -> StartedReply:
+    """A new version of one of the user's messages (with the same images), and a reply to it.
+    The turns that followed the earlier version stay on their own branch; the new one is
+    shown."""
+    content = clean_content(content)
+    try:
+        with transaction.atomic():
+            conversation = _lock(conversation)
+            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            if existing is not None:
+                return existing
+            original = (
+                conversation.messages.filter(pk=message_id, role=Message.Role.USER).first()
+                if type(message_id) is int
+                else None
+            )
+            if original is None:
+                raise ReplyRefused(_("That message cannot be edited: it is not in this chat."))
+            _check_model(conversation)
+            _check_user_limits(conversation)
+            user_message, assistant_message = _new_turn(
+                conversation,
+                parent_id=original.parent_id,
+                content=content,
+                images=list(original.images.values_list("url", flat=True)),
+                client_message_id=client_message_id,
+            )
+            _move_to(conversation, assistant_message, forked=True)
+    except IntegrityError:
+        existing = client_message_id and _existing_reply(conversation, client_message_id)
+        if not existing:
+            raise
+        return existing
+    return StartedReply(
+        conversation,
+        user_message,
+        assistant_message,
+        created=True,
+        interrupted=tuple(interrupted),
+    )
+
+
+def branch_switch(*, conversation: Conversation, message_id: int, step: int) -> int:
+    """Show the version `step` (-1 or +1) away from message `message_id`: the active branch
+    then ends at the newest leaf under that version, and stays so on reload. Returns the new
+    leaf. Refused while a reply is being written (the page would lose sight of it)."""
+    with transaction.atomic():
+        conversation = _lock(conversation)
+        if conversation.messages.filter(status=Message.Status.STREAMING).exists():
+            raise ReplyInProgress(
+                _("A reply is still being written. Wait for it or press Stop, then switch.")
+            )
+        tree = branches.load(conversation)
+        if message_id not in tree:
+            raise Message.DoesNotExist
+        siblings = tree.siblings(message_id)
+        position = siblings.index(message_id) + step
+        if not 0 <= position < len(siblings):
+            raise ReplyRefused(_("There is no other version that way."))
+        leaf = tree.leaf_under(siblings[position], conversation.branch_choices)
+        Conversation.objects.filter(pk=conversation.pk).update(
+            current_message_id=leaf,
+            branch_choices=tree.remember(leaf, conversation.branch_choices),
+        )
+        conversation.current_message_id = leaf
+    return leaf
+
+
+def _clear_the_way(
+    conversation: Conversation, client_message_id: uuid.UUID | None
+) -> tuple[StartedReply | None, list[int]]:
+    """Under the conversation's lock, before a new reply: the reply this client_message_id
+    started already (a resent frame), if any; else the replies found dead (their process
+    gone, now interrupted). Refused while a live reply is being written. One query."""
+    in_the_way = Q(status=Message.Status.STREAMING)
+    if client_message_id is not None:
+        in_the_way |= Q(client_message_id=client_message_id)
+    rows = conversation.messages.filter(in_the_way).values_list(
+        "client_message_id", "status", "updated_at", "pk"
+    )
+    streaming = []
+    for sent_id, status, updated_at, pk in rows:
+        if client_message_id is not None and sent_id == client_message_id:
+            return _existing_reply(conversation, client_message_id), []
+        if status == Message.Status.STREAMING:
+            streaming.append((pk, updated_at))
+    interrupted = _interrupt_dead(conversation, streaming)
+    if len(interrupted) < len(streaming):
+        raise ReplyInProgress(
+            _("A reply is still being written. Wait for it or press Stop, then send.")
+        )
+    return None, interrupted
+
+
+def _leaf_id(conversation: Conversation) -> int | None:
+    """The last message of the active branch (read under the conversation's lock). None in a
+    new chat, or one whose current message an admin deleted: a message sent then starts a
+    branch of its own beside the first message, and the earlier ones stay a version away."""
+    return conversation.current_message_id
+
+
+def _new_turn(
+    conversation: Conversation,
+    *,
+    parent_id: int | None,
+    content: str,
+    images: list[str],
+    client_message_id: uuid.UUID | None,
+) -> tuple[Message, Message]:
+    user_message = _create_message(
+        conversation=conversation,
+        parent_id=parent_id,
+        role=Message.Role.USER,
+        content=content,
+        client_message_id=client_message_id,
+    )
+    user_message.image_list = MessageImage.objects.bulk_create(
+        [MessageImage(message=user_message, url=url) for url in images]
+    )
+    return user_message, _new_reply(conversation, parent_id=user_message.pk)
+
+
+def _new_reply(
+    conversation: Conversation, *, parent_id: int, client_message_id: uuid.UUID | None = None
+) -> Message:
+    reply = _create_message(
+        conversation=conversation,
+        parent_id=parent_id,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=conversation.model.name,
+        writer=uuid.uuid4(),
+        client_message_id=client_message_id,
+    )
+    reply.image_list = []
+    return reply
+
+
+def _create_message(**fields) -> Message:
+    message = Message(**fields)
+    message.placed = True  # its parent is chosen (Message.save)
+    message.save(force_insert=True)
+    return message
+
+
+def _move_to(
+    conversation: Conversation, leaf: Message, *, title: str = "", forked: bool = False
+) -> None:
+    """Make `leaf` the end of the active branch (and the chat the user's latest). After a
+    fork (a regenerate, an edit), the versions it shows are remembered (branch_choices), so
+    that switching away and back shows them again."""
+    fields = {"current_message_id": leaf.pk, "updated_at": timezone.now()}
+    if forked:
+        tree = branches.load(conversation)
+        fields["branch_choices"] = tree.remember(leaf.pk, conversation.branch_choices)
+    if title:
+        fields["title"] = title
+    Conversation.objects.filter(pk=conversation.pk).update(**fields)
+    for name, value in fields.items():
+        setattr(conversation, name, value)
 
 
 def _lock(conversation: Conversation) -> Conversation:
@@ -381,15 +559,16 @@ def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, objec
 
 
 def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
-    user_message = conversation.messages.filter(client_message_id=client_message_id).first()
-    if user_message is None:
+    """What a client_message_id started: a message and its reply (a send, an edit), or a
+    reply (a regenerate: the id is the reply's)."""
+    sent = conversation.messages.filter(client_message_id=client_message_id).first()
+    if sent is None:
         return None
-    assistant_message = (
-        conversation.messages.filter(pk__gt=user_message.pk, role=Message.Role.ASSISTANT)
-        .order_by("pk")
-        .first()
-    )
-    return StartedReply(conversation, user_message, assistant_message, created=False)
+    if sent.role == Message.Role.ASSISTANT:
+        user_message = conversation.messages.filter(pk=sent.parent_id).first()
+        return StartedReply(conversation, user_message, sent, created=False)
+    reply = sent.children.filter(role=Message.Role.ASSISTANT).order_by("pk").first()
+    return StartedReply(conversation, sent, reply, created=False)
 
 
 def _title_from(content: str) -> str:
@@ -410,7 +589,9 @@ def build_request(
     reply's text so far goes last, marked for DashScope's partial mode: the model carries on
     from it."""
     profile = conversation.model
-    history = conversation.messages.filter(pk__lt=reply_to.pk).exclude(role=Message.Role.SYSTEM)
+    # The reply's own branch only: other versions are not part of what it answers.
+    path = branches.load(conversation).path(reply_to.parent_id)
+    history = conversation.messages.filter(pk__in=path).exclude(role=Message.Role.SYSTEM)
     if profile.accepts_images:
         history = history.prefetch_related("images")
     history = list(history.order_by("pk"))
@@ -464,17 +645,64 @@ async def areply_start(
     image_urls: object = None,
 ) -> StartedReply:
     """Save the message, tell every open socket, and start the reply in its own task."""
-    from conversations.generation import Generation
-    from conversations.upstream import get_client
-
-    def prepare() -> tuple[StartedReply, ChatRequest | None, list[dict]]:
-        # One trip to the database thread for everything the reply needs before it starts.
-        started = reply_start(
+    return await _launch(
+        conversation,
+        lambda: reply_start(
             conversation=conversation,
             content=content,
             client_message_id=client_message_id,
             image_urls=image_urls,
-        )
+        ),
+    )
+
+
+async def areply_regenerate(
+    *,
+    conversation: Conversation,
+    message_id: int | None = None,
+    client_message_id: uuid.UUID | None = None,
+) -> StartedReply:
+    """Write a new version of a reply (reply_regenerate) and show it on every open socket."""
+    return await _launch(
+        conversation,
+        lambda: reply_regenerate(
+            conversation=conversation, message_id=message_id, client_message_id=client_message_id
+        ),
+        branched=True,
+    )
+
+
+async def areply_edit(
+    *,
+    conversation: Conversation,
+    message_id: object,
+    content: object,
+    client_message_id: uuid.UUID | None = None,
+) -> StartedReply:
+    """Save a new version of a message (reply_edit), show the new branch on every open
+    socket, and start its reply."""
+    return await _launch(
+        conversation,
+        lambda: reply_edit(
+            conversation=conversation,
+            message_id=message_id,
+            content=content,
+            client_message_id=client_message_id,
+        ),
+        branched=True,
+    )
+
+
+async def _launch(conversation: Conversation, save, *, branched: bool = False) -> StartedReply:
+    """Run `save` (a use case above: it writes the messages and returns a StartedReply) and
+    build the request in one trip to the database thread, then start the reply. Sockets are
+    told of the new messages (Created), or, when they begin a new branch, to show the branch
+    (Branched)."""
+    from conversations.generation import Generation
+    from conversations.upstream import get_client
+
+    def prepare() -> tuple[StartedReply, ChatRequest | None, list[dict]]:
+        started = save()
         if not started.created:
             return started, None, []
         request = build_request(
@@ -489,14 +717,15 @@ async def areply_start(
     if not started.created:
         return started
     conversation = started.conversation
+    if branched:
+        event = events.Branched(message_id=started.assistant_message.pk)
+    else:
+        event = events.Created(
+            messages=messages, title=conversation.title if started.titled else ""
+        )
 
     async def announce() -> None:
-        await sockets.broadcast(
-            conversation.id,
-            events.Created(
-                messages=messages, title=conversation.title if started.titled else ""
-            ).as_message(),
-        )
+        await sockets.broadcast(conversation.id, event.as_message())
 
     generation = Generation(
         message_id=started.assistant_message.pk,
@@ -522,7 +751,7 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
             raise ReplyInProgress(
                 _("A reply is still being written. Wait for it or press Stop, then send.")
             )
-        reply = conversation.messages.order_by("-pk").first()
+        reply = conversation.messages.filter(pk=_leaf_id(conversation)).first()
         if (
             reply is None
             or not (reply.can_continue or reply.can_retry)
@@ -547,7 +776,7 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
             **fields,
         )
         reply.refresh_from_db()
-        user_message = conversation.messages.filter(pk__lt=reply.pk, role="user").last()
+        user_message = conversation.messages.filter(pk=reply.parent_id).first()
     return StartedReply(
         conversation, user_message, reply, created=True, interrupted=tuple(interrupted)
     )

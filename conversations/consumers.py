@@ -52,7 +52,7 @@ from django.utils.translation.trans_real import parse_accept_lang_header
 from conversations import chat, generation, sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
-from conversations.replies import events, liveness
+from conversations.replies import branches, events, liveness
 from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown_reasoning: dict[int, int] = {}  # the same for the model's thinking
         self.last_target: dict[str, int] = {}  # the message the last lean frame of a kind went to
         self.delivered: set[int] = set()  # messages this socket has put on the page
+        self.versions: dict[int, object] = {}  # their places among their versions, if known
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
         self.heard: dict[int, float] = {}  # message pk -> when this socket last had word of it
         self.background: set[asyncio.Task] = set()
@@ -194,7 +195,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._refuse(CLOSE_UNSUPPORTED, _("This connection takes JSON objects only."))
                 return
             kind = data.get("type")
-            if kind not in ("send", "stop", "continue", "hello"):
+            if kind not in ("send", "stop", "continue", "regenerate", "edit", "hello"):
                 return
             if not await self._session_still_valid():
                 await self._refuse(
@@ -209,6 +210,19 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._stop()
             elif kind == "continue":
                 await self._continue(data.get("message_id"))
+            elif kind == "regenerate":
+                await self._start(
+                    chat.areply_regenerate,
+                    message_id=_message_id(data.get("message_id")),
+                    client_message_id=_client_message_id(data),
+                )
+            elif kind == "edit":
+                await self._start(
+                    chat.areply_edit,
+                    message_id=_message_id(data.get("message_id")),
+                    content=data.get("content"),
+                    client_message_id=_client_message_id(data),
+                )
             else:
                 await self._hello_request(data.get("streaming"), data.get("last"))
 
@@ -231,36 +245,37 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         return valid
 
     async def _send_message(self, data: dict) -> None:
+        client_message_id = _client_message_id(data)
+        started = await self._start(
+            chat.areply_start,
+            content=data.get("content"),
+            client_message_id=client_message_id,
+            image_urls=data.get("image_urls"),
+        )
+        if started:
+            await self._send_fragment("ack", client_message_id=client_message_id)
+
+    async def _start(self, use_case, **arguments) -> bool:
+        """Start a reply (a send, a regenerate, an edit); a refusal becomes a notice."""
         try:
-            client_message_id = uuid.UUID(str(data.get("client_message_id")))
-        except ValueError:
-            client_message_id = None
-        try:
-            await chat.areply_start(
-                conversation=self.conversation,
-                content=data.get("content"),
-                client_message_id=client_message_id,
-                image_urls=data.get("image_urls"),
-            )
+            await use_case(conversation=self.conversation, **arguments)
         except chat.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
-            return
+            return False
         except Exception:
-            # The socket stays open and the text stays in the composer: the user can resend.
+            # The socket stays open and the text stays where it was typed: the user can resend.
             logger.exception("Starting a reply in %s failed", self.conversation.id)
             await self._send_notice(
                 _("Your message could not be sent because of a problem on this server. It is "
                   "still in the box below: try again in a moment.")
             )  # fmt: skip
-            return
-        await self._send_fragment("ack", client_message_id=client_message_id)
+            return False
+        return True
 
     async def _continue(self, message_id: object) -> None:
         try:
             await chat.areply_continue(
-                conversation=self.conversation,
-                # The page's form sends it as text (htmx's ws-send).
-                message_id=int(message_id) if str(message_id).isdecimal() else None,
+                conversation=self.conversation, message_id=_message_id(message_id)
             )
         except chat.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
@@ -312,6 +327,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         replies it shows as streaming."""
         if last is not None:
             missed = await _messages_after(self.conversation, last, exclude=self.delivered)
+            if missed is None:
+                # The page shows another branch than the active one (it changed while this
+                # socket was away): show the active one.
+                await self._show_branch()
+                return
             # Announced to this socket while the query ran: already on the page.
             missed = [message for message in missed if message.pk not in self.delivered]
             if missed:
@@ -335,6 +355,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         handler = {
             events.Created.TYPE: self._created,
             events.Continued.TYPE: self._continued,
+            events.Branched.TYPE: self._branched,
             events.Delta.TYPE: self._direct_delta,
             events.Finished.TYPE: self._finished,
         }[event["type"]]
@@ -347,6 +368,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def conversation_continued(self, event: dict) -> None:
         if event.get("process") != sockets.PROCESS_ID:
             await self._continued(event)
+
+    async def conversation_branched(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await self._branched(event)
 
     async def conversation_finished(self, event: dict) -> None:
         if event.get("process") != sockets.PROCESS_ID:
@@ -379,6 +404,26 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.shown[message.pk] = len(message.content)
         self.shown_reasoning[message.pk] = len(message.reasoning)
         await self._watch(message.pk)
+
+    async def _branched(self, event: dict) -> None:
+        """Another branch is active (a regenerate, an edit, a version chosen): show it."""
+        await self._show_branch()
+
+    async def _show_branch(self) -> None:
+        """Render the active branch in place of the page's messages, as a reload would, and
+        follow the reply streaming on it."""
+        page = await _branch_page(self.conversation)
+        messages = page["chat_messages"]
+        self.delivered = set()
+        self._remember(messages)
+        await self._send_fragment("branch", conversation=self.conversation, **page)
+        for message in messages:
+            if message.is_streaming:
+                # The page now shows the saved text: deltas carry on from there (a gap
+                # between the two is caught up as any other).
+                self.shown[message.pk] = len(message.content)
+                self.shown_reasoning[message.pk] = len(message.reasoning)
+                await self._watch(message.pk)
 
     async def conversation_delta(self, event: dict) -> None:
         """A delta over the channel layer, from a generation in another process."""
@@ -559,8 +604,19 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         task.add_done_callback(self.background.discard)
         return task
 
+    def _remember(self, messages: list[Message]) -> None:
+        """Note what is on the page, and carry each message's place among its versions over
+        to a later rendering that does not know it (a reply's end comes from its generation,
+        which does not)."""
+        for message in messages:
+            self.delivered.add(message.pk)
+            if message.versions is not None:
+                self.versions[message.pk] = message.versions
+            elif message.pk in self.versions:
+                message.versions = self.versions[message.pk]
+
     async def _send_messages(self, messages: list[Message], append: bool = False) -> None:
-        self.delivered.update(message.pk for message in messages)
+        self._remember(messages)
         await self._send_fragment(
             "messages", messages=messages, append=append, conversation=self.conversation
         )
@@ -614,17 +670,47 @@ def _session_signs_in(session_key: str | None, user_id) -> bool:
 
 @db_async
 def _message(conversation: Conversation, pk: int) -> Message | None:
-    return conversation.messages.filter(pk=pk).prefetch_related("images").first()
+    message = conversation.messages.filter(pk=pk).prefetch_related("images").first()
+    if message is not None:
+        branches.with_versions([message], branches.load(conversation))
+    return message
 
 
 @db_async
-def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> list[Message]:
-    return list(
-        conversation.messages.filter(pk__gt=pk)
-        .exclude(pk__in=exclude)
-        .prefetch_related("images")
-        .order_by("pk")[:MAX_CATCH_UP_MESSAGES]
+def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> list[Message] | None:
+    """The active branch's messages after `pk`, the newest a page has; None when `pk` is not
+    on the active branch (the page shows another one)."""
+    conversation.refresh_from_db(fields=["current_message"])
+    tree = branches.load(conversation)
+    path = branches.active_path(conversation, tree)
+    if pk and pk not in path and pk in tree:
+        return None
+    after = [p for p in path if p > pk and p not in exclude][:MAX_CATCH_UP_MESSAGES]
+    messages = list(
+        conversation.messages.filter(pk__in=after).prefetch_related("images").order_by("pk")
     )
+    return branches.with_versions(messages, tree)
+
+
+@db_async
+def _branch_page(conversation: Conversation) -> dict:
+    conversation.refresh_from_db(fields=["current_message"])
+    return branches.page(conversation, size=MAX_CATCH_UP_MESSAGES)
+
+
+def _message_id(value: object) -> int | None:
+    """A message pk from a frame: a number, or its digits as text (htmx's ws-send sends a
+    form's fields as text)."""
+    if type(value) is int:
+        return value
+    return int(value) if isinstance(value, str) and value.isdecimal() and len(value) < 19 else None
+
+
+def _client_message_id(data: dict) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(data.get("client_message_id")))
+    except ValueError:
+        return None
 
 
 @db_async

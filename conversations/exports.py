@@ -1,10 +1,17 @@
 """A conversation as plain data, for the JSON export (users' own, and the admin's)."""
 
-from conversations.models import Conversation
+from conversations.models import Conversation, Message
+from conversations.replies import branches
 
 
 def conversation_data(conversation: Conversation) -> dict:
-    """Everything a person needs to keep or audit a conversation; never any secret."""
+    """Everything a person needs to keep or audit a conversation; never any secret.
+    `messages` is the branch shown in the chat; `all_messages` every version of every message,
+    each naming its `parent_id` (the message it follows), so the tree can be rebuilt."""
+    every = list(conversation.messages.prefetch_related("images"))
+    tree = branches.Tree({m.pk: m.parent_id for m in every})
+    active = set(branches.active_path(conversation, tree))
+    data = [_message_data(m) for m in every]
     return {
         "id": str(conversation.id),
         "owner": conversation.owner.get_username(),
@@ -12,22 +19,30 @@ def conversation_data(conversation: Conversation) -> dict:
         "model": conversation.model.name,
         "system_prompt": conversation.system_prompt.text if conversation.system_prompt else "",
         "created_at": conversation.created_at.isoformat(),
-        "messages": [
-            {
-                "role": m.role,
-                "content": m.content,
-                "reasoning": m.reasoning,
-                "status": m.status,
-                "model": m.model,
-                "finish_reason": m.finish_reason,
-                "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
-                "request_id": m.request_id,
-                "error": {"code": m.error_code, "message": m.error_message}
-                if m.error_code
-                else None,
-                "images": [image.url for image in m.images.all()],
-                "created_at": m.created_at.isoformat(),
-            }
-            for m in conversation.messages.prefetch_related("images")
-        ],
+        "messages": [item for item in data if item["id"] in active],
+        "all_messages": data,
     }
+
+
+def _message_data(m: Message) -> dict:
+    return {
+        "id": m.pk,
+        "parent_id": m.parent_id,
+        "role": m.role,
+        "content": m.content,
+        "reasoning": m.reasoning,
+        "status": m.status,
+        "model": m.model,
+        "finish_reason": m.finish_reason,
+        "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
+        "request_id": m.request_id,
+        "error": {"code": m.error_code, "message": m.error_message} if m.error_code else None,
+        "images": [image.url for image in m.images.all()],
+        "created_at": m.created_at.isoformat(),
+    }
+
+
+def active_messages(conversation: Conversation) -> list[Message]:
+    """The branch shown in the chat, oldest first (the Markdown export)."""
+    path = branches.active_path(conversation)
+    return list(conversation.messages.filter(pk__in=path).order_by("pk"))

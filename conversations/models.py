@@ -125,6 +125,18 @@ class Conversation(models.Model):
         related_name="+",
         verbose_name=_("system prompt"),
     )
+    # The leaf of the branch shown and sent to DashScope (conversations/replies/branches.py).
+    current_message = models.ForeignKey(
+        "Message",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        editable=False,
+        verbose_name=_("current message"),
+    )
+    # At each fork of the tree, the version last shown (parent pk as text -> child pk).
+    branch_choices = models.JSONField(default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), default=timezone.now, db_index=True)
 
@@ -170,6 +182,17 @@ class Message(models.Model):
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
     )
+    # The message before this one on its branch; versions of a message share their parent
+    # (conversations/replies/branches.py).
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="children",
+        editable=False,
+        verbose_name=_("parent"),
+    )
     role = models.CharField(_("role"), max_length=20, choices=Role)
     content = models.TextField(_("content"), blank=True)
     reasoning = models.TextField(_("reasoning"), blank=True)
@@ -203,8 +226,36 @@ class Message(models.Model):
             )
         ]
 
+    # Where the message stands among its versions (branches.Versions), when the code that
+    # read it knows; the page shows a switcher for a message with more than one.
+    versions = None
+
     def __str__(self) -> str:
         return f"{self.get_role_display()}: {self.content[:60]}"
+
+    # Set by code that chose the parent itself (None for a first message or its version):
+    # save() then leaves the tree to it.
+    placed = False
+
+    def save(self, *args, **kwargs) -> None:
+        """A message added without a place in the tree (in the admin, say) goes where a sent
+        one would: after the end of the conversation's active branch, which it becomes."""
+        appended = self._state.adding and self.parent_id is None and not self.placed
+        if appended:
+            current = (
+                Conversation.objects.filter(pk=self.conversation_id)
+                .values_list("current_message_id", flat=True)
+                .first()
+            )
+            self.parent_id = current or (
+                Message.objects.filter(conversation_id=self.conversation_id)
+                .order_by("-pk")
+                .values_list("pk", flat=True)
+                .first()
+            )
+        super().save(*args, **kwargs)
+        if appended:
+            Conversation.objects.filter(pk=self.conversation_id).update(current_message=self)
 
     @property
     def is_streaming(self) -> bool:
@@ -225,6 +276,8 @@ class Message(models.Model):
             data[name] = str(value) if isinstance(value, str) else value
         data["pk"] = self.pk
         data["images"] = [image.url for image in self.attached_images]
+        if self.versions is not None:
+            data["versions"] = [self.versions.index, self.versions.count]
         return data
 
     @classmethod
@@ -236,6 +289,10 @@ class Message(models.Model):
             **{name: data[name] for name in cls.EVENT_FIELDS},
         )
         message.image_list = [MessageImage(url=url) for url in data.get("images", ())]
+        if data.get("versions"):
+            from conversations.replies.branches import Versions
+
+            message.versions = Versions(*data["versions"])
         return message
 
     @property

@@ -12,6 +12,11 @@ urlpatterns = [
         views.conversation_messages,
         name="conversation_messages",
     ),
+    path(
+        "c/<uuid:conversation_id>/messages/<int:message_id>/version/",
+        views.conversation_version,
+        name="conversation_version",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import uuid
 
@@ -12,7 +13,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.decorators import login_not_required
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -23,9 +24,11 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import chat, sockets
-from conversations.exports import conversation_data
-from conversations.models import Conversation, Message, MessageImage, ModelProfile
-from conversations.replies import liveness
+from conversations.exports import active_messages, conversation_data
+from conversations.models import Conversation, Message, ModelProfile
+from conversations.replies import branches, events, liveness
+
+logger = logging.getLogger(__name__)
 
 SIDEBAR_LIMIT = 200
 # Messages a chat page shows at first; earlier ones load on request.
@@ -179,23 +182,7 @@ def conversation_messages(request: HttpRequest, conversation_id) -> HttpResponse
 
 
 def _message_page(conversation: Conversation, before: int | None = None) -> dict:
-    """The newest MESSAGE_PAGE messages (before `before`), oldest first, images attached
-    in one query, and whether there are earlier ones."""
-    messages = conversation.messages.order_by("-pk")
-    if before is not None:
-        messages = messages.filter(pk__lt=before)
-    page = list(messages[: MESSAGE_PAGE + 1])
-    has_earlier = len(page) > MESSAGE_PAGE
-    page = page[:MESSAGE_PAGE][::-1]
-    images: dict[int, list[MessageImage]] = {}
-    for image in MessageImage.objects.filter(message__in=[m.pk for m in page if m.role == "user"]):
-        images.setdefault(image.message_id, []).append(image)
-    for message in page:
-        message.image_list = images.get(message.pk, [])
-    return {
-        "chat_messages": page,
-        "earlier_before": page[0].pk if has_earlier and page else None,
-    }
+    return branches.page(conversation, before=before, size=MESSAGE_PAGE)
 
 
 @require_POST
@@ -249,6 +236,42 @@ def conversation_settings(request: HttpRequest, conversation_id) -> HttpResponse
     )
 
 
+@require_POST
+def conversation_version(request: HttpRequest, conversation_id, message_id: int) -> HttpResponse:
+    """Show another version of a message (`step` -1 or 1): the branch under it replaces the
+    page's messages, here and in the chat's other tabs, and stays chosen on reload."""
+    conversation = _owned(request, conversation_id)
+    step = -1 if request.POST.get("step") == "-1" else 1
+    try:
+        conversation.current_message_id = chat.branch_switch(
+            conversation=conversation, message_id=message_id, step=step
+        )
+    except Message.DoesNotExist:
+        raise Http404 from None
+    except chat.ReplyRefused as refusal:
+        # The page keeps what it shows; the sentence goes to its notices (out of band).
+        response = render(
+            request,
+            "conversations/partials/stream.html#notice",
+            {"notice": str(refusal)},
+            status=409,
+        )
+        response["HX-Reswap"] = "none"
+        return response
+    try:
+        async_to_sync(sockets.broadcast)(conversation.id, events.Branched().as_message())
+    except Exception:
+        # Redis away: the other tabs show the new branch when they reconnect or reload.
+        logger.warning("Telling the sockets of %s about a new branch failed", conversation.id)
+    if not request.htmx:
+        return redirect(conversation)
+    return render(
+        request,
+        "conversations/chat.html#earlier",
+        {"conversation": conversation, **_message_page(conversation)},
+    )
+
+
 def _export_filename(conversation: Conversation, extension: str) -> str:
     stem = slugify(conversation.title)[:50] or "conversation"
     return f"{stem}-{str(conversation.id)[:8]}.{extension}"
@@ -271,7 +294,7 @@ def conversation_export_md(request: HttpRequest, conversation_id) -> HttpRespons
     conversation = _owned(request, conversation_id)
     text = render_to_string(
         "conversations/export.md",
-        {"conversation": conversation, "chat_messages": conversation.messages.all()},
+        {"conversation": conversation, "chat_messages": active_messages(conversation)},
     )
     response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
     response["Content-Disposition"] = (

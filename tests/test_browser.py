@@ -539,3 +539,59 @@ def test_table_column_alignment_is_kept(live_app, app_simulator, alice_page):
         "end",
         "-webkit-right",
     )
+
+
+def test_regenerate_edit_and_switch_versions(live_app, app_simulator, alice_page):
+    """A newcomer regenerates a reply, edits their question, and flips between the versions;
+    the chosen version is still there after a reload."""
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=token, reply="First answer."))
+    page = alice_page()
+    _start_chat(page, live_app, f"Name a colour {token}")
+    _wait_status(page, "complete")
+
+    app_simulator.add_scenario(Scenario(match=token, reply="Second answer.", token_delay=0.02))
+    page.click(f"{ASSISTANT} [data-action=regenerate]")
+    page.wait_for_function(
+        """() => { const a = document.querySelector('article[data-role="assistant"]');
+                   return a && a.dataset.status === 'complete'
+                     && a.textContent.includes('Second answer.'); }"""
+    )
+    assert page.locator(ASSISTANT).count() == 1, "the new version replaces the old in place"
+    nav = _assistant(page).locator("nav[data-versions]")
+    assert (nav.get_attribute("data-versions"), nav.get_attribute("data-version")) == ("2", "2")
+    page.screenshot(path=str(ARTIFACTS / "versions-regenerated.png"))
+
+    nav.locator("[data-action=version-prev]").click()
+    page.wait_for_function(
+        "() => document.querySelector('article[data-role=\"assistant\"]')"
+        ".textContent.includes('First answer.')"
+    )
+    assert _assistant(page).locator("nav[data-versions]").get_attribute("data-version") == "1"
+    page.reload()
+    assert "First answer." in _assistant(page).inner_text(), "the choice survives a reload"
+
+    # Edit the question: a new version of it with its own reply.
+    app_simulator.add_scenario(Scenario(match="edited", reply="Blue, since you ask again."))
+    user = page.locator(USER).last
+    user.locator("[data-action=edit]").click()
+    field = user.locator(".message__edit-form textarea")
+    field.fill(f"Name a colour, edited {token}")
+    page.screenshot(path=str(ARTIFACTS / "versions-editing.png"))
+    user.locator("[data-action=edit-send]").click()
+    page.wait_for_function(
+        """() => { const a = document.querySelector('article[data-role="assistant"]');
+                   return a && a.dataset.status === 'complete'
+                     && a.textContent.includes('Blue, since you ask again.'); }"""
+    )
+    user = page.locator(USER).last
+    assert "edited" in user.locator(".message__body").inner_text()
+    nav = user.locator("nav[data-versions]")
+    assert (nav.get_attribute("data-versions"), nav.get_attribute("data-version")) == ("2", "2")
+    page.screenshot(path=str(ARTIFACTS / "versions-edited.png"))
+    nav.locator("[data-action=version-prev]").click()
+    page.wait_for_function(
+        "() => document.querySelector('article[data-role=\"assistant\"]')"
+        ".textContent.includes('First answer.')"
+    )
+    assert "edited" not in page.locator(USER).last.inner_text()

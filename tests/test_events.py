@@ -16,6 +16,10 @@ def test_every_event_is_the_message_the_previous_release_carried():
     assert events.Continued(message_id=7).as_message() == {
         "type": "conversation.continued", "message_id": 7,
     }  # fmt: skip
+    assert events.Branched(message_id=7).as_message() == {
+        "type": "conversation.branched", "message_id": 7,
+    }  # fmt: skip
+    assert events.Branched().as_message() == {"type": "conversation.branched"}
     assert events.Delta(message_id=7, part="text", offset=3, text="abc").as_message() == {
         "type": "conversation.delta", "message_id": 7, "part": "text", "offset": 3,
         "text": "abc",

@@ -11,6 +11,7 @@ from django.test import AsyncClient
 
 from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
+from conversations.replies import branches
 from tests.ws_support import wait_for_status
 
 pytestmark = pytest.mark.django_db
@@ -285,6 +286,7 @@ def test_long_chat_shows_the_newest_messages_and_loads_earlier_ones(alice_client
         Message(conversation=conversation, role="user", content=f"message number {i}")
         for i in range(250)
     )
+    branches.link_in_order(conversation)
     html = alice_client.get(f"/c/{conversation.id}/").content.decode()
     assert html.count("<article") == 100
     assert "message number 249" in html and "message number 149<" not in html

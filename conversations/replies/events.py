@@ -5,8 +5,8 @@ TYPE is its channel-layer type (Channels dispatches `conversation.delta` to a co
 `conversation_delta`); `as_message()` gives the plain dict the layer carries (the Redis layer
 packs it with msgpack). Fields left at None are not sent.
 
-To sockets (the conversation's group, or one socket's channel): Created, Continued, Delta,
-Finished, Snapshot; to the user's group: SessionEnded. To a running generation (the
+To sockets (the conversation's group, or one socket's channel): Created, Continued,
+Branched, Delta, Finished, Snapshot; to the user's group: SessionEnded. To a running generation (the
 conversation's control group): Stop, Sync, Watch, Retire.
 """
 
@@ -66,6 +66,15 @@ class Continued(Event):
 
     TYPE = "conversation.continued"
     message_id: int
+
+
+@dataclass(frozen=True)
+class Branched(Event):
+    """The active branch changed (a regenerate, an edit, another version chosen): show it
+    afresh. `message_id` is the reply that began streaming with it, if one did."""
+
+    TYPE = "conversation.branched"
+    message_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@
       if (!pendingId || params.content !== pendingText) pendingId = uuid4();
       pendingText = params.content;
       params.client_message_id = pendingId;
+    } else if (params.type === "regenerate" || params.type === "edit") {
+      // One id per press: a frame replayed after a reconnect starts nothing twice.
+      params.client_message_id = uuid4();
     }
   });
 
