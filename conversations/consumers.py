@@ -2,7 +2,9 @@
 
 Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"} (with
 "image_urls": "<url> <url>" for a vision model), {"type": "stop"}, {"type": "continue"} (carry
-on the last reply if it was cut short), and {"type": "hello", "streaming": [<pk>, …], "last":
+on the last reply if it was cut short), {"type": "regenerate"} (a new version of the last
+reply, or of "message_id"), {"type": "edit", "message_id": <pk>, "content": "…"} (a new version
+of a message, and its reply), and {"type": "hello", "streaming": [<pk>, …], "last":
 <pk>}, which the page sends on every (re)connect: the replies it shows as streaming, and the
 newest message it has. Other keys (htmx's HEADERS, or a "model" or "parameters": the model is
 the conversation's, set in the settings view) and other types are ignored.
@@ -24,7 +26,8 @@ answered at once and then at most once per HELLO_INTERVAL (the latest one wins),
 that stops reading is dropped once what waits for it passes QWENWEB_SOCKET_BACKLOG_BYTES
 (qwenweb/daphne_guard.py).
 
-Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices), and
+Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices, the
+whole active branch when it changed: conversations/replies/branches.py), and
 for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
 for a thinking model's reasoning; the pk is left out, `+:<new text>`, when it is the same as
 in the socket's previous frame of that kind) that static/qwenweb/chat.js appends as text: each
