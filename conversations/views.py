@@ -151,8 +151,6 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
 @require_GET
 def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    for message_id in liveness.mark_interrupted(conversation.messages.all()):
-        async_to_sync(chat.announce_finished)(conversation.id, message_id)
     return render(
         request,
         "conversations/chat.html",
@@ -182,7 +180,11 @@ def conversation_messages(request: HttpRequest, conversation_id) -> HttpResponse
 
 
 def _message_page(conversation: Conversation, before: int | None = None) -> dict:
-    return branches.page(conversation, before=before, size=MESSAGE_PAGE)
+    """A page of the active branch. A GET writes nothing: a reply whose process died is shown
+    interrupted, and the page's socket has it marked so (liveness)."""
+    page = branches.page(conversation, before=before, size=MESSAGE_PAGE)
+    liveness.show_dead_as_interrupted(page["chat_messages"])
+    return page
 
 
 @require_POST

@@ -203,3 +203,31 @@ def test_mark_interrupted_takes_only_silent_streaming_replies_and_keeps_their_te
     silent.refresh_from_db()
     assert silent.content == "the checkpoint" and silent.completed_at is not None
     assert sweep.mark_interrupted(conversation.messages.all()) == []  # once
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_page_load_writes_nothing_and_its_socket_marks_a_dead_reply():
+    """GET shows a dead reply as interrupted without writing; the page's socket, asking after
+    the reply and hearing from no generation, marks it."""
+    from django.test import Client
+
+    owner, conversation, ws = await open_chat()
+    await ws.disconnect()
+    silent = timezone.now() - timedelta(seconds=Message.STALE_AFTER + 1)
+    reply = await sync_to_async(_reply)(conversation, saved_at=silent)
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    page = (await sync_to_async(client.get)(f"/c/{conversation.id}/")).content.decode()
+    assert re.search(rf'id="message-{reply.pk}"[^>]*data-status="interrupted"', page)
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.updated_at) == ("streaming", silent), "the GET wrote nothing"
+
+    from tests.ws_support import connect
+
+    socket, connected, _ = await connect(owner, conversation)
+    assert connected
+    await receive_until(socket, Transcript(), lambda t: t.status.get(reply.pk) == "interrupted")
+    await reply.arefresh_from_db()
+    assert (reply.status, reply.content) == ("interrupted", "the checkpoint")
+    await socket.disconnect()

@@ -11,9 +11,10 @@ At start-up a process with no Redis (the only process there is) also takes every
 saved before it started: no other process can be writing it. With Redis, other processes may
 be, so only replies silent for QWENWEB_REPLY_STALE_AFTER go.
 
-The same check runs where a dead reply would be in the way: a send, Continue, a page load, and
-a socket's catch-up that no generation answers (abandon_after: a shorter wait, since there the
-reply has been asked and did not answer).
+The same check runs where a dead reply would be in the way: a send, Continue, Regenerate, an
+edit, and a socket's catch-up that no generation answers (abandon_after: a shorter wait, since
+there the reply has been asked and did not answer). A page load writes nothing: it shows such a
+reply as interrupted (show_dead_as_interrupted), and its socket's catch-up marks it.
 Daphne has no start-up hook for applications, so the first request a process serves (a load
 balancer's health check, within seconds) starts its sweeper.
 """
@@ -59,6 +60,17 @@ def interval() -> float:
 def stale_cutoff() -> datetime:
     """A streaming reply last saved before this has lost its process."""
     return timezone.now() - timedelta(seconds=Message.STALE_AFTER)
+
+
+def show_dead_as_interrupted(messages: list[Message]) -> list[Message]:
+    """Replies among `messages` (read for a page) still streaming but dead, shown as what
+    they are about to become: `interrupted`. Nothing is written (a page load writes nothing):
+    the page's socket, asking after them, or the sweep, marks them."""
+    cutoff = stale_cutoff()
+    for message in messages:
+        if message.is_streaming and message.updated_at < cutoff:
+            message.status = Message.Status.INTERRUPTED
+    return messages
 
 
 def mark_interrupted(messages: QuerySet, *, saved_before: datetime | None = None) -> list[int]:
