@@ -52,8 +52,8 @@ async def one_reply(tokens: int) -> dict:
     from django.template.loader import render_to_string
     from django.test import Client
 
-    from conversations.chat import conversation_create
     from conversations.models import Message
+    from conversations.replies.service import conversation_create
     from dashscope_simulator import Scenario
     from qwenweb.asgi import application
 
@@ -135,7 +135,8 @@ def intake_database_work(rounds: int = 200) -> dict:
 
     from django.contrib.auth import get_user_model
 
-    from conversations.chat import build_request, conversation_create, reply_start
+    from conversations.replies.prompt import build_request
+    from conversations.replies.service import conversation_create, reply_start
 
     user = get_user_model().objects.create_user(f"intake{time.time_ns()}", password="x")
     with override_limits():

@@ -52,10 +52,10 @@ from django.utils.crypto import constant_time_compare
 from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
-from conversations import chat, generation, sockets
+from conversations import sockets
 from conversations.db import db_async
 from conversations.models import Conversation, Message
-from conversations.replies import branches, events, liveness
+from conversations.replies import branches, events, generation, liveness, service
 from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
@@ -215,13 +215,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._continue(data.get("message_id"))
             elif kind == "regenerate":
                 await self._start(
-                    chat.areply_regenerate,
+                    service.areply_regenerate,
                     message_id=_message_id(data.get("message_id")),
                     client_message_id=_client_message_id(data),
                 )
             elif kind == "edit":
                 await self._start(
-                    chat.areply_edit,
+                    service.areply_edit,
                     message_id=_message_id(data.get("message_id")),
                     content=data.get("content"),
                     client_message_id=_client_message_id(data),
@@ -250,7 +250,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def _send_message(self, data: dict) -> None:
         client_message_id = _client_message_id(data)
         started = await self._start(
-            chat.areply_start,
+            service.areply_start,
             content=data.get("content"),
             client_message_id=client_message_id,
             image_urls=data.get("image_urls"),
@@ -262,7 +262,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         """Start a reply (a send, a regenerate, an edit); a refusal becomes a notice."""
         try:
             await use_case(conversation=self.conversation, **arguments)
-        except chat.ReplyRefused as refusal:
+        except service.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
             return False
         except Exception:
@@ -277,16 +277,16 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def _continue(self, message_id: object) -> None:
         try:
-            await chat.areply_continue(
+            await service.areply_continue(
                 conversation=self.conversation, message_id=_message_id(message_id)
             )
-        except chat.ReplyRefused as refusal:
+        except service.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
 
     async def _stop(self) -> None:
         try:
-            message_ids = await chat.areply_stop(conversation=self.conversation)
-        except chat.StopUndelivered as undelivered:
+            message_ids = await service.areply_stop(conversation=self.conversation)
+        except service.StopUndelivered as undelivered:
             await self._send_notice(str(undelivered))
             return
         if message_ids:
@@ -297,7 +297,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def _abandon_later(self, message_ids: list[int]) -> None:
         await asyncio.sleep(SNAPSHOT_TIMEOUT)
         for message_id in message_ids:
-            await chat.areply_abandon(conversation=self.conversation, message_id=message_id)
+            await service.areply_abandon(conversation=self.conversation, message_id=message_id)
 
     async def _hello_request(self, streaming: object, last: object) -> None:
         """Answer a hello at once, or, within HELLO_INTERVAL of the last answer, once at the
@@ -560,7 +560,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         self.snapshot_timeouts.pop(message_id, None)
         if self.shown.get(message_id, 0) is not None:
             return
-        if await chat.areply_abandon(conversation=self.conversation, message_id=message_id):
+        if await service.areply_abandon(conversation=self.conversation, message_id=message_id):
             return  # conversation.finished is on its way to every socket
         message = await _message(self.conversation, message_id)
         if message is not None:

@@ -23,10 +23,10 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import chat, sockets
+from conversations import sockets
 from conversations.exports import active_messages, conversation_data
 from conversations.models import Conversation, Message, ModelProfile
-from conversations.replies import branches, events, liveness
+from conversations.replies import branches, events, liveness, rules, service
 
 logger = logging.getLogger(__name__)
 
@@ -101,28 +101,28 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     image_urls = request.POST.get("image_urls", "")
     if content.strip():
         try:
-            chat.clean_content(content)
-            chat.clean_image_urls(image_urls)
+            rules.clean_content(content)
+            rules.clean_image_urls(image_urls)
             if image_urls.strip() and not (model or await _default_model()).accepts_images:
-                raise chat.ReplyRefused(
+                raise service.ReplyRefused(
                     _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
                     % {"model": (model or await _default_model()).label}
                 )
-        except chat.ReplyRefused as refusal:
+        except service.ReplyRefused as refusal:
             return await _home_with_error(request, user, content, str(refusal), model)
     try:
-        conversation = await sync_to_async(chat.conversation_create)(owner=user, model=model)
-    except chat.ReplyRefused as refusal:
+        conversation = await sync_to_async(service.conversation_create)(owner=user, model=model)
+    except service.ReplyRefused as refusal:
         return await _home_with_error(request, user, content, str(refusal), model)
     if content.strip():
         try:
-            await chat.areply_start(
+            await service.areply_start(
                 conversation=conversation,
                 content=content,
                 client_message_id=client_message_id,
                 image_urls=image_urls,
             )
-        except chat.ReplyRefused as refusal:
+        except service.ReplyRefused as refusal:
             # A per-user limit: no empty chat left behind, and the draft stays in the box.
             await conversation.adelete()
             return await _home_with_error(request, user, content, str(refusal), model)
@@ -190,7 +190,7 @@ def _message_page(conversation: Conversation, before: int | None = None) -> dict
 @require_POST
 def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
-    title = chat.clean_title(request.POST.get("title", ""))
+    title = rules.clean_title(request.POST.get("title", ""))
     conversation.title = title
     conversation.save(update_fields=["title"])
     if request.htmx:
@@ -207,8 +207,8 @@ def conversation_delete(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
     # A reply still being written for it would go on costing tokens for nobody. One that
     # Stop does not reach stops at its next checkpoint, finding its message gone.
-    with contextlib.suppress(chat.StopUndelivered):
-        async_to_sync(chat.areply_stop)(conversation=conversation)
+    with contextlib.suppress(service.StopUndelivered):
+        async_to_sync(service.areply_stop)(conversation=conversation)
     conversation.delete()
     if request.htmx:
         return HttpResponseClientRedirect("/")
@@ -245,12 +245,12 @@ def conversation_version(request: HttpRequest, conversation_id, message_id: int)
     conversation = _owned(request, conversation_id)
     step = -1 if request.POST.get("step") == "-1" else 1
     try:
-        conversation.current_message_id = chat.branch_switch(
+        conversation.current_message_id = service.branch_switch(
             conversation=conversation, message_id=message_id, step=step
         )
     except Message.DoesNotExist:
         raise Http404 from None
-    except chat.ReplyRefused as refusal:
+    except service.ReplyRefused as refusal:
         # The page keeps what it shows; the sentence goes to its notices (out of band).
         response = render(
             request,
@@ -336,7 +336,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
 
 
 def _process_figures() -> dict:
-    from conversations import generation
+    from conversations.replies import generation
 
     figures = {
         "pid": os.getpid(),

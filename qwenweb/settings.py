@@ -309,7 +309,7 @@ QWENWEB_CHECKPOINT_INTERVAL = float(os.environ.get("QWENWEB_CHECKPOINT_INTERVAL"
 QWENWEB_REPLY_STALE_AFTER = float(os.environ.get("QWENWEB_REPLY_STALE_AFTER", "30"))
 
 # --- Limits ---------------------------------------------------------------------------------
-# Checked before anything is saved or sent to DashScope (conversations/chat.py). The per-user
+# Checked before anything is saved or sent to DashScope (conversations/replies/rules.py). The per-user
 # ones are counted in the database, so they hold across every server process; 0 turns them off.
 QWENWEB_MAX_MESSAGE_CHARS = int(os.environ.get("QWENWEB_MAX_MESSAGE_CHARS", "32000"))
 QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))

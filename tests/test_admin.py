@@ -6,8 +6,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 
-from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, MessageImage
+from conversations.replies.service import conversation_create
 
 pytestmark = pytest.mark.django_db
 

@@ -23,9 +23,9 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import AsyncClient, Client
 
-from conversations import chat
-from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
+from conversations.replies import rules, service
+from conversations.replies.service import conversation_create
 from dashscope_simulator import Scenario
 from tests.conftest import IN_CI
 from tests.ws_support import (
@@ -67,20 +67,20 @@ def assert_no_controls(*texts: str) -> None:
 
 
 def test_clean_content_drops_invisible_controls_and_keeps_tabs_and_newlines():
-    assert chat.clean_content(TYPED) == SAVED
-    assert chat.clean_content("a\r\nb") == "a\r\nb"
+    assert rules.clean_content(TYPED) == SAVED
+    assert rules.clean_content("a\r\nb") == "a\r\nb"
 
 
 @pytest.mark.parametrize("content", ["\x00", INVISIBLE, " \x00 \x1f\n"])
 def test_a_message_of_nothing_but_controls_is_refused_as_empty(content):
-    with pytest.raises(chat.ReplyRefused, match="Type a message first."):
-        chat.clean_content(content)
+    with pytest.raises(service.ReplyRefused, match="Type a message first."):
+        rules.clean_content(content)
 
 
 @pytest.mark.django_db
 def test_a_message_and_the_title_it_gives_are_saved_without_controls(alice):
     conversation = conversation_create(owner=alice)
-    started = chat.reply_start(conversation=conversation, content=TYPED)
+    started = service.reply_start(conversation=conversation, content=TYPED)
     started.user_message.refresh_from_db()
     conversation.refresh_from_db()
     assert started.user_message.content == SAVED
@@ -93,8 +93,8 @@ def test_an_image_url_with_a_control_character_is_refused_and_nothing_is_saved(a
         owner=alice, model=ModelProfile.objects.filter(endpoint="multimodal").first()
     )
     for url in ("https://example.com/cat\x00.png", "https://example.com/c\x1bat.png"):
-        with pytest.raises(chat.ReplyRefused, match="is not an image URL") as refused:
-            chat.reply_start(conversation=conversation, content="look", image_urls=url)
+        with pytest.raises(service.ReplyRefused, match="is not an image URL") as refused:
+            service.reply_start(conversation=conversation, content="look", image_urls=url)
         assert_no_controls(str(refused.value))
     assert not Message.objects.exists() and not MessageImage.objects.exists()
 

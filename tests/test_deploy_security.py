@@ -26,7 +26,7 @@ import pytest
 from django.contrib.sessions.models import Session
 from django.test import Client, RequestFactory
 
-from conversations.chat import conversation_create
+from conversations.replies.service import conversation_create
 from qwenweb.client_address import client_ip_address
 from tests.live_server import ARTIFACTS, PASSWORDS, ROOT, _start_daphne
 from tests.test_team_deployment import team  # noqa: F401 (a fixture)

@@ -16,8 +16,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone, translation
 
-from conversations import chat
 from conversations.models import Conversation, Message, ModelProfile
+from conversations.replies import service
 from dashscope_simulator import Scenario
 from tests.test_team_deployment import team  # noqa: F401 (a fixture)
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
@@ -34,14 +34,14 @@ def user():
 
 def streaming_reply(owner, *, age: float = 0) -> Message:
     """A reply being written in a chat of its own, its heartbeat `age` seconds old."""
-    conversation = chat.conversation_create(owner=owner)
+    conversation = service.conversation_create(owner=owner)
     reply = Message.objects.create(conversation=conversation, role="assistant", status="streaming")
     Message.objects.filter(pk=reply.pk).update(updated_at=timezone.now() - timedelta(seconds=age))
     return reply
 
 
-def send(conversation, content="hello") -> chat.StartedReply:
-    started = chat.reply_start(
+def send(conversation, content="hello") -> service.StartedReply:
+    started = service.reply_start(
         conversation=conversation, content=content, client_message_id=uuid.uuid4()
     )
     # The reply is over at once: only the per-minute count is left to stand in the way.
@@ -53,9 +53,9 @@ def test_concurrent_replies_are_limited_across_the_users_chats(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
     streaming_reply(user)
     streaming_reply(user)
-    conversation = chat.conversation_create(owner=user)
-    with pytest.raises(chat.ReplyRefused) as refused:
-        chat.reply_start(conversation=conversation, content="a third one")
+    conversation = service.conversation_create(owner=user)
+    with pytest.raises(service.ReplyRefused) as refused:
+        service.reply_start(conversation=conversation, content="a third one")
     assert str(refused.value) == (
         "You already have 2 replies being written in other chats. "
         "Wait for one to finish or stop it, then send."
@@ -66,8 +66,8 @@ def test_concurrent_replies_are_limited_across_the_users_chats(user, settings):
 def test_one_reply_at_a_time_reads_in_the_singular(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
     streaming_reply(user)
-    with pytest.raises(chat.ReplyRefused, match="1 reply being written in another chat"):
-        chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+    with pytest.raises(service.ReplyRefused, match="1 reply being written in another chat"):
+        service.reply_start(conversation=service.conversation_create(owner=user), content="hi")
 
 
 def test_dead_replies_and_other_users_replies_take_no_place(user, settings):
@@ -76,7 +76,9 @@ def test_dead_replies_and_other_users_replies_take_no_place(user, settings):
     streaming_reply(user, age=Message.STALE_AFTER + 5)  # its process is gone
     streaming_reply(get_user_model().objects.create_user("other", password="pw"))
     streaming_reply(get_user_model().objects.create_user("another", password="pw"))
-    started = chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+    started = service.reply_start(
+        conversation=service.conversation_create(owner=user), content="hi"
+    )
     assert started.created
 
 
@@ -84,28 +86,28 @@ def test_zero_turns_the_concurrent_limit_off(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 0
     for _ in range(3):
         streaming_reply(user)
-    assert chat.reply_start(conversation=chat.conversation_create(owner=user), content="hi")
+    assert service.reply_start(conversation=service.conversation_create(owner=user), content="hi")
 
 
 def test_continue_counts_as_a_reply_being_written(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     Message.objects.create(conversation=conversation, role="user", content="tell me")
     Message.objects.create(
         conversation=conversation, role="assistant", content="Once upon", status="stopped",
         model="qwen-plus",
     )  # fmt: skip
     streaming_reply(user)
-    with pytest.raises(chat.ReplyRefused, match="being written in another chat"):
-        chat.reply_continue(conversation=conversation)
+    with pytest.raises(service.ReplyRefused, match="being written in another chat"):
+        service.reply_continue(conversation=conversation)
     assert conversation.messages.last().status == "stopped"
 
 
 def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(user, settings):
     settings.QWENWEB_MESSAGES_PER_MINUTE = 3
-    first, second = chat.conversation_create(owner=user), chat.conversation_create(owner=user)
+    first, second = service.conversation_create(owner=user), service.conversation_create(owner=user)
     sent = [send(first), send(second), send(first)]
-    with pytest.raises(chat.ReplyRefused) as refused:
+    with pytest.raises(service.ReplyRefused) as refused:
         send(second, "one too many")
     assert str(refused.value).startswith("Messages are limited to 3 a minute. Try again in ")
     assert not second.messages.filter(content="one too many").exists()
@@ -115,7 +117,7 @@ def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(
         Message.objects.filter(pk=message.user_message.pk).update(
             created_at=now - timedelta(seconds=age)
         )
-    with pytest.raises(chat.ReplyRefused) as refused:
+    with pytest.raises(service.ReplyRefused) as refused:
         send(second, "still too many")
     assert str(refused.value) == "Messages are limited to 3 a minute. Try again in 10 seconds."
     Message.objects.filter(pk=sent[0].user_message.pk).update(
@@ -126,7 +128,7 @@ def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(
 
 def test_a_lowered_per_minute_limit_waits_for_enough_messages_to_leave_the_window(user, settings):
     settings.QWENWEB_MESSAGES_PER_MINUTE = 0  # off: any number
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     sent = [send(conversation) for _ in range(4)]
     now = timezone.now()
     for message, age in zip(sent, [55, 40, 20, 5], strict=True):
@@ -135,25 +137,25 @@ def test_a_lowered_per_minute_limit_waits_for_enough_messages_to_leave_the_windo
         )
     settings.QWENWEB_MESSAGES_PER_MINUTE = 2
     # Four in the window, two allowed: the second newest (20 s old) must leave it first.
-    with pytest.raises(chat.ReplyRefused, match=r"Try again in 40 seconds\.$"):
+    with pytest.raises(service.ReplyRefused, match=r"Try again in 40 seconds\.$"):
         send(conversation)
 
 
 def test_a_resent_frame_is_answered_from_before_even_at_the_limit(user, settings):
     settings.QWENWEB_MESSAGES_PER_MINUTE = 1
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     client_message_id = uuid.uuid4()
-    first = chat.reply_start(
+    first = service.reply_start(
         conversation=conversation, content="once", client_message_id=client_message_id
     )
-    again = chat.reply_start(
+    again = service.reply_start(
         conversation=conversation, content="once", client_message_id=client_message_id
     )
     assert not again.created and again.user_message.pk == first.user_message.pk
 
 
 def test_a_model_disabled_since_is_refused_before_anything_is_saved(user):
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     Message.objects.create(conversation=conversation, role="user", content="tell me")
     Message.objects.create(
         conversation=conversation, role="assistant", content="Once upon", status="stopped",
@@ -161,10 +163,10 @@ def test_a_model_disabled_since_is_refused_before_anything_is_saved(user):
     )  # fmt: skip
     ModelProfile.objects.filter(name="qwen-plus").update(enabled=False)
     for start in [
-        lambda: chat.reply_start(conversation=conversation, content="hello again"),
-        lambda: chat.reply_continue(conversation=conversation),
+        lambda: service.reply_start(conversation=conversation, content="hello again"),
+        lambda: service.reply_continue(conversation=conversation),
     ]:
-        with pytest.raises(chat.ReplyRefused) as refused:
+        with pytest.raises(service.ReplyRefused) as refused:
             start()
         assert str(refused.value) == (
             "Qwen-Plus is no longer available. Pick another model at the top of the chat and "
@@ -176,23 +178,23 @@ def test_a_model_disabled_since_is_refused_before_anything_is_saved(user):
     Conversation.objects.filter(pk=conversation.pk).update(
         model=ModelProfile.objects.get(name="qwen-max")
     )
-    assert chat.reply_start(conversation=conversation, content="hello again").created
+    assert service.reply_start(conversation=conversation, content="hello again").created
 
 
 def test_length_and_image_count_are_checked_before_any_query(user, settings):
     settings.QWENWEB_MAX_MESSAGE_CHARS = 10
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     urls = " ".join(f"https://example.com/{i}.png" for i in range(settings.QWENWEB_MAX_IMAGES + 1))
     with CaptureQueriesContext(connection) as queries:
-        with pytest.raises(chat.ReplyRefused, match="too long"):
-            chat.reply_start(conversation=conversation, content="x" * 11)
-        with pytest.raises(chat.ReplyRefused, match="At most"):
-            chat.reply_start(conversation=conversation, content="look", image_urls=urls)
+        with pytest.raises(service.ReplyRefused, match="too long"):
+            service.reply_start(conversation=conversation, content="x" * 11)
+        with pytest.raises(service.ReplyRefused, match="At most"):
+            service.reply_start(conversation=conversation, content="look", image_urls=urls)
     assert queries.captured_queries == []
 
 
 def test_the_limits_cost_one_query(user, settings):
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
 
     def queries_of_a_send() -> int:
         with CaptureQueriesContext(connection) as queries:
@@ -210,19 +212,19 @@ def test_refusals_speak_chinese(user, settings):
     settings.QWENWEB_MESSAGES_PER_MINUTE = 1
     streaming_reply(user)
     streaming_reply(user)
-    conversation = chat.conversation_create(owner=user)
-    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
-        chat.reply_start(conversation=conversation, content="你好")
+    conversation = service.conversation_create(owner=user)
+    with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
+        service.reply_start(conversation=conversation, content="你好")
     assert str(refused.value) == (
         "你已有 2 条回复正在其他对话中生成。请等待回复完成或将其停止，然后再发送。"
     )
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 0
     send(conversation)
-    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+    with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
         send(conversation)
     assert str(refused.value).startswith("每分钟最多发送 1 条消息。请在 ")
     ModelProfile.objects.filter(name="qwen-plus").update(enabled=False)
-    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
+    with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
         send(conversation)
     assert str(refused.value) == "Qwen-Plus 已不再提供。请在对话顶部选择其他模型后重试。"
 
@@ -257,11 +259,11 @@ def test_the_31st_chat_in_a_minute_is_refused_and_says_when_to_try_again(user, c
     assert not Message.objects.exists()
     # The oldest of the 30 was created 45 seconds ago: in 15 seconds one more may be.
     age_chats(user, *[45] * 30)
-    with pytest.raises(chat.ReplyRefused) as refused:
-        chat.conversation_create(owner=user)
+    with pytest.raises(service.ReplyRefused) as refused:
+        service.conversation_create(owner=user)
     assert str(refused.value) == sentence + "15 seconds."
-    with translation.override("zh-hans"), pytest.raises(chat.ReplyRefused) as refused:
-        chat.conversation_create(owner=user)
+    with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
+        service.conversation_create(owner=user)
     assert str(refused.value) == "每分钟最多新建 30 个对话。请在 15 秒后重试。"
     age_chats(user, *[45] * 29, 61)
     assert client.post("/c/new/").status_code == 302
@@ -271,7 +273,7 @@ def test_the_31st_chat_in_a_minute_is_refused_and_says_when_to_try_again(user, c
 def test_zero_chats_per_minute_means_no_limit(user, settings):
     settings.QWENWEB_CHATS_PER_MINUTE = 0
     for _ in range(40):
-        chat.conversation_create(owner=user)
+        service.conversation_create(owner=user)
     assert Conversation.objects.owned_by(user).count() == 40
 
 
@@ -279,11 +281,11 @@ def test_another_users_chats_leave_ones_own_limit_alone(user, settings):
     settings.QWENWEB_CHATS_PER_MINUTE = 3
     other = get_user_model().objects.create_user("other", password="pw")
     for _ in range(3):
-        chat.conversation_create(owner=other)
-    with pytest.raises(chat.ReplyRefused, match="limited to 3 a minute"):
-        chat.conversation_create(owner=other)
+        service.conversation_create(owner=other)
+    with pytest.raises(service.ReplyRefused, match="limited to 3 a minute"):
+        service.conversation_create(owner=other)
     for _ in range(3):
-        chat.conversation_create(owner=user)
+        service.conversation_create(owner=user)
     assert Conversation.objects.owned_by(user).count() == 3
 
 
@@ -363,16 +365,16 @@ def test_sends_at_the_same_moment_in_two_chats_cannot_both_pass_the_limit(settin
         )
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 1
     owner = get_user_model().objects.create_user("racer", password="pw")
-    chats = [chat.conversation_create(owner=owner) for _ in range(8)]
+    chats = [service.conversation_create(owner=owner) for _ in range(8)]
     barrier = threading.Barrier(len(chats))
     outcomes = []
 
     def send_now(conversation) -> None:
         try:
             barrier.wait()
-            chat.reply_start(conversation=conversation, content="at once")
+            service.reply_start(conversation=conversation, content="at once")
             outcomes.append("started")
-        except chat.ReplyRefused:
+        except service.ReplyRefused:
             outcomes.append("refused")
         finally:
             connection.close()

@@ -17,10 +17,10 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations import generation
-from conversations.chat import announce_finished, conversation_create
 from conversations.models import Message
+from conversations.replies import generation
 from conversations.replies import liveness as sweep
+from conversations.replies.service import announce_finished, conversation_create
 from dashscope_simulator import Scenario
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
 

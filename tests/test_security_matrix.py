@@ -169,11 +169,12 @@ from django.urls.resolvers import RoutePattern
 from django.utils import timezone
 from markdown_it import MarkdownIt
 
-from conversations import chat, rendering
+from conversations import rendering
 from conversations.admin import REVIEWED
-from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
+from conversations.replies import rules, service
+from conversations.replies.service import conversation_create
 from conversations.routing import websocket_urlpatterns
 from conversations.upstream import reset_clients
 from dashscope_simulator import Scenario, ScenarioError, tokenize
@@ -1290,13 +1291,13 @@ REFUSED_IMAGE_URLS = [
 @pytest.mark.parametrize("url", ACCEPTED_IMAGE_URLS + REFUSED_IMAGE_URLS)
 def test_image_urls_must_be_http_or_https(url):
     if url in ACCEPTED_IMAGE_URLS:
-        assert chat.clean_image_urls(url) == [url]
+        assert rules.clean_image_urls(url) == [url]
     else:
-        with pytest.raises(chat.ReplyRefused):
-            chat.clean_image_urls(url)
+        with pytest.raises(service.ReplyRefused):
+            rules.clean_image_urls(url)
         # One bad URL among good ones refuses them all.
-        with pytest.raises(chat.ReplyRefused):
-            chat.clean_image_urls(["https://example.com/ok.png", url])
+        with pytest.raises(service.ReplyRefused):
+            rules.clean_image_urls(["https://example.com/ok.png", url])
 
 
 @pytest.mark.asyncio

@@ -9,9 +9,9 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import AsyncClient
 
-from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from conversations.replies import branches
+from conversations.replies.service import conversation_create
 from tests.ws_support import wait_for_status
 
 pytestmark = pytest.mark.django_db

@@ -13,8 +13,8 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from conversations.chat import conversation_create
 from conversations.models import Conversation, Message, ModelProfile
+from conversations.replies.service import conversation_create
 
 ARTICLE = re.compile(r'<article id="message-(\d+)"[^>]*data-role="(\w+)" data-status="(\w+)"', re.S)
 STREAMING_BODY = re.compile(

@@ -101,7 +101,7 @@ def sweep(*, at_start: bool = False) -> list[tuple[str, int]]:
 
 
 async def sweep_and_announce(*, at_start: bool = False) -> int:
-    from conversations.chat import announce_finished
+    from conversations.replies.service import announce_finished
 
     marked = await db_async(sweep)(at_start=at_start)
     for conversation_id, message_id in marked:

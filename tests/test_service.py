@@ -6,8 +6,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations import chat
 from conversations.models import Message, MessageImage, ModelProfile, SystemPrompt
+from conversations.replies import prompt, service
 
 pytestmark = pytest.mark.django_db
 
@@ -22,12 +22,12 @@ def add(conversation, role, content, **fields):
 
 
 def test_request_has_system_prompt_then_history_ending_with_the_user(user):
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     add(conversation, "user", "first")
     add(conversation, "assistant", "first answer")
     add(conversation, "user", "second")
     placeholder = add(conversation, "assistant", "", status="streaming")
-    request = chat.build_request(conversation=conversation, reply_to=placeholder)
+    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
     assert request.model == "qwen-plus"
     assert request.endpoint == "text"
     assert [(m.role, m.content) for m in request.messages] == [
@@ -39,12 +39,12 @@ def test_request_has_system_prompt_then_history_ending_with_the_user(user):
 
 
 def test_failed_empty_replies_are_left_out(user):
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     add(conversation, "user", "first")
     add(conversation, "assistant", "", status="error")
     add(conversation, "user", "again")
     placeholder = add(conversation, "assistant", "", status="streaming")
-    request = chat.build_request(conversation=conversation, reply_to=placeholder)
+    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
     assert [m.role for m in request.messages][1:] == ["user", "user"]
 
 
@@ -52,12 +52,12 @@ def test_history_is_trimmed_from_the_oldest_turn_to_fit_the_context(user):
     profile = ModelProfile.objects.get(name="qwen-plus")
     profile.context_limit, profile.max_output_tokens = 1000, 100
     profile.save()
-    conversation = chat.conversation_create(owner=user, model=profile)
+    conversation = service.conversation_create(owner=user, model=profile)
     add(conversation, "user", "old " * 300)
     add(conversation, "assistant", "old answer " * 100)
     add(conversation, "user", "recent question")
     placeholder = add(conversation, "assistant", "", status="streaming")
-    request = chat.build_request(conversation=conversation, reply_to=placeholder)
+    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
     contents = [m.content for m in request.messages if m.role != "system"]
     assert contents == ["recent question"]
     assert request.parameters["max_tokens"] == 100
@@ -65,18 +65,20 @@ def test_history_is_trimmed_from_the_oldest_turn_to_fit_the_context(user):
 
 def test_multimodal_model_sends_image_urls(user):
     profile = ModelProfile.objects.get(name="qwen3-vl-plus")
-    conversation = chat.conversation_create(owner=user, model=profile)
+    conversation = service.conversation_create(owner=user, model=profile)
     question = add(conversation, "user", "What is this?")
     MessageImage.objects.create(message=question, url="https://example.com/cat.png")
     placeholder = add(conversation, "assistant", "", status="streaming")
-    request = chat.build_request(conversation=conversation, reply_to=placeholder)
+    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
     assert request.endpoint == "multimodal"
     assert request.messages[-1].images == ["https://example.com/cat.png"]
 
 
 def test_reply_start_saves_before_any_call_and_titles_the_chat(user):
-    conversation = chat.conversation_create(owner=user)
-    started = chat.reply_start(conversation=conversation, content="\n  Plan a trip to Hangzhou  \n")
+    conversation = service.conversation_create(owner=user)
+    started = service.reply_start(
+        conversation=conversation, content="\n  Plan a trip to Hangzhou  \n"
+    )
     assert started.created
     assert started.user_message.content == "  Plan a trip to Hangzhou"
     assert started.assistant_message.status == "streaming"
@@ -85,24 +87,24 @@ def test_reply_start_saves_before_any_call_and_titles_the_chat(user):
 
 
 def test_empty_message_is_refused(user):
-    conversation = chat.conversation_create(owner=user)
-    with pytest.raises(chat.ReplyRefused):
-        chat.reply_start(conversation=conversation, content="   ")
+    conversation = service.conversation_create(owner=user)
+    with pytest.raises(service.ReplyRefused):
+        service.reply_start(conversation=conversation, content="   ")
     assert not conversation.messages.exists()
 
 
 def test_a_reply_whose_process_died_is_marked_interrupted_and_unblocks_the_chat(user):
-    conversation = chat.conversation_create(owner=user)
+    conversation = service.conversation_create(owner=user)
     add(conversation, "user", "hello")
     dead = add(conversation, "assistant", "partial text", status="streaming")
     alive = timezone.now() - timedelta(seconds=Message.STALE_AFTER - 20)
     Message.objects.filter(pk=dead.pk).update(updated_at=alive)
-    with pytest.raises(chat.ReplyInProgress):
-        chat.reply_start(conversation=conversation, content="again")
+    with pytest.raises(service.ReplyInProgress):
+        service.reply_start(conversation=conversation, content="again")
 
     stale = timezone.now() - timedelta(seconds=Message.STALE_AFTER + 5)
     Message.objects.filter(pk=dead.pk).update(updated_at=stale)
-    started = chat.reply_start(conversation=conversation, content="again")
+    started = service.reply_start(conversation=conversation, content="again")
     dead.refresh_from_db()
     assert (dead.status, dead.content) == ("interrupted", "partial text")
     assert started.created

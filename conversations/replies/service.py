@@ -1,60 +1,38 @@
-"""Use cases of a conversation: create it, start a reply, stop it.
+"""The use cases of a reply's life: create a chat, start a reply, continue, regenerate, edit,
+switch versions, stop.
 
-Views and consumers call these; they hold the rules (what a valid message is, when a reply may
-start, what DashScope is sent) so the transports stay thin.
+Views and consumers call these and stay thin: what a valid message is and the limits are in
+rules.py, what DashScope is sent in prompt.py, the task that writes a reply in generation.py,
+when a reply is dead in liveness.py, and what the sockets are told in events.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.exceptions import ValidationError
-from django.core.validators import URLValidator
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
-from django.utils.translation import ngettext
 
 from conversations import sockets
-from conversations.dashscope import ChatMessage, ChatRequest
-from conversations.dashscope.sanitize import strip_controls
+from conversations.dashscope import ChatRequest
 from conversations.db import db_async
-from conversations.models import (
-    Conversation,
-    Message,
-    MessageImage,
-    ModelProfile,
-    SystemPrompt,
-)
-from conversations.replies import branches, events, liveness
+from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+from conversations.replies import branches, events, liveness, prompt, rules
+from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
 
-TITLE_LENGTH = 60
-# Room kept free in the context window for the reply itself when trimming history.
-DEFAULT_OUTPUT_RESERVE = 8192
-# The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
-RATE_WINDOW = timedelta(seconds=60)
+__all__ = [  # the rules' refusals, where the use cases that raise them are
+    "ReplyInProgress", "ReplyRefused", "StopUndelivered",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-
-class ReplyRefused(Exception):
-    """A message that cannot start a reply; the text is a sentence for the user."""
-
-
-class ReplyInProgress(ReplyRefused):
-    pass
-
-
-class StopUndelivered(ReplyRefused):
-    """Stop could not reach a reply running in another process (Redis is away)."""
 
 
 @dataclass(frozen=True)
@@ -91,97 +69,8 @@ def conversation_create(
             .filter(pk=owner.pk)
             .values_list("pk")
         )
-        _check_chats_per_minute(owner, per_minute)
+        rules.check_chats_per_minute(owner, per_minute)
         return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
-
-
-def _check_chats_per_minute(owner, per_minute: int) -> None:
-    """Refuse a chat beyond QWENWEB_CHATS_PER_MINUTE, saying when one more may be created.
-    Empty chats cost no tokens, but made by the hundred they fill the database and bury the
-    sidebar."""
-    now = timezone.now()
-    # The newest chat but (limit - 1): while it is in the window the limit is reached, and
-    # one more may be created when it leaves.
-    nth_recent = (
-        Conversation.objects.owned_by(owner)
-        .filter(created_at__gt=now - RATE_WINDOW)
-        .order_by("-created_at")
-        .values_list("created_at", flat=True)[per_minute - 1 : per_minute]
-        .first()
-    )
-    if nth_recent is None:
-        return
-    wait = nth_recent + RATE_WINDOW - now
-    seconds = min(60, max(1, math.ceil(wait.total_seconds())))
-    raise ReplyRefused(
-        ngettext(
-            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s second.",
-            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
-            seconds,
-        )
-        % {"limit": per_minute, "seconds": seconds}
-    )
-
-
-def clean_content(content: object) -> str:
-    """The message as it will be saved, or ReplyRefused with a sentence for the user.
-
-    NUL and the other C0 control characters (tab, newline and carriage return aside) are
-    dropped, not refused: they are invisible, so a person cannot see what to remove, and
-    PostgreSQL refuses NUL in text (it was a 500 there, and stored as is on SQLite). A message
-    of nothing else is an empty one: "Type a message first."
-    """
-    if isinstance(content, str):
-        content = strip_controls(content)
-    if not isinstance(content, str) or not content.strip():
-        raise ReplyRefused(_("Type a message first."))
-    if len(content) > settings.QWENWEB_MAX_MESSAGE_CHARS:
-        raise ReplyRefused(
-            _("This message is too long (%(length)s characters; the limit is %(limit)s).")
-            % {"length": len(content), "limit": settings.QWENWEB_MAX_MESSAGE_CHARS}
-        )
-    # Keep the message as typed (indented code, say), less blank lines around it.
-    return content.strip("\r\n").rstrip()
-
-
-def clean_title(title: str) -> str:
-    """A title as typed into Rename: one line, spaces collapsed, 200 characters at most, and
-    without control characters (dropped, as in messages; ``clean_content`` says why). Empty
-    is allowed: the chat is then shown untitled."""
-    return " ".join(strip_controls(title).split())[:200]
-
-
-def clean_image_urls(value: object) -> list[str]:
-    """Image URLs for a vision model, one per line (or space): http(s) only, a few at most."""
-    if value in (None, ""):
-        return []
-    if isinstance(value, str):
-        urls = value.split()
-    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
-        urls = [item.strip() for item in value if item.strip()]
-    else:
-        raise ReplyRefused(_("Image URLs must be text, one per line."))
-    if len(urls) > settings.QWENWEB_MAX_IMAGES:
-        raise ReplyRefused(
-            _("At most %(count)s images can go with one message.")
-            % {"count": settings.QWENWEB_MAX_IMAGES}
-        )
-    validate = URLValidator(schemes=["http", "https"])
-    for url in urls:
-        try:
-            if len(url) > 2000:
-                raise ValidationError("too long")
-            # URLValidator lets a control character in the path through (NUL too, which
-            # PostgreSQL refuses); dropping it would send another URL than the one typed.
-            if strip_controls(url) != url:
-                raise ValidationError("control character")
-            validate(url)
-        except ValidationError:
-            raise ReplyRefused(
-                _("“%(url)s” is not an image URL: use a link that starts with https://.")
-                % {"url": strip_controls(url)[:80]}
-            ) from None
-    return urls
 
 
 def reply_start(
@@ -198,8 +87,8 @@ def reply_start(
     A repeated client_message_id returns the messages it created the first time, so a resent
     frame (a reconnecting socket replays its queue) never starts a second call.
     """
-    content = clean_content(content)
-    images = clean_image_urls(image_urls)
+    content = rules.clean_content(content)
+    images = rules.clean_image_urls(image_urls)
     try:
         with transaction.atomic():
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
@@ -208,13 +97,13 @@ def reply_start(
             existing, interrupted = _clear_the_way(conversation, client_message_id)
             if existing is not None:
                 return existing
-            _check_model(conversation)
+            rules.check_model(conversation)
             if images and not conversation.model.accepts_images:
                 raise ReplyRefused(
                     _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
                     % {"model": conversation.model.label}
                 )
-            _check_user_limits(conversation)
+            rules.check_user_limits(conversation)
             user_message, assistant_message = _new_turn(
                 conversation,
                 parent_id=_leaf_id(conversation),
@@ -223,7 +112,9 @@ def reply_start(
                 client_message_id=client_message_id,
             )
             titled = not conversation.title
-            _move_to(conversation, assistant_message, title=_title_from(content) if titled else "")
+            _move_to(
+                conversation, assistant_message, title=rules.title_from(content) if titled else ""
+            )
     except IntegrityError:
         existing = client_message_id and _existing_reply(conversation, client_message_id)
         if not existing:
@@ -260,8 +151,8 @@ def reply_regenerate(
             ).first()
             if target is None or target.parent_id is None:
                 raise ReplyRefused(_("There is no reply to regenerate."))
-            _check_model(conversation)
-            _check_user_limits(conversation)
+            rules.check_model(conversation)
+            rules.check_user_limits(conversation)
             reply = _new_reply(
                 conversation, parent_id=target.parent_id, client_message_id=client_message_id
             )
@@ -287,7 +178,7 @@ def reply_edit(
     """A new version of one of the user's messages (with the same images), and a reply to it.
     The turns that followed the earlier version stay on their own branch; the new one is
     shown."""
-    content = clean_content(content)
+    content = rules.clean_content(content)
     try:
         with transaction.atomic():
             conversation = _lock(conversation)
@@ -301,8 +192,8 @@ def reply_edit(
             )
             if original is None:
                 raise ReplyRefused(_("That message cannot be edited: it is not in this chat."))
-            _check_model(conversation)
-            _check_user_limits(conversation)
+            rules.check_model(conversation)
+            rules.check_user_limits(conversation)
             user_message, assistant_message = _new_turn(
                 conversation,
                 parent_id=original.parent_id,
@@ -456,98 +347,6 @@ def _lock(conversation: Conversation) -> Conversation:
     )
 
 
-def _check_model(conversation: Conversation) -> None:
-    """An admin may have disabled the conversation's model since it was chosen."""
-    if not conversation.model.enabled:
-        raise ReplyRefused(
-            _("%(model)s is no longer available. Pick another model at the top of the chat and "
-              "try again.")
-            % {"model": conversation.model.label}
-        )  # fmt: skip
-
-
-def _check_user_limits(conversation: Conversation) -> None:
-    """Refuse a new reply beyond its owner's limits: replies being written at once across
-    their chats (QWENWEB_MAX_CONCURRENT_REPLIES) and messages sent in the last minute
-    (QWENWEB_MESSAGES_PER_MINUTE). Counted in the database, so they hold across server
-    processes, in one query."""
-    max_replies = settings.QWENWEB_MAX_CONCURRENT_REPLIES
-    per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
-    if max_replies <= 0 and per_minute <= 0:
-        return
-    now = timezone.now()
-    found = _user_load(
-        conversation.owner_id,
-        # A reply whose heartbeat stopped has no process behind it: it takes no place.
-        alive_since=now - timedelta(seconds=Message.STALE_AFTER),
-        recent_since=now - RATE_WINDOW,
-        # The newest message but (limit - 1): while it is in the window the limit is reached,
-        # and one more may go when it leaves.
-        nth=max(per_minute, 1),
-    )
-    if max_replies > 0 and found["streaming"] >= max_replies:
-        raise ReplyRefused(
-            ngettext(
-                "You already have %(count)s reply being written in another chat. Wait for it "
-                "to finish or stop it, then send.",
-                "You already have %(count)s replies being written in other chats. Wait for one "
-                "to finish or stop it, then send.",
-                found["streaming"],
-            )
-            % {"count": found["streaming"]}
-        )
-    if per_minute > 0 and found["nth_recent"] is not None:
-        wait = found["nth_recent"] + RATE_WINDOW - now
-        seconds = min(60, max(1, math.ceil(wait.total_seconds())))
-        raise ReplyRefused(
-            ngettext(
-                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s second.",
-                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
-                seconds,
-            )
-            % {"limit": per_minute, "seconds": seconds}
-        )
-
-
-def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
-    """For one user, in one query: `streaming`, their replies being written (heartbeat since
-    alive_since), and `nth_recent`, when they sent their nth newest message since recent_since
-    (None: fewer than n). Neither reads the user's whole history: the first goes through the
-    status index (replies streaming now), the second through the (owner, updated_at) index of
-    conversations to the chats active within the window (every message sent moves its chat's
-    updated_at on), whose messages it reads.
-
-    SQL rather than the ORM: the same statement built from querysets cost about 1 ms of Python
-    per send, on SQLite and PostgreSQL alike; this costs its round trip."""
-    # Table names from the models; every value goes as a parameter.
-    messages, chats = Message._meta.db_table, Conversation._meta.db_table
-    sql = f"""
-        SELECT
-          (SELECT COUNT(*) FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
-            WHERE c.owner_id = %s AND m.status = %s AND m.role = %s AND m.updated_at >= %s),
-          (SELECT m.created_at FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
-            WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s AND m.created_at > %s
-            ORDER BY m.created_at DESC LIMIT 1 OFFSET %s)
-    """
-    moment = connection.ops.adapt_datetimefield_value
-    with connection.cursor() as cursor:
-        cursor.execute(
-            sql,
-            [
-                owner_id, Message.Status.STREAMING.value, Message.Role.ASSISTANT.value,
-                moment(alive_since),
-                owner_id, moment(recent_since), Message.Role.USER.value, moment(recent_since),
-                nth - 1,
-            ],
-        )  # fmt: skip
-        streaming, nth_recent = cursor.fetchone()
-    if isinstance(nth_recent, str):  # SQLite: the text Django stores, in UTC
-        nth_recent = datetime.fromisoformat(nth_recent)
-    if nth_recent is not None and timezone.is_naive(nth_recent):
-        nth_recent = nth_recent.replace(tzinfo=UTC)
-    return {"streaming": streaming, "nth_recent": nth_recent}
-
-
 def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, object]]) -> list[int]:
     """Of these streaming replies (pk, updated_at), mark those whose heartbeat stopped as
     interrupted; returns their pks."""
@@ -569,72 +368,6 @@ def _existing_reply(conversation: Conversation, client_message_id: uuid.UUID):
         return StartedReply(conversation, user_message, sent, created=False)
     reply = sent.children.filter(role=Message.Role.ASSISTANT).order_by("pk").first()
     return StartedReply(conversation, sent, reply, created=False)
-
-
-def _title_from(content: str) -> str:
-    line = " ".join(content.split())
-    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
-
-
-def estimate_tokens(text: str) -> int:
-    """A cautious token estimate: CJK text runs near one token per character."""
-    return len(text) // 2 + 1
-
-
-def build_request(
-    *, conversation: Conversation, reply_to: Message, partial: bool = False
-) -> ChatRequest:
-    """The DashScope request for the reply `reply_to`: system prompt, then the history before
-    it, trimmed from the oldest turn to fit the model's context window. With `partial`, the
-    reply's text so far goes last, marked for DashScope's partial mode: the model carries on
-    from it."""
-    profile = conversation.model
-    # The reply's own branch only: other versions are not part of what it answers.
-    path = branches.load(conversation).path(reply_to.parent_id)
-    history = conversation.messages.filter(pk__in=path).exclude(role=Message.Role.SYSTEM)
-    if profile.accepts_images:
-        history = history.prefetch_related("images")
-    history = list(history.order_by("pk"))
-    turns: list[ChatMessage] = []
-    for message in history:
-        if message.role == Message.Role.ASSISTANT and not message.content:
-            continue  # a reply that failed before writing anything has nothing to recall
-        images = (
-            [image.url for image in message.images.all()]
-            if profile.accepts_images and message.role == Message.Role.USER
-            else []
-        )
-        turns.append(ChatMessage(role=message.role, content=message.content, images=images))
-    if partial:
-        turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
-
-    system = conversation.system_prompt.text if conversation.system_prompt else ""
-    budget = profile.context_limit - (profile.max_output_tokens or DEFAULT_OUTPUT_RESERVE)
-    budget -= estimate_tokens(system) if system else 0
-    kept: list[ChatMessage] = []
-    for turn in reversed(turns):
-        cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
-        if kept and cost > budget:
-            break
-        kept.append(turn)
-        budget -= cost
-    kept.reverse()
-    # A history cut mid-exchange must still start with the user's turn.
-    while len(kept) > 1 and kept[0].role != Message.Role.USER:
-        kept.pop(0)
-
-    messages = [ChatMessage(role="system", content=system)] if system else []
-    messages.extend(kept)
-    parameters = dict(profile.parameters or {})
-    if profile.max_output_tokens and "max_tokens" not in parameters:
-        parameters["max_tokens"] = profile.max_output_tokens
-    return ChatRequest(
-        model=profile.name,
-        messages=messages,
-        endpoint=profile.endpoint,
-        protocol=profile.protocol,
-        parameters=parameters,
-    )
 
 
 async def areply_start(
@@ -698,14 +431,14 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
     build the request in one trip to the database thread, then start the reply. Sockets are
     told of the new messages (Created), or, when they begin a new branch, to show the branch
     (Branched)."""
-    from conversations.generation import Generation
+    from conversations.replies.generation import Generation
     from conversations.upstream import get_client
 
     def prepare() -> tuple[StartedReply, ChatRequest | None, list[dict]]:
         started = save()
         if not started.created:
             return started, None, []
-        request = build_request(
+        request = prompt.build_request(
             conversation=started.conversation, reply_to=started.assistant_message
         )
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
@@ -758,8 +491,8 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
             or (message_id is not None and reply.pk != message_id)
         ):
             raise ReplyRefused(_("There is no cut-off reply to continue."))
-        _check_model(conversation)
-        _check_user_limits(conversation)
+        rules.check_model(conversation)
+        rules.check_user_limits(conversation)
         fields = {}
         if not reply.can_continue:
             fields = {"content": "", "reasoning": "", "request_id": "",
@@ -787,14 +520,14 @@ async def areply_continue(
 ) -> StartedReply:
     """Carry on a reply that was cut short, appending to the same message (or write it again
     in place, when it has no text to carry on from)."""
-    from conversations.generation import Generation
+    from conversations.replies.generation import Generation
     from conversations.upstream import get_client
 
     continued = await db_async(reply_continue)(conversation=conversation, message_id=message_id)
     for message_id in continued.interrupted:
         await announce_finished(conversation.id, message_id)
     reply = continued.assistant_message
-    request = await db_async(build_request)(
+    request = await db_async(prompt.build_request)(
         conversation=continued.conversation, reply_to=reply, partial=bool(reply.content)
     )
 
@@ -836,7 +569,7 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
             )
         )
     )()
-    from conversations import generation
+    from conversations.replies import generation
 
     undelivered = False
     for message_id in message_ids:
@@ -863,7 +596,7 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
 async def areply_abandon(*, conversation: Conversation, message_id: int) -> bool:
     """Mark a streaming reply that no generation answers for as `interrupted` (its last
     checkpoint of text is kept) and tell every socket. False when it is alive or over."""
-    from conversations import generation
+    from conversations.replies import generation
 
     if generation.running(message_id) is not None:
         return False

@@ -1,0 +1,76 @@
+"""History → request: what DashScope is sent for a reply.
+
+The system prompt, then the reply's own branch of the conversation (other versions are not
+part of what it answers), trimmed from the oldest turn to fit the model's context window, with
+images for a vision model; with `partial`, the reply's text so far for DashScope's partial mode.
+"""
+
+from __future__ import annotations
+
+from conversations.dashscope import ChatMessage, ChatRequest
+from conversations.models import Conversation, Message
+from conversations.replies import branches
+
+# Room kept free in the context window for the reply itself when trimming history.
+DEFAULT_OUTPUT_RESERVE = 8192
+
+
+def estimate_tokens(text: str) -> int:
+    """A cautious token estimate: CJK text runs near one token per character."""
+    return len(text) // 2 + 1
+
+
+def build_request(
+    *, conversation: Conversation, reply_to: Message, partial: bool = False
+) -> ChatRequest:
+    """The DashScope request for the reply `reply_to`: system prompt, then the history before
+    it, trimmed from the oldest turn to fit the model's context window. With `partial`, the
+    reply's text so far goes last, marked for DashScope's partial mode: the model carries on
+    from it."""
+    profile = conversation.model
+    # The reply's own branch only: other versions are not part of what it answers.
+    path = branches.load(conversation).path(reply_to.parent_id)
+    history = conversation.messages.filter(pk__in=path).exclude(role=Message.Role.SYSTEM)
+    if profile.accepts_images:
+        history = history.prefetch_related("images")
+    history = list(history.order_by("pk"))
+    turns: list[ChatMessage] = []
+    for message in history:
+        if message.role == Message.Role.ASSISTANT and not message.content:
+            continue  # a reply that failed before writing anything has nothing to recall
+        images = (
+            [image.url for image in message.images.all()]
+            if profile.accepts_images and message.role == Message.Role.USER
+            else []
+        )
+        turns.append(ChatMessage(role=message.role, content=message.content, images=images))
+    if partial:
+        turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
+
+    system = conversation.system_prompt.text if conversation.system_prompt else ""
+    budget = profile.context_limit - (profile.max_output_tokens or DEFAULT_OUTPUT_RESERVE)
+    budget -= estimate_tokens(system) if system else 0
+    kept: list[ChatMessage] = []
+    for turn in reversed(turns):
+        cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
+        if kept and cost > budget:
+            break
+        kept.append(turn)
+        budget -= cost
+    kept.reverse()
+    # A history cut mid-exchange must still start with the user's turn.
+    while len(kept) > 1 and kept[0].role != Message.Role.USER:
+        kept.pop(0)
+
+    messages = [ChatMessage(role="system", content=system)] if system else []
+    messages.extend(kept)
+    parameters = dict(profile.parameters or {})
+    if profile.max_output_tokens and "max_tokens" not in parameters:
+        parameters["max_tokens"] = profile.max_output_tokens
+    return ChatRequest(
+        model=profile.name,
+        messages=messages,
+        endpoint=profile.endpoint,
+        protocol=profile.protocol,
+        parameters=parameters,
+    )

@@ -1,0 +1,227 @@
+"""The rules a reply must pass before anything is saved or sent: what a valid message, title
+and image list are, and the limits (the model still enabled, replies at once, messages and new
+chats a minute). Each refusal is a ReplyRefused whose text is a sentence for the user.
+
+Limits are counted in the database under the owner's row lock (service._lock), so they hold
+across server processes.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import connection
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
+
+from conversations.dashscope.sanitize import strip_controls
+from conversations.models import Conversation, Message
+
+# The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
+RATE_WINDOW = timedelta(seconds=60)
+
+
+TITLE_LENGTH = 60
+
+
+class ReplyRefused(Exception):
+    """A message that cannot start a reply; the text is a sentence for the user."""
+
+
+class ReplyInProgress(ReplyRefused):
+    pass
+
+
+class StopUndelivered(ReplyRefused):
+    """Stop could not reach a reply running in another process (Redis is away)."""
+
+
+def clean_content(content: object) -> str:
+    """The message as it will be saved, or ReplyRefused with a sentence for the user.
+
+    NUL and the other C0 control characters (tab, newline and carriage return aside) are
+    dropped, not refused: they are invisible, so a person cannot see what to remove, and
+    PostgreSQL refuses NUL in text (it was a 500 there, and stored as is on SQLite). A message
+    of nothing else is an empty one: "Type a message first."
+    """
+    if isinstance(content, str):
+        content = strip_controls(content)
+    if not isinstance(content, str) or not content.strip():
+        raise ReplyRefused(_("Type a message first."))
+    if len(content) > settings.QWENWEB_MAX_MESSAGE_CHARS:
+        raise ReplyRefused(
+            _("This message is too long (%(length)s characters; the limit is %(limit)s).")
+            % {"length": len(content), "limit": settings.QWENWEB_MAX_MESSAGE_CHARS}
+        )
+    # Keep the message as typed (indented code, say), less blank lines around it.
+    return content.strip("\r\n").rstrip()
+
+
+def clean_title(title: str) -> str:
+    """A title as typed into Rename: one line, spaces collapsed, 200 characters at most, and
+    without control characters (dropped, as in messages; ``clean_content`` says why). Empty
+    is allowed: the chat is then shown untitled."""
+    return " ".join(strip_controls(title).split())[:200]
+
+
+def clean_image_urls(value: object) -> list[str]:
+    """Image URLs for a vision model, one per line (or space): http(s) only, a few at most."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        urls = value.split()
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        urls = [item.strip() for item in value if item.strip()]
+    else:
+        raise ReplyRefused(_("Image URLs must be text, one per line."))
+    if len(urls) > settings.QWENWEB_MAX_IMAGES:
+        raise ReplyRefused(
+            _("At most %(count)s images can go with one message.")
+            % {"count": settings.QWENWEB_MAX_IMAGES}
+        )
+    validate = URLValidator(schemes=["http", "https"])
+    for url in urls:
+        try:
+            if len(url) > 2000:
+                raise ValidationError("too long")
+            # URLValidator lets a control character in the path through (NUL too, which
+            # PostgreSQL refuses); dropping it would send another URL than the one typed.
+            if strip_controls(url) != url:
+                raise ValidationError("control character")
+            validate(url)
+        except ValidationError:
+            raise ReplyRefused(
+                _("“%(url)s” is not an image URL: use a link that starts with https://.")
+                % {"url": strip_controls(url)[:80]}
+            ) from None
+    return urls
+
+
+def title_from(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+def check_model(conversation: Conversation) -> None:
+    """An admin may have disabled the conversation's model since it was chosen."""
+    if not conversation.model.enabled:
+        raise ReplyRefused(
+            _("%(model)s is no longer available. Pick another model at the top of the chat and "
+              "try again.")
+            % {"model": conversation.model.label}
+        )  # fmt: skip
+
+
+def check_chats_per_minute(owner, per_minute: int) -> None:
+    """Refuse a chat beyond QWENWEB_CHATS_PER_MINUTE, saying when one more may be created.
+    Empty chats cost no tokens, but made by the hundred they fill the database and bury the
+    sidebar."""
+    now = timezone.now()
+    # The newest chat but (limit - 1): while it is in the window the limit is reached, and
+    # one more may be created when it leaves.
+    nth_recent = (
+        Conversation.objects.owned_by(owner)
+        .filter(created_at__gt=now - RATE_WINDOW)
+        .order_by("-created_at")
+        .values_list("created_at", flat=True)[per_minute - 1 : per_minute]
+        .first()
+    )
+    if nth_recent is None:
+        return
+    wait = nth_recent + RATE_WINDOW - now
+    seconds = min(60, max(1, math.ceil(wait.total_seconds())))
+    raise ReplyRefused(
+        ngettext(
+            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s second.",
+            "New chats are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
+            seconds,
+        )
+        % {"limit": per_minute, "seconds": seconds}
+    )
+
+
+def check_user_limits(conversation: Conversation) -> None:
+    """Refuse a new reply beyond its owner's limits: replies being written at once across
+    their chats (QWENWEB_MAX_CONCURRENT_REPLIES) and messages sent in the last minute
+    (QWENWEB_MESSAGES_PER_MINUTE). Counted in the database, so they hold across server
+    processes, in one query."""
+    max_replies = settings.QWENWEB_MAX_CONCURRENT_REPLIES
+    per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
+    if max_replies <= 0 and per_minute <= 0:
+        return
+    now = timezone.now()
+    found = _user_load(
+        conversation.owner_id,
+        # A reply whose heartbeat stopped has no process behind it: it takes no place.
+        alive_since=now - timedelta(seconds=Message.STALE_AFTER),
+        recent_since=now - RATE_WINDOW,
+        # The newest message but (limit - 1): while it is in the window the limit is reached,
+        # and one more may go when it leaves.
+        nth=max(per_minute, 1),
+    )
+    if max_replies > 0 and found["streaming"] >= max_replies:
+        raise ReplyRefused(
+            ngettext(
+                "You already have %(count)s reply being written in another chat. Wait for it "
+                "to finish or stop it, then send.",
+                "You already have %(count)s replies being written in other chats. Wait for one "
+                "to finish or stop it, then send.",
+                found["streaming"],
+            )
+            % {"count": found["streaming"]}
+        )
+    if per_minute > 0 and found["nth_recent"] is not None:
+        wait = found["nth_recent"] + RATE_WINDOW - now
+        seconds = min(60, max(1, math.ceil(wait.total_seconds())))
+        raise ReplyRefused(
+            ngettext(
+                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s second.",
+                "Messages are limited to %(limit)s a minute. Try again in %(seconds)s seconds.",
+                seconds,
+            )
+            % {"limit": per_minute, "seconds": seconds}
+        )
+
+
+def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
+    """For one user, in one query: `streaming`, their replies being written (heartbeat since
+    alive_since), and `nth_recent`, when they sent their nth newest message since recent_since
+    (None: fewer than n). Neither reads the user's whole history: the first goes through the
+    status index (replies streaming now), the second through the (owner, updated_at) index of
+    conversations to the chats active within the window (every message sent moves its chat's
+    updated_at on), whose messages it reads.
+
+    SQL rather than the ORM: the same statement built from querysets cost about 1 ms of Python
+    per send, on SQLite and PostgreSQL alike; this costs its round trip."""
+    # Table names from the models; every value goes as a parameter.
+    messages, chats = Message._meta.db_table, Conversation._meta.db_table
+    sql = f"""
+        SELECT
+          (SELECT COUNT(*) FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
+            WHERE c.owner_id = %s AND m.status = %s AND m.role = %s AND m.updated_at >= %s),
+          (SELECT m.created_at FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
+            WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s AND m.created_at > %s
+            ORDER BY m.created_at DESC LIMIT 1 OFFSET %s)
+    """
+    moment = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql,
+            [
+                owner_id, Message.Status.STREAMING.value, Message.Role.ASSISTANT.value,
+                moment(alive_since),
+                owner_id, moment(recent_since), Message.Role.USER.value, moment(recent_since),
+                nth - 1,
+            ],
+        )  # fmt: skip
+        streaming, nth_recent = cursor.fetchone()
+    if isinstance(nth_recent, str):  # SQLite: the text Django stores, in UTC
+        nth_recent = datetime.fromisoformat(nth_recent)
+    if nth_recent is not None and timezone.is_naive(nth_recent):
+        nth_recent = nth_recent.replace(tzinfo=UTC)
+    return {"streaming": streaming, "nth_recent": nth_recent}
