@@ -28,15 +28,17 @@ Who may open a socket, and what it may reach
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
   IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
-  exports, settings) and in the lists
+  exports, settings, versions; regenerate and edit over the socket) and in the lists
       test_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
       test_foreign_conversation_is_404_and_unchanged
+      test_another_users_message_through_ones_own_chat_is_404
       test_socket_to_a_foreign_conversation_is_closed
       test_stop_and_hello_on_own_socket_never_reach_another_users_reply
       test_lists_show_only_own_conversations
       test_new_chat_with_another_users_client_message_id_opens_no_foreign_chat
       tests/test_views.py::test_foreign_conversation_is_404_on_every_route
       tests/test_consumer.py::test_foreign_socket_is_closed
+      tests/test_versions.py::test_other_users_cannot_regenerate_edit_or_switch
       tests/test_browser.py::test_other_user_gets_404_and_no_sidebar_entry
   frames of one user's conversation never reach another user's socket
       test_frames_never_cross_users
@@ -688,7 +690,10 @@ IDOR_REQUESTS = {
     "conversation_settings": ("post", "", {"model": "OTHER_MODEL"}),
     "conversation_export_json": ("get", "", {}),
     "conversation_export_md": ("get", "", {}),
+    "conversation_version": ("post", "", {"step": "-1"}),
 }
+# Routes that also name one of the conversation's messages: alice's newest is tried.
+MESSAGE_ROUTES = {"conversation_version"}
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
 
 
@@ -715,8 +720,9 @@ def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, nam
     headers = {"HX-Request": "true"} if htmx else {}
     send = getattr(client, method)
     nobodys = uuid.uuid4()
-    response = send(reverse(name, args=[alices_chat.id]) + suffix, data, headers=headers)
-    missing = send(reverse(name, args=[nobodys]) + suffix, data, headers=headers)
+    extra = [alices_chat.messages.order_by("pk").last().pk] if name in MESSAGE_ROUTES else []
+    response = send(reverse(name, args=[alices_chat.id, *extra]) + suffix, data, headers=headers)
+    missing = send(reverse(name, args=[nobodys, *extra]) + suffix, data, headers=headers)
     assert response.status_code == 404, name
     assert missing.status_code == 404
     body = response.content.decode()
@@ -725,6 +731,21 @@ def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, nam
     ), "the answer must not tell an existing conversation from a missing one"
     for secret in ("Alice secret plans", "alice-question-7f3", "alice-answer-9c1"):
         assert secret not in body
+    assert snapshot(alices_chat) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", sorted(MESSAGE_ROUTES))
+def test_another_users_message_through_ones_own_chat_is_404(client, alices_chat, bob, name):
+    """bob names alice's message in a URL of his own chat: 404, and nothing of hers changes."""
+    mine = conversation_create(owner=bob)
+    Message.objects.create(conversation=mine, role="user", content="bob-question")
+    before = snapshot(alices_chat)
+    client.force_login(bob)
+    method, suffix, data = IDOR_REQUESTS[name]
+    theirs = alices_chat.messages.order_by("pk").last().pk
+    response = getattr(client, method)(reverse(name, args=[mine.id, theirs]) + suffix, data)
+    assert response.status_code == 404
     assert snapshot(alices_chat) == before
 
 
