@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import uuid
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
@@ -18,7 +17,6 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.text import slugify
-from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -87,10 +85,9 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     model = None
     if model_id := request.POST.get("model"):
         model = await _enabled_model(model_id).afirst()
-    try:
-        client_message_id = uuid.UUID(request.POST.get("client_message_id", ""))
-    except ValueError:
-        client_message_id = None
+    form = rules.MessageForm(request.POST, model=model or await _default_model())
+    valid = await sync_to_async(form.is_valid)()
+    client_message_id = form.cleaned_data.get("client_message_id")
     if client_message_id is not None:
         # A double submit (or a resubmitted form) opens the chat it already started.
         seen = await Message.objects.filter(
@@ -99,17 +96,8 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
         if seen is not None:
             return redirect("conversation", seen.conversation_id)
     image_urls = request.POST.get("image_urls", "")
-    if content.strip():
-        try:
-            rules.clean_content(content)
-            rules.clean_image_urls(image_urls)
-            if image_urls.strip() and not (model or await _default_model()).accepts_images:
-                raise service.ReplyRefused(
-                    _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
-                    % {"model": (model or await _default_model()).label}
-                )
-        except service.ReplyRefused as refusal:
-            return await _home_with_error(request, user, content, str(refusal), model)
+    if content.strip() and not valid:
+        return await _home_with_error(request, user, content, str(form.refusal()), model)
     try:
         conversation = await sync_to_async(service.conversation_create)(owner=user, model=model)
     except service.ReplyRefused as refusal:

@@ -9,8 +9,10 @@ across server processes.
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime, timedelta
 
+from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
@@ -20,7 +22,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from conversations.dashscope.sanitize import strip_controls
-from conversations.models import Conversation, Message
+from conversations.models import Conversation, Message, ModelProfile
 
 # The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
 RATE_WINDOW = timedelta(seconds=60)
@@ -225,3 +227,71 @@ def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
     if nth_recent is not None and timezone.is_naive(nth_recent):
         nth_recent = nth_recent.replace(tzinfo=UTC)
     return {"streaming": streaming, "nth_recent": nth_recent}
+
+
+def check_images(images: list[str], model: ModelProfile) -> None:
+    if images and not model.accepts_images:
+        raise ReplyRefused(
+            _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
+            % {"model": model.label}
+        )
+
+
+class AnyValue(forms.Field):
+    """A field that passes its value on as it came (text from a form, or any JSON value from
+    a socket's frame): the form's clean_<name> says what is valid."""
+
+    def to_python(self, value):
+        return value
+
+
+class MessageForm(forms.Form):
+    """A message as typed, from the home page's form or a socket's send or edit frame alike:
+    its text (clean_content), its image URLs (clean_image_urls, and the model's vision when
+    `model` is given) and the id the page gave it (an invalid one counts as none). The errors
+    are ReplyRefused's sentences; `refusal()` gives the first as one."""
+
+    content = AnyValue(required=False)
+    image_urls = AnyValue(required=False)
+    client_message_id = AnyValue(required=False)
+
+    def __init__(self, data, *, model: ModelProfile | None = None, with_images: bool = True):
+        super().__init__(data)
+        self.model = model
+        if not with_images:
+            del self.fields["image_urls"]
+
+    def clean_content(self) -> str:
+        return _as_field_error(clean_content, self.cleaned_data.get("content"))
+
+    def clean_image_urls(self) -> list[str]:
+        return _as_field_error(clean_image_urls, self.cleaned_data.get("image_urls"))
+
+    def clean_client_message_id(self) -> uuid.UUID | None:
+        try:
+            return uuid.UUID(str(self.cleaned_data.get("client_message_id")))
+        except ValueError:
+            return None
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if self.model is not None and data.get("image_urls"):
+            _as_field_error(check_images, data["image_urls"], self.model)
+        return data
+
+    def refusal(self) -> ReplyRefused:
+        errors = [error for field in self.errors.values() for error in field]
+        return ReplyRefused(errors[0] if errors else _("Type a message first."))
+
+    def valid(self) -> dict:
+        """The cleaned message, or ReplyRefused with the first error's sentence."""
+        if not self.is_valid():
+            raise self.refusal()
+        return self.cleaned_data
+
+
+def _as_field_error(check, *args):
+    try:
+        return check(*args)
+    except ReplyRefused as refusal:
+        raise ValidationError(str(refusal)) from None

@@ -87,8 +87,8 @@ def reply_start(
     A repeated client_message_id returns the messages it created the first time, so a resent
     frame (a reconnecting socket replays its queue) never starts a second call.
     """
-    content = rules.clean_content(content)
-    images = rules.clean_image_urls(image_urls)
+    message = rules.MessageForm({"content": content, "image_urls": image_urls}).valid()
+    content, images = message["content"], message["image_urls"]
     try:
         with transaction.atomic():
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
@@ -98,11 +98,7 @@ def reply_start(
             if existing is not None:
                 return existing
             rules.check_model(conversation)
-            if images and not conversation.model.accepts_images:
-                raise ReplyRefused(
-                    _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
-                    % {"model": conversation.model.label}
-                )
+            rules.check_images(images, conversation.model)
             rules.check_user_limits(conversation)
             user_message, assistant_message = _new_turn(
                 conversation,
@@ -178,7 +174,7 @@ def reply_edit(
     """A new version of one of the user's messages (with the same images), and a reply to it.
     The turns that followed the earlier version stay on their own branch; the new one is
     shown."""
-    content = rules.clean_content(content)
+    content = rules.MessageForm({"content": content}, with_images=False).valid()["content"]
     try:
         with transaction.atomic():
             conversation = _lock(conversation)
