@@ -26,6 +26,8 @@ from conversations.dashscope import (
     StreamEvent,
     TextDelta,
     ThrottledError,
+    ToolCallAccumulator,
+    ToolCallDelta,
     TransportError,
     Usage,
     classify,
@@ -321,6 +323,115 @@ async def test_chat_error_is_typed(simulator, dashscope_client):
     with pytest.raises(BillingError) as caught:
         await dashscope_client.chat(ask())
     assert caught.value.request_id == simulator.requests[-1].request_id
+
+
+# -- function calling --------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_time",
+            "description": "Useful when you want to know the current time.",
+            "parameters": {},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Useful when you want to look up the weather in a given city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string", "description": "A city."}},
+                "required": ["location"],
+            },
+        },
+    },
+]
+TIME_CALL = {
+    "id": "call_time_1",
+    "type": "function",
+    "function": {"name": "get_current_time", "arguments": "{}"},
+}
+WEATHER_CALL = {
+    "id": "call_weather_1",
+    "type": "function",
+    "function": {"name": "get_current_weather", "arguments": '{"location": "Tokyo"}'},
+}
+
+
+def after_tools(protocol: str) -> ChatRequest:
+    """The request that hands two tool results back to the model."""
+    return ChatRequest(
+        model="qwen-plus",
+        protocol=protocol,  # type: ignore[arg-type]
+        messages=[
+            ChatMessage("user", "What time is it and what is the weather in Tokyo?"),
+            ChatMessage("assistant", "", tool_calls=[TIME_CALL, WEATHER_CALL]),
+            ChatMessage("tool", "2026-05-01 18:00:00 Asia/Tokyo", tool_call_id="call_time_1"),
+            ChatMessage("tool", "Tokyo is rainy today", tool_call_id="call_weather_1"),
+        ],
+        parameters={"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": True},
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_tool_turns_and_tools_are_sent_where_each_protocol_wants_them(
+    simulator, dashscope_client, protocol
+):
+    await collect(dashscope_client, after_tools(protocol))
+
+    body = simulator.requests[-1].body
+    messages = body["input"]["messages"] if protocol == "native" else body["messages"]
+    assert messages == [
+        {"role": "user", "content": "What time is it and what is the weather in Tokyo?"},
+        {"role": "assistant", "content": "", "tool_calls": [TIME_CALL, WEATHER_CALL]},
+        {
+            "role": "tool",
+            "content": "2026-05-01 18:00:00 Asia/Tokyo",
+            "tool_call_id": "call_time_1",
+        },
+        {"role": "tool", "content": "Tokyo is rainy today", "tool_call_id": "call_weather_1"},
+    ]
+    options = body["parameters"] if protocol == "native" else body
+    assert options["tools"] == TOOLS
+    assert options["tool_choice"] == "auto"
+    assert options["parallel_tool_calls"] is True
+    if protocol == "native":
+        assert "tools" not in body
+    else:
+        assert "parameters" not in body
+
+
+def test_tool_call_fragments_join_by_index():
+    calls = ToolCallAccumulator(
+        [
+            ToolCallDelta(0, "call_a", "get_current_time", ""),
+            TextDelta("not a tool call"),
+            ToolCallDelta(1, "call_b", "get_current_weather", '{"loca'),
+            ToolCallDelta(0, None, None, "{}"),
+            ToolCallDelta(1, "", None, 'tion": '),
+            ToolCallDelta(1, "call_later", "other_name", '"Tokyo"}'),
+        ]
+    )
+
+    assert len(calls) == 2
+    assert calls.calls == [
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_current_time", "arguments": "{}"},
+        },
+        {
+            "id": "call_b",
+            "type": "function",
+            "function": {"name": "get_current_weather", "arguments": '{"location": "Tokyo"}'},
+        },
+    ]
+    assert not ToolCallAccumulator()
+    assert ToolCallAccumulator().add(Finish("stop", None)) is False
 
 
 # -- errors ------------------------------------------------------------------------------------
