@@ -7,6 +7,9 @@ Everything is in ``server``; run it with ``python -m dashscope_simulator --port 
 
 from .server import (
     KNOWN_MODELS,
+    LOOP_FOREVER_TRIGGER,
+    MISSING_TOOL_NAME,
+    MISSING_TOOL_TRIGGER,
     RecordedRequest,
     Scenario,
     ScenarioError,
@@ -14,14 +17,20 @@ from .server import (
     SimulatorServer,
     compose_reasoning,
     compose_reply,
+    compose_tool_answer,
+    find_location,
     is_known_model,
     is_vision_model,
     main,
+    plan_tool_calls,
     tokenize,
 )
 
 __all__ = [
     "KNOWN_MODELS",
+    "LOOP_FOREVER_TRIGGER",
+    "MISSING_TOOL_NAME",
+    "MISSING_TOOL_TRIGGER",
     "RecordedRequest",
     "Scenario",
     "ScenarioError",
@@ -29,8 +38,11 @@ __all__ = [
     "SimulatorServer",
     "compose_reasoning",
     "compose_reply",
+    "compose_tool_answer",
+    "find_location",
     "is_known_model",
     "is_vision_model",
     "main",
+    "plan_tool_calls",
     "tokenize",
 ]

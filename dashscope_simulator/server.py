@@ -8,6 +8,32 @@ With a ``control_token`` those control endpoints answer only requests that carry
 (``Authorization: Bearer <token>``): the offline demo runs one on a loopback port that every
 local process can reach, and its scenarios would put words into anyone's chat.
 
+Function calling. When a request offers ``tools`` (native: under ``parameters``; compatible: at
+the top level), the simulated model calls them the way Qwen does, deterministically, judging by
+the last user message:
+
+* "time", "几点" or "时间" calls ``get_current_time`` with ``{}``;
+* "weather" or "天气" calls ``get_current_weather`` with the place it names ("weather in
+  Tokyo", "杭州天气"); a weather question that names no place gets a text answer;
+* both in one question make two calls, in the order asked: in one turn when the request sets
+  ``parallel_tool_calls: true``, else one per turn (the Qwen docs default it to false), each tool
+  once per question;
+* "loop forever" (the trigger, in the last user message) calls ``get_current_time`` (or the
+  first tool offered) on every turn, results or not: for tests of a cap on rounds;
+* "call a missing tool" calls ``lookup_stock_price``, a tool no request offers.
+
+``tool_choice`` "none" turns calls off, ``{"type": "function", "function": {"name": ...}}``
+forces that tool (once per question), "required" calls the first tool when nothing else would.
+A call streams as the protocol does (its id and name first, then its JSON arguments in at least
+two pieces), with finish reason "tool_calls"; a non-streaming answer carries the whole calls.
+Call ids are ``call_`` plus a hash of the model, the question, the round and the position.
+When the last turn is a ``tool`` result, the answer quotes every result since the question
+whole, with its tool's name, and finishes with "stop". A ``tool`` turn without a
+``tool_call_id``, or whose id no earlier assistant turn's ``tool_calls`` holds, is a 400
+``InvalidParameter`` (the simulator's wording; upstream's is not documented), as is a malformed
+``tools`` list. A scenario's ``reply`` still wins over all of this; its errors, stalls and
+drops apply to tool calls too.
+
 Run it in the foreground::
 
     python -m dashscope_simulator --host 127.0.0.1 --port 8765
@@ -31,7 +57,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qs
 
 import uvicorn
@@ -322,6 +348,197 @@ def compose_reasoning(last_user: str) -> str:
     )
 
 
+# -- function calling -------------------------------------------------------------------------
+
+LOOP_FOREVER_TRIGGER = "loop forever"
+MISSING_TOOL_TRIGGER = "call a missing tool"
+MISSING_TOOL_NAME = "lookup_stock_price"
+_TIME_WORDS = re.compile(r"\btime\b|几点|时间", re.IGNORECASE)
+_WEATHER_WORDS = re.compile(r"\bweather\b|天气", re.IGNORECASE)
+# "weather in Hangzhou", "the weather for New York": a place after in/at/for.
+_PLACE_AFTER = re.compile(r"\b(?i:in|at|for)\s+([^\W\d_][\w'-]*(?:\s+[A-Z][\w'-]*)*)")
+_NOT_PLACES = frozenset({"a", "an", "the", "my", "your", "this", "that", "today", "tomorrow"})
+# "杭州天气", "今天杭州的天气": the Han characters just before 天气, less any "today".
+_PLACE_BEFORE_TIANQI = re.compile(r"([\u4e00-\u9fff]{2,8}?)的?天气")
+_NOT_PLACE_HAN = re.compile(r"今天|明天|昨天|现在|目前|的")
+
+
+def find_location(text: str) -> str | None:
+    """The place a weather question names ("weather in Tokyo", "杭州天气"), or None."""
+    weather = _WEATHER_WORDS.search(text)
+    tail = text[weather.end() :] if weather else ""
+    for candidate in (tail, text):
+        for match in _PLACE_AFTER.finditer(candidate):
+            place = match.group(1).strip()
+            if place.lower() not in _NOT_PLACES:
+                return place.title() if place.islower() else place
+    match = _PLACE_BEFORE_TIANQI.search(text)
+    if match:
+        place = _NOT_PLACE_HAN.sub("", match.group(1))
+        if place:
+            return place
+    return None
+
+
+def plan_tool_calls(
+    last_user: str,
+    offered: list[str],
+    *,
+    tool_choice: Any = "auto",
+    parallel: bool = False,
+    already_called: frozenset[str] = frozenset(),
+) -> list[tuple[str, dict[str, Any]]]:
+    """The calls (name, arguments) the simulated model makes next, in order; [] means it
+    answers in text.
+
+    ``offered`` are the function names in the request's ``tools``; ``already_called`` the
+    names called since the last user turn (a tool is called once per question, except under
+    "loop forever"); ``parallel`` is ``parallel_tool_calls`` (false by default upstream: then
+    the calls come one per turn).
+    """
+    if not offered or tool_choice == "none":
+        return []
+    lowered = last_user.lower()
+    forced = _forced_tool(tool_choice)
+    calls: list[tuple[str, dict[str, Any]]] = []
+    if LOOP_FOREVER_TRIGGER in lowered:
+        name = "get_current_time" if "get_current_time" in offered else offered[0]
+        return [(name, _tool_arguments(name, last_user))]
+    if MISSING_TOOL_TRIGGER in lowered:
+        calls = [(MISSING_TOOL_NAME, {})]
+    else:
+        asked = sorted(
+            (match.start(), name)
+            for pattern, name in (
+                (_TIME_WORDS, "get_current_time"),
+                (_WEATHER_WORDS, "get_current_weather"),
+            )
+            if name in offered and (match := pattern.search(last_user))
+        )
+        for _, name in asked:
+            if name == "get_current_weather" and find_location(last_user) is None:
+                continue  # the model would ask which city
+            calls.append((name, _tool_arguments(name, last_user)))
+    if forced is not None and forced in offered:
+        calls = [call for call in calls if call[0] == forced] or [
+            (forced, _tool_arguments(forced, last_user))
+        ]
+    elif tool_choice == "required" and not calls:
+        calls = [(offered[0], _tool_arguments(offered[0], last_user))]
+    calls = [call for call in calls if call[0] not in already_called]
+    return calls if parallel else calls[:1]
+
+
+def _forced_tool(tool_choice: Any) -> str | None:
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return function["name"]
+    return None
+
+
+def _tool_arguments(name: str, last_user: str) -> dict[str, Any]:
+    if name == "get_current_weather":
+        return {"location": find_location(last_user) or "Hangzhou"}
+    return {}
+
+
+def compose_tool_answer(results: list[tuple[str, str]]) -> str:
+    """The answer to tool results: each (tool name, result) quoted whole, so a test can see
+    that the result reached the model."""
+    lines = "\n".join(f"- **{name or 'a tool'}**: {content.strip()}" for name, content in results)
+    return f"Here is what the tools returned:\n\n{lines}\n\nAnything else I can look up?"
+
+
+def _split_arguments(arguments: str) -> list[str]:
+    """The arguments' JSON in at least two pieces when it has two characters, as a model
+    streams it."""
+    if len(arguments) < 2:
+        return [arguments]
+    size = max(1, min(8, len(arguments) // 2))
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)]
+
+
+def _call_id(*parts: str) -> str:
+    return "call_" + hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:24]
+
+
+def _offered_tools(tools: Any) -> list[str]:
+    """The function names in a request's ``tools``; a malformed list is a 400, as upstream."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _HTTPError(400, "InvalidParameter", "tools must be a list.")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name or tool.get("type", "function") != "function":
+            raise _HTTPError(
+                400,
+                "InvalidParameter",
+                'Each tool must be {"type": "function", "function": {"name": ..., ...}}.',
+            )
+        names.append(name)
+    return names
+
+
+def _check_tool_turns(messages: list[Any]) -> dict[str, str]:
+    """Every ``tool`` turn answers a call an earlier assistant turn made; returns the calls'
+    names by id."""
+    names: dict[str, str] = {}
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "assistant" and isinstance(message.get("tool_calls"), list):
+            for call in message["tool_calls"]:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    function = (
+                        call.get("function") if isinstance(call.get("function"), dict) else {}
+                    )
+                    names[call["id"]] = str(function.get("name") or "")
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _HTTPError(
+                    400,
+                    "InvalidParameter",
+                    'A message with role "tool" must have a "tool_call_id".',
+                )
+            if call_id not in names:
+                raise _HTTPError(
+                    400,
+                    "InvalidParameter",
+                    f'The tool_call_id "{call_id}" of a "tool" message matches no tool call '
+                    "of an earlier assistant message.",
+                )
+    return names
+
+
+def _called_since_last_user(messages: list[Any]) -> frozenset[str]:
+    called: set[str] = set()
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("name"), str):
+                called.add(function["name"])
+    return frozenset(called)
+
+
+def _results_since_last_user(messages: list[Any], names: dict[str, str]) -> list[tuple[str, str]]:
+    """(tool name, result) of every tool turn since the last user turn, in order."""
+    results: list[tuple[str, str]] = []
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        if message.get("role") != "tool":
+            continue
+        content = _content_text(message.get("content"))[0]
+        results.append((names.get(message["tool_call_id"], ""), content))
+    return results[::-1]
+
+
 # -- the ASGI app -----------------------------------------------------------------------------
 
 
@@ -344,6 +561,8 @@ class _Plan:
     token_delay: float
     tokens_per_chunk: int
     scenario: Scenario | None
+    # Complete calls, {"id", "type", "function": {"name", "arguments"}}; streamed in pieces.
+    tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def completion_id(self) -> str:
@@ -717,11 +936,41 @@ class Simulator:
                 'The incremental_output parameter must be "true" when enable_thinking is true',
             )
 
+        offered = _offered_tools(parameters.get("tools"))
+        call_names = _check_tool_turns(messages)
+
         last_user, images, input_words = _read_messages(messages)
         scenario = self._take_scenario(last_user)
         turn = sum(1 for m in messages if m.get("role") == "user")
+        tool_calls: list[dict[str, Any]] = []
+        if not (scenario and scenario.reply is not None):
+            rounds = sum(
+                1 for m in messages if m.get("role") == "assistant" and m.get("tool_calls")
+            )
+            planned = plan_tool_calls(
+                last_user,
+                offered,
+                tool_choice=parameters.get("tool_choice", "auto"),
+                parallel=parameters.get("parallel_tool_calls") is True,
+                already_called=_called_since_last_user(messages),
+            )
+            tool_calls = [
+                {
+                    "id": _call_id(model, last_user, str(rounds), str(index)),
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "arguments": json.dumps(arguments, ensure_ascii=False),
+                    },
+                }
+                for index, (name, arguments) in enumerate(planned)
+            ]
         if scenario and scenario.reply is not None:
             reply = scenario.reply
+        elif tool_calls:
+            reply = ""
+        elif last.get("role") == "tool":
+            reply = compose_tool_answer(_results_since_last_user(messages, call_names))
         else:
             reply = compose_reply(
                 model=model,
@@ -752,7 +1001,9 @@ class Simulator:
         reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
         if reasoning is None and thinking:
             reasoning = compose_reasoning(last_user)
-        finish_reason = scenario.finish_reason if scenario and scenario.finish_reason else "stop"
+        finish_reason = "tool_calls" if tool_calls else "stop"
+        if scenario and scenario.finish_reason:
+            finish_reason = scenario.finish_reason
         max_tokens = parameters.get("max_tokens")
         if isinstance(max_tokens, int) and 0 < max_tokens < len(reply_tokens):
             reply_tokens = reply_tokens[:max_tokens]
@@ -778,6 +1029,7 @@ class Simulator:
             token_delay=pace("token_delay", self.token_delay),
             tokens_per_chunk=max(1, pace("tokens_per_chunk", self.tokens_per_chunk)),
             scenario=scenario,
+            tool_calls=tool_calls,
         )
 
     async def _respond(
@@ -830,6 +1082,8 @@ class Simulator:
         reply = "".join(reply_tokens)
         reasoning = "".join(plan.reasoning_tokens)
         output_tokens = len(reply_tokens) + len(plan.reasoning_tokens)
+        output_tokens += sum(1 for _ in _tool_chunks(plan))
+        tool_calls = [{**call, "index": i} for i, call in enumerate(plan.tool_calls)]
         if plan.protocol == "native":
             message: dict[str, Any] = {
                 "role": "assistant",
@@ -837,6 +1091,8 @@ class Simulator:
             }
             if reasoning:
                 message["reasoning_content"] = reasoning
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             payload: dict[str, Any] = {
                 "output": {"choices": [{"finish_reason": finish or "null", "message": message}]},
                 "usage": _native_usage(plan.input_tokens, output_tokens),
@@ -846,6 +1102,8 @@ class Simulator:
             message = {"role": "assistant", "content": reply}
             if reasoning:
                 message["reasoning_content"] = reasoning
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             payload = {
                 "choices": [
                     {"message": message, "finish_reason": finish, "index": 0, "logprobs": None}
@@ -883,6 +1141,7 @@ class Simulator:
         emitted_tokens = 0
         reasoning_so_far = ""
         text_so_far = ""
+        arguments_so_far: dict[int, str] = {}
         content_type = "text/event-stream;charset=UTF-8"
 
         await _start(send, 200, content_type, headers)
@@ -920,12 +1179,37 @@ class Simulator:
                 raise _ConnectionDropped
             if position == len(chunks):
                 break
-            kind, tokens = chunks[position]
+            kind, tokens, call = chunks[position]
             delay = plan.first_token_delay if position == 0 else plan.token_delay * len(tokens)
             if await _pause(delay, disconnected):
                 return "disconnected"
             piece = "".join(tokens)
             emitted_tokens += len(tokens)
+            if kind == "tool":
+                first = call not in arguments_so_far
+                arguments_so_far[call] = arguments_so_far.get(call, "") + piece
+                if native:
+                    payload = self._native_chunk(
+                        plan,
+                        "" if plan.incremental else text_so_far,
+                        "" if plan.incremental else reasoning_so_far,
+                        emitted_tokens,
+                    )
+                    payload["output"]["choices"][0]["message"]["tool_calls"] = (
+                        [_native_tool_fragment(plan, call, piece, first)]
+                        if plan.incremental
+                        else _calls_so_far(plan, arguments_so_far)
+                    )
+                    await emit(native_frame(payload))
+                else:
+                    if position == 0:
+                        first_delta = {"content": "", "role": "assistant"}
+                        await emit(compat_frame(_compat_chunk(plan, first_delta, None)))
+                    delta = {"tool_calls": [_compat_tool_fragment(plan, call, piece, first)]}
+                    await emit(compat_frame(_compat_chunk(plan, delta, None)))
+                if disconnected.is_set():
+                    return "disconnected"
+                continue
             if kind == "reasoning":
                 reasoning_so_far += piece
             else:
@@ -965,6 +1249,10 @@ class Simulator:
                 reasoning = "" if plan.incremental else reasoning_so_far
                 payload = self._native_chunk(plan, text, reasoning, emitted_tokens)
                 payload["output"]["choices"][0]["finish_reason"] = plan.finish_reason
+                if plan.tool_calls and not plan.incremental:
+                    payload["output"]["choices"][0]["message"]["tool_calls"] = _calls_so_far(
+                        plan, arguments_so_far
+                    )
                 await emit(native_frame(payload))
             else:
                 await emit(compat_frame(_compat_chunk(plan, {"content": ""}, plan.finish_reason)))
@@ -993,12 +1281,62 @@ class Simulator:
         }
 
 
-def _chunks(plan: _Plan) -> list[tuple[str, list[str]]]:
+class _Chunk(NamedTuple):
+    """One streamed chunk: reasoning or reply tokens, or a piece of a tool call's arguments."""
+
+    kind: Literal["reasoning", "content", "tool"]
+    tokens: list[str]
+    call: int = -1  # a tool piece: the index of its call in plan.tool_calls
+
+
+def _chunks(plan: _Plan) -> list[_Chunk]:
     size = plan.tokens_per_chunk
-    chunks: list[tuple[str, list[str]]] = []
+    chunks: list[_Chunk] = []
     for kind, tokens in (("reasoning", plan.reasoning_tokens), ("content", plan.reply_tokens)):
-        chunks.extend((kind, tokens[i : i + size]) for i in range(0, len(tokens), size))
+        chunks.extend(_Chunk(kind, tokens[i : i + size]) for i in range(0, len(tokens), size))
+    chunks.extend(_tool_chunks(plan))
     return chunks
+
+
+def _tool_chunks(plan: _Plan) -> list[_Chunk]:
+    """Each call's arguments in pieces, one chunk each (a piece counts as one token)."""
+    return [
+        _Chunk("tool", [piece], index)
+        for index, call in enumerate(plan.tool_calls)
+        for piece in _split_arguments(call["function"]["arguments"])
+    ]
+
+
+def _native_tool_fragment(plan: _Plan, index: int, piece: str, first: bool) -> dict[str, Any]:
+    """Native incremental: the first piece names the call; later ones repeat only the index
+    (with an empty id, as Qwen does)."""
+    call = plan.tool_calls[index]
+    if first:
+        function = {"name": call["function"]["name"], "arguments": piece}
+        return {"index": index, "id": call["id"], "type": "function", "function": function}
+    return {"index": index, "id": "", "type": "function", "function": {"arguments": piece}}
+
+
+def _compat_tool_fragment(plan: _Plan, index: int, piece: str, first: bool) -> dict[str, Any]:
+    """OpenAI-compatible: the first piece names the call; later ones carry the index alone."""
+    call = plan.tool_calls[index]
+    if first:
+        function = {"name": call["function"]["name"], "arguments": piece}
+        return {"index": index, "id": call["id"], "type": "function", "function": function}
+    return {"index": index, "function": {"arguments": piece}}
+
+
+def _calls_so_far(plan: _Plan, arguments: dict[int, str]) -> list[dict[str, Any]]:
+    """Native non-incremental: every call begun so far, with all its arguments so far."""
+    return [
+        {
+            "index": index,
+            "id": plan.tool_calls[index]["id"],
+            "type": "function",
+            "function": {"name": plan.tool_calls[index]["function"]["name"], "arguments": text},
+        }
+        for index, text in sorted(arguments.items())
+    ]
 
 
 def _compat_chunk(plan: _Plan, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

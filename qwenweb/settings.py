@@ -308,6 +308,13 @@ QWENWEB_CHECKPOINT_INTERVAL = float(os.environ.get("QWENWEB_CHECKPOINT_INTERVAL"
 # keeping the text of their last checkpoint, and the user can Continue them.
 QWENWEB_REPLY_STALE_AFTER = float(os.environ.get("QWENWEB_REPLY_STALE_AFTER", "30"))
 
+# Function calling (conversations/replies/tools.py). The weather tool calls the function this
+# dotted path names (given the location, it returns text); unset, it answers with the docs'
+# stand-in, labelled as example data. A tool still running after QWENWEB_TOOL_TIMEOUT seconds
+# is abandoned and the model told so.
+QWENWEB_WEATHER_PROVIDER = os.environ.get("QWENWEB_WEATHER_PROVIDER", "").strip()
+QWENWEB_TOOL_TIMEOUT = float(os.environ.get("QWENWEB_TOOL_TIMEOUT", "10"))
+
 # --- Limits ---------------------------------------------------------------------------------
 # Checked before anything is saved or sent to DashScope (conversations/replies/rules.py). The per-user
 # ones are counted in the database, so they hold across every server process; 0 turns them off.

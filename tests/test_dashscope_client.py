@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from dataclasses import replace
 
@@ -26,6 +27,8 @@ from conversations.dashscope import (
     StreamEvent,
     TextDelta,
     ThrottledError,
+    ToolCallAccumulator,
+    ToolCallDelta,
     TransportError,
     Usage,
     classify,
@@ -321,6 +324,190 @@ async def test_chat_error_is_typed(simulator, dashscope_client):
     with pytest.raises(BillingError) as caught:
         await dashscope_client.chat(ask())
     assert caught.value.request_id == simulator.requests[-1].request_id
+
+
+# -- function calling --------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_time",
+            "description": "Useful when you want to know the current time.",
+            "parameters": {},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Useful when you want to look up the weather in a given city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string", "description": "A city."}},
+                "required": ["location"],
+            },
+        },
+    },
+]
+TIME_CALL = {
+    "id": "call_time_1",
+    "type": "function",
+    "function": {"name": "get_current_time", "arguments": "{}"},
+}
+WEATHER_CALL = {
+    "id": "call_weather_1",
+    "type": "function",
+    "function": {"name": "get_current_weather", "arguments": '{"location": "Tokyo"}'},
+}
+
+
+def after_tools(protocol: str) -> ChatRequest:
+    """The request that hands two tool results back to the model."""
+    return ChatRequest(
+        model="qwen-plus",
+        protocol=protocol,  # type: ignore[arg-type]
+        messages=[
+            ChatMessage("user", "What time is it and what is the weather in Tokyo?"),
+            ChatMessage("assistant", "", tool_calls=[TIME_CALL, WEATHER_CALL]),
+            ChatMessage("tool", "2026-05-01 18:00:00 Asia/Tokyo", tool_call_id="call_time_1"),
+            ChatMessage("tool", "Tokyo is rainy today", tool_call_id="call_weather_1"),
+        ],
+        parameters={"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": True},
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_tool_turns_and_tools_are_sent_where_each_protocol_wants_them(
+    simulator, dashscope_client, protocol
+):
+    await collect(dashscope_client, after_tools(protocol))
+
+    body = simulator.requests[-1].body
+    messages = body["input"]["messages"] if protocol == "native" else body["messages"]
+    assert messages == [
+        {"role": "user", "content": "What time is it and what is the weather in Tokyo?"},
+        {"role": "assistant", "content": "", "tool_calls": [TIME_CALL, WEATHER_CALL]},
+        {
+            "role": "tool",
+            "content": "2026-05-01 18:00:00 Asia/Tokyo",
+            "tool_call_id": "call_time_1",
+        },
+        {"role": "tool", "content": "Tokyo is rainy today", "tool_call_id": "call_weather_1"},
+    ]
+    options = body["parameters"] if protocol == "native" else body
+    assert options["tools"] == TOOLS
+    assert options["tool_choice"] == "auto"
+    assert options["parallel_tool_calls"] is True
+    if protocol == "native":
+        assert "tools" not in body
+    else:
+        assert "parameters" not in body
+
+
+def named_calls(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_a_streamed_two_call_round_trip(simulator, dashscope_client, protocol):
+    question = ChatMessage("user", "What time is it and what is the weather in Tokyo?")
+    request = ChatRequest(
+        model="qwen-plus",
+        protocol=protocol,
+        messages=[question],
+        parameters={"tools": TOOLS, "parallel_tool_calls": True},
+    )
+
+    events = await collect(dashscope_client, request)
+
+    fragments = [e for e in events if isinstance(e, ToolCallDelta)]
+    # The arguments arrive in pieces: "{", "}" and '{"locati', 'on": "To', 'kyo"}'.
+    assert [len([f for f in fragments if f.index == index]) for index in (0, 1)] == [2, 3]
+    calls = ToolCallAccumulator(events).calls
+    assert named_calls(calls) == [
+        ("get_current_time", {}),
+        ("get_current_weather", {"location": "Tokyo"}),
+    ]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert text_of(events) == ""
+    assert events[-1].reason == "tool_calls"
+
+    results = [
+        ChatMessage("tool", "2026-05-01 18:00:00 Asia/Tokyo", tool_call_id=calls[0]["id"]),
+        ChatMessage("tool", "Tokyo is rainy today", tool_call_id=calls[1]["id"]),
+    ]
+    assistant = ChatMessage("assistant", "", tool_calls=calls)
+    answer = await collect(
+        dashscope_client, replace(request, messages=[question, assistant, *results])
+    )
+
+    assert "**get_current_time**: 2026-05-01 18:00:00 Asia/Tokyo" in text_of(answer)
+    assert "**get_current_weather**: Tokyo is rainy today" in text_of(answer)
+    assert answer[-1].reason == "stop"
+    assert not [e for e in answer if isinstance(e, ToolCallDelta)]
+
+
+@pytest.mark.asyncio
+async def test_a_non_incremental_stream_yields_each_argument_once(simulator, dashscope_client):
+    request = ask(
+        "What time is it and what is the weather in Tokyo?",
+        parameters={"tools": TOOLS, "parallel_tool_calls": True, "incremental_output": False},
+    )
+
+    events = await collect(dashscope_client, request)
+
+    assert named_calls(ToolCallAccumulator(events).calls) == [
+        ("get_current_time", {}),
+        ("get_current_weather", {"location": "Tokyo"}),
+    ]
+    assert events[-1].reason == "tool_calls"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_chat_returns_the_tool_calls(simulator, dashscope_client, protocol):
+    request = ask("杭州天气怎么样？", protocol=protocol, parameters={"tools": TOOLS})
+
+    completion = await dashscope_client.chat(request)
+
+    assert completion.finish_reason == "tool_calls"
+    assert completion.text == ""
+    assert named_calls(completion.tool_calls) == [("get_current_weather", {"location": "杭州"})]
+    assert completion.tool_calls[0]["id"].startswith("call_")
+    plain = await dashscope_client.chat(ask("Hello"))
+    assert plain.tool_calls == []
+
+
+def test_tool_call_fragments_join_by_index():
+    calls = ToolCallAccumulator(
+        [
+            ToolCallDelta(0, "call_a", "get_current_time", ""),
+            TextDelta("not a tool call"),
+            ToolCallDelta(1, "call_b", "get_current_weather", '{"loca'),
+            ToolCallDelta(0, None, None, "{}"),
+            ToolCallDelta(1, "", None, 'tion": '),
+            ToolCallDelta(1, "call_later", "other_name", '"Tokyo"}'),
+        ]
+    )
+
+    assert len(calls) == 2
+    assert calls.calls == [
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_current_time", "arguments": "{}"},
+        },
+        {
+            "id": "call_b",
+            "type": "function",
+            "function": {"name": "get_current_weather", "arguments": '{"location": "Tokyo"}'},
+        },
+    ]
+    assert not ToolCallAccumulator()
+    assert ToolCallAccumulator().add(Finish("stop", None)) is False
 
 
 # -- errors ------------------------------------------------------------------------------------

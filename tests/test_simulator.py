@@ -14,9 +14,12 @@ import httpx
 import pytest
 
 from dashscope_simulator import (
+    MISSING_TOOL_NAME,
     Scenario,
     SimulatorServer,
     compose_reply,
+    find_location,
+    plan_tool_calls,
     tokenize,
 )
 from tests.dashscope_fixtures import *  # noqa: F403
@@ -352,6 +355,333 @@ def test_scenario_match_and_times(simulator):
     assert reply_to("a banana split") == "Special."
     assert reply_to("banana again") == "Special."
     assert reply_to("banana thrice") != "Special."
+
+
+# -- function calling --------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_time",
+            "description": "Useful when you want to know the current time.",
+            "parameters": {},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Useful when you want to look up the weather in a given city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string"}},
+                "required": ["location"],
+            },
+        },
+    },
+]
+BOTH = "What time is it and what is the weather in Tokyo?"
+
+
+def tool_request(
+    protocol: str,
+    messages: list[dict[str, Any]],
+    *,
+    stream: bool = True,
+    tools: Any = TOOLS,
+    **options: Any,
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(path, body, headers) of a request offering ``tools``."""
+    if protocol == "native":
+        parameters = {"result_format": "message", "incremental_output": True, **options}
+        if tools is not None:
+            parameters["tools"] = tools
+        body = {"model": "qwen-plus", "input": {"messages": messages}, "parameters": parameters}
+        return TEXT_PATH, body, SSE if stream else AUTH
+    body = {"model": "qwen-plus", "messages": messages, "stream": stream, **options}
+    if tools is not None:
+        body["tools"] = tools
+    return COMPAT_PATH, body, AUTH
+
+
+def ask_with_tools(
+    simulator, protocol: str, messages: list[dict[str, Any]], **kwargs: Any
+) -> httpx.Response:
+    return post(simulator, *tool_request(protocol, messages, **kwargs))
+
+
+def choices_of(response: httpx.Response, protocol: str, stream: bool) -> list[dict[str, Any]]:
+    """Each chunk's (or the one body's) first choice, its message or delta under "message"."""
+    payloads = data_payloads(response.text) if stream else [response.json()]
+    choices = []
+    for payload in payloads:
+        found = payload["output"]["choices"] if protocol == "native" else payload["choices"]
+        if found:
+            choice = found[0]
+            choices.append(
+                {"message": choice.get("message") or choice.get("delta") or {}, **choice}
+            )
+    return choices
+
+
+def fragments_of(choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [f for c in choices for f in c["message"].get("tool_calls") or []]
+
+
+def join_fragments(fragments: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per call, joined by index the way a client must."""
+    calls: dict[int, list[str]] = {}
+    for fragment in fragments:
+        call = calls.setdefault(fragment["index"], ["", "", ""])
+        call[0] = call[0] or fragment.get("id") or ""
+        call[1] = call[1] or fragment["function"].get("name") or ""
+        call[2] += fragment["function"].get("arguments") or ""
+    return [tuple(calls[i]) for i in sorted(calls)]  # type: ignore[misc]
+
+
+def assistant_turn(calls: list[tuple[str, str, str]]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+            for i, n, a in calls
+        ],
+    }
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_a_question_about_time_and_weather_streams_two_tool_calls(simulator, protocol):
+    response = ask_with_tools(
+        simulator, protocol, [{"role": "user", "content": BOTH}], parallel_tool_calls=True
+    )
+
+    assert response.status_code == 200
+    choices = choices_of(response, protocol, stream=True)
+    fragments = fragments_of(choices)
+    calls = join_fragments(fragments)
+    assert [(name, json.loads(arguments)) for _, name, arguments in calls] == [
+        ("get_current_time", {}),
+        ("get_current_weather", {"location": "Tokyo"}),
+    ]
+    assert all(call_id.startswith("call_") for call_id, _, _ in calls)
+    assert len({call_id for call_id, _, _ in calls}) == 2
+    for index in (0, 1):
+        pieces = [f for f in fragments if f["index"] == index]
+        assert len(pieces) >= 2  # the arguments arrive split
+        assert pieces[0]["id"] and pieces[0]["function"]["name"]
+        assert all(not p.get("id") and "name" not in p["function"] for p in pieces[1:])
+    null = "null" if protocol == "native" else None
+    assert [c["finish_reason"] for c in choices] == [null] * (len(choices) - 1) + ["tool_calls"]
+    assert all(not c["message"].get("content") for c in choices)
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_a_non_streaming_tool_call_comes_whole(simulator, protocol):
+    response = ask_with_tools(
+        simulator, protocol, [{"role": "user", "content": "北京天气怎么样？"}], stream=False
+    )
+
+    (choice,) = choices_of(response, protocol, stream=False)
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == ""
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["index"] == 0 and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_current_weather"
+    assert json.loads(call["function"]["arguments"]) == {"location": "北京"}
+
+
+def test_a_non_incremental_native_stream_repeats_the_calls_so_far(simulator):
+    response = ask_with_tools(
+        simulator,
+        "native",
+        [{"role": "user", "content": BOTH}],
+        parallel_tool_calls=True,
+        incremental_output=False,
+    )
+
+    snapshots = [c["message"]["tool_calls"] for c in choices_of(response, "native", True)]
+    arguments = [[call["function"]["arguments"] for call in calls] for calls in snapshots]
+    assert arguments[0] == ["{"] and arguments[1] == ["{}"]
+    assert arguments[-1] == ["{}", '{"location": "Tokyo"}']
+    assert all(call["id"] and call["function"]["name"] for calls in snapshots for call in calls)
+
+
+def test_without_parallel_tool_calls_the_calls_come_one_per_turn(simulator):
+    history: list[dict[str, Any]] = [{"role": "user", "content": BOTH}]
+    names = []
+    for _ in range(3):
+        response = ask_with_tools(simulator, "compatible", history, stream=False)
+        message = response.json()["choices"][0]["message"]
+        if not message.get("tool_calls"):
+            break
+        (call,) = message["tool_calls"]
+        names.append(call["function"]["name"])
+        history.append(assistant_turn([(call["id"], names[-1], call["function"]["arguments"])]))
+        history.append({"role": "tool", "content": f"{names[-1]} ok", "tool_call_id": call["id"]})
+
+    assert names == ["get_current_time", "get_current_weather"]
+    assert "get_current_time ok" in message["content"]
+    assert "get_current_weather ok" in message["content"]
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_tool_results_are_quoted_in_the_answer(simulator, protocol, stream):
+    calls = [
+        ("call_t", "get_current_time", "{}"),
+        ("call_w", "get_current_weather", '{"location": "Tokyo"}'),
+    ]
+    history = [
+        {"role": "user", "content": BOTH},
+        assistant_turn(calls),
+        {"role": "tool", "content": "2026-05-01 18:00:00 Asia/Tokyo", "tool_call_id": "call_t"},
+        {"role": "tool", "content": "Tokyo is rainy today", "tool_call_id": "call_w"},
+    ]
+
+    response = ask_with_tools(simulator, protocol, history, stream=stream)
+
+    choices = choices_of(response, protocol, stream)
+    answer = "".join(c["message"].get("content") or "" for c in choices)
+    assert "**get_current_time**: 2026-05-01 18:00:00 Asia/Tokyo" in answer
+    assert "**get_current_weather**: Tokyo is rainy today" in answer
+    assert choices[-1]["finish_reason"] == "stop"
+    assert not fragments_of(choices)
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize(
+    ("tool_turn", "message"),
+    [
+        ({"role": "tool", "content": "12:00"}, 'must have a "tool_call_id"'),
+        ({"role": "tool", "content": "12:00", "tool_call_id": ""}, 'must have a "tool_call_id"'),
+        (
+            {"role": "tool", "content": "12:00", "tool_call_id": "call_other"},
+            'tool_call_id "call_other"',
+        ),
+    ],
+)
+def test_a_tool_turn_must_answer_an_earlier_call(simulator, protocol, tool_turn, message):
+    history = [
+        {"role": "user", "content": "What time is it?"},
+        assistant_turn([("call_t", "get_current_time", "{}")]),
+        tool_turn,
+    ]
+
+    response = ask_with_tools(simulator, protocol, history)
+
+    assert response.status_code == 400
+    payload = response.json()
+    assert payload["request_id"] == response.headers["x-request-id"]
+    if protocol == "native":
+        assert payload["code"] == "InvalidParameter"
+        assert message in payload["message"]
+    else:
+        assert payload["error"]["code"] == "invalid_parameter_error"
+        assert payload["error"]["type"] == "invalid_request_error"
+        assert message in payload["error"]["message"]
+    assert simulator.wait_for_outcome() == "error"
+
+
+def test_a_tool_result_before_its_call_is_refused(simulator):
+    history = [
+        {"role": "user", "content": "What time is it?"},
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_t"},
+        assistant_turn([("call_t", "get_current_time", "{}")]),
+        {"role": "user", "content": "And now?"},
+    ]
+    assert ask_with_tools(simulator, "native", history).status_code == 400
+
+
+@pytest.mark.parametrize("tools", [{"name": "x"}, [{"type": "function"}], ["get_current_time"]])
+def test_malformed_tools_are_refused(simulator, tools):
+    response = ask_with_tools(simulator, "native", [{"role": "user", "content": "Hi"}], tools=tools)
+    assert response.status_code == 400
+    assert response.json()["code"] == "InvalidParameter"
+
+
+def test_loop_forever_calls_a_tool_after_every_result(simulator):
+    history: list[dict[str, Any]] = [{"role": "user", "content": "What time is it? loop forever"}]
+    ids = []
+    for round_number in range(6):
+        response = ask_with_tools(simulator, "native", history, stream=False)
+        choice = response.json()["output"]["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", round_number
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_current_time"
+        ids.append(call["id"])
+        history.append(assistant_turn([(call["id"], "get_current_time", "{}")]))
+        history.append({"role": "tool", "content": "12:00", "tool_call_id": call["id"]})
+
+    assert len(set(ids)) == 6
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_call_a_missing_tool_names_a_tool_nobody_offered(simulator, protocol):
+    response = ask_with_tools(
+        simulator, protocol, [{"role": "user", "content": "Please call a missing tool"}]
+    )
+
+    calls = join_fragments(fragments_of(choices_of(response, protocol, stream=True)))
+    assert [name for _, name, _ in calls] == [MISSING_TOOL_NAME]
+    assert MISSING_TOOL_NAME not in json.dumps(TOOLS)
+    assert json.loads(calls[0][2]) == {}
+
+
+def test_no_tools_offered_means_a_text_answer(simulator):
+    response = ask_with_tools(
+        simulator, "native", [{"role": "user", "content": BOTH}], tools=None, stream=False
+    )
+    choice = response.json()["output"]["choices"][0]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    assert BOTH in choice["message"]["content"]
+
+
+def test_tool_choice_none_and_a_forced_tool(simulator):
+    question = [{"role": "user", "content": BOTH}]
+    none = ask_with_tools(simulator, "compatible", question, stream=False, tool_choice="none")
+    assert none.json()["choices"][0]["finish_reason"] == "stop"
+
+    forced = {"type": "function", "function": {"name": "get_current_weather"}}
+    response = ask_with_tools(simulator, "compatible", question, stream=False, tool_choice=forced)
+    (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_current_weather"
+
+
+def test_tool_calls_are_deterministic(simulator):
+    def calls() -> list[tuple[str, str, str]]:
+        response = ask_with_tools(simulator, "native", [{"role": "user", "content": BOTH}])
+        return join_fragments(fragments_of(choices_of(response, "native", stream=True)))
+
+    assert calls() == calls()
+
+
+@pytest.mark.parametrize(
+    ("question", "location"),
+    [
+        ("What is the weather in Hangzhou?", "Hangzhou"),
+        ("weather for tomorrow in New York, please", "New York"),
+        ("what's the weather like in hangzhou", "Hangzhou"),
+        ("In Paris, what is the weather?", "Paris"),
+        ("杭州今天天气怎么样", "杭州"),
+        ("今天上海的天气", "上海"),
+        ("What is the weather like?", None),
+    ],
+)
+def test_find_location(question, location):
+    assert find_location(question) == location
+
+
+def test_only_offered_tools_are_called():
+    offered = ["get_current_weather"]
+    assert plan_tool_calls(BOTH, offered, parallel=True) == [
+        ("get_current_weather", {"location": "Tokyo"})
+    ]
+    assert plan_tool_calls("What is the weather like?", offered) == []
+    assert plan_tool_calls("Tell me a joke", ["get_current_time"], tool_choice="required") == [
+        ("get_current_time", {})
+    ]
 
 
 # -- control API, records and the runner -------------------------------------------------------

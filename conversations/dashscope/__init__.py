@@ -20,6 +20,7 @@ from .errors import (
     TransportError,
     classify,
 )
+from .tools import ToolCallAccumulator
 from .types import (
     ChatMessage,
     ChatRequest,
@@ -53,6 +54,7 @@ __all__ = [
     "StreamEvent",
     "TextDelta",
     "ThrottledError",
+    "ToolCallAccumulator",
     "ToolCallDelta",
     "TransportError",
     "Usage",

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from .config import DashScopeConfig
 from .errors import DashScopeError, DashScopeTimeoutError, TransportError, classify
 from .sanitize import OutputCleaner, clean_metadata, redact_key, strip_controls
 from .sse import DONE, RawData, SSEFrame, aiter_frames, parse_frames
+from .tools import ToolCallAccumulator
 from .types import (
     ChatMessage,
     ChatRequest,
@@ -198,9 +200,12 @@ class DashScopeClient:
         )
         reply: list[str] = []
         reasoning: list[str] = []
+        tool_calls = ToolCallAccumulator()
         finish: Finish | None = None
         usage: Usage | None = None
         for event in [*state.feed_document(text), *state.finish()]:
+            if tool_calls.add(event):
+                continue
             if isinstance(event, TextDelta):
                 reply.append(event.text)
             elif isinstance(event, ReasoningDelta):
@@ -217,6 +222,7 @@ class DashScopeClient:
             usage=usage,
             request_id=finish.request_id if finish else state.request_id,
             partial_response=partial,
+            tool_calls=tool_calls.calls,
         )
 
     # -- request building -------------------------------------------------------------------
@@ -285,10 +291,7 @@ def _native_message(message: ChatMessage, multimodal: bool) -> dict[str, Any]:
                 "images need the multimodal endpoint (ChatRequest.endpoint='multimodal')"
             )
         content = message.content
-    payload: dict[str, Any] = {"role": message.role, "content": content}
-    if message.partial:
-        payload["partial"] = True
-    return payload
+    return _with_extras({"role": message.role, "content": content}, message)
 
 
 def _compatible_message(message: ChatMessage) -> dict[str, Any]:
@@ -296,9 +299,17 @@ def _compatible_message(message: ChatMessage) -> dict[str, Any]:
     if message.images:
         content = [{"type": "image_url", "image_url": {"url": url}} for url in message.images]
         content.append({"type": "text", "text": message.content})
-    payload: dict[str, Any] = {"role": message.role, "content": content}
+    return _with_extras({"role": message.role, "content": content}, message)
+
+
+def _with_extras(payload: dict[str, Any], message: ChatMessage) -> dict[str, Any]:
+    """The fields both protocols spell alike: prefix continuation and function calling."""
     if message.partial:
         payload["partial"] = True
+    if message.tool_calls:
+        payload["tool_calls"] = [dict(call) for call in message.tool_calls]
+    if message.tool_call_id:
+        payload["tool_call_id"] = message.tool_call_id
     return payload
 
 
@@ -339,9 +350,11 @@ class _StreamState:
         self._completion_id: str | None = None
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
-        # Non-incremental native streams repeat the whole text; these hold what was sent so far.
+        # Non-incremental native streams repeat the whole text (and each tool call's arguments);
+        # these hold what was sent so far.
         self._text_so_far = ""
         self._reasoning_so_far = ""
+        self._arguments_so_far: dict[int, str] = {}
         self.done = False
 
     @property
@@ -432,8 +445,19 @@ class _StreamState:
         tool_calls = message.get("tool_calls")
         if isinstance(tool_calls, list):
             for position, call in enumerate(tool_calls):
-                if isinstance(call, dict):
-                    events.append(_tool_call_delta(call, position, self._api_key))
+                if not isinstance(call, dict):
+                    continue
+                delta = _tool_call_delta(call, position, self._api_key)
+                if not incremental:
+                    seen = delta.index in self._arguments_so_far
+                    previous = self._arguments_so_far.get(delta.index, "")
+                    arguments, self._arguments_so_far[delta.index] = _suffix(
+                        previous, delta.arguments
+                    )
+                    if seen and not arguments:
+                        continue  # the same call repeated, nothing new
+                    delta = replace(delta, arguments=arguments)
+                events.append(delta)
         return events
 
     def _note_finish(self, reason: Any) -> None:

@@ -14,12 +14,19 @@ class ChatMessage:
 
     ``images`` are http(s) or ``data:`` URLs and need a multimodal model. ``partial`` marks an
     assistant turn that the model should continue (prefix continuation).
+
+    Function calling: an assistant turn that called tools carries them in ``tool_calls``, each
+    ``{"id", "type": "function", "function": {"name", "arguments": "<json string>"}}`` (its
+    ``content`` may be ""), and each result goes back as a ``tool`` turn whose ``content`` is
+    the result and whose ``tool_call_id`` is the call's id.
     """
 
     role: Role
     content: str
     images: list[str] = field(default_factory=list)
     partial: bool = False
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_id: str = ""
 
 
 @dataclass
@@ -27,7 +34,8 @@ class ChatRequest:
     """A chat generation request.
 
     ``parameters`` (temperature, top_p, max_tokens, enable_thinking, seed, ...) are passed through
-    unchanged: inside ``parameters`` in native mode, at the top level in compatible mode.
+    unchanged: inside ``parameters`` in native mode, at the top level in compatible mode. So do
+    ``tools``, ``tool_choice`` and ``parallel_tool_calls``.
     """
 
     model: str
@@ -91,6 +99,8 @@ class Completion:
 
     ``partial_response`` is True when DashScope cut a slow non-streaming call short and returned
     what it had (``x-dashscope-partialresponse: true``); continue it with a ``partial`` turn.
+    ``tool_calls`` are the calls the model made (finish reason "tool_calls"), shaped like
+    ``ChatMessage.tool_calls``.
     """
 
     text: str
@@ -99,3 +109,4 @@ class Completion:
     usage: Usage | None
     request_id: str | None
     partial_response: bool
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
