@@ -359,6 +359,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             events.Created.TYPE: self._created,
             events.Continued.TYPE: self._continued,
             events.Branched.TYPE: self._branched,
+            events.ToolSteps.TYPE: self._tool_steps,
             events.Delta.TYPE: self._direct_delta,
             events.Finished.TYPE: self._finished,
         }[event["type"]]
@@ -375,6 +376,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def conversation_branched(self, event: dict) -> None:
         if event.get("process") != sockets.PROCESS_ID:
             await self._branched(event)
+
+    async def conversation_tools(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await self._tool_steps(event)
+
+    async def _tool_steps(self, event: dict) -> None:
+        """A reply calling tools: show its steps so far (above its text)."""
+        if event["message_id"] not in self.delivered:
+            return  # not on this page (the page shows it, steps and all, when it gets it)
+        message = Message(pk=event["message_id"], tool_steps=event["steps"])
+        await self._send_fragment("tools", message=message, oob=True)
 
     async def conversation_finished(self, event: dict) -> None:
         if event.get("process") != sockets.PROCESS_ID:

@@ -16,9 +16,20 @@ from conversations.dashscope import (
 )
 
 
+class ToolRoundsExceeded(Exception):
+    """The model kept asking for tools (function calling) past the rounds a reply may make."""
+
+    code = "ToolRoundsExceeded"
+
+
 def describe_error(error: BaseException) -> tuple[str, str]:
     """(code, sentence) for an error that ended a reply. Never includes the API key."""
     code = getattr(error, "code", None) or type(error).__name__
+    if isinstance(error, ToolRoundsExceeded):
+        return code, _(
+            "The model kept asking for tools after %(rounds)s rounds of calls, so the reply was "
+            "stopped there. Regenerate to try again, or ask more directly."
+        ) % {"rounds": error.args[0] if error.args else 5}
     if isinstance(error, AuthError):
         if error.status == 403:
             return code, _(

@@ -31,6 +31,7 @@ def _message_data(m: Message) -> dict:
         "role": m.role,
         "content": m.content,
         "reasoning": m.reasoning,
+        "tool_steps": m.tool_steps,
         "status": m.status,
         "model": m.model,
         "finish_reason": m.finish_reason,

@@ -57,6 +57,14 @@ class ModelProfile(models.Model):
         blank=True,
         help_text=_('Sent with every request, e.g. {"temperature": 0.7, "top_p": 0.8}.'),
     )
+    tools = models.BooleanField(
+        _("tools"),
+        default=False,
+        help_text=_(
+            "Let the model call the app's tools (function calling: the current time, the "
+            "weather). Only for models that support function calling."
+        ),
+    )
     sort_order = models.IntegerField(_("sort order"), default=0)
 
     objects = ModelProfileQuerySet.as_manager()
@@ -196,6 +204,10 @@ class Message(models.Model):
     role = models.CharField(_("role"), max_length=20, choices=Role)
     content = models.TextField(_("content"), blank=True)
     reasoning = models.TextField(_("reasoning"), blank=True)
+    # The tool rounds of a reply, in order (conversations/replies/generation.py): each
+    # {"end": <characters of content written before its calls>, "calls": [<tool_call>, …],
+    # "results": [{"tool_call_id", "name", "content"}, …]}.
+    tool_steps = models.JSONField(_("tool steps"), default=list, blank=True)
     status = models.CharField(
         _("status"), max_length=20, choices=Status, default=Status.COMPLETE, db_index=True
     )
@@ -265,7 +277,7 @@ class Message(models.Model):
     # reaching many sockets costs no database read per socket.
     EVENT_FIELDS = (
         "role", "content", "reasoning", "status", "model", "finish_reason", "request_id",
-        "input_tokens", "output_tokens", "error_code", "error_message",
+        "input_tokens", "output_tokens", "error_code", "error_message", "tool_steps",
     )  # fmt: skip
 
     def as_event(self) -> dict:
@@ -286,7 +298,8 @@ class Message(models.Model):
         message = cls(
             conversation=conversation,
             pk=data["pk"],
-            **{name: data[name] for name in cls.EVENT_FIELDS},
+            # (Events from a process of an earlier release lack the newer fields.)
+            **{name: data[name] for name in cls.EVENT_FIELDS if name in data},
         )
         message.image_list = [MessageImage(url=url) for url in data.get("images", ())]
         if data.get("versions"):
@@ -312,6 +325,7 @@ class Message(models.Model):
             self.role == self.Role.ASSISTANT
             and bool(self.content)
             and not self.reasoning
+            and not self.tool_steps
             and self.model.startswith("qwen")
             and (
                 self.status in {self.Status.STOPPED, self.Status.INTERRUPTED, self.Status.ERROR}

@@ -316,8 +316,9 @@ QWENWEB_WEATHER_PROVIDER = os.environ.get("QWENWEB_WEATHER_PROVIDER", "").strip(
 QWENWEB_TOOL_TIMEOUT = float(os.environ.get("QWENWEB_TOOL_TIMEOUT", "10"))
 
 # --- Limits ---------------------------------------------------------------------------------
-# Checked before anything is saved or sent to DashScope (conversations/replies/rules.py). The per-user
-# ones are counted in the database, so they hold across every server process; 0 turns them off.
+# Checked before anything is saved or sent to DashScope (conversations/replies/rules.py). The
+# per-user ones are counted in the database, so they hold across every server process; 0 turns
+# them off.
 QWENWEB_MAX_MESSAGE_CHARS = int(os.environ.get("QWENWEB_MAX_MESSAGE_CHARS", "32000"))
 QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))
 # Replies one user may have being written at once, across all their chats.

@@ -41,10 +41,12 @@ def _catalog(request):
     request.getfixturevalue("django_db_blocker")
     if marker.kwargs.get("transaction") or (marker.args and marker.args[0]):
         seed = importlib.import_module("conversations.migrations.0002_seed_catalog").seed
+        enable_tools = importlib.import_module("conversations.migrations.0005_tools").enable_tools
         from django.apps import apps
 
         with request.getfixturevalue("django_db_blocker").unblock():
             seed(apps, None)
+            enable_tools(apps, None)
 
 
 @pytest.fixture(autouse=True)

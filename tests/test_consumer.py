@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from conversations.consumers import MAX_FRAME_BYTES
 from conversations.models import Message, ModelProfile, SystemPrompt
+from conversations.replies import tools
 from conversations.upstream import reset_clients
 from dashscope_simulator import Scenario, ScenarioError
 from tests.ws_support import (
@@ -643,6 +644,9 @@ async def test_a_forged_model_or_parameters_in_a_frame_change_nothing_upstream(a
         "incremental_output": True,
         **profile.parameters,
         "max_tokens": profile.max_output_tokens,
+        # qwen-plus may call the app's tools: the app's own definitions, nothing from the frame.
+        "tools": tools.definitions(),
+        "parallel_tool_calls": True,
     }
     prompt = await SystemPrompt.objects.aget(is_default=True)
     assert body["input"]["messages"] == [

@@ -6,8 +6,8 @@ TYPE is its channel-layer type (Channels dispatches `conversation.delta` to a co
 packs it with msgpack). Fields left at None are not sent.
 
 To sockets (the conversation's group, or one socket's channel): Created, Continued,
-Branched, Delta, Finished, Snapshot; to the user's group: SessionEnded. To a running generation (the
-conversation's control group): Stop, Sync, Watch, Retire.
+Branched, ToolSteps, Delta, Finished, Snapshot; to the user's group: SessionEnded. To a running
+generation (the conversation's control group): Stop, Sync, Watch, Retire.
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ class Branched(Event):
 
     TYPE = "conversation.branched"
     message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ToolSteps(Event):
+    """A reply's tool steps so far (Message.tool_steps): a round of calls, then its results."""
+
+    TYPE = "conversation.tools"
+    message_id: int
+    steps: list
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -29,16 +31,19 @@ from conversations.dashscope import (
     Finish,
     ReasoningDelta,
     TextDelta,
+    ToolCallAccumulator,
     Usage,
 )
 from conversations.db import db_async
-from conversations.errors import describe_error
+from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
-from conversations.replies import events, liveness
+from conversations.replies import events, liveness, prompt, tools
 
 logger = logging.getLogger(__name__)
 
 FINISH_ATTEMPTS = 4
+# Rounds of tool calls one reply may make; a model still asking after them is stopped.
+MAX_TOOL_ROUNDS = 5
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and
 # an unreferenced task can vanish mid-reply.
@@ -75,6 +80,10 @@ class Generation:
     usage: Usage | None = None
     finish_reason: str | None = None
     request_id: str | None = None
+    # Tokens of the finished rounds of a reply that called tools (each round is a request).
+    spent_input: int = 0
+    spent_output: int = 0
+    tool_steps: list = field(default_factory=list)
     stop_requested: bool = False
     # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
     # save and announce nothing more.
@@ -148,7 +157,7 @@ class Generation:
                 status = Message.Status.STOPPED
             elif (exc := self._upstream.exception()) is not None:
                 error = exc
-                if not isinstance(exc, DashScopeError):
+                if not isinstance(exc, DashScopeError | ToolRoundsExceeded):
                     logger.error("Reply %s failed", self.message_id, exc_info=exc)
             else:
                 status = Message.Status.COMPLETE
@@ -185,9 +194,12 @@ class Generation:
             "request_id": self.request_id or "",
             "completed_at": timezone.now(),
         }
-        if self.usage is not None:
-            fields["input_tokens"] = self.usage.input_tokens
-            fields["output_tokens"] = self.earlier_output_tokens + self.usage.output_tokens
+        self._count_round()
+        if self.spent_input or self.spent_output:
+            fields["input_tokens"] = self.spent_input
+            fields["output_tokens"] = self.earlier_output_tokens + self.spent_output
+        if self.tool_steps:
+            fields["tool_steps"] = self.tool_steps
         if error is not None:
             fields["error_code"], fields["error_message"] = describe_error(error)
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
@@ -209,6 +221,7 @@ class Generation:
             "role": "assistant",
             "model": self.request.model,
             "images": [],
+            "tool_steps": [],
             **{name: "" for name in ("error_code", "error_message")},
             "input_tokens": None,
             "output_tokens": None,
@@ -232,18 +245,65 @@ class Generation:
     # -- the three loops ----------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        async for event in self.client.stream_chat(self.request):
-            if isinstance(event, TextDelta):
-                self.text += event.text
-                self._dirty.set()
-            elif isinstance(event, ReasoningDelta):
-                self.reasoning += event.text
-                self._dirty.set()
-            elif isinstance(event, Usage):
-                self.usage = event
-            elif isinstance(event, Finish):
-                self.finish_reason = event.reason
-                self.request_id = event.request_id
+        """Stream the reply. While the model asks for tools (function calling: finish reason
+        "tool_calls"), run each call, and ask again with the calls and their results appended,
+        as the DashScope docs do: at most MAX_TOOL_ROUNDS rounds of calls. The text of every
+        round is the reply's; each round's calls and results are a step (tool_steps)."""
+        request = self.request
+        for round_number in itertools.count():
+            calls = ToolCallAccumulator()
+            start = len(self.text)
+            async for event in self.client.stream_chat(request):
+                if calls.add(event):
+                    continue
+                if isinstance(event, TextDelta):
+                    self.text += event.text
+                    self._dirty.set()
+                elif isinstance(event, ReasoningDelta):
+                    self.reasoning += event.text
+                    self._dirty.set()
+                elif isinstance(event, Usage):
+                    self.usage = event
+                elif isinstance(event, Finish):
+                    self.finish_reason = event.reason
+                    self.request_id = event.request_id
+            if self.finish_reason != "tool_calls" or not calls:
+                return
+            if round_number >= MAX_TOOL_ROUNDS:
+                raise ToolRoundsExceeded(MAX_TOOL_ROUNDS)
+            self._count_round()
+            step = {"end": len(self.text), "calls": calls.calls, "results": []}
+            self.tool_steps.append(step)
+            await self._publish_steps()
+            for call in step["calls"]:
+                result = await tools.run(call)
+                name = call["function"]["name"]
+                step["results"].append(
+                    {"tool_call_id": call["id"], "name": name, "content": result}
+                )
+            await self._publish_steps()
+            request = dataclasses.replace(
+                request, messages=[*request.messages, *prompt.step_turns(self.text[start:], step)]
+            )
+            self.finish_reason = None
+
+    def _count_round(self) -> None:
+        """Add a finished round's tokens to what the reply has spent (each round is a request
+        of its own, billed as such)."""
+        if self.usage is not None:
+            self.spent_input += self.usage.input_tokens
+            self.spent_output += self.usage.output_tokens
+            self.usage = None
+
+    async def _publish_steps(self) -> None:
+        """Show the tool steps so far on every page (a step appears when the model asks, and
+        again with its results)."""
+        event = events.ToolSteps(message_id=self.message_id, steps=self.tool_steps)
+        try:
+            await sockets.broadcast(self.conversation_id, event.as_message())
+        except Exception:
+            # Pages that miss it see the steps with the next checkpoint's render, or the end.
+            logger.warning("Publishing the tool steps of %s failed", self.message_id, exc_info=True)
 
     async def _publish_loop(self) -> None:
         """The first delta goes out at once; later ones are coalesced into one frame per
@@ -309,8 +369,9 @@ class Generation:
         self._last_checkpoint = time.monotonic()
         self._checkpointed = len(self.text) + len(self.reasoning)
         try:
+            extra = {"tool_steps": self.tool_steps} if self.tool_steps else {}
             saved = await save_reply(
-                self.message_id, self.writer, content=self.text, reasoning=self.reasoning
+                self.message_id, self.writer, content=self.text, reasoning=self.reasoning, **extra
             )
         except Exception:
             # A missed checkpoint costs at most one interval of text if this process dies;

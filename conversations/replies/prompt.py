@@ -2,14 +2,16 @@
 
 The system prompt, then the reply's own branch of the conversation (other versions are not
 part of what it answers), trimmed from the oldest turn to fit the model's context window, with
-images for a vision model; with `partial`, the reply's text so far for DashScope's partial mode.
+images for a vision model, the tools for a model that may call them (and the rounds of calls
+earlier replies made, as the docs send them back); with `partial`, the reply's text so far for
+DashScope's partial mode.
 """
 
 from __future__ import annotations
 
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.models import Conversation, Message
-from conversations.replies import branches
+from conversations.replies import branches, tools
 
 # Room kept free in the context window for the reply itself when trimming history.
 DEFAULT_OUTPUT_RESERVE = 8192
@@ -43,6 +45,9 @@ def build_request(
             if profile.accepts_images and message.role == Message.Role.USER
             else []
         )
+        if message.role == Message.Role.ASSISTANT and message.tool_steps:
+            turns.extend(reply_turns(message.content, message.tool_steps))
+            continue
         turns.append(ChatMessage(role=message.role, content=message.content, images=images))
     if partial:
         turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
@@ -53,6 +58,7 @@ def build_request(
     kept: list[ChatMessage] = []
     for turn in reversed(turns):
         cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
+        cost += sum(estimate_tokens(call["function"]["arguments"]) + 10 for call in turn.tool_calls)
         if kept and cost > budget:
             break
         kept.append(turn)
@@ -67,6 +73,10 @@ def build_request(
     parameters = dict(profile.parameters or {})
     if profile.max_output_tokens and "max_tokens" not in parameters:
         parameters["max_tokens"] = profile.max_output_tokens
+    if profile.tools and not partial and "tools" not in parameters:
+        parameters["tools"] = tools.definitions()
+        # Several calls in one turn when a question needs them (the default is one a turn).
+        parameters.setdefault("parallel_tool_calls", True)
     return ChatRequest(
         model=profile.name,
         messages=messages,
@@ -74,3 +84,30 @@ def build_request(
         protocol=profile.protocol,
         parameters=parameters,
     )
+
+
+def step_turns(text: str, step: dict) -> list[ChatMessage]:
+    """One round of function calling as the docs send it back: the assistant's turn with its
+    calls (and the text it wrote before them), then a `tool` turn per result."""
+    return [
+        ChatMessage(role="assistant", content=text, tool_calls=step["calls"]),
+        *(
+            ChatMessage(role="tool", content=result["content"], tool_call_id=result["tool_call_id"])
+            for result in step["results"]
+        ),
+    ]
+
+
+def reply_turns(content: str, steps: list[dict]) -> list[ChatMessage]:
+    """A saved reply that called tools, as the turns it was written in: each round's text and
+    calls, the results, then the answer. A round cut short (its results missing: stopped or
+    interrupted mid-round) is left out, since a call without its result is refused."""
+    turns: list[ChatMessage] = []
+    start = 0
+    for step in steps:
+        if len(step["results"]) < len(step["calls"]):
+            break
+        turns.extend(step_turns(content[start : step["end"]], step))
+        start = step["end"]
+    turns.append(ChatMessage(role="assistant", content=content[start:]))
+    return turns

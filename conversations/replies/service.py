@@ -491,7 +491,7 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
         rules.check_user_limits(conversation)
         fields = {}
         if not reply.can_continue:
-            fields = {"content": "", "reasoning": "", "request_id": "",
+            fields = {"content": "", "reasoning": "", "request_id": "", "tool_steps": [],
                       "input_tokens": None, "output_tokens": None}  # fmt: skip
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,

@@ -10,3 +10,23 @@ register = template.Library()
 def markdown(text: str) -> str:
     """Untrusted markdown → sanitized HTML (see conversations.rendering)."""
     return mark_safe(render_markdown(text or ""))  # noqa: S308 - sanitized by nh3
+
+
+@register.filter
+def tool_calls(steps) -> list[dict]:
+    """A reply's tool steps (Message.tool_steps) as the calls to show, in order: each with its
+    tool's name, its arguments as sent, and its result (None while it runs)."""
+    shown = []
+    for step in steps or ():
+        results = {result.get("tool_call_id"): result for result in step.get("results", ())}
+        for position, call in enumerate(step.get("calls", ())):
+            function = call.get("function") or {}
+            result = results.get(call.get("id")) if call.get("id") else None
+            if result is None and position < len(step.get("results", ())):
+                result = step["results"][position]
+            shown.append({
+                "name": function.get("name", ""),
+                "arguments": function.get("arguments", ""),
+                "result": None if result is None else result.get("content", ""),
+            })  # fmt: skip
+    return shown
