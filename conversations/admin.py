@@ -76,11 +76,11 @@ class ReviewPermissionMixin:
 @admin.register(ModelProfile)
 class ModelProfileAdmin(admin.ModelAdmin):
     list_display = [
-        "label", "name", "endpoint", "protocol", "enabled", "is_default", "context_limit",
-        "sort_order",
+        "label", "name", "endpoint", "protocol", "enabled", "is_default", "tools",
+        "context_limit", "sort_order",
     ]  # fmt: skip
-    list_editable = ["enabled", "sort_order"]
-    list_filter = ["enabled", "endpoint", "protocol"]
+    list_editable = ["enabled", "tools", "sort_order"]
+    list_filter = ["enabled", "endpoint", "protocol", "tools"]
     search_fields = ["name", "label"]
 
 

@@ -595,3 +595,19 @@ def test_regenerate_edit_and_switch_versions(live_app, app_simulator, alice_page
         ".textContent.includes('First answer.')"
     )
     assert "edited" not in page.locator(USER).last.inner_text()
+
+
+def test_what_time_is_it_in_tokyo_shows_the_tool_step_and_the_answer(live_app, alice_page):
+    """Function calling as a newcomer sees it: the tool step appears above the answer, folded,
+    and opens on the result the answer quotes."""
+    page = alice_page()
+    _start_chat(page, live_app, f"What time is it in Tokyo? {_token()}")
+    _wait_status(page, "complete")
+    step = _assistant(page).locator('[data-tool-call="get_current_time"]')
+    assert step.count() == 1
+    assert not step.evaluate("el => el.open"), "folded"
+    step.locator("summary").click()
+    result = step.locator(".tool-step__result").inner_text()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", result)
+    assert result.strip() in _assistant(page).locator(".message__body").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "tool-step.png"))

@@ -20,6 +20,9 @@ def test_every_event_is_the_message_the_previous_release_carried():
         "type": "conversation.branched", "message_id": 7,
     }  # fmt: skip
     assert events.Branched().as_message() == {"type": "conversation.branched"}
+    assert events.ToolSteps(message_id=7, steps=[{"end": 0}]).as_message() == {
+        "type": "conversation.tools", "message_id": 7, "steps": [{"end": 0}],
+    }  # fmt: skip
     assert events.Delta(message_id=7, part="text", offset=3, text="abc").as_message() == {
         "type": "conversation.delta", "message_id": 7, "part": "text", "offset": 3,
         "text": "abc",
