@@ -313,6 +313,60 @@ def test_a_killed_process_leaves_an_interrupted_reply_that_continue_completes(te
     assert asyncio.run(send_on_restarted())
 
 
+def test_a_process_killed_mid_tool_loop_leaves_an_interrupted_reply_that_regenerate_redoes(
+    team, app_simulator
+):
+    """SIGKILL the process writing a reply after its tool ran, while it waits for the model's
+    answer to the result: the reply is swept to `interrupted`, and Regenerate, sent to the other
+    process, writes a new version that runs the tool again and answers. Both versions are kept."""
+    from dashscope_simulator import Scenario
+
+    question = "What time is it? killed mid-loop"
+    app_simulator.add_scenario(Scenario(match="killed mid-loop", times=1))  # round 1: the call
+    app_simulator.add_scenario(Scenario(match="killed mid-loop", first_token_delay=6.0, times=1))
+    url_a, url_b = team
+    client, conversation_path, headers = _new_team_chat(url_a)
+
+    def ws_url(base: str) -> str:
+        return base.replace("http://", "ws://") + "/ws" + conversation_path
+
+    async def scenario() -> tuple[int, int]:
+        import websockets
+
+        async with (
+            websockets.connect(ws_url(url_a), additional_headers=headers, origin=url_a) as tab_a,
+            websockets.connect(ws_url(url_b), additional_headers=headers, origin=url_b) as tab_b,
+        ):
+            await tab_a.send(json.dumps({"type": "send", "content": question,
+                                         "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            page_b = Transcript()
+            ran = 'data-tool-call="get_current_time"'
+            while not any(ran in f and "running" not in f for f in page_b.frames):
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 10))
+            team.processes[0].kill()  # the tool ran; the model's answer is on its way
+            while "interrupted" not in page_b.status.values():
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 60))
+            (dead,) = [pk for pk, status in page_b.status.items() if status == "interrupted"]
+            await tab_b.send(json.dumps({"type": "regenerate",
+                                         "client_message_id": str(uuid.uuid4())}))  # fmt: skip
+            while not any(pk > dead and s == "complete" for pk, s in page_b.status.items()):
+                page_b.feed(await asyncio.wait_for(tab_b.recv(), 30))
+            return dead, max(page_b.status)
+
+    dead, again = asyncio.run(scenario())
+    client_b = httpx.Client(base_url=url_b, cookies=client.cookies)
+    data = client_b.get(conversation_path + "export.json").json()
+    versions = {m["id"]: m for m in data["all_messages"]}
+    assert versions[dead]["status"] == "interrupted"
+    assert versions[dead]["parent_id"] == versions[again]["parent_id"], "two versions, one parent"
+    shown = data["messages"][-1]
+    assert (shown["id"], shown["status"]) == (again, "complete")
+    [step] = shown["tool_steps"]
+    result = step["results"][0]["content"]
+    assert step["calls"][0]["function"]["name"] == "get_current_time" and result in shown["content"]
+    team.start(0)  # the next test of the module finds both processes up
+
+
 def test_a_reply_killed_before_its_first_checkpoint_is_written_again_in_place(team, app_simulator):
     """SIGKILL the process writing a reply before any text of it was saved (DashScope has not
     answered yet): the reply is swept to `interrupted` with no text, the page offers to try
