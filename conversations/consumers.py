@@ -7,31 +7,29 @@ reply, or of "message_id"), {"type": "edit", "message_id": <pk>, "content": "…
 of a message, and its reply), and {"type": "hello", "streaming": [<pk>, …], "last":
 <pk>}, which the page sends on every (re)connect: the replies it shows as streaming, and the
 newest message it has. Other keys (htmx's HEADERS, or a "model" or "parameters": the model is
-the conversation's, set in the settings view) and other types are ignored.
+the conversation's, set in the settings view) and other types are ignored. The use cases are
+conversations/replies/service.py's; who may keep the socket open is socket_auth.py's; what
+the page has been shown, and how it catches up, is conversations/replies/follow.py's.
 
 Closing: every refusal closes with a code of the app's own (4000–4999: daphne's websocket
 layer refuses the IANA codes such as 1003, and a refused close used to leak the consumer) and
 a sentence, as a notice frame and as the close reason. A frame that is binary or not a JSON
-object closes the socket with 4003, one over MAX_FRAME_BYTES with 4009 (that socket only). A
-logout closes the sockets its session opened, and a password change or an account disabled or
-deleted all the user's, with 4403, in every server process (conversations/signals.py); and
-since a change made where no signal reaches (`manage.py shell`, another host on the in-memory
-layer) would leave them open, a socket also re-checks its session before it acts on a frame
-(at most every SESSION_CHECK_INTERVAL seconds) and closes with 4403 when it has ended.
-Whatever way a socket ends, its cleanup runs (`__call__`'s finally): the sockets registry, its
-groups and its background tasks never outlive it.
+object closes the socket with 4003, one over MAX_FRAME_BYTES with 4009 (that socket only); a
+session that ended closes every socket it opened with 4403, in every process. Whatever way a
+socket ends, its cleanup runs (`__call__`'s finally): the sockets registry, its groups and its
+background tasks never outlive it.
 
-Cost bounds: a `hello` names at most MAX_HELLO_IDS replies (repeats count once) and is
+Cost bounds: a `hello` names at most follow.MAX_HELLO_IDS replies (repeats count once) and is
 answered at once and then at most once per HELLO_INTERVAL (the latest one wins), and a client
 that stops reading is dropped once what waits for it passes QWENWEB_SOCKET_BACKLOG_BYTES
 (qwenweb/daphne_guard.py).
 
 Server → client: HTML fragments with hx-swap-oob (messages, the end of a reply, notices, the
-whole active branch when it changed: conversations/replies/branches.py), and
-for the streamed text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>`
-for a thinking model's reasoning; the pk is left out, `+:<new text>`, when it is the same as
-in the socket's previous frame of that kind) that static/qwenweb/chat.js appends as text: each
-carries only the new text, so a reply costs about its own size on the wire (daphne has no
+whole active branch when it changed: conversations/replies/branches.py), and for the streamed
+text itself lean frames `+<message pk>:<new text>` (`~<message pk>:<new text>` for a thinking
+model's reasoning; the pk is left out, `+:<new text>`, when it is the same as in the socket's
+previous frame of that kind) that static/qwenweb/chat.js appends as text: each carries only
+the new text, so a reply costs about its own size on the wire (daphne has no
 permessage-deflate).
 """
 
@@ -40,22 +38,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
-from importlib import import_module
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
-from django.contrib import auth
 from django.template.loader import render_to_string
 from django.utils import translation
-from django.utils.crypto import constant_time_compare
 from django.utils.translation import gettext as _
-from django.utils.translation.trans_real import parse_accept_lang_header
 
-from conversations import sockets
-from conversations.db import db_async
-from conversations.models import Conversation, Message
-from conversations.replies import branches, events, generation, liveness, service
+from conversations import socket_auth, sockets
+from conversations.models import Message
+from conversations.replies import events, follow, generation, liveness, rules, service
+from conversations.replies.follow import GAP
 from qwenweb.daphne_guard import close_reason
 
 logger = logging.getLogger(__name__)
@@ -70,23 +62,16 @@ SNAPSHOT_TIMEOUT = 2.0
 # Group membership expires in the channel layer (group_expiry, a day): re-join well before.
 REJOIN_INTERVAL = 3600
 MAX_FRAME_BYTES = 256 * 1024
-MAX_CATCH_UP_MESSAGES = 100
-# A hello names the replies a page shows as streaming: a page has one or two.
-MAX_HELLO_IDS = 20
 # A page sends one hello per (re)connect; more within this many seconds are answered once, at
 # the end of it, with the latest one's arguments.
 HELLO_INTERVAL = 1.0
-# How long a socket trusts its session between checks (a password change, a deactivation or
-# a deleted session closes it at the next frame after at most this long).
-SESSION_CHECK_INTERVAL = 2.0
 # A reply this socket shows as streaming and has heard nothing of for this long is looked up
 # in the database: its end may have been announced while the channel layer was away.
 QUIET_AFTER = liveness.HEARTBEAT_INTERVAL
+FRAME_TYPES = ("send", "stop", "continue", "regenerate", "edit", "hello")
 
 
 class ConversationConsumer(AsyncWebsocketConsumer):
-    conversation: Conversation
-
     async def __call__(self, scope, receive, send) -> None:
         # disconnect() runs only when the server reports the close; an error or a
         # cancellation (daphne cancels an application that outlives its socket) skips it.
@@ -101,54 +86,30 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
-        conversation = await _owned_conversation(user, conversation_id)
+        conversation = await socket_auth.owned_conversation(user, conversation_id)
         if conversation is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.conversation = conversation
-        self.language = self._language()
-        # message pk -> characters of its text this socket has shown, or None while waiting
-        # for the snapshot that tells where the reply stands.
-        self.shown: dict[int, int | None] = {}
-        self.shown_reasoning: dict[int, int] = {}  # the same for the model's thinking
-        self.last_target: dict[str, int] = {}  # the message the last lean frame of a kind went to
-        self.delivered: set[int] = set()  # messages this socket has put on the page
-        self.versions: dict[int, object] = {}  # their places among their versions, if known
+        self.language = socket_auth.language(self.scope)
+        self.follow = follow.Follow()
+        self.hellos = follow.HelloThrottle(HELLO_INTERVAL)
         self.snapshot_timeouts: dict[int, asyncio.Task] = {}
-        self.heard: dict[int, float] = {}  # message pk -> when this socket last had word of it
         self.background: set[asyncio.Task] = set()
-        self.hello_answered_at = float("-inf")
-        self.hello_waiting: tuple[list[int], int | None] | None = None
-        self.user_id = user.pk
-        # The socket ends with the session that opened it (see session_ended): the session is
-        # named by a hash, its key being a credential.
-        self.session_key = getattr(self.scope.get("session"), "session_key", None)
-        self.session = events.session_tag(self.session_key) if self.session_key else ""
-        # The auth middleware checked the session just now.
-        self.session_checked_at = asyncio.get_running_loop().time()
-        self.group = events.group(conversation.id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        self.user_group = events.user_group(user.pk)
-        await self.channel_layer.group_add(self.user_group, self.channel_name)
+        # The socket ends with the session that opened it (socket_auth.py, session_ended):
+        # the session is named by a hash, its key being a credential.
+        session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.session = events.session_tag(session_key) if session_key else ""
+        self.session_check = socket_auth.SessionCheck(session_key, user.pk, self._now())
+        self.joined = [events.group(conversation.id), events.user_group(user.pk)]
+        for group in self.joined:
+            await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         sockets.add(conversation.id, self)
         self._spawn(self._keep_group_membership())
         self._spawn(self._check_quiet_replies())
-        for message_id in await _streaming_message_ids(conversation):
+        for message_id in await follow.streaming_ids(conversation):
             await self._request_snapshot(message_id)
-
-    def _language(self) -> str | None:
-        """The page's language, as LocaleMiddleware picked it: cookie, then Accept-Language."""
-        candidates = [self.scope.get("cookies", {}).get(settings.LANGUAGE_COOKIE_NAME, "")]
-        headers = dict(self.scope.get("headers", []))
-        accept = headers.get(b"accept-language", b"").decode("latin-1")
-        candidates += [code for code, _q in parse_accept_lang_header(accept) if code != "*"]
-        for code in candidates:
-            try:
-                return translation.get_supported_language_variant(code)
-            except LookupError:
-                continue
-        return None
 
     async def disconnect(self, code: int) -> None:
         await self._clean_up()
@@ -164,13 +125,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if not hasattr(self, "conversation"):
             return  # refused at connect: it joined nothing
         sockets.discard(self.conversation.id, self)
-        for name in ("group", "user_group"):
-            if hasattr(self, name):
-                try:
-                    await self.channel_layer.group_discard(getattr(self, name), self.channel_name)
-                except Exception:
-                    # Redis away: the membership expires with the layer's group_expiry.
-                    logger.warning("Leaving %s failed", getattr(self, name), exc_info=True)
+        for group in getattr(self, "joined", ()):
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:
+                # Redis away: the membership expires with the layer's group_expiry.
+                logger.warning("Leaving %s failed", group, exc_info=True)
 
     async def _refuse(self, code: int, sentence: str) -> None:
         """Close this socket with one of the app's codes, saying why."""
@@ -180,7 +140,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     # -- client → server ----------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
-        # A bad frame closes this socket only; the user's other tabs carry on.
+        # A bad frame closes this socket only; the user's other tabs carry on. Sentences made
+        # while handling a frame (refusals, notices) speak the page's language.
         with translation.override(self.language):
             if text_data is None:
                 await self._refuse(
@@ -198,57 +159,17 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._refuse(CLOSE_UNSUPPORTED, _("This connection takes JSON objects only."))
                 return
             kind = data.get("type")
-            if kind not in ("send", "stop", "continue", "regenerate", "edit", "hello"):
+            if kind not in FRAME_TYPES:
                 return
-            if not await self._session_still_valid():
+            if not await self.session_check.still_valid(self._now()):
                 await self._refuse(
                     CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
                 )
                 return
-            # Sentences made while handling this frame (refusals, notices) speak the page's
-            # language.
-            if kind == "send":
-                await self._send_message(data)
-            elif kind == "stop":
-                await self._stop()
-            elif kind == "continue":
-                await self._continue(data.get("message_id"))
-            elif kind == "regenerate":
-                await self._start(
-                    service.areply_regenerate,
-                    message_id=_message_id(data.get("message_id")),
-                    client_message_id=_client_message_id(data),
-                )
-            elif kind == "edit":
-                await self._start(
-                    service.areply_edit,
-                    message_id=_message_id(data.get("message_id")),
-                    content=data.get("content"),
-                    client_message_id=_client_message_id(data),
-                )
-            else:
-                await self._hello_request(data.get("streaming"), data.get("last"))
+            await getattr(self, f"_on_{kind}")(data)
 
-    async def _session_still_valid(self) -> bool:
-        """Whether the session that opened this socket still signs its user in: not logged
-        out or deleted, the password unchanged, the account active. Checked against the
-        session store and the user's row, so a change made anywhere counts (a signal reaches
-        only its own process); trusted for SESSION_CHECK_INTERVAL after a check."""
-        now = asyncio.get_running_loop().time()
-        if now - self.session_checked_at < SESSION_CHECK_INTERVAL:
-            return True
-        try:
-            valid = await _session_signs_in(self.session_key, self.user_id)
-        except Exception:
-            # The database is away: the frame's own work needs it too, and says so.
-            logger.warning("Checking the session of a socket failed", exc_info=True)
-            return True
-        if valid:
-            self.session_checked_at = now
-        return valid
-
-    async def _send_message(self, data: dict) -> None:
-        client_message_id = _client_message_id(data)
+    async def _on_send(self, data: dict) -> None:
+        client_message_id = rules.clean_client_message_id(data.get("client_message_id"))
         started = await self._start(
             service.areply_start,
             content=data.get("content"),
@@ -257,6 +178,21 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         )
         if started:
             await self._send_fragment("ack", client_message_id=client_message_id)
+
+    async def _on_regenerate(self, data: dict) -> None:
+        await self._start(
+            service.areply_regenerate,
+            message_id=rules.clean_message_id(data.get("message_id")),
+            client_message_id=rules.clean_client_message_id(data.get("client_message_id")),
+        )
+
+    async def _on_edit(self, data: dict) -> None:
+        await self._start(
+            service.areply_edit,
+            message_id=rules.clean_message_id(data.get("message_id")),
+            content=data.get("content"),
+            client_message_id=rules.clean_client_message_id(data.get("client_message_id")),
+        )
 
     async def _start(self, use_case, **arguments) -> bool:
         """Start a reply (a send, a regenerate, an edit); a refusal becomes a notice."""
@@ -275,15 +211,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return False
         return True
 
-    async def _continue(self, message_id: object) -> None:
+    async def _on_continue(self, data: dict) -> None:
+        message_id = rules.clean_message_id(data.get("message_id"))
         try:
-            await service.areply_continue(
-                conversation=self.conversation, message_id=_message_id(message_id)
-            )
+            await service.areply_continue(conversation=self.conversation, message_id=message_id)
         except service.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
 
-    async def _stop(self) -> None:
+    async def _on_stop(self, data: dict) -> None:
         try:
             message_ids = await service.areply_stop(conversation=self.conversation)
         except service.StopUndelivered as undelivered:
@@ -299,52 +234,40 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         for message_id in message_ids:
             await service.areply_abandon(conversation=self.conversation, message_id=message_id)
 
-    async def _hello_request(self, streaming: object, last: object) -> None:
-        """Answer a hello at once, or, within HELLO_INTERVAL of the last answer, once at the
-        end of it (with the latest arguments): a page sends one per connect, and each answer
-        may render many messages."""
-        ids = list(dict.fromkeys(v for v in streaming if type(v) is int)) if isinstance(
-            streaming, list
-        ) else []  # fmt: skip
-        request = (ids[:MAX_HELLO_IDS], last if type(last) is int else None)
-        if self.hello_waiting is not None:
-            self.hello_waiting = request
-            return
-        wait = self.hello_answered_at + HELLO_INTERVAL - asyncio.get_running_loop().time()
-        if wait <= 0:
-            self.hello_answered_at = asyncio.get_running_loop().time()
+    async def _on_hello(self, data: dict) -> None:
+        """Answer a hello at once, or once at the end of HELLO_INTERVAL (follow.HelloThrottle)."""
+        request = follow.hello_request(data.get("streaming"), data.get("last"))
+        wait = self.hellos.offer(request, self._now())
+        if wait == 0:
             await self._hello(*request)
-            return
-        self.hello_waiting = request
-        self._spawn(self._hello_later(wait))
+        elif wait is not None:
+            self._spawn(self._hello_later(wait))
 
     async def _hello_later(self, wait: float) -> None:
         await asyncio.sleep(wait)
-        request, self.hello_waiting = self.hello_waiting, None
-        self.hello_answered_at = asyncio.get_running_loop().time()
         with translation.override(self.language):
-            await self._hello(*request)
+            await self._hello(*self.hellos.take(self._now()))
 
     async def _hello(self, streaming: list[int], last: int | None) -> None:
         """Bring a (re)connected page up to date: messages it never saw, and the state of the
         replies it shows as streaming."""
         if last is not None:
-            missed = await _messages_after(self.conversation, last, exclude=self.delivered)
+            missed = await follow.messages_after(self.conversation, last, self.follow.page())
             if missed is None:
                 # The page shows another branch than the active one (it changed while this
                 # socket was away): show the active one.
                 await self._show_branch()
                 return
             # Announced to this socket while the query ran: already on the page.
-            missed = [message for message in missed if message.pk not in self.delivered]
+            missed = [message for message in missed if not self.follow.on_page(message.pk)]
             if missed:
                 await self._send_messages(missed, append=True)
                 for message in missed:
                     if message.is_streaming:
                         await self._request_snapshot(message.pk, force=True)
         for value in streaming:
-            if value not in self.shown:
-                message = await _message(self.conversation, value)
+            if not self.follow.follows(value):
+                message = await follow.message(self.conversation, value)
                 if message is not None and not message.is_streaming:
                     await self._send_messages([message])
 
@@ -381,13 +304,6 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if event.get("process") != sockets.PROCESS_ID:
             await self._tool_steps(event)
 
-    async def _tool_steps(self, event: dict) -> None:
-        """A reply calling tools: show its steps so far (above its text)."""
-        if event["message_id"] not in self.delivered:
-            return  # not on this page (the page shows it, steps and all, when it gets it)
-        message = Message(pk=event["message_id"], tool_steps=event["steps"])
-        await self._send_fragment("tools", message=message, oob=True)
-
     async def conversation_finished(self, event: dict) -> None:
         if event.get("process") != sockets.PROCESS_ID:
             await self._finished(event)
@@ -396,15 +312,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         messages = [
             Message.from_event(self.conversation, data)
             for data in event["messages"]
-            if data["pk"] not in self.delivered
+            if not self.follow.on_page(data["pk"])
         ]
-        # On the page first, then counted as shown: text handed over directly meanwhile is
-        # dropped (and caught up from its offset) rather than sent before its element.
+        # On the page first, then followed: text handed over directly meanwhile is dropped
+        # (and caught up from its offset) rather than sent before its element.
         await self._send_messages(messages, append=True)
         for message in messages:
             if message.is_streaming:
-                self.shown.setdefault(message.pk, len(message.content))
-                self.shown_reasoning.setdefault(message.pk, len(message.reasoning))
+                self.follow.follow(message, unless_followed=True)
                 await self._watch(message.pk)
         if event.get("title"):
             self.conversation.title = event["title"]
@@ -412,12 +327,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def _continued(self, event: dict) -> None:
         """A cut-off reply is being carried on: show it streaming again, from its text."""
-        message = await _message(self.conversation, event["message_id"])
+        message = await follow.message(self.conversation, event["message_id"])
         if message is None:
             return
         await self._send_messages([message])
-        self.shown[message.pk] = len(message.content)
-        self.shown_reasoning[message.pk] = len(message.reasoning)
+        self.follow.follow(message)
         await self._watch(message.pk)
 
     async def _branched(self, event: dict) -> None:
@@ -427,63 +341,79 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def _show_branch(self) -> None:
         """Render the active branch in place of the page's messages, as a reload would, and
         follow the reply streaming on it."""
-        page = await _branch_page(self.conversation)
+        page = await follow.branch_page(self.conversation)
         messages = page["chat_messages"]
-        self.delivered = set()
-        self._remember(messages)
+        self.follow.clear_page()
+        self.follow.put_on_page(messages)
         await self._send_fragment("branch", conversation=self.conversation, **page)
         for message in messages:
             if message.is_streaming:
                 # The page now shows the saved text: deltas carry on from there (a gap
                 # between the two is caught up as any other).
-                self.shown[message.pk] = len(message.content)
-                self.shown_reasoning[message.pk] = len(message.reasoning)
+                self.follow.follow(message)
                 await self._watch(message.pk)
+
+    async def _tool_steps(self, event: dict) -> None:
+        """A reply calling tools: show its steps so far (above its text)."""
+        if not self.follow.on_page(event["message_id"]):
+            return  # not on this page (the page shows it, steps and all, when it gets it)
+        message = Message(pk=event["message_id"], tool_steps=event["steps"])
+        await self._send_fragment("tools", message=message, oob=True)
 
     async def conversation_delta(self, event: dict) -> None:
         """A delta over the channel layer, from a generation in another process."""
         if event.get("process") == sockets.PROCESS_ID:
             return
         message_id = event["message_id"]
-        if message_id not in self.shown:
+        if not self.follow.follows(message_id):
             await self._request_snapshot(message_id)
-        if self.shown[message_id] is None:
+        if not self.follow.in_step(message_id):
             return  # the snapshot on its way includes this text
-        await self._send_delta(message_id, event["offset"], event["text"], event.get("part"))
+        await self._send_delta(event)
 
     async def _direct_delta(self, event: dict) -> None:
         """A delta handed over by a generation running in this process, in its own task."""
+        if self.follow.in_step(event["message_id"]):  # else not on the page, or a snapshot
+            await self._send_delta(event, direct=True)  # with this text is on its way
+
+    async def _send_delta(self, event: dict, direct: bool = False) -> None:
+        """Send only what this socket has not shown yet: no gap, no duplicate."""
         message_id = event["message_id"]
-        if self.shown.get(message_id) is None:
-            return  # not on this page yet, or a snapshot with this text is on its way
-        await self._send_delta(
-            message_id, event["offset"], event["text"], event.get("part"), direct=True
+        frame = self.follow.delta(
+            message_id, event["offset"], event["text"], event.get("part"), self._now()
         )
+        if frame is GAP:
+            # A frame went missing (a full channel drops messages): catch up from the source,
+            # not in the generation's task when it came from there (it serves every socket).
+            if direct:
+                self._spawn(self._request_snapshot(message_id, force=True))
+            else:
+                await self._request_snapshot(message_id, force=True)
+        elif frame is not None:
+            await self.send(text_data=frame)
 
     async def conversation_snapshot(self, event: dict) -> None:
         message_id = event["message_id"]
         timeout = self.snapshot_timeouts.pop(message_id, None)
         if timeout is not None:
             timeout.cancel()
-        if self.shown.get(message_id, 0) is not None:
+        if not self.follow.awaiting(message_id):
             return  # already in step (or finished meanwhile)
-        message = await _message(self.conversation, message_id)
+        message = await follow.message(self.conversation, message_id)
         if message is None:
             return
         message.content = event["text"]
         message.reasoning = event.get("reasoning", "")
         await self._send_messages([message])
-        self.shown[message_id] = len(message.content)
-        self.shown_reasoning[message_id] = len(message.reasoning)
+        self.follow.follow(message)
 
     async def _finished(self, event: dict) -> None:
         message_id = event["message_id"]
-        self.shown.pop(message_id, None)
-        self.shown_reasoning.pop(message_id, None)
+        self.follow.end(message_id)
         if "message" in event:
             message = Message.from_event(self.conversation, event["message"])
         else:
-            message = await _message(self.conversation, message_id)
+            message = await follow.message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
 
@@ -497,35 +427,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                     CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
                 )
 
-    # -- helpers ------------------------------------------------------------------------------
-
-    async def _send_delta(
-        self, message_id: int, offset: int, text: str, part: str | None = "text", direct=False
-    ) -> None:
-        """Send only what this socket has not shown yet: no gap, no duplicate. The answer
-        goes in `+<pk>:` frames, the model's thinking in `~<pk>:` frames."""
-        self.heard[message_id] = asyncio.get_running_loop().time()
-        thinking = part == "reasoning"
-        counts = self.shown_reasoning if thinking else self.shown
-        shown = counts.get(message_id) or 0
-        end = offset + len(text)
-        if end <= shown:
-            return
-        if offset > shown:
-            # A frame went missing (a full channel drops messages): catch up from the source.
-            if direct:  # not in the generation's task: it serves every socket
-                self.shown[message_id] = None
-                self._spawn(self._request_snapshot(message_id, force=True))
-            else:
-                await self._request_snapshot(message_id, force=True)
-            return
-        counts[message_id] = end
-        marker = "~" if thinking else "+"
-        # The pk only when it changes: most frames are `+:<text>`, a few bytes saved on
-        # each of a reply's hundreds of frames.
-        target = "" if self.last_target.get(marker) == message_id else str(message_id)
-        self.last_target[marker] = message_id
-        await self.send(text_data=f"{marker}{target}:{text[shown - offset :]}")
+    # -- catching up --------------------------------------------------------------------------
 
     async def _watch(self, message_id: int) -> None:
         """Ask a reply running in another process to send its text over the channel layer
@@ -536,9 +438,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             )
 
     async def _request_snapshot(self, message_id: int, force: bool = False) -> None:
-        if not force and message_id in self.shown:
+        if not self.follow.await_snapshot(message_id, force=force):
             return
-        self.shown[message_id] = None
         local = generation.running(message_id)
         if local is not None:
             snapshot = events.Snapshot(
@@ -570,48 +471,43 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         """No generation answered: it ended, or its process is gone. Show what was saved."""
         await asyncio.sleep(SNAPSHOT_TIMEOUT)
         self.snapshot_timeouts.pop(message_id, None)
-        if self.shown.get(message_id, 0) is not None:
+        if not self.follow.awaiting(message_id):
             return
         if await service.areply_abandon(conversation=self.conversation, message_id=message_id):
             return  # conversation.finished is on its way to every socket
-        message = await _message(self.conversation, message_id)
+        message = await follow.message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
-            self.shown[message_id] = len(message.content)
-            self.shown_reasoning[message_id] = len(message.reasoning)
+            self.follow.follow(message)
             if not message.is_streaming:
-                self.shown.pop(message_id, None)
-
-    async def _keep_group_membership(self) -> None:
-        while True:
-            await asyncio.sleep(REJOIN_INTERVAL)
-            await self.channel_layer.group_add(self.group, self.channel_name)
-            await self.channel_layer.group_add(self.user_group, self.channel_name)
+                self.follow.end(message_id)
 
     async def _check_quiet_replies(self) -> None:
         """A reply shown streaming that has gone quiet (no text for QUIET_AFTER) is looked up:
         if it ended while its end could not reach this socket (Redis away, in a team), the
         page shows the end now. Costs nothing while text flows; a reply still streaming in
         the database is left to its generation, or to the sweep."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(QUIET_AFTER / 2)
-            now = loop.time()
-            for message_id in list(self.heard):
-                if message_id not in self.shown:
-                    del self.heard[message_id]
-            for message_id in list(self.shown):
-                if now - self.heard.setdefault(message_id, now) < QUIET_AFTER:
+            for message_id in self.follow.quiet(self._now(), QUIET_AFTER):
+                message = await follow.message(self.conversation, message_id)
+                # Unless its end arrived meanwhile (then it is no longer followed).
+                if not self.follow.follows(message_id) or (message and message.is_streaming):
                     continue
-                self.heard[message_id] = now
-                message = await _message(self.conversation, message_id)
-                # Unless its end arrived meanwhile (then it is no longer in `shown`).
-                if message_id not in self.shown or (message and message.is_streaming):
-                    continue
-                del self.shown[message_id]  # ended, or deleted with its chat: stop asking
-                self.shown_reasoning.pop(message_id, None)
+                self.follow.end(message_id)  # ended, or deleted with its chat: stop asking
                 if message is not None:
                     await self._send_messages([message])
+
+    async def _keep_group_membership(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_INTERVAL)
+            for group in self.joined:
+                await self.channel_layer.group_add(group, self.channel_name)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -619,19 +515,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         task.add_done_callback(self.background.discard)
         return task
 
-    def _remember(self, messages: list[Message]) -> None:
-        """Note what is on the page, and carry each message's place among its versions over
-        to a later rendering that does not know it (a reply's end comes from its generation,
-        which does not)."""
-        for message in messages:
-            self.delivered.add(message.pk)
-            if message.versions is not None:
-                self.versions[message.pk] = message.versions
-            elif message.pk in self.versions:
-                message.versions = self.versions[message.pk]
-
     async def _send_messages(self, messages: list[Message], append: bool = False) -> None:
-        self._remember(messages)
+        self.follow.put_on_page(messages)
         await self._send_fragment(
             "messages", messages=messages, append=append, conversation=self.conversation
         )
@@ -643,93 +528,3 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         with translation.override(self.language):
             html = render_to_string(f"conversations/partials/stream.html#{name}", context)
         await self.send(text_data=html.strip())
-
-
-# db_async rather than the ORM's a… methods: see conversations/db.py.
-
-
-@db_async
-def _owned_conversation(user, conversation_id) -> Conversation | None:
-    return (
-        Conversation.objects.owned_by(user)
-        .select_related("model")
-        .filter(pk=conversation_id)
-        .first()
-    )
-
-
-@db_async
-def _session_signs_in(session_key: str | None, user_id) -> bool:
-    """What a page request would find: the session still there and signing this user in, its
-    password hash today's (or one made with a SECRET_KEY_FALLBACKS key), and the account
-    active as its backend sees it. The checks of django.contrib.auth.get_user, without its
-    writes: it would cycle the key of a session hashed with a fallback secret, and a key
-    cycled here reaches no browser (the page's own session would be gone)."""
-    if not session_key:
-        return False
-    data = import_module(settings.SESSION_ENGINE).SessionStore(session_key).load()
-    backend_path = data.get(auth.BACKEND_SESSION_KEY)
-    if str(data.get(auth.SESSION_KEY)) != str(user_id) or (
-        backend_path not in settings.AUTHENTICATION_BACKENDS
-    ):
-        return False
-    user = auth.load_backend(backend_path).get_user(user_id)
-    stored = data.get(auth.HASH_SESSION_KEY) or ""
-    if user is None or not stored:
-        return False
-    hashes = [user.get_session_auth_hash()] + [
-        user._get_session_auth_hash(secret=secret) for secret in settings.SECRET_KEY_FALLBACKS
-    ]
-    return any(constant_time_compare(stored, value) for value in hashes)
-
-
-@db_async
-def _message(conversation: Conversation, pk: int) -> Message | None:
-    message = conversation.messages.filter(pk=pk).prefetch_related("images").first()
-    if message is not None:
-        branches.with_versions([message], branches.load(conversation))
-    return message
-
-
-@db_async
-def _messages_after(conversation: Conversation, pk: int, exclude: set[int]) -> list[Message] | None:
-    """The active branch's messages after `pk`, the newest a page has; None when `pk` is not
-    on the active branch (the page shows another one)."""
-    conversation.refresh_from_db(fields=["current_message"])
-    tree = branches.load(conversation)
-    path = branches.active_path(conversation, tree)
-    if pk and pk not in path and pk in tree:
-        return None
-    after = [p for p in path if p > pk and p not in exclude][:MAX_CATCH_UP_MESSAGES]
-    messages = list(
-        conversation.messages.filter(pk__in=after).prefetch_related("images").order_by("pk")
-    )
-    return branches.with_versions(messages, tree)
-
-
-@db_async
-def _branch_page(conversation: Conversation) -> dict:
-    conversation.refresh_from_db(fields=["current_message"])
-    return branches.page(conversation, size=MAX_CATCH_UP_MESSAGES)
-
-
-def _message_id(value: object) -> int | None:
-    """A message pk from a frame: a number, or its digits as text (htmx's ws-send sends a
-    form's fields as text)."""
-    if type(value) is int:
-        return value
-    return int(value) if isinstance(value, str) and value.isdecimal() and len(value) < 19 else None
-
-
-def _client_message_id(data: dict) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(data.get("client_message_id")))
-    except ValueError:
-        return None
-
-
-@db_async
-def _streaming_message_ids(conversation: Conversation) -> list[int]:
-    return list(
-        conversation.messages.filter(status=Message.Status.STREAMING).values_list("pk", flat=True)
-    )

@@ -793,7 +793,7 @@ async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(s
     not pass."""
     from django.contrib.sessions.models import Session
 
-    from conversations.consumers import _session_signs_in
+    from conversations.socket_auth import session_signs_in as _session_signs_in
 
     owner = await make_user("alice")
     client = Client()

@@ -67,3 +67,18 @@ def test_the_client_message_id_is_kept_or_else_none():
         MessageForm({"content": "x", "client_message_id": "nope"}).valid()["client_message_id"]
         is None
     )
+
+
+def test_a_frames_ids_are_read_leniently_and_invalid_ones_count_as_none():
+    import uuid
+
+    from conversations.replies import rules
+
+    assert rules.clean_message_id(12) == 12
+    assert rules.clean_message_id("12") == 12, "htmx's ws-send sends fields as text"
+    for bad in ("12a", "-3", "", None, 1.5, "9" * 19, [1]):
+        assert rules.clean_message_id(bad) is None, bad
+    value = uuid.uuid4()
+    assert rules.clean_client_message_id(str(value)) == value
+    assert rules.clean_client_message_id("not-a-uuid") is None
+    assert rules.clean_client_message_id(None) is None

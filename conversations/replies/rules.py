@@ -237,6 +237,23 @@ def check_images(images: list[str], model: ModelProfile) -> None:
         )
 
 
+def clean_client_message_id(value: object) -> uuid.UUID | None:
+    """The id a page gave a message it sends (repeats are answered once); an invalid one
+    counts as none."""
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def clean_message_id(value: object) -> int | None:
+    """A message pk from a frame: a number, or its digits as text (htmx's ws-send sends a
+    form's fields as text)."""
+    if type(value) is int:
+        return value
+    return int(value) if isinstance(value, str) and value.isdecimal() and len(value) < 19 else None
+
+
 class AnyValue(forms.Field):
     """A field that passes its value on as it came (text from a form, or any JSON value from
     a socket's frame): the form's clean_<name> says what is valid."""
@@ -268,10 +285,7 @@ class MessageForm(forms.Form):
         return _as_field_error(clean_image_urls, self.cleaned_data.get("image_urls"))
 
     def clean_client_message_id(self) -> uuid.UUID | None:
-        try:
-            return uuid.UUID(str(self.cleaned_data.get("client_message_id")))
-        except ValueError:
-            return None
+        return clean_client_message_id(self.cleaned_data.get("client_message_id"))
 
     def clean(self) -> dict:
         data = super().clean()
