@@ -103,6 +103,13 @@ def test_continue_counts_as_a_reply_being_written(user, settings):
     assert conversation.messages.last().status == "stopped"
 
 
+def age_messages(started: service.StartedReply, when) -> None:
+    """Date a send (its message and its reply) back to `when`."""
+    Message.objects.filter(
+        pk__in=[started.user_message.pk, started.assistant_message.pk]
+    ).update(created_at=when)
+
+
 def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(user, settings):
     settings.QWENWEB_MESSAGES_PER_MINUTE = 3
     first, second = service.conversation_create(owner=user), service.conversation_create(owner=user)
@@ -114,16 +121,30 @@ def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(
     # Sent 50, 30 and 10 seconds ago: the oldest leaves the window in 10 seconds.
     now = timezone.now()
     for message, age in zip(sent, [50, 30, 10], strict=True):
-        Message.objects.filter(pk=message.user_message.pk).update(
-            created_at=now - timedelta(seconds=age)
-        )
+        age_messages(message, now - timedelta(seconds=age))
     with pytest.raises(service.ReplyRefused) as refused:
         send(second, "still too many")
     assert str(refused.value) == "Messages are limited to 3 a minute. Try again in 10 seconds."
-    Message.objects.filter(pk=sent[0].user_message.pk).update(
-        created_at=now - timedelta(seconds=61)
-    )
+    age_messages(sent[0], now - timedelta(seconds=61))
     assert send(second, "now it goes").created
+
+
+def test_regenerating_and_editing_count_against_the_per_minute_limit(user, settings):
+    """Each starts a reply, a call to DashScope, as a send does: clicking Regenerate in a
+    loop is limited like sending."""
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 3
+    conversation = service.conversation_create(owner=user)
+    first = send(conversation)
+    Message.objects.filter(pk=first.assistant_message.pk).update(status="complete")
+    again = service.reply_regenerate(conversation=conversation)
+    Message.objects.filter(pk=again.assistant_message.pk).update(status="complete")
+    service.reply_edit(
+        conversation=conversation, message_id=first.user_message.pk, content="better"
+    )
+    Message.objects.filter(role="assistant", status="streaming").update(status="complete")
+    with pytest.raises(service.ReplyRefused, match="Messages are limited to 3 a minute"):
+        service.reply_regenerate(conversation=conversation)
+    assert Message.objects.filter(role="assistant").count() == 3
 
 
 def test_a_lowered_per_minute_limit_waits_for_enough_messages_to_leave_the_window(user, settings):
@@ -132,9 +153,7 @@ def test_a_lowered_per_minute_limit_waits_for_enough_messages_to_leave_the_windo
     sent = [send(conversation) for _ in range(4)]
     now = timezone.now()
     for message, age in zip(sent, [55, 40, 20, 5], strict=True):
-        Message.objects.filter(pk=message.user_message.pk).update(
-            created_at=now - timedelta(seconds=age)
-        )
+        age_messages(message, now - timedelta(seconds=age))
     settings.QWENWEB_MESSAGES_PER_MINUTE = 2
     # Four in the window, two allowed: the second newest (20 s old) must leave it first.
     with pytest.raises(service.ReplyRefused, match=r"Try again in 40 seconds\.$"):
@@ -209,7 +228,7 @@ def test_the_limits_cost_one_query(user, settings):
 
 def test_refusals_speak_chinese(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
-    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 3  # the two replies below count, as a send's does
     streaming_reply(user)
     streaming_reply(user)
     conversation = service.conversation_create(owner=user)
@@ -222,7 +241,7 @@ def test_refusals_speak_chinese(user, settings):
     send(conversation)
     with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
         send(conversation)
-    assert str(refused.value).startswith("每分钟最多发送 1 条消息。请在 ")
+    assert str(refused.value).startswith("每分钟最多发送 3 条消息。请在 ")
     ModelProfile.objects.filter(name="qwen-plus").update(enabled=False)
     with translation.override("zh-hans"), pytest.raises(service.ReplyRefused) as refused:
         send(conversation)

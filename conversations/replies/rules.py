@@ -150,8 +150,9 @@ def check_chats_per_minute(owner, per_minute: int) -> None:
 def check_user_limits(conversation: Conversation) -> None:
     """Refuse a new reply beyond its owner's limits: replies being written at once across
     their chats (QWENWEB_MAX_CONCURRENT_REPLIES) and messages sent in the last minute
-    (QWENWEB_MESSAGES_PER_MINUTE). Counted in the database, so they hold across server
-    processes, in one query."""
+    (QWENWEB_MESSAGES_PER_MINUTE: each reply started counts, so a regenerate or an edit costs
+    one as a send does). Counted in the database, so they hold across server processes, in one
+    query."""
     max_replies = settings.QWENWEB_MAX_CONCURRENT_REPLIES
     per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
     if max_replies <= 0 and per_minute <= 0:
@@ -162,8 +163,8 @@ def check_user_limits(conversation: Conversation) -> None:
         # A reply whose heartbeat stopped has no process behind it: it takes no place.
         alive_since=now - timedelta(seconds=Message.STALE_AFTER),
         recent_since=now - RATE_WINDOW,
-        # The newest message but (limit - 1): while it is in the window the limit is reached,
-        # and one more may go when it leaves.
+        # The newest reply but (limit - 1): while it is in the window the limit is reached,
+        # and one more may start when it leaves.
         nth=max(per_minute, 1),
     )
     if max_replies > 0 and found["streaming"] >= max_replies:
@@ -192,11 +193,11 @@ def check_user_limits(conversation: Conversation) -> None:
 
 def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
     """For one user, in one query: `streaming`, their replies being written (heartbeat since
-    alive_since), and `nth_recent`, when they sent their nth newest message since recent_since
-    (None: fewer than n). Neither reads the user's whole history: the first goes through the
-    status index (replies streaming now), the second through the (owner, updated_at) index of
-    conversations to the chats active within the window (every message sent moves its chat's
-    updated_at on), whose messages it reads.
+    alive_since), and `nth_recent`, when their nth newest reply since recent_since was started
+    (None: fewer than n): a send, a regenerate and an edit each start one. Neither reads the
+    user's whole history: the first goes through the status index (replies streaming now), the
+    second through the (owner, updated_at) index of conversations to the chats active within
+    the window (every reply started moves its chat's updated_at on), whose messages it reads.
 
     SQL rather than the ORM: the same statement built from querysets cost about 1 ms of Python
     per send, on SQLite and PostgreSQL alike; this costs its round trip."""
@@ -217,7 +218,7 @@ def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
             [
                 owner_id, Message.Status.STREAMING.value, Message.Role.ASSISTANT.value,
                 moment(alive_since),
-                owner_id, moment(recent_since), Message.Role.USER.value, moment(recent_since),
+                owner_id, moment(recent_since), Message.Role.ASSISTANT.value, moment(recent_since),
                 nth - 1,
             ],
         )  # fmt: skip
