@@ -105,9 +105,9 @@ def test_continue_counts_as_a_reply_being_written(user, settings):
 
 def age_messages(started: service.StartedReply, when) -> None:
     """Date a send (its message and its reply) back to `when`."""
-    Message.objects.filter(
-        pk__in=[started.user_message.pk, started.assistant_message.pk]
-    ).update(created_at=when)
+    Message.objects.filter(pk__in=[started.user_message.pk, started.assistant_message.pk]).update(
+        created_at=when
+    )
 
 
 def test_messages_per_minute_are_limited_and_the_refusal_says_when_to_try_again(user, settings):
