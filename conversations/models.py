@@ -35,6 +35,11 @@ class ModelProfile(models.Model):
         NATIVE = "native", _("DashScope native")
         COMPATIBLE = "compatible", _("OpenAI-compatible")
 
+    class Thinking(models.TextChoices):
+        NONE = "none", _("Never")
+        SWITCHABLE = "switchable", _("On request")
+        ALWAYS = "always", _("Always")
+
     name = models.CharField(
         _("model id"), max_length=100, unique=True, help_text=_("As DashScope names it.")
     )
@@ -65,6 +70,34 @@ class ModelProfile(models.Model):
             "weather). Only for models that support function calling."
         ),
     )
+    thinking = models.CharField(
+        _("thinking"),
+        max_length=20,
+        choices=Thinking,
+        default=Thinking.NONE,
+        help_text=_(
+            "Whether the model reasons before it answers: never, when the user turns Think on "
+            "(hybrid models such as Qwen3), or always (QwQ, DeepSeek-R1)."
+        ),
+    )
+    web_search = models.BooleanField(
+        _("web search"),
+        default=False,
+        help_text=_("The model may search the web when the user turns Search on."),
+    )
+    json_output = models.BooleanField(
+        _("JSON output"), default=False, help_text=_("The model supports JSON mode.")
+    )
+    partial_mode = models.BooleanField(
+        _("continues cut-off replies"),
+        default=False,
+        help_text=_("Partial mode: the model can carry on a reply that was cut short."),
+    )
+    stream_only = models.BooleanField(
+        _("stream only"),
+        default=False,
+        help_text=_("The model answers only streamed requests (QwQ, QVQ, open-source Qwen3)."),
+    )
     sort_order = models.IntegerField(_("sort order"), default=0)
 
     objects = ModelProfileQuerySet.as_manager()
@@ -84,7 +117,30 @@ class ModelProfile(models.Model):
 
     @property
     def accepts_images(self) -> bool:
+        """Vision: the multimodal endpoint is the one that takes images."""
         return self.endpoint == self.Endpoint.MULTIMODAL
+
+    @property
+    def can_think(self) -> bool:
+        return self.thinking != self.Thinking.NONE
+
+    @property
+    def capabilities(self) -> list[tuple[str, str]]:
+        """What the model can do, as (key, label) pairs for the model picker."""
+        found = []
+        if self.accepts_images:
+            found.append(("vision", _("Vision")))
+        if self.thinking == self.Thinking.ALWAYS:
+            found.append(("thinking", _("Always thinks")))
+        elif self.thinking == self.Thinking.SWITCHABLE:
+            found.append(("thinking", _("Thinking")))
+        if self.tools:
+            found.append(("tools", _("Tools")))
+        if self.web_search:
+            found.append(("search", _("Web search")))
+        if self.json_output:
+            found.append(("json", _("JSON")))
+        return found
 
 
 class SystemPrompt(models.Model):
@@ -133,6 +189,15 @@ class Conversation(models.Model):
         related_name="+",
         verbose_name=_("system prompt"),
     )
+    # The system prompt's text as it was when the chat's first message was sent (or when the
+    # user chose another prompt since): editing the library never rewrites a chat's history.
+    # None until then (the library's text, read live, is what the chat would be sent).
+    system_prompt_text = models.TextField(  # noqa: DJ001 - None (not yet) differs from "" (none)
+        _("system prompt text"), null=True, blank=True, editable=False
+    )
+    # The user's choices for this chat (conversations/replies/options.py): sampling, search,
+    # thinking, JSON output. Only what was set; the rest is the model's default.
+    settings = models.JSONField(_("settings"), default=dict, blank=True)
     # The leaf of the branch shown and sent to DashScope (conversations/replies/branches.py).
     current_message = models.ForeignKey(
         "Message",
@@ -168,6 +233,14 @@ class Conversation(models.Model):
     @property
     def display_title(self) -> str:
         return self.title or str(_("New chat"))
+
+    @property
+    def prompt_text(self) -> str:
+        """The system prompt the chat is sent: its text as snapshotted when the first message
+        was sent, or, before that, the library prompt chosen for it."""
+        if self.system_prompt_text is not None:
+            return self.system_prompt_text
+        return self.system_prompt.text if self.system_prompt else ""
 
 
 class Message(models.Model):

@@ -17,14 +17,15 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.text import slugify
+from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import sockets
 from conversations.exports import active_messages, conversation_data
-from conversations.models import Conversation, Message, ModelProfile
-from conversations.replies import branches, events, liveness, rules, service
+from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
+from conversations.replies import branches, events, liveness, options, rules, service
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +146,7 @@ def conversation_detail(request: HttpRequest, conversation_id) -> HttpResponse:
         {
             **_sidebar(request.user),
             **_message_page(conversation),
-            "conversation": conversation,
-            "models": _model_choices(conversation.model),
-            "selected_model": conversation.model,
+            **_settings_context(conversation),
         },
     )
 
@@ -205,25 +204,117 @@ def conversation_delete(request: HttpRequest, conversation_id) -> HttpResponse:
 
 @require_POST
 def conversation_settings(request: HttpRequest, conversation_id) -> HttpResponse:
-    """Switch the conversation's model among the enabled profiles."""
+    """Change a chat's model, system prompt or other settings (options.SettingsForm): the
+    model picker posts its model, the settings panel every field. An invalid post changes
+    nothing and answers 400 with the errors beside their fields."""
     conversation = _owned(request, conversation_id)
-    model = _enabled_model(request.POST.get("model")).first()
-    status = 200
-    if model is None:
-        status = 400
+    form = options.SettingsForm(request.POST, conversation=conversation)
+    notes: list[str] = []
+    if form.is_valid():
+        model, prompt, chat_settings, notes = form.changes()
+        service.conversation_configure(
+            conversation, model=model, system_prompt=prompt, chat_settings=chat_settings
+        )
+        status, saved = 200, True
     else:
-        conversation.model = model
-        conversation.save(update_fields=["model"])
-    return render(
-        request,
-        "conversations/chat.html#model-picker",
-        {
-            "conversation": conversation,
-            "models": _model_choices(conversation.model),
-            "selected_model": conversation.model,
-        },
-        status=status,
-    )
+        status, saved = 400, False
+        conversation.refresh_from_db()
+    from_panel = request.headers.get("HX-Target") == "chat-settings" or "open" in request.POST
+    context = {
+        **_settings_context(conversation, form=None if saved else form),
+        "saved": saved and from_panel,
+        "notes": notes,
+        "open": from_panel,
+        "from_panel": from_panel,
+    }
+    return render(request, "conversations/partials/settings.html#response", context, status=status)
+
+
+def _settings_context(conversation: Conversation, form=None) -> dict:
+    """What the model picker and the settings panel show: the conversation's values, or,
+    after an invalid post, what was posted, with the errors."""
+    model = conversation.model
+    current = conversation.settings or {}
+    if form is not None:
+        posted = {name: form.data.get(name, "") for name in options.SETTINGS}
+        values = {
+            **{name: _shown(current.get(name)) for name in options.SETTINGS},
+            **{name: posted[name] for name in form.posted if name in posted},
+        }
+        for name in options.SWITCHES:
+            if name in form.posted:
+                values[name] = str(values[name]).lower() in options.TRUE
+        errors = {name: " ".join(form.errors.get(name, [])) for name in options.SETTINGS}
+    else:
+        values = {name: _shown(current.get(name)) for name in options.SETTINGS}
+        errors = {}
+    if "enable_thinking" not in current and (form is None or "enable_thinking" not in form.posted):
+        values["enable_thinking"] = options.thinks(current, model)
+    prompt = conversation.system_prompt
+    values["system_prompt"] = str(prompt.pk) if prompt else ""
+    if form is not None and "system_prompt" in form.posted:
+        values["system_prompt"] = form.data.get("system_prompt", "")
+    return {
+        "conversation": conversation,
+        "model": model,
+        "selected_model": model,
+        "models": _model_choices(model),
+        "prompts": SystemPrompt.objects.all(),
+        "presets": [(key, label) for key, (label, _values) in options.PRESETS.items()],
+        "current_preset": options.preset_of(current),
+        "form": form,
+        "values": values,
+        # Errors for switches the panel does not show for this model (a script posted them).
+        "unshown_errors": [
+            (name, error)
+            for name, error in errors.items()
+            if error
+            and name not in _switches_shown(model)
+            and name not in {field["name"] for field in _sampling_fields(model)}
+        ],
+        "sampling": [
+            {**field, "value": values.get(field["name"], ""), "error": errors.get(field["name"])}
+            for field in _sampling_fields(model)
+        ],
+    }
+
+
+def _switches_shown(model: ModelProfile) -> set[str]:
+    shown = set()
+    if model.thinking == ModelProfile.Thinking.SWITCHABLE:
+        shown.add("enable_thinking")
+    if model.can_think:
+        shown.add("thinking_budget")
+    if model.web_search:
+        shown.add("enable_search")
+    if model.json_output:
+        shown.add("json_output")
+    return shown
+
+
+def _shown(value) -> object:
+    """A saved setting as its form field shows it."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\n".join(value)
+    return value
+
+
+def _sampling_fields(model: ModelProfile) -> list[dict]:
+    return [
+        {"name": "temperature", "label": _("Temperature"), "min": 0, "max": 1.99, "step": 0.01},
+        {"name": "top_p", "label": _("Top p"), "min": 0.01, "max": 1, "step": 0.01},
+        {"name": "top_k", "label": _("Top k"), "min": 0, "max": None, "step": 1},
+        {"name": "max_tokens", "label": _("Max tokens"), "min": 1,
+         "max": model.max_output_tokens, "step": 1},
+        {"name": "seed", "label": _("Seed"), "min": 0, "max": options.MAX_SEED, "step": 1},
+        {"name": "presence_penalty", "label": _("Presence penalty"), "min": -2, "max": 2,
+         "step": 0.1},
+        {"name": "repetition_penalty", "label": _("Repetition penalty"), "min": 0.01,
+         "max": None, "step": 0.01},
+        {"name": "stop", "label": _("Stop sequences"), "min": None, "max": None, "step": None},
+    ]  # fmt: skip
 
 
 @require_POST

@@ -42,11 +42,15 @@ def _catalog(request):
     if marker.kwargs.get("transaction") or (marker.args and marker.args[0]):
         seed = importlib.import_module("conversations.migrations.0002_seed_catalog").seed
         enable_tools = importlib.import_module("conversations.migrations.0005_tools").enable_tools
+        capabilities = importlib.import_module(
+            "conversations.migrations.0006_capabilities_and_settings"
+        ).seed_capabilities
         from django.apps import apps
 
         with request.getfixturevalue("django_db_blocker").unblock():
             seed(apps, None)
             enable_tools(apps, None)
+            capabilities(apps, None)
 
 
 @pytest.fixture(autouse=True)

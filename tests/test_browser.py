@@ -611,3 +611,44 @@ def test_what_time_is_it_in_tokyo_shows_the_tool_step_and_the_answer(live_app, a
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", result)
     assert result.strip() in _assistant(page).locator(".message__body").inner_text()
     page.screenshot(path=str(ARTIFACTS / "tool-step.png"))
+
+
+def test_the_settings_panel_applies_a_preset_toggles_thinking_and_shows_errors(
+    live_app, alice_page
+):
+    """A newcomer opens the chat's settings, applies the Code preset, turns Think on, tries a
+    temperature out of range (the error shows beside it, nothing changes), and finds it all
+    again after a reload; the model picker says what each model can do."""
+    page = alice_page()
+    _start_chat(page, live_app, f"Settings please {_token()}")
+    _wait_status(page, "complete")
+    assert "Thinking" in page.locator("#model-capabilities").inner_text()
+    page.click("[data-action=open-settings]")
+    page.click("[data-preset=code]")
+    page.wait_for_selector("[data-preset=code][aria-pressed=true]")
+    assert page.input_value("#settings-temperature") == "0.2"
+    assert page.input_value("#settings-top_p") == "0.8"
+    page.check("#settings-enable_thinking")
+    page.fill("#settings-thinking_budget", "2000")
+    page.click("#settings-save")
+    page.wait_for_selector("[data-saved]")
+    assert page.is_checked("#settings-enable_thinking")
+    page.screenshot(path=str(ARTIFACTS / "settings-saved.png"))
+    page.fill("#settings-temperature", "2.5")
+    page.click("#settings-save")
+    page.wait_for_selector("#error-temperature")
+    assert "up to (not including) 2" in page.inner_text("#error-temperature")
+    page.screenshot(path=str(ARTIFACTS / "settings-error.png"))
+    page.reload()
+    page.click("[data-action=open-settings]")
+    assert page.input_value("#settings-temperature") == "0.2", "the invalid value changed nothing"
+    assert page.is_checked("#settings-enable_thinking")
+    assert page.input_value("#settings-thinking_budget") == "2000"
+    # A model without thinking: the switch is gone, the picker and badges follow.
+    page.keyboard.press("Escape")
+    deepseek = page.eval_on_selector('#model-select [data-model="deepseek-v3"]', "o => o.value")
+    page.select_option("#model-select", value=deepseek)
+    page.wait_for_function(
+        "() => document.querySelector('#model-capabilities').dataset.model === 'deepseek-v3'"
+    )
+    assert page.locator("#settings-enable_thinking").count() == 0

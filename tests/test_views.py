@@ -319,7 +319,7 @@ def test_image_urls_show_on_the_users_message(alice_client, alice):
     assert 'href="https://example.com/cat.png"' in html
 
 
-FORGED_MODEL_IDS = ["999999", "-1", "0", "1.5", "1 OR 1=1", "qwen-max", "", "[1]", "0x1"]
+FORGED_MODEL_IDS = ["999999", "-1", "0", "1.5", "1 OR 1=1", "qwen-maxx", "", "[1]", "0x1"]
 
 
 def test_settings_refuse_disabled_unknown_and_forged_model_ids(alice_client, alice):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.models import Conversation, Message
-from conversations.replies import branches, tools
+from conversations.replies import branches, options, tools
 
 # Room kept free in the context window for the reply itself when trimming history.
 DEFAULT_OUTPUT_RESERVE = 8192
@@ -52,7 +52,7 @@ def build_request(
     if partial:
         turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
 
-    system = conversation.system_prompt.text if conversation.system_prompt else ""
+    system = conversation.prompt_text
     budget = profile.context_limit - (profile.max_output_tokens or DEFAULT_OUTPUT_RESERVE)
     budget -= estimate_tokens(system) if system else 0
     kept: list[ChatMessage] = []
@@ -71,6 +71,7 @@ def build_request(
     messages = [ChatMessage(role="system", content=system)] if system else []
     messages.extend(kept)
     parameters = dict(profile.parameters or {})
+    parameters.update(options.parameters(conversation.settings or {}, profile))
     if profile.max_output_tokens and "max_tokens" not in parameters:
         parameters["max_tokens"] = profile.max_output_tokens
     if profile.tools and not partial and "tools" not in parameters:

@@ -230,6 +230,22 @@ def _user_load(owner_id, *, alive_since, recent_since, nth: int) -> dict:
     return {"streaming": streaming, "nth_recent": nth_recent}
 
 
+def check_json_mentioned(conversation: Conversation, content: str) -> None:
+    """JSON output answers only a prompt that asks for JSON (DashScope refuses the request
+    otherwise): say so before anything is sent."""
+    if not (conversation.settings or {}).get("json_output") or not conversation.model.json_output:
+        return
+    if "json" in content.lower() or "json" in conversation.prompt_text.lower():
+        return
+    if conversation.messages.filter(role=Message.Role.USER, content__icontains="json").exists():
+        return
+    raise ReplyRefused(
+        _("JSON output is on, and the model answers in JSON only when asked to: mention JSON "
+          "in your message (for example “Answer in JSON.”), or turn JSON output off in this "
+          "chat's settings.")
+    )  # fmt: skip
+
+
 def check_images(images: list[str], model: ModelProfile) -> None:
     if images and not model.accepts_images:
         raise ReplyRefused(

@@ -45,6 +45,34 @@ class StartedReply:
     interrupted: tuple[int, ...] = ()  # replies found dead (their process gone) on the way
 
 
+def conversation_configure(
+    conversation: Conversation,
+    *,
+    model: ModelProfile | None = None,
+    system_prompt: SystemPrompt | None | bool = False,
+    chat_settings: dict | None = None,
+) -> Conversation:
+    """Save a chat's settings (options.SettingsForm.changes()): its model (None: unchanged),
+    its system prompt (False: unchanged; None: none) and its other settings. They apply from
+    the next message; a prompt chosen once the chat has begun is the chat's from then on."""
+    fields = []
+    if model is not None:
+        conversation.model = model
+        fields.append("model")
+    if system_prompt is not False:
+        conversation.system_prompt = system_prompt
+        fields.append("system_prompt")
+        if conversation.system_prompt_text is not None:  # the chat has begun
+            conversation.system_prompt_text = system_prompt.text if system_prompt else ""
+            fields.append("system_prompt_text")
+    if chat_settings is not None:
+        conversation.settings = chat_settings
+        fields.append("settings")
+    if fields:
+        conversation.save(update_fields=fields)
+    return conversation
+
+
 def conversation_create(
     *, owner, model: ModelProfile | None = None, system_prompt: SystemPrompt | None = None
 ) -> Conversation:
@@ -99,6 +127,7 @@ def reply_start(
                 return existing
             rules.check_model(conversation)
             rules.check_images(images, conversation.model)
+            rules.check_json_mentioned(conversation, content)
             rules.check_user_limits(conversation)
             user_message, assistant_message = _new_turn(
                 conversation,
@@ -322,6 +351,11 @@ def _move_to(
     fork (a regenerate, an edit), the versions it shows are remembered (branch_choices), so
     that switching away and back shows them again."""
     fields = {"current_message_id": leaf.pk, "updated_at": timezone.now()}
+    if conversation.system_prompt_text is None:
+        # The chat's first message: its prompt's text is the chat's from now on (editing
+        # the library rewrites no history).
+        prompt = conversation.system_prompt
+        fields["system_prompt_text"] = prompt.text if prompt else ""
     if forked:
         tree = branches.load(conversation)
         fields["branch_choices"] = tree.remember(leaf.pk, conversation.branch_choices)
@@ -490,7 +524,9 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
         rules.check_model(conversation)
         rules.check_user_limits(conversation)
         fields = {}
-        if not reply.can_continue:
+        # Carried on only by a model with partial mode (the chat's model may have changed
+        # since): otherwise written again from the start.
+        if not (reply.can_continue and conversation.model.partial_mode):
             fields = {"content": "", "reasoning": "", "request_id": "", "tool_steps": [],
                       "input_tokens": None, "output_tokens": None}  # fmt: skip
         conversation.messages.filter(pk=reply.pk).update(

@@ -30,3 +30,13 @@ def tool_calls(steps) -> list[dict]:
                 "result": None if result is None else result.get("content", ""),
             })  # fmt: skip
     return shown
+
+
+@register.filter
+def tokens_short(count: int | None) -> str:
+    """A context size as people say it: 1,000,000 → 1M, 131,072 → 128K."""
+    if not count:
+        return ""
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:g}M"
+    return f"{round(count / 1024)}K" if count >= 1024 else str(count)
