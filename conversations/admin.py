@@ -20,10 +20,12 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.db.models import Count
 from django.http import HttpResponse
+from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
 from conversations.exports import conversation_data
 from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+from conversations.templatetags.qwenweb import web_url
 
 audit_log = logging.getLogger("qwenweb.audit")
 
@@ -76,11 +78,29 @@ class ReviewPermissionMixin:
 @admin.register(ModelProfile)
 class ModelProfileAdmin(admin.ModelAdmin):
     list_display = [
-        "label", "name", "endpoint", "protocol", "enabled", "is_default", "tools",
-        "context_limit", "sort_order",
+        "label", "name", "endpoint", "protocol", "enabled", "is_default", "thinking", "tools",
+        "web_search", "json_output", "context_limit", "sort_order",
     ]  # fmt: skip
-    list_editable = ["enabled", "tools", "sort_order"]
-    list_filter = ["enabled", "endpoint", "protocol", "tools"]
+    list_editable = ["enabled", "tools", "web_search", "json_output", "sort_order"]
+    list_filter = ["enabled", "endpoint", "protocol", "thinking", "tools", "web_search"]
+    fieldsets = [
+        (None, {"fields": ["name", "label", "enabled", "is_default", "sort_order"]}),
+        (_("How it is called"), {"fields": ["endpoint", "protocol", "parameters"]}),
+        (
+            _("What it can do"),
+            {
+                "fields": [
+                    "context_limit", "max_output_tokens", "thinking", "tools", "web_search",
+                    "json_output", "partial_mode", "stream_only",
+                ],
+                "description": _(
+                    "Vision follows the endpoint (multimodal models see images). The chat "
+                    "offers a switch only where the model can do it, and the server refuses "
+                    "the rest."
+                ),
+            },
+        ),
+    ]  # fmt: skip
     search_fields = ["name", "label"]
 
 
@@ -121,13 +141,37 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
 class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     model = Message
     extra = 0
-    fields = ["role", "status", "content", "model", "finish_reason", "error_message", "request_id"]
+    fields = [
+        "role", "status", "content", "thinking", "sources_list", "model", "finish_reason",
+        "error_message", "request_id",
+    ]  # fmt: skip
     readonly_fields = fields
     can_delete = False
     show_change_link = True
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description=_("thinking"))
+    def thinking(self, obj) -> str:
+        """The model's reasoning, folded (it is often longer than the answer)."""
+        if not obj.reasoning:
+            return "-"
+        return format_html(
+            '<details class="admin-thinking"><summary>{}</summary><div style="white-space: '
+            'pre-wrap">{}</div></details>',
+            _("Thinking (%(count)s characters)") % {"count": len(obj.reasoning)},
+            obj.reasoning,
+        )
+
+    @admin.display(description=_("sources"))
+    def sources_list(self, obj) -> str:
+        if not obj.sources:
+            return "-"
+        return format_html_join(
+            "", '<div><a href="{}" rel="noopener noreferrer nofollow">{}</a></div>',
+            ((web_url(s.get("url")), s.get("title") or s.get("url")) for s in obj.sources),
+        )  # fmt: skip
 
 
 @admin.register(Conversation)
@@ -136,7 +180,7 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     list_filter = ["model", "created_at"]
     search_fields = ["title", "owner__username", "messages__content"]
     date_hierarchy = "created_at"
-    readonly_fields = ["id", "created_at", "updated_at"]
+    readonly_fields = ["id", "created_at", "updated_at", "system_prompt_text", "settings"]
     inlines = [MessageInline]
     actions = ["export_json"]
 

@@ -34,6 +34,8 @@ def _message_data(m: Message) -> dict:
         "content": m.content,
         "reasoning": m.reasoning,
         "tool_steps": m.tool_steps,
+        "sources": m.sources,
+        "json_mode": m.json_mode,
         "status": m.status,
         "model": m.model,
         "finish_reason": m.finish_reason,

@@ -281,6 +281,11 @@ class Message(models.Model):
     # {"end": <characters of content written before its calls>, "calls": [<tool_call>, …],
     # "results": [{"tool_call_id", "name", "content"}, …]}.
     tool_steps = models.JSONField(_("tool steps"), default=list, blank=True)
+    # The web pages a reply's search drew on, as DashScope listed them (cleaned: title, url,
+    # site name; http(s) only), in order.
+    sources = models.JSONField(_("sources"), default=list, blank=True)
+    # Written in JSON mode (response_format json_object): shown as formatted JSON.
+    json_mode = models.BooleanField(_("JSON mode"), default=False)
     status = models.CharField(
         _("status"), max_length=20, choices=Status, default=Status.COMPLETE, db_index=True
     )
@@ -351,6 +356,7 @@ class Message(models.Model):
     EVENT_FIELDS = (
         "role", "content", "reasoning", "status", "model", "finish_reason", "request_id",
         "input_tokens", "output_tokens", "error_code", "error_message", "tool_steps",
+        "sources", "json_mode",
     )  # fmt: skip
 
     def as_event(self) -> dict:

@@ -356,3 +356,66 @@ async def test_a_setting_changed_mid_chat_applies_from_the_next_message(app_simu
     before, after = app_simulator.requests[-2:]
     assert "temperature" not in before.body["parameters"]
     assert after.body["parameters"]["temperature"] == 1.3
+
+
+# -- what a reply made with them shows ------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_json_mode_reply_shows_as_formatted_json_in_a_code_block(alice_client, chat):
+    Message.objects.create(conversation=chat, role="user", content="Fruits as JSON")
+    Message.objects.create(
+        conversation=chat, role="assistant", json_mode=True,
+        content='{"fruits": ["apple", "pear"], "note": "<b>```</b>"}',
+    )  # fmt: skip
+    Message.objects.create(conversation=chat, role="user", content="again")
+    Message.objects.create(
+        conversation=chat, role="assistant", json_mode=True, content='{"cut off": ['
+    )
+    page = alice_client.get(f"/c/{chat.id}/").content.decode()
+    assert 'data-json><pre><code>{\n  "fruits": [\n    "apple",\n' in page
+    assert "&lt;b&gt;```&lt;/b&gt;" in page and "<b>```" not in page, "escaped, fence intact"
+    assert '<pre><code>{"cut off": [\n</code></pre>' in page, "as written"
+
+
+@pytest.mark.django_db
+def test_sources_are_listed_as_plain_safe_links_and_exported(alice_client, chat):
+    Message.objects.create(conversation=chat, role="user", content="News?")
+    Message.objects.create(
+        conversation=chat,
+        role="assistant",
+        content="Here is the news.",
+        sources=[
+            {"index": 1, "title": "Example <script>alert(1)</script>",
+             "url": "https://example.com/a?x=1&y=2", "site_name": "Example"},
+            {"index": 2, "title": "Bad", "url": "javascript:alert(1)", "site_name": ""},
+        ],
+    )  # fmt: skip
+    page = alice_client.get(f"/c/{chat.id}/").content.decode()
+    assert 'data-sources="2"' in page
+    assert (
+        '<a href="https://example.com/a?x=1&amp;y=2" rel="noopener noreferrer nofollow" '
+        'target="_blank">Example &lt;script&gt;alert(1)&lt;/script&gt;</a>' in page
+    )
+    assert "javascript:" not in page
+    assert "<script>alert" not in page
+    markdown = alice_client.get(f"/c/{chat.id}/export.md").content.decode()
+    assert "1. [Example <script>alert(1)</script>](<https://example.com/a?x=1&y=2>)" in markdown
+    assert "2. Bad" in markdown and "javascript:" not in markdown
+    export = json.loads(alice_client.get(f"/c/{chat.id}/export.json").content)
+    assert export["messages"][1]["sources"][0]["site_name"] == "Example"
+
+
+@pytest.mark.django_db
+def test_thinking_is_folded_in_the_markdown_export_and_the_admin(alice_client, chat, admin_client):
+    Message.objects.create(conversation=chat, role="user", content="Why?")
+    Message.objects.create(
+        conversation=chat, role="assistant", content="Because.", reasoning="Let me <think>."
+    )
+    markdown = alice_client.get(f"/c/{chat.id}/export.md").content.decode()
+    assert "<details><summary>Thinking</summary>\n\nLet me <think>.\n\n</details>" in markdown
+    assert markdown.index("Let me") < markdown.index("Because.")
+    page = admin_client.get(f"/admin/conversations/conversation/{chat.id}/change/")
+    text = page.content.decode()
+    assert '<details class="admin-thinking"><summary>Thinking (15 characters)</summary>' in text
+    assert "Let me &lt;think&gt;." in text

@@ -116,6 +116,16 @@ class Migration(migrations.Migration):
                 verbose_name="web search",
             ),
         ),
+        migrations.AddField(
+            model_name="message",
+            name="sources",
+            field=models.JSONField(blank=True, default=list, verbose_name="sources"),
+        ),
+        migrations.AddField(
+            model_name="message",
+            name="json_mode",
+            field=models.BooleanField(default=False, verbose_name="JSON mode"),
+        ),
         migrations.RunPython(seed_capabilities, migrations.RunPython.noop),
         migrations.RunPython(snapshot_system_prompts, migrations.RunPython.noop),
     ]

@@ -84,6 +84,8 @@ class Generation:
     spent_input: int = 0
     spent_output: int = 0
     tool_steps: list = field(default_factory=list)
+    # The web pages the reply's search drew on (SearchResults from the client), cleaned.
+    sources: list = field(default_factory=list)
     stop_requested: bool = False
     # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
     # save and announce nothing more.
@@ -200,6 +202,8 @@ class Generation:
             fields["output_tokens"] = self.earlier_output_tokens + self.spent_output
         if self.tool_steps:
             fields["tool_steps"] = self.tool_steps
+        if self.sources:
+            fields["sources"] = self.sources
         if error is not None:
             fields["error_code"], fields["error_message"] = describe_error(error)
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
@@ -222,6 +226,8 @@ class Generation:
             "model": self.request.model,
             "images": [],
             "tool_steps": [],
+            "sources": [],
+            "json_mode": "response_format" in self.request.parameters,
             **{name: "" for name in ("error_code", "error_message")},
             "input_tokens": None,
             "output_tokens": None,

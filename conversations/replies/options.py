@@ -234,6 +234,11 @@ def thinks(settings: dict, model: ModelProfile) -> bool:
     return chosen
 
 
+def json_mode(settings: dict, model: ModelProfile) -> bool:
+    """Whether a reply with these settings is written in JSON mode."""
+    return "response_format" in parameters(settings, model)
+
+
 def preset_of(settings: dict) -> str | None:
     """The preset whose values the settings have, if any."""
     for key, (_label, values) in PRESETS.items():

@@ -25,7 +25,7 @@ from conversations import sockets
 from conversations.dashscope import ChatRequest
 from conversations.db import db_async
 from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
-from conversations.replies import branches, events, liveness, prompt, rules
+from conversations.replies import branches, events, liveness, options, prompt, rules
 from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
 
 __all__ = [  # the rules' refusals, where the use cases that raise them are
@@ -332,6 +332,7 @@ def _new_reply(
         model=conversation.model.name,
         writer=uuid.uuid4(),
         client_message_id=client_message_id,
+        json_mode=options.json_mode(conversation.settings or {}, conversation.model),
     )
     reply.image_list = []
     return reply

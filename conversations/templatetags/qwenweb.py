@@ -1,3 +1,7 @@
+import contextlib
+import json
+import re
+
 from django import template
 from django.utils.safestring import mark_safe
 
@@ -40,3 +44,28 @@ def tokens_short(count: int | None) -> str:
     if count >= 1_000_000:
         return f"{count / 1_000_000:g}M"
     return f"{round(count / 1024)}K" if count >= 1024 else str(count)
+
+
+@register.filter
+def reply_body(message) -> str:
+    """A finished reply's text as HTML: Markdown, or, for a reply written in JSON mode, its
+    JSON formatted in a code block (as written, when it does not parse)."""
+    if not getattr(message, "json_mode", False):
+        return markdown(message.content)
+    return mark_safe(render_markdown(json_block(message.content or "")))  # noqa: S308 - nh3
+
+
+def json_block(text: str) -> str:
+    """JSON text as a fenced Markdown code block, indented when it parses."""
+    with contextlib.suppress(ValueError):
+        text = json.dumps(json.loads(text), ensure_ascii=False, indent=2)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}json\n{text}\n{fence}"
+
+
+@register.filter
+def web_url(value: str) -> str:
+    """An http(s) URL, or nothing: a source's link never runs script or opens another scheme."""
+    value = str(value or "")
+    return value if re.match(r"https?://", value, re.IGNORECASE) else ""
