@@ -448,3 +448,38 @@ class MessageImage(models.Model):
 
     def __str__(self) -> str:
         return self.url
+
+
+class Preferences(models.Model):
+    """A user's own defaults for new chats (the /settings/ page)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="preferences",
+        verbose_name=_("user"),
+    )
+    default_model = models.ForeignKey(
+        ModelProfile,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("default model"),
+    )
+    default_preset = models.CharField(_("default preset"), max_length=20, blank=True)
+    default_system_prompt = models.ForeignKey(
+        SystemPrompt,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("default system prompt"),
+    )
+
+    class Meta:
+        verbose_name = _("preferences")
+        verbose_name_plural = _("preferences")
+
+    def __str__(self) -> str:
+        return str(self.user)

@@ -10,21 +10,24 @@ import os
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.forms import PasswordChangeForm
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import sockets
 from conversations.exports import active_messages, conversation_data
-from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
+from conversations.models import Conversation, Message, ModelProfile, Preferences, SystemPrompt
 from conversations.replies import branches, events, liveness, options, rules, service
 
 logger = logging.getLogger(__name__)
@@ -73,8 +76,48 @@ def home(request: HttpRequest) -> HttpResponse:
             **_sidebar(request.user),
             "conversation": None,
             "models": ModelProfile.objects.enabled(),
-            "selected_model": ModelProfile.objects.default(),
+            "selected_model": _users_default_model(request.user),
         },
+    )
+
+
+def _users_default_model(user) -> ModelProfile | None:
+    """The model a new chat of `user`'s gets: theirs (/settings/), else the catalog's."""
+    preferences = Preferences.objects.filter(user=user).select_related("default_model").first()
+    if preferences and preferences.default_model and preferences.default_model.enabled:
+        return preferences.default_model
+    return ModelProfile.objects.default()
+
+
+@require_http_methods(["GET", "POST"])
+def user_settings(request: HttpRequest) -> HttpResponse:
+    """A user's own defaults for new chats, and their password."""
+    preferences = Preferences.objects.filter(user=request.user).first()
+    preferences = preferences or Preferences(user=request.user)
+    preferences_form = options.PreferencesForm(instance=preferences)
+    password_form = PasswordChangeForm(request.user)
+    if request.method == "POST":
+        if request.POST.get("form") == "password":
+            password_form = PasswordChangeForm(request.user, request.POST)
+            if password_form.is_valid():
+                # The user's other sessions end (and their sockets close); this one goes on.
+                update_session_auth_hash(request, password_form.save())
+                return redirect(reverse("user_settings") + "?saved=password")
+        else:
+            preferences_form = options.PreferencesForm(request.POST, instance=preferences)
+            if preferences_form.is_valid():
+                preferences_form.save()
+                return redirect(reverse("user_settings") + "?saved=preferences")
+    invalid = request.method == "POST"
+    return render(
+        request,
+        "conversations/user_settings.html",
+        {
+            "preferences_form": preferences_form,
+            "password_form": password_form,
+            "saved": request.GET.get("saved"),
+        },
+        status=400 if invalid else 200,
     )
 
 
@@ -128,7 +171,7 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
             **_sidebar(user),
             "conversation": None,
             "models": list(ModelProfile.objects.enabled()),
-            "selected_model": model or ModelProfile.objects.default(),
+            "selected_model": model or _users_default_model(user),
             "draft": content,
             "draft_images": request.POST.get("image_urls", ""),
             "composer_error": error,

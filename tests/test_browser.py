@@ -652,3 +652,22 @@ def test_the_settings_panel_applies_a_preset_toggles_thinking_and_shows_errors(
         "() => document.querySelector('#model-capabilities').dataset.model === 'deepseek-v3'"
     )
     assert page.locator("#settings-enable_thinking").count() == 0
+
+
+def test_a_users_settings_page_sets_the_defaults_of_new_chats(live_app, alice_page):
+    page = alice_page()
+    page.click("#user-settings")
+    page.wait_for_selector("#preferences-form")
+    page.select_option("#id_default_preset", "creative")
+    page.click("#save-preferences")
+    page.wait_for_selector('[data-saved="preferences"]')
+    page.screenshot(path=str(ARTIFACTS / "user-settings.png"), full_page=True)
+    page.goto(f"{live_app.url}/")
+    _start_chat(page, live_app, f"Defaults {_token()}")
+    page.click("[data-action=open-settings]")
+    assert page.input_value("#settings-temperature") == "0.9"
+    assert page.get_attribute("[data-preset=creative]", "aria-pressed") == "true"
+    page.goto(f"{live_app.url}/settings/")
+    page.select_option("#id_default_preset", "")
+    page.click("#save-preferences")
+    page.wait_for_selector('[data-saved="preferences"]')

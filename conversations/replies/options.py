@@ -18,7 +18,7 @@ from django.core.exceptions import ValidationError
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from conversations.models import ModelProfile, SystemPrompt
+from conversations.models import ModelProfile, Preferences, SystemPrompt
 
 # The docs' scenarios (../shared/reference/product-notes.md): sampling per task.
 PRESETS = {
@@ -264,3 +264,23 @@ def parameters(settings: dict, model: ModelProfile) -> dict:
     if settings.get("json_output") and model.json_output and not thinks(settings, model):
         found["response_format"] = {"type": "json_object"}
     return found
+
+
+class PreferencesForm(forms.ModelForm):
+    """A user's defaults for new chats: model, system prompt, preset (the /settings/ page)."""
+
+    class Meta:
+        model = Preferences
+        fields = ["default_model", "default_system_prompt", "default_preset"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["default_model"].queryset = ModelProfile.objects.enabled()
+        self.fields["default_model"].empty_label = _("The catalog's default")
+        self.fields["default_system_prompt"].empty_label = _("The library's default")
+        self.fields["default_preset"] = forms.ChoiceField(
+            label=_("Default preset"),
+            required=False,
+            choices=[("", _("None: the model's defaults"))]
+            + [(key, label) for key, (label, _values) in PRESETS.items()],
+        )

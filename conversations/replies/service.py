@@ -24,7 +24,14 @@ from django.utils.translation import gettext as _
 from conversations import sockets
 from conversations.dashscope import ChatRequest
 from conversations.db import db_async
-from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+from conversations.models import (
+    Conversation,
+    Message,
+    MessageImage,
+    ModelProfile,
+    Preferences,
+    SystemPrompt,
+)
 from conversations.replies import branches, events, liveness, options, prompt, rules
 from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
 
@@ -76,17 +83,28 @@ def conversation_configure(
 def conversation_create(
     *, owner, model: ModelProfile | None = None, system_prompt: SystemPrompt | None = None
 ) -> Conversation:
-    """A new, empty chat of `owner`'s with `model` (the default one if None) and the default
-    system prompt. Refused (nothing created) when no model is enabled, or when the owner has
-    created QWENWEB_CHATS_PER_MINUTE chats in the last minute."""
+    """A new, empty chat of `owner`'s with `model`, else the owner's default model (the
+    /settings/ page), else the catalog's; the owner's default system prompt, else the
+    library's; and the settings of the owner's default preset. Refused (nothing created) when
+    no model is enabled, or when the owner has created QWENWEB_CHATS_PER_MINUTE chats in the
+    last minute."""
+    preferences = Preferences.objects.filter(user=owner.pk).first()
+    if model is None and preferences is not None and preferences.default_model_id:
+        model = ModelProfile.objects.enabled().filter(pk=preferences.default_model_id).first()
     model = model or ModelProfile.objects.default()
     if model is None:
         raise ReplyRefused(_("No model is enabled. Ask an administrator to enable one."))
+    if system_prompt is None and preferences is not None:
+        system_prompt = preferences.default_system_prompt
     if system_prompt is None:
         system_prompt = SystemPrompt.objects.filter(is_default=True).first()
+    chosen = {}
+    if preferences is not None and preferences.default_preset in options.PRESETS:
+        chosen = dict(options.PRESETS[preferences.default_preset][1])
+    fields = {"owner": owner, "model": model, "system_prompt": system_prompt, "settings": chosen}
     per_minute = settings.QWENWEB_CHATS_PER_MINUTE
     if per_minute <= 0:
-        return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+        return Conversation.objects.create(**fields)
     with transaction.atomic():
         # The owner's row, locked as a send locks it (_lock): one user's new chats are counted
         # one after another, so two at the same moment, even in two processes, cannot both
@@ -98,7 +116,7 @@ def conversation_create(
             .values_list("pk")
         )
         rules.check_chats_per_minute(owner, per_minute)
-        return Conversation.objects.create(owner=owner, model=model, system_prompt=system_prompt)
+        return Conversation.objects.create(**fields)
 
 
 def reply_start(
