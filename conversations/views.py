@@ -305,6 +305,7 @@ def _settings_context(conversation: Conversation, form=None) -> dict:
         "prompts": SystemPrompt.objects.all(),
         "presets": [(key, label) for key, (label, _values) in options.PRESETS.items()],
         "current_preset": options.preset_of(current),
+        "in_effect": options.in_effect(current, model),
         "form": form,
         "values": values,
         # Errors for switches the panel does not show for this model (a script posted them).

@@ -116,6 +116,9 @@ def test_every_setting_is_saved_restored_on_reload_and_exported(alice_client, ch
     assert 'id="settings-enable_search" checked' in page
     assert 'id="settings-json_output" checked' in page
     assert 'id="settings-enable_thinking" checked' not in page
+    # The header says what is on: search, and JSON output with its condition.
+    assert 'data-in-effect="search"' in page and 'data-in-effect="thinking"' not in page
+    assert "JSON output: mention JSON in your message" in page
     export = json.loads(alice_client.get(f"/c/{chat.id}/export.json").content)
     assert export["settings"] == chat.settings
 

@@ -239,6 +239,22 @@ def json_mode(settings: dict, model: ModelProfile) -> bool:
     return "response_format" in parameters(settings, model)
 
 
+def in_effect(settings: dict, model: ModelProfile) -> list[tuple[str, str]]:
+    """What a reply in this chat will be written with, beyond the model's defaults, as (key,
+    label) pairs for the chat's header."""
+    found = []
+    preset = preset_of(settings)
+    if preset:
+        found.append(("preset", _("Preset: %(name)s") % {"name": PRESETS[preset][0]}))
+    if model.thinking == model.Thinking.SWITCHABLE and thinks(settings, model):
+        found.append(("thinking", _("Think: on")))
+    if settings.get("enable_search") and model.web_search:
+        found.append(("search", _("Search: on")))
+    if json_mode(settings, model):
+        found.append(("json", _("JSON output: mention JSON in your message")))
+    return found
+
+
 def preset_of(settings: dict) -> str | None:
     """The preset whose values the settings have, if any."""
     for key, (_label, values) in PRESETS.items():
