@@ -71,6 +71,17 @@ QUIET_AFTER = liveness.HEARTBEAT_INTERVAL
 FRAME_TYPES = ("send", "stop", "continue", "regenerate", "edit", "hello")
 
 
+def _from_other_processes(handler: str):
+    """A channel-layer handler that passes on what came from another process: this process's
+    own events reached its sockets directly (deliver)."""
+
+    async def handle(self, event: dict) -> None:
+        if event.get("process") != sockets.PROCESS_ID:
+            await getattr(self, handler)(event)
+
+    return handle
+
+
 class ConversationConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope, receive, send) -> None:
         # disconnect() runs only when the server reports the close; an error or a
@@ -288,25 +299,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         }[event["type"]]
         await handler(event)
 
-    async def conversation_created(self, event: dict) -> None:
-        if event.get("process") != sockets.PROCESS_ID:
-            await self._created(event)
-
-    async def conversation_continued(self, event: dict) -> None:
-        if event.get("process") != sockets.PROCESS_ID:
-            await self._continued(event)
-
-    async def conversation_branched(self, event: dict) -> None:
-        if event.get("process") != sockets.PROCESS_ID:
-            await self._branched(event)
-
-    async def conversation_tools(self, event: dict) -> None:
-        if event.get("process") != sockets.PROCESS_ID:
-            await self._tool_steps(event)
-
-    async def conversation_finished(self, event: dict) -> None:
-        if event.get("process") != sockets.PROCESS_ID:
-            await self._finished(event)
+    # The channel layer's copies (Channels calls conversation_<x> for type conversation.<x>).
+    conversation_created = _from_other_processes("_created")
+    conversation_continued = _from_other_processes("_continued")
+    conversation_branched = _from_other_processes("_branched")
+    conversation_tools = _from_other_processes("_tool_steps")
+    conversation_finished = _from_other_processes("_finished")
 
     async def _created(self, event: dict) -> None:
         messages = [
