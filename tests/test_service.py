@@ -1,4 +1,5 @@
-"""What DashScope is sent: the system prompt, the history, trimmed to the model's context."""
+"""The use cases of a reply (conversations/replies/service.py): start, continue, regenerate,
+edit, stop; saved before anything can fail."""
 
 from datetime import timedelta
 
@@ -6,8 +7,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from conversations.models import Message, MessageImage, ModelProfile, SystemPrompt
-from conversations.replies import prompt, service
+from conversations.models import Message
+from conversations.replies import service
 
 pytestmark = pytest.mark.django_db
 
@@ -19,59 +20,6 @@ def user():
 
 def add(conversation, role, content, **fields):
     return Message.objects.create(conversation=conversation, role=role, content=content, **fields)
-
-
-def test_request_has_system_prompt_then_history_ending_with_the_user(user):
-    conversation = service.conversation_create(owner=user)
-    add(conversation, "user", "first")
-    add(conversation, "assistant", "first answer")
-    add(conversation, "user", "second")
-    placeholder = add(conversation, "assistant", "", status="streaming")
-    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
-    assert request.model == "qwen-plus"
-    assert request.endpoint == "text"
-    assert [(m.role, m.content) for m in request.messages] == [
-        ("system", SystemPrompt.objects.get(is_default=True).text),
-        ("user", "first"),
-        ("assistant", "first answer"),
-        ("user", "second"),
-    ]
-
-
-def test_failed_empty_replies_are_left_out(user):
-    conversation = service.conversation_create(owner=user)
-    add(conversation, "user", "first")
-    add(conversation, "assistant", "", status="error")
-    add(conversation, "user", "again")
-    placeholder = add(conversation, "assistant", "", status="streaming")
-    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
-    assert [m.role for m in request.messages][1:] == ["user", "user"]
-
-
-def test_history_is_trimmed_from_the_oldest_turn_to_fit_the_context(user):
-    profile = ModelProfile.objects.get(name="qwen-plus")
-    profile.context_limit, profile.max_output_tokens = 1000, 100
-    profile.save()
-    conversation = service.conversation_create(owner=user, model=profile)
-    add(conversation, "user", "old " * 300)
-    add(conversation, "assistant", "old answer " * 100)
-    add(conversation, "user", "recent question")
-    placeholder = add(conversation, "assistant", "", status="streaming")
-    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
-    contents = [m.content for m in request.messages if m.role != "system"]
-    assert contents == ["recent question"]
-    assert request.parameters["max_tokens"] == 100
-
-
-def test_multimodal_model_sends_image_urls(user):
-    profile = ModelProfile.objects.get(name="qwen3-vl-plus")
-    conversation = service.conversation_create(owner=user, model=profile)
-    question = add(conversation, "user", "What is this?")
-    MessageImage.objects.create(message=question, url="https://example.com/cat.png")
-    placeholder = add(conversation, "assistant", "", status="streaming")
-    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
-    assert request.endpoint == "multimodal"
-    assert request.messages[-1].images == ["https://example.com/cat.png"]
 
 
 def test_reply_start_saves_before_any_call_and_titles_the_chat(user):
