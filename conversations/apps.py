@@ -7,5 +7,6 @@ class ConversationsConfig(AppConfig):
     verbose_name = _("Conversations")
 
     def ready(self) -> None:
-        # A logout (and a password change, an account disabled or deleted) closes the sockets.
-        from conversations import signals  # noqa: F401
+        # A logout (and a password change, an account disabled or deleted) closes the sockets;
+        # an upload deleted takes its file with it.
+        from conversations import signals, uploads  # noqa: F401

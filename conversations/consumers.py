@@ -186,6 +186,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             content=data.get("content"),
             client_message_id=client_message_id,
             image_urls=data.get("image_urls"),
+            image_ids=data.get("image_ids"),
         )
         if started:
             await self._send_fragment("ack", client_message_id=client_message_id)

@@ -1,6 +1,7 @@
 """Conversations, their messages, and the catalog admins curate (models, system prompts)."""
 
 import uuid
+from pathlib import Path
 
 from django.conf import settings
 from django.core.validators import URLValidator
@@ -366,7 +367,10 @@ class Message(models.Model):
             value = getattr(self, name)
             data[name] = str(value) if isinstance(value, str) else value
         data["pk"] = self.pk
-        data["images"] = [image.url for image in self.attached_images]
+        # An uploaded image as "upload:<id>" (an event of an earlier release has URLs only).
+        data["images"] = [
+            image.url or f"upload:{image.upload_id}" for image in self.attached_images
+        ]
         if self.versions is not None:
             data["versions"] = [self.versions.index, self.versions.count]
         return data
@@ -380,7 +384,12 @@ class Message(models.Model):
             # (Events from a process of an earlier release lack the newer fields.)
             **{name: data[name] for name in cls.EVENT_FIELDS if name in data},
         )
-        message.image_list = [MessageImage(url=url) for url in data.get("images", ())]
+        message.image_list = [
+            MessageImage(upload_id=int(image[7:]))
+            if image.startswith("upload:")
+            else MessageImage(url=image)
+            for image in data.get("images", ())
+        ]
         if data.get("versions"):
             from conversations.replies.branches import Versions
 
@@ -433,12 +442,50 @@ class Message(models.Model):
         )
 
 
+def _upload_path(upload: "Upload", filename: str) -> str:
+    return f"uploads/{upload.conversation_id}/{uuid.uuid4().hex}{Path(filename).suffix}"
+
+
+class Upload(models.Model):
+    """An image a user uploaded into a chat (conversations/uploads.py), kept under MEDIA_ROOT
+    and served only to its owner and to reviewers. Attached to a message when it is sent."""
+
+    conversation = models.ForeignKey(
+        "Conversation", on_delete=models.CASCADE, related_name="uploads"
+    )
+    file = models.FileField(_("file"), upload_to=_upload_path, max_length=300)
+    content_type = models.CharField(_("content type"), max_length=50)
+    size = models.PositiveIntegerField(_("size"))
+    width = models.PositiveIntegerField(_("width"))
+    height = models.PositiveIntegerField(_("height"))
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("uploaded image")
+        verbose_name_plural = _("uploaded images")
+
+    def __str__(self) -> str:
+        return self.file.name
+
+
 class MessageImage(models.Model):
-    """An image (by URL) attached to a user message for a multimodal model."""
+    """An image attached to a user message for a multimodal model: by URL, or uploaded."""
 
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="images")
     url = models.URLField(
-        _("image URL"), max_length=2000, validators=[URLValidator(schemes=["http", "https"])]
+        _("image URL"),
+        max_length=2000,
+        blank=True,
+        validators=[URLValidator(schemes=["http", "https"])],
+    )
+    upload = models.ForeignKey(
+        Upload,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="attachments",
+        verbose_name=_("uploaded image"),
     )
 
     class Meta:
@@ -447,7 +494,7 @@ class MessageImage(models.Model):
         verbose_name_plural = _("images")
 
     def __str__(self) -> str:
-        return self.url
+        return self.url or str(self.upload)
 
 
 class Preferences(models.Model):

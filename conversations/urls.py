@@ -18,6 +18,16 @@ urlpatterns = [
         views.conversation_version,
         name="conversation_version",
     ),
+    path(
+        "c/<uuid:conversation_id>/images/",
+        views.conversation_images,
+        name="conversation_images",
+    ),
+    path(
+        "c/<uuid:conversation_id>/images/<int:upload_id>/",
+        views.conversation_image,
+        name="conversation_image",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

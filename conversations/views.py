@@ -14,7 +14,7 @@ from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import PasswordChangeForm
 from django.db import connection
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -25,9 +25,16 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import sockets
+from conversations import sockets, uploads
 from conversations.exports import active_messages, conversation_data
-from conversations.models import Conversation, Message, ModelProfile, Preferences, SystemPrompt
+from conversations.models import (
+    Conversation,
+    Message,
+    ModelProfile,
+    Preferences,
+    SystemPrompt,
+    Upload,
+)
 from conversations.replies import branches, events, liveness, options, rules, service
 
 logger = logging.getLogger(__name__)
@@ -359,6 +366,45 @@ def _sampling_fields(model: ModelProfile) -> list[dict]:
          "max": None, "step": 0.01},
         {"name": "stop", "label": _("Stop sequences"), "min": None, "max": None, "step": None},
     ]  # fmt: skip
+
+
+@require_POST
+def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
+    """Upload an image into a chat (multipart, field `image`): {"id", "url", "width",
+    "height"} with 201, or {"error": <sentence>} with 400. The send that names it in
+    `image_ids` attaches it to the message (conversations/uploads.py)."""
+    conversation = _owned(request, conversation_id)
+    file = request.FILES.get("image")
+    if file is None:
+        return JsonResponse({"error": _("Choose an image to upload.")}, status=400)
+    try:
+        upload = uploads.save_upload(conversation, file)
+    except uploads.UploadRefused as refusal:
+        return JsonResponse({"error": str(refusal)}, status=400)
+    url = reverse("conversation_image", args=[conversation.id, upload.pk])
+    return JsonResponse(
+        {"id": upload.pk, "url": url, "width": upload.width, "height": upload.height}, status=201
+    )
+
+
+@require_GET
+def conversation_image(request: HttpRequest, conversation_id, upload_id: int) -> HttpResponse:
+    """An uploaded image, to the chat's owner and to reviewers; 404 to everyone else."""
+    chats = Conversation.objects.all()
+    if not request.user.has_perm("conversations.review_conversation"):
+        chats = chats.owned_by(request.user)
+    upload = get_object_or_404(
+        Upload, pk=upload_id, conversation__in=chats.filter(pk=conversation_id)
+    )
+    try:
+        response = FileResponse(upload.file.open("rb"), content_type=upload.content_type)
+    except OSError:
+        raise Http404 from None
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'"
+    response["Content-Disposition"] = "inline"
+    response["Cache-Control"] = "private, max-age=86400"
+    return response
 
 
 @require_POST

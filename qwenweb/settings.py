@@ -321,6 +321,12 @@ QWENWEB_TOOL_TIMEOUT = float(os.environ.get("QWENWEB_TOOL_TIMEOUT", "10"))
 # them off.
 QWENWEB_MAX_MESSAGE_CHARS = int(os.environ.get("QWENWEB_MAX_MESSAGE_CHARS", "32000"))
 QWENWEB_MAX_IMAGES = int(os.environ.get("QWENWEB_MAX_IMAGES", "4"))
+# Images users upload into their chats (PNG, JPEG, WebP, GIF, checked by their content), kept
+# here and served only by the app, to their owner and to reviewers. Several server processes
+# (or hosts) must share this directory.
+MEDIA_ROOT = Path(os.environ.get("QWENWEB_MEDIA_DIR", DATA_DIR / "media"))
+MEDIA_URL = "/media/"  # never served as files: conversations/uploads.py checks who asks
+QWENWEB_MAX_UPLOAD_BYTES = 7 * 1024 * 1024  # DashScope's limit for an image sent inline
 # Replies one user may have being written at once, across all their chats.
 QWENWEB_MAX_CONCURRENT_REPLIES = int(os.environ.get("QWENWEB_MAX_CONCURRENT_REPLIES", "2"))
 # Messages one user may send in any 60 seconds.

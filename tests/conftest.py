@@ -70,3 +70,9 @@ def _dashscope_settings(request, settings):
     reset_clients()
     yield
     reset_clients()
+
+
+@pytest.fixture(autouse=True)
+def _media_root(settings, tmp_path_factory):
+    """Uploaded images go to a temporary directory, never the checkout's var/."""
+    settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")

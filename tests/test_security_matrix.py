@@ -80,6 +80,19 @@ Pages and limits
       tests/test_limits.py::test_zero_chats_per_minute_means_no_limit
       tests/test_limits.py::test_another_users_chats_leave_ones_own_limit_alone
 
+Uploads
+  an uploaded image is kept only if its content is a PNG, JPEG, WebP or GIF (an HTML file
+  named .png, an SVG, a truncated or oversize file is refused), stored under a name of the
+  app's own, and served to its owner and reviewers only, with its checked type, nosniff and
+  a CSP that allows nothing
+      tests/test_uploads.py::test_anything_but_an_image_is_refused_whatever_its_name_says
+      tests/test_uploads.py::test_each_image_kind_is_kept_and_served_to_its_owner
+      tests/test_uploads.py::test_only_the_owner_and_reviewers_see_an_upload
+      test_foreign_conversation_is_404_and_unchanged (the upload and image routes)
+      test_another_users_message_through_ones_own_chat_is_404 (alice's upload through bob's chat)
+  an upload named by a send must be the chat's own
+      tests/test_uploads.py::test_images_to_a_model_without_vision_or_from_another_chat_are_refused
+
 CSRF
       test_no_view_is_csrf_exempt (URL conf enumerated)
       test_every_post_without_a_token_is_refused (URL conf enumerated, admin included)
@@ -143,6 +156,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import re
@@ -165,11 +179,13 @@ from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient, Client
 from django.urls import URLPattern, URLResolver, get_resolver, resolve, reverse
 from django.urls.resolvers import RoutePattern
 from django.utils import timezone
 from markdown_it import MarkdownIt
+from PIL import Image
 
 from conversations import rendering
 from conversations.admin import REVIEWED
@@ -659,6 +675,11 @@ def alices_chat(alice):
     Message.objects.create(
         conversation=conversation, role="assistant", content="alice-answer-9c1", model="qwen-plus"
     )
+    from conversations import uploads
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    uploads.save_upload(conversation, SimpleUploadedFile("alice.png", png.getvalue()))
     conversation.refresh_from_db()
     return conversation
 
@@ -674,6 +695,7 @@ def snapshot(conversation: Conversation):
         fresh.system_prompt_id,
         list(fresh.messages.values_list("pk", "role", "content", "status")),
         list(MessageImage.objects.filter(message__conversation=fresh).values_list("url")),
+        list(fresh.uploads.values_list("pk", "file", "size")),
     )
 
 
@@ -691,9 +713,13 @@ IDOR_REQUESTS = {
     "conversation_export_json": ("get", "", {}),
     "conversation_export_md": ("get", "", {}),
     "conversation_version": ("post", "", {"step": "-1"}),
+    "conversation_images": ("post", "", {"image": "PNG"}),  # an image, made per request
+    "conversation_image": ("get", "", {}),
 }
 # Routes that also name one of the conversation's messages: alice's newest is tried.
 MESSAGE_ROUTES = {"conversation_version"}
+# Routes that also name one of the conversation's uploads: alice's is tried.
+UPLOAD_ROUTES = {"conversation_image"}
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
 
 
@@ -720,9 +746,11 @@ def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, nam
     headers = {"HX-Request": "true"} if htmx else {}
     send = getattr(client, method)
     nobodys = uuid.uuid4()
-    extra = [alices_chat.messages.order_by("pk").last().pk] if name in MESSAGE_ROUTES else []
-    response = send(reverse(name, args=[alices_chat.id, *extra]) + suffix, data, headers=headers)
-    missing = send(reverse(name, args=[nobodys, *extra]) + suffix, data, headers=headers)
+    extra = _route_extra(alices_chat, name)
+    response = send(
+        reverse(name, args=[alices_chat.id, *extra]) + suffix, _fresh(data), headers=headers
+    )
+    missing = send(reverse(name, args=[nobodys, *extra]) + suffix, _fresh(data), headers=headers)
     assert response.status_code == 404, name
     assert missing.status_code == 404
     body = response.content.decode()
@@ -734,16 +762,35 @@ def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, nam
     assert snapshot(alices_chat) == before
 
 
+def _route_extra(conversation, name: str) -> list[int]:
+    """The arguments after the conversation's id: its newest message, or its upload."""
+    if name in MESSAGE_ROUTES:
+        return [conversation.messages.order_by("pk").last().pk]
+    if name in UPLOAD_ROUTES:
+        return [conversation.uploads.get().pk]
+    return []
+
+
+def _fresh(data: dict) -> dict:
+    """The request's data, with a new image file where it names one (a file is read once)."""
+    if data.get("image") != "PNG":
+        return data
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    return {**data, "image": SimpleUploadedFile("bob.png", png.getvalue())}
+
+
 @pytest.mark.django_db
-@pytest.mark.parametrize("name", sorted(MESSAGE_ROUTES))
+@pytest.mark.parametrize("name", sorted(MESSAGE_ROUTES | UPLOAD_ROUTES))
 def test_another_users_message_through_ones_own_chat_is_404(client, alices_chat, bob, name):
-    """bob names alice's message in a URL of his own chat: 404, and nothing of hers changes."""
+    """bob names alice's message (or upload) in a URL of his own chat: 404, and nothing of
+    hers changes."""
     mine = conversation_create(owner=bob)
     Message.objects.create(conversation=mine, role="user", content="bob-question")
     before = snapshot(alices_chat)
     client.force_login(bob)
     method, suffix, data = IDOR_REQUESTS[name]
-    theirs = alices_chat.messages.order_by("pk").last().pk
+    [theirs] = _route_extra(alices_chat, name)
     response = getattr(client, method)(reverse(name, args=[mine.id, theirs]) + suffix, data)
     assert response.status_code == 404
     assert snapshot(alices_chat) == before

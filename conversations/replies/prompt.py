@@ -9,6 +9,7 @@ DashScope's partial mode.
 
 from __future__ import annotations
 
+from conversations import uploads
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.models import Conversation, Message
 from conversations.replies import branches, options, tools
@@ -34,14 +35,14 @@ def build_request(
     path = branches.load(conversation).path(reply_to.parent_id)
     history = conversation.messages.filter(pk__in=path).exclude(role=Message.Role.SYSTEM)
     if profile.accepts_images:
-        history = history.prefetch_related("images")
+        history = history.prefetch_related("images__upload")
     history = list(history.order_by("pk"))
     turns: list[ChatMessage] = []
     for message in history:
         if message.role == Message.Role.ASSISTANT and not message.content:
             continue  # a reply that failed before writing anything has nothing to recall
         images = (
-            [image.url for image in message.images.all()]
+            [image.url or uploads.data_url(image.upload) for image in message.images.all()]
             if profile.accepts_images and message.role == Message.Role.USER
             else []
         )

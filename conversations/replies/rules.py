@@ -82,10 +82,7 @@ def clean_image_urls(value: object) -> list[str]:
     else:
         raise ReplyRefused(_("Image URLs must be text, one per line."))
     if len(urls) > settings.QWENWEB_MAX_IMAGES:
-        raise ReplyRefused(
-            _("At most %(count)s images can go with one message.")
-            % {"count": settings.QWENWEB_MAX_IMAGES}
-        )
+        raise ReplyRefused(too_many_images())
     validate = URLValidator(schemes=["http", "https"])
     for url in urls:
         try:
@@ -246,12 +243,33 @@ def check_json_mentioned(conversation: Conversation, content: str) -> None:
     )  # fmt: skip
 
 
-def check_images(images: list[str], model: ModelProfile) -> None:
+def check_images(images: list, model: ModelProfile) -> None:
     if images and not model.accepts_images:
         raise ReplyRefused(
-            _("%(model)s cannot see images. Pick a vision model, or remove the image URL.")
+            _("%(model)s cannot see images. Pick a vision model, or remove the images.")
             % {"model": model.label}
         )
+
+
+def clean_image_ids(value: object) -> list[int]:
+    """The uploads a send names (conversations/uploads.py): a list of ids (numbers, or their
+    digits as text, as htmx's ws-send sends a form's fields), or one; repeats count once."""
+    if value in (None, "", []):
+        return []
+    values = value if isinstance(value, list) else [value]
+    ids = [clean_message_id(item) for item in values]
+    if any(pk is None for pk in ids):
+        raise ReplyRefused(_("An image you added is gone. Add it again, then send."))
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > settings.QWENWEB_MAX_IMAGES:
+        raise ReplyRefused(too_many_images())
+    return ids
+
+
+def too_many_images() -> str:
+    return _("At most %(count)s images can go with one message.") % {
+        "count": settings.QWENWEB_MAX_IMAGES
+    }
 
 
 def clean_client_message_id(value: object) -> uuid.UUID | None:
@@ -287,6 +305,7 @@ class MessageForm(forms.Form):
 
     content = AnyValue(required=False)
     image_urls = AnyValue(required=False)
+    image_ids = AnyValue(required=False)
     client_message_id = AnyValue(required=False)
 
     def __init__(self, data, *, model: ModelProfile | None = None, with_images: bool = True):
@@ -294,6 +313,7 @@ class MessageForm(forms.Form):
         self.model = model
         if not with_images:
             del self.fields["image_urls"]
+            del self.fields["image_ids"]
 
     def clean_content(self) -> str:
         return _as_field_error(clean_content, self.cleaned_data.get("content"))
@@ -301,13 +321,19 @@ class MessageForm(forms.Form):
     def clean_image_urls(self) -> list[str]:
         return _as_field_error(clean_image_urls, self.cleaned_data.get("image_urls"))
 
+    def clean_image_ids(self) -> list[int]:
+        return _as_field_error(clean_image_ids, self.cleaned_data.get("image_ids"))
+
     def clean_client_message_id(self) -> uuid.UUID | None:
         return clean_client_message_id(self.cleaned_data.get("client_message_id"))
 
     def clean(self) -> dict:
         data = super().clean()
-        if self.model is not None and data.get("image_urls"):
-            _as_field_error(check_images, data["image_urls"], self.model)
+        images = [*data.get("image_urls", ()), *data.get("image_ids", ())]
+        if len(images) > settings.QWENWEB_MAX_IMAGES:
+            self.add_error(None, too_many_images())
+        elif self.model is not None and images:
+            _as_field_error(check_images, images, self.model)
         return data
 
     def refusal(self) -> ReplyRefused:

@@ -21,7 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from conversations import sockets
+from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
 from conversations.db import db_async
 from conversations.models import (
@@ -31,6 +31,7 @@ from conversations.models import (
     ModelProfile,
     Preferences,
     SystemPrompt,
+    Upload,
 )
 from conversations.replies import branches, events, liveness, options, prompt, rules
 from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
@@ -125,6 +126,7 @@ def reply_start(
     content: str,
     client_message_id: uuid.UUID | None = None,
     image_urls: object = None,
+    image_ids: object = None,
 ) -> StartedReply:
     """Save the user's message and an assistant placeholder before anything can fail upstream.
     The message follows the active branch's last one and becomes, with its reply, the branch's
@@ -133,7 +135,9 @@ def reply_start(
     A repeated client_message_id returns the messages it created the first time, so a resent
     frame (a reconnecting socket replays its queue) never starts a second call.
     """
-    message = rules.MessageForm({"content": content, "image_urls": image_urls}).valid()
+    message = rules.MessageForm(
+        {"content": content, "image_urls": image_urls, "image_ids": image_ids}
+    ).valid()
     content, images = message["content"], message["image_urls"]
     try:
         with transaction.atomic():
@@ -144,6 +148,10 @@ def reply_start(
             if existing is not None:
                 return existing
             rules.check_model(conversation)
+            try:
+                images += uploads.attach(conversation, message["image_ids"])
+            except uploads.UploadRefused as refusal:
+                raise ReplyRefused(str(refusal)) from None
             rules.check_images(images, conversation.model)
             rules.check_json_mentioned(conversation, content)
             rules.check_user_limits(conversation)
@@ -241,7 +249,7 @@ def reply_edit(
                 conversation,
                 parent_id=original.parent_id,
                 content=content,
-                images=list(original.images.values_list("url", flat=True)),
+                images=[image.upload or image.url for image in original.images.all()],
                 client_message_id=client_message_id,
             )
             _move_to(conversation, assistant_message, forked=True)
@@ -323,7 +331,7 @@ def _new_turn(
     *,
     parent_id: int | None,
     content: str,
-    images: list[str],
+    images: list[str | Upload],
     client_message_id: uuid.UUID | None,
 ) -> tuple[Message, Message]:
     user_message = _create_message(
@@ -334,7 +342,12 @@ def _new_turn(
         client_message_id=client_message_id,
     )
     user_message.image_list = MessageImage.objects.bulk_create(
-        [MessageImage(message=user_message, url=url) for url in images]
+        [
+            MessageImage(message=user_message, upload=image)
+            if isinstance(image, Upload)
+            else MessageImage(message=user_message, url=image)
+            for image in images
+        ]
     )
     return user_message, _new_reply(conversation, parent_id=user_message.pk)
 
@@ -425,6 +438,7 @@ async def areply_start(
     content: object,
     client_message_id: uuid.UUID | None = None,
     image_urls: object = None,
+    image_ids: object = None,
 ) -> StartedReply:
     """Save the message, tell every open socket, and start the reply in its own task."""
     return await _launch(
@@ -434,6 +448,7 @@ async def areply_start(
             content=content,
             client_message_id=client_message_id,
             image_urls=image_urls,
+            image_ids=image_ids,
         ),
     )
 
