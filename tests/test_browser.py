@@ -671,3 +671,39 @@ def test_a_users_settings_page_sets_the_defaults_of_new_chats(live_app, alice_pa
     page.select_option("#id_default_preset", "")
     page.click("#save-preferences")
     page.wait_for_selector('[data-saved="preferences"]')
+
+
+def test_an_uploaded_image_shows_as_a_thumbnail_and_goes_with_the_message(
+    live_app, alice_page, app_simulator, tmp_path
+):
+    """In a chat with a vision model, Add image uploads at once and shows a thumbnail; Send
+    takes it to DashScope inline; a file that is not an image is refused with a sentence."""
+    import base64
+
+    from PIL import Image
+
+    page = alice_page()
+    vision = page.eval_on_selector('#model-select [data-model="qwen3-vl-plus"]', "o => o.value")
+    page.select_option("#model-select", value=vision)
+    _start_chat(page, live_app, f"Hello vision {_token()}")
+    _wait_status(page, "complete")
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (220, 40, 40)).save(picture)
+    page.set_input_files("#composer-upload", str(picture))
+    thumbnail = page.locator("#composer-uploads img")
+    thumbnail.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#composer-uploads img').naturalWidth === 64"
+    )
+    page.screenshot(path=str(ARTIFACTS / "upload-composer.png"))
+    token = _token()
+    page.fill("#composer-input", f"What colour is this? {token}")
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => !document.querySelector('#composer-uploads img')")
+    _wait_status(page, "complete")
+    sent = json.dumps(app_simulator.requests[-1].body)
+    assert "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode() in sent
+    fake = tmp_path / "fake.png"
+    fake.write_text("<html>not an image</html>")
+    page.set_input_files("#composer-upload", str(fake))
+    page.wait_for_selector("text=That file is not a PNG, JPEG, WebP or GIF image.")

@@ -130,6 +130,8 @@
         autosize(field);
         var images = document.getElementById("composer-image-urls");
         if (images) images.value = "";
+        var uploads = document.getElementById("composer-uploads");
+        if (uploads) uploads.innerHTML = "";
       }
       pendingId = pendingText = null;
       ack.removeAttribute("data-client-message-id");
@@ -191,6 +193,60 @@
     if (event.target && event.target.id === "model-select") syncImageField();
   });
   document.addEventListener("htmx:afterSwap", syncImageField);
+
+  // An image chosen in the composer is uploaded at once (POST /c/<uuid>/images/) and shown as
+  // a thumbnail; the send then names it in image_ids. A refusal says why, in the notices.
+  function csrfToken() {
+    try { return JSON.parse(document.body.getAttribute("hx-headers"))["X-CSRFToken"]; }
+    catch (e) { return ""; }
+  }
+  function addUpload(list, input, data) {
+    var item = document.createElement("li");
+    item.className = "composer__upload-item";
+    item.setAttribute("data-upload", data.id);
+    var img = document.createElement("img");
+    img.src = data.url;
+    img.alt = "";
+    img.width = 56;
+    img.height = 56;
+    var hidden = document.createElement("input");
+    hidden.type = "hidden";
+    hidden.name = "image_ids";
+    hidden.value = data.id;
+    var remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "composer__upload-remove";
+    remove.setAttribute("data-action", "remove-image");
+    remove.setAttribute("aria-label", input.getAttribute("data-remove-text") || "Remove");
+    remove.textContent = "×";
+    item.appendChild(img);
+    item.appendChild(hidden);
+    item.appendChild(remove);
+    list.appendChild(item);
+  }
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (!input || input.id !== "composer-upload") return;
+    var list = document.getElementById("composer-uploads");
+    Array.prototype.forEach.call(input.files, function (file) {
+      var body = new FormData();
+      body.append("image", file);
+      fetch(input.getAttribute("data-upload-url"), {
+        method: "POST", body: body, credentials: "same-origin",
+        headers: { "X-CSRFToken": csrfToken() },
+      }).then(function (response) {
+        return response.json().then(function (data) {
+          if (response.ok) addUpload(list, input, data);
+          else connectionNotice(data.error || response.statusText);
+        });
+      }).catch(function () { connectionNotice(input.getAttribute("data-failed-text")); });
+    });
+    input.value = "";
+  });
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("[data-action=remove-image]");
+    if (button) button.parentNode.remove();
+  });
 
   // Choosing a language applies it at once (a handler here, not an inline onchange: the
   // Content-Security-Policy runs no inline script).
