@@ -1,7 +1,7 @@
 """The websocket of one open conversation: thin, it parses, checks, calls and renders.
 
 Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"} (with
-"image_urls": "<url> <url>" for a vision model), {"type": "stop"}, {"type": "continue"} (carry
+"image_urls" and "image_ids", the chat's uploads, for a vision model), {"type": "stop"}, {"type": "continue"} (carry
 on the last reply if it was cut short), {"type": "regenerate"} (a new version of the last
 reply, or of "message_id"), {"type": "edit", "message_id": <pk>, "content": "…"} (a new version
 of a message, and its reply), and {"type": "hello", "streaming": [<pk>, …], "last":
