@@ -1,15 +1,16 @@
 """The websocket of one open conversation: thin, it parses, checks, calls and renders.
 
-Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"} (with
-"image_urls" and "image_ids", the chat's uploads, for a vision model), {"type": "stop"}, {"type": "continue"} (carry
-on the last reply if it was cut short), {"type": "regenerate"} (a new version of the last
-reply, or of "message_id"), {"type": "edit", "message_id": <pk>, "content": "…"} (a new version
-of a message, and its reply), and {"type": "hello", "streaming": [<pk>, …], "last":
-<pk>}, which the page sends on every (re)connect: the replies it shows as streaming, and the
-newest message it has. Other keys (htmx's HEADERS, or a "model" or "parameters": the model is
-the conversation's, set in the settings view) and other types are ignored. The use cases are
-conversations/replies/service.py's; who may keep the socket open is socket_auth.py's; what
-the page has been shown, and how it catches up, is conversations/replies/follow.py's.
+Client → server (JSON): {"type": "send", "content": "…", "client_message_id": "<uuid>"}
+(with "image_urls" and "image_ids", the chat's uploads, for a vision model), {"type": "stop"},
+{"type": "continue"} (carry on the last reply if it was cut short), {"type": "regenerate"} (a
+new version of the last reply, or of "message_id"), {"type": "edit", "message_id": <pk>,
+"content": "…"} (a new version of a message, and its reply), and {"type": "hello",
+"streaming": [<pk>, …], "last": <pk>}, which the page sends on every (re)connect: the replies
+it shows as streaming, and the newest message it has. Other keys (htmx's HEADERS, or a
+"model" or "parameters": the model is the conversation's, set in the settings view) and other
+types are ignored. The use cases are conversations/replies/service.py's; who may keep the
+socket open is socket_auth.py's; what the page has been shown, and how it catches up, is
+conversations/replies/follow.py's.
 
 Closing: every refusal closes with a code of the app's own (4000–4999: daphne's websocket
 layer refuses the IANA codes such as 1003, and a refused close used to leak the consumer) and

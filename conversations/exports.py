@@ -1,5 +1,7 @@
 """A conversation as plain data, for the JSON export (users' own, and the admin's)."""
 
+from django.urls import reverse
+
 from conversations.models import Conversation, Message
 from conversations.replies import branches
 
@@ -42,7 +44,11 @@ def _message_data(m: Message) -> dict:
         "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
         "request_id": m.request_id,
         "error": {"code": m.error_code, "message": m.error_message} if m.error_code else None,
-        "images": [image.url for image in m.images.all()],
+        # An uploaded image as the URL the app serves it from (to its owner and reviewers).
+        "images": [
+            image.url or reverse("conversation_image", args=[m.conversation_id, image.upload_id])
+            for image in m.images.all()
+        ],
         "created_at": m.created_at.isoformat(),
     }
 

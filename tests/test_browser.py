@@ -701,6 +701,10 @@ def test_an_uploaded_image_shows_as_a_thumbnail_and_goes_with_the_message(
     page.press("#composer-input", "Enter")
     page.wait_for_function("() => !document.querySelector('#composer-uploads img')")
     _wait_status(page, "complete")
+    shown = page.locator(f'{USER}:has-text("{token}") img[data-upload]')
+    shown.wait_for()
+    page.wait_for_function("(el) => el.naturalWidth === 64", arg=shown.element_handle())
+    page.screenshot(path=str(ARTIFACTS / "upload-sent.png"))
     sent = json.dumps(app_simulator.requests[-1].body)
     assert "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode() in sent
     fake = tmp_path / "fake.png"

@@ -175,6 +175,9 @@ async def test_an_uploaded_image_reaches_dashscope_as_a_data_url(app_simulator, 
         async for image in MessageImage.objects.filter(message=question).order_by("id")
     ]
     assert kinds == [("https://example.com/dog.png", None), ("", data["id"])]
+    exported = await sync_to_async(client.get)(f"/c/{conversation.id}/export.json")
+    export = json.loads(exported.content)
+    assert export["messages"][-2]["images"] == ["https://example.com/dog.png", data["url"]]
 
 
 @pytest.mark.asyncio
