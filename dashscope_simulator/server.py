@@ -34,6 +34,35 @@ whole, with its tool's name, and finishes with "stop". A ``tool`` turn without a
 ``tools`` list. A scenario's ``reply`` still wins over all of this; its errors, stalls and
 drops apply to tool calls too.
 
+Request parameters (native: under ``parameters``; compatible: at the top level) act as upstream's:
+
+* Out-of-range values are a 400 ``InvalidParameter`` in the words of the Model Studio
+  error-code page (compatible mode: its ``{"error": {...}}`` shape, code
+  ``invalid_parameter_error``): ``temperature`` [0, 2) ("Temperature should be in [0.0,
+  2.0)"), ``top_p`` (0, 1], ``top_k`` >= 0, ``presence_penalty`` [-2, 2],
+  ``repetition_penalty`` > 0, ``seed`` [0, 2**63 - 1], ``max_tokens`` from 1 to the model's
+  maximum output (``MAX_OUTPUT_TOKENS``), ``thinking_budget`` from 1 to
+  ``MAX_THINKING_BUDGET`` (the simulator's cap), ``stop`` a string or a list of one kind.
+* ``stop`` (a string or a list of strings): the reply ends just before the first stop text,
+  which it does not include, with finish reason "stop". It cuts a scenario's ``reply`` too,
+  which is how a test makes the reply contain a known stop word; reasoning is not cut.
+* ``thinking_budget``: the reasoning is at most that many simulator tokens (words).
+* ``seed``: the same seed and request give the same reply; another seed, another reply.
+  Without a seed a reply is what it always was.
+* ``response_format`` ``{"type": "json_object"}``: a 400 unless some message contains "json"
+  (any case), and a 400 with thinking on; else the reply is a JSON object, ``{"topic",
+  "answer", "points", "confidence"}``, indented so it streams in pieces (a scenario's
+  ``reply`` still wins, and ``max_tokens`` may cut it, as upstream).
+* ``enable_search: true`` with ``search_options: {"enable_source": true}``: two or three
+  deterministic sources (``{"index", "title", "url", "site_name", "icon"}``, https URLs on
+  example.com/.org/.net) come with the first chunk: native in ``output.search_info.
+  search_results`` (and in the whole body without streaming); compatible mode at the top level
+  of the first chunk (or of the body), as ``search_info`` -- that placement is the
+  simulator's choice, since upstream's compatible mode is not consistent about it. Without
+  ``enable_source``, no sources. "unsafe sources" (the trigger, in the last user message)
+  makes the second source hostile: a title with ``<script>alert(1)</script>``, a
+  ``javascript:`` URL and icon, and a control character in its site name.
+
 Run it in the foreground::
 
     python -m dashscope_simulator --host 127.0.0.1 --port 8765
@@ -299,14 +328,21 @@ def _topic(text: str) -> str:
 
 
 def compose_reply(
-    *, model: str, last_user: str, turn: int, images: int = 0, target_tokens: int | None = None
+    *,
+    model: str,
+    last_user: str,
+    turn: int,
+    images: int = 0,
+    target_tokens: int | None = None,
+    seed: int | None = None,
 ) -> str:
     """A deterministic markdown reply built from the request.
 
     A heading or bold lead, a paragraph quoting the user's last message, a bullet list,
     sometimes a fenced code block, and a closing line; ~60-120 tokens unless ``target_tokens``.
+    A request's ``seed`` picks another (equally deterministic) reply.
     """
-    seed = _seed(model, last_user, str(turn))
+    seed = _seed(model, last_user, str(turn), *_seed_part(seed))
     target = target_tokens if target_tokens is not None else 60 + seed % 61
     heading = f"### {_topic(last_user)}" if seed % 2 else _LEADS[seed % len(_LEADS)]
     paragraph = f'You asked: "{_quote(last_user)}". {_OPENERS[(seed >> 3) % len(_OPENERS)]}'
@@ -539,6 +575,238 @@ def _results_since_last_user(messages: list[Any], names: dict[str, str]) -> list
     return results[::-1]
 
 
+# -- request parameters -----------------------------------------------------------------------
+
+# The most a model writes in one reply (the reference's model table); ``max_tokens`` above it is
+# a 400, as upstream. Models not listed (``sim-...``) take any positive count.
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    "qwen-plus": 32_768,
+    "qwen-max": 8_192,
+    "qwen3-max": 65_536,
+    "qwen-flash": 32_768,
+    "qwen-turbo": 16_384,
+    "qwen3-vl-plus": 32_768,
+    "qwen3-vl-flash": 32_768,
+    "qwen-vl-max": 8_192,
+    "qwen-vl-plus": 8_192,
+    "qvq-max": 8_192,
+    "qwen3.5-plus": 65_536,
+    "deepseek-v3": 8_192,
+    "deepseek-r1": 16_384,
+    "kimi-k2.5": 32_768,
+    "qwen3-32b": 16_384,
+    "qwq-plus": 8_192,
+}
+# Upstream's cap depends on the model and is not in the reference; this is the simulator's
+# (the longest reasoning the reference names, Qwen3-VL's 80K).
+MAX_THINKING_BUDGET = 81_920
+_MAX_SEED = 2**63 - 1
+
+# The scenario triggers for web search (see the module docs).
+UNSAFE_SOURCES_TRIGGER = "unsafe sources"
+_SOURCE_SITES = (
+    ("www.example.com", "Example News"),
+    ("en.example.org", "Example Encyclopedia"),
+    ("forum.example.net", "Example Forum"),
+    ("docs.example.com", "Example Docs"),
+)
+_SOURCE_TITLES = ("{topic}: an overview", "{topic}, explained", "{topic}: questions and answers")
+
+
+def _invalid(message: str) -> _HTTPError:
+    return _HTTPError(400, "InvalidParameter", message)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_parameters(parameters: dict[str, Any], model: str) -> None:
+    """Refuse out-of-range sampling parameters with a 400 ``InvalidParameter`` in upstream's
+    words (the Model Studio error-code page); absent (or null) parameters are fine."""
+    checks: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+        ("temperature", lambda v: 0 <= v < 2, "Temperature should be in [0.0, 2.0)"),
+        ("top_p", lambda v: 0 < v <= 1, "Range of top_p should be (0.0, 1.0]"),
+        (
+            "presence_penalty",
+            lambda v: -2 <= v <= 2,
+            "Presence_penalty should be in [-2.0, 2.0]",
+        ),
+        (
+            "repetition_penalty",
+            lambda v: v > 0,
+            "Repetition_penalty should be greater than 0.0",
+        ),
+    )
+    for name, in_range, message in checks:
+        value = parameters.get(name)
+        if value is None:
+            continue
+        if not _is_number(value):
+            raise _invalid(f"'{name}' must be Float")
+        if not in_range(value):  # NaN is out of every range
+            raise _invalid(message)
+    top_k = _integer(parameters, "top_k")
+    if top_k is not None and top_k < 0:
+        raise _invalid("Parameter top_k be greater than or equal to 0")
+    seed = _integer(parameters, "seed")
+    if seed is not None and not 0 <= seed <= _MAX_SEED:
+        raise _invalid(f"Range of seed should be [0, {_MAX_SEED}]")
+    max_tokens = _integer(parameters, "max_tokens")
+    ceiling = MAX_OUTPUT_TOKENS.get(model)
+    if max_tokens is not None and (max_tokens < 1 or (ceiling and max_tokens > ceiling)):
+        raise _invalid(f"Range of max_tokens should be [1, {ceiling or 2**31 - 1}]")
+    budget = _integer(parameters, "thinking_budget")
+    if budget is not None and not 0 < budget <= MAX_THINKING_BUDGET:
+        raise _invalid(
+            "The thinking_budget parameter must be a positive integer and not greater than "
+            f"{MAX_THINKING_BUDGET}"
+        )
+    stop_texts(parameters.get("stop"))
+
+
+def _integer(parameters: dict[str, Any], name: str) -> int | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"Input should be a valid integer: parameters.{name}")
+    return value
+
+
+def stop_texts(stop: Any) -> list[str]:
+    """The stop strings of a request's ``stop``: a string or a list of strings. Token ids (a
+    list of ints, or of lists of ints) are valid but mean nothing to the simulator's words; a
+    mix of kinds is a 400, as upstream."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    kinds = (
+        {"str" if isinstance(s, str) else "int" if _is_token(s) else "ids" for s in stop}
+        if isinstance(stop, list)
+        else {"other"}
+    )
+    if (
+        len(kinds) > 1
+        or kinds & {"other"}
+        or (
+            "ids" in kinds and not all(isinstance(s, list) and all(map(_is_token, s)) for s in stop)
+        )
+    ):
+        raise _invalid(
+            'The "stop" parameter must be of type "str", "list[str]", "list[int]", or '
+            '"list[list[int]]", and all elements within the list must be of the same type.'
+        )
+    return [s for s in stop if isinstance(s, str) and s]
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to (not including) the first occurrence of any stop string, and whether it
+    was cut."""
+    found = [index for stop in stops if (index := text.find(stop)) != -1]
+    if not found:
+        return text, False
+    return text[: min(found)], True
+
+
+def json_mode(response_format: Any, messages: list[Any], *, thinking: bool) -> bool:
+    """True when the request asks for a JSON object; a request that cannot have one is a 400
+    in upstream's words."""
+    if response_format is None:
+        return False
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _invalid(
+            "Unknown format of response_format, response_format should be a dict, includes "
+            "'type' and an optional key 'json_schema'. The response_format type from user is "
+            f"{kind if kind is not None else response_format}."
+        )
+    if kind == "text":
+        return False
+    if thinking:
+        raise _invalid("Json mode response is not supported when enable_thinking is true")
+    if kind == "json_object" and not any(
+        "json" in _content_text(m.get("content"))[0].lower()
+        for m in messages
+        if isinstance(m, dict)
+    ):
+        raise _invalid(
+            "'messages' must contain the word 'json' in some form, to use 'response_format' "
+            "of type 'json_object'."
+        )
+    return True
+
+
+def compose_json_reply(*, model: str, last_user: str, turn: int, seed: int | None = None) -> str:
+    """A deterministic JSON object for JSON mode, indented so that it streams in pieces:
+    ``{"topic", "answer", "points", "confidence"}``."""
+    digest = _seed(model, last_user, str(turn), "json", *_seed_part(seed))
+    start = (digest >> 5) % len(_BULLETS)
+    reply = {
+        "topic": _topic(last_user),
+        "answer": f'A simulated answer to "{_quote(last_user)}".',
+        "points": [_BULLETS[(start + i) % len(_BULLETS)] for i in range(3)],
+        "confidence": round(0.5 + (digest % 50) / 100, 2),
+    }
+    return json.dumps(reply, ensure_ascii=False, indent=2)
+
+
+def _seed_part(seed: int | None) -> tuple[str, ...]:
+    """What a request's ``seed`` adds to the hash a reply is built from: nothing without one,
+    so replies without a seed stay what they always were."""
+    return () if seed is None else (f"seed={seed}",)
+
+
+def wants_sources(parameters: dict[str, Any]) -> bool:
+    """``enable_search`` with ``search_options.enable_source``: the only way sources come
+    back."""
+    options = parameters.get("search_options")
+    return parameters.get("enable_search") is True and (
+        isinstance(options, dict) and options.get("enable_source") is True
+    )
+
+
+def compose_search_results(last_user: str) -> list[dict[str, Any]]:
+    """The web sources the simulated search found for a question: 2 or 3, deterministic,
+    ``{"index", "title", "url", "site_name", "icon"}`` as upstream sends them, on example
+    domains. Under the "unsafe sources" trigger, one title carries a script tag, its URL and
+    icon are ``javascript:`` and its site name a control character: for tests of the app's
+    sanitizing."""
+    digest = _seed("search", last_user)
+    topic = _topic(last_user)
+    slug = re.sub(r"[^a-z0-9]+", "-", topic.lower()).strip("-")[:40] or "question"
+    results = []
+    for i in range(2 + digest % 2):
+        host, site = _SOURCE_SITES[(digest + i) % len(_SOURCE_SITES)]
+        title = _SOURCE_TITLES[((digest >> 3) + i) % len(_SOURCE_TITLES)].format(topic=topic)
+        path = f"{slug}-{hashlib.sha256(f'{last_user}{i}'.encode()).hexdigest()[:8]}"
+        results.append(
+            {
+                "index": i + 1,
+                "title": title,
+                "url": f"https://{host}/articles/{path}",
+                "site_name": site,
+                "icon": f"https://{host}/favicon.ico",
+            }
+        )
+    if UNSAFE_SOURCES_TRIGGER in last_user.lower():
+        results[1:] = [
+            {
+                "index": 2,
+                "title": "Example <script>alert(1)</script>",
+                "url": "javascript:alert(1)",
+                "site_name": "Evil\x07 Site",
+                "icon": "javascript:alert(2)",
+            }
+        ]
+    return results
+
+
 # -- the ASGI app -----------------------------------------------------------------------------
 
 
@@ -563,6 +831,8 @@ class _Plan:
     scenario: Scenario | None
     # Complete calls, {"id", "type", "function": {"name", "arguments"}}; streamed in pieces.
     tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Web sources (search_options.enable_source), sent with the first chunk; None: not asked.
+    search_results: list[dict[str, Any]] | None = None
 
     @property
     def completion_id(self) -> str:
@@ -895,6 +1165,7 @@ class Simulator:
             if protocol == "compatible":
                 raise _HTTPError(404, "model_not_found", "Model not exist.")
             raise _HTTPError(400, "InvalidParameter", "Model not exist.")
+        check_parameters(parameters, model)
         if protocol == "native":
             vision = is_vision_model(model)
             if (vision and not multimodal) or (
@@ -936,8 +1207,10 @@ class Simulator:
                 'The incremental_output parameter must be "true" when enable_thinking is true',
             )
 
+        json_reply = json_mode(parameters.get("response_format"), messages, thinking=thinking)
         offered = _offered_tools(parameters.get("tools"))
         call_names = _check_tool_turns(messages)
+        seed = parameters.get("seed")
 
         last_user, images, input_words = _read_messages(messages)
         scenario = self._take_scenario(last_user)
@@ -971,6 +1244,8 @@ class Simulator:
             reply = ""
         elif last.get("role") == "tool":
             reply = compose_tool_answer(_results_since_last_user(messages, call_names))
+        elif json_reply:
+            reply = compose_json_reply(model=model, last_user=last_user, turn=turn, seed=seed)
         else:
             reply = compose_reply(
                 model=model,
@@ -978,6 +1253,7 @@ class Simulator:
                 turn=turn,
                 images=images,
                 target_tokens=scenario.tokens if scenario else None,
+                seed=seed,
             )
         if last.get("role") == "assistant" and last.get("partial") is True:
             # Partial mode: the model carries on from the text it was given. The simulator
@@ -986,6 +1262,9 @@ class Simulator:
             prefix = _content_text(last.get("content"))[0]
             if prefix and reply.startswith(prefix):
                 reply = reply[len(prefix) :]
+        # The model stops before any stop text, a scenario's reply included (so a test picks
+        # the words it stops at).
+        reply, stopped = cut_at_stop(reply, stop_texts(parameters.get("stop")))
         request_id = record.request_id
         if scenario and scenario.echo_authorization:
             # The record keeps its own id: /_simulator/requests never shows the header.
@@ -1001,6 +1280,10 @@ class Simulator:
         reasoning = scenario.reasoning if scenario and scenario.reasoning is not None else None
         if reasoning is None and thinking:
             reasoning = compose_reasoning(last_user)
+        reasoning_tokens = tokenize(reasoning) if reasoning else []
+        budget = parameters.get("thinking_budget")
+        if isinstance(budget, int) and thinking:
+            reasoning_tokens = reasoning_tokens[:budget]
         finish_reason = "tool_calls" if tool_calls else "stop"
         if scenario and scenario.finish_reason:
             finish_reason = scenario.finish_reason
@@ -1021,7 +1304,7 @@ class Simulator:
             stream=stream,
             incremental=incremental,
             include_usage=include_usage,
-            reasoning_tokens=tokenize(reasoning) if reasoning else [],
+            reasoning_tokens=reasoning_tokens,
             reply_tokens=reply_tokens,
             finish_reason=None if finish_reason == "none" else finish_reason,
             input_tokens=input_words,
@@ -1030,6 +1313,7 @@ class Simulator:
             tokens_per_chunk=max(1, pace("tokens_per_chunk", self.tokens_per_chunk)),
             scenario=scenario,
             tool_calls=tool_calls,
+            search_results=compose_search_results(last_user) if wants_sources(parameters) else None,
         )
 
     async def _respond(
@@ -1098,6 +1382,8 @@ class Simulator:
                 "usage": _native_usage(plan.input_tokens, output_tokens),
                 "request_id": plan.request_id,
             }
+            if plan.search_results is not None:
+                payload["output"]["search_info"] = _search_info(plan)
         else:
             message = {"role": "assistant", "content": reply}
             if reasoning:
@@ -1115,6 +1401,8 @@ class Simulator:
                 "model": plan.model,
                 "id": plan.completion_id,
             }
+            if plan.search_results is not None:
+                payload["search_info"] = _search_info(plan)
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         if scenario and scenario.drop_after_chunks is not None:
             await _start(send, 200, "application/json", headers, length=len(body))
@@ -1149,13 +1437,24 @@ class Simulator:
         async def emit(text: str) -> None:
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
+        sources_due = plan.search_results is not None
+
         def native_frame(payload: dict[str, Any]) -> str:
-            nonlocal frame_id
+            nonlocal frame_id, sources_due
             frame_id += 1
+            if sources_due:
+                payload["output"]["search_info"] = _search_info(plan)
+                sources_due = False
             data = json.dumps(payload, ensure_ascii=False)
             return f"id:{frame_id}\nevent:result\n:HTTP_STATUS/200\ndata:{data}\n{separator}"
 
         def compat_frame(payload: dict[str, Any]) -> str:
+            nonlocal sources_due
+            if sources_due and "choices" in payload:
+                # Where compatible mode puts the sources is not settled upstream (the
+                # reference, 11b); the simulator puts them at the top level of the first chunk.
+                payload["search_info"] = _search_info(plan)
+                sources_due = False
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         if error and error.where == "first_event":
@@ -1337,6 +1636,10 @@ def _calls_so_far(plan: _Plan, arguments: dict[int, str]) -> list[dict[str, Any]
         }
         for index, text in sorted(arguments.items())
     ]
+
+
+def _search_info(plan: _Plan) -> dict[str, Any]:
+    return {"search_results": [dict(result) for result in plan.search_results or []]}
 
 
 def _compat_chunk(plan: _Plan, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from conversations.dashscope import (
     Finish,
     ModeratedError,
     ReasoningDelta,
+    SearchResults,
     ServerError,
     StreamEvent,
     TextDelta,
@@ -34,9 +35,16 @@ from conversations.dashscope import (
     classify,
     compatible_base_from_native,
 )
-from conversations.dashscope.sanitize import OutputCleaner
+from conversations.dashscope.sanitize import OutputCleaner, clean_search_results
 from conversations.dashscope.sse import parse_frames
-from dashscope_simulator import Scenario, ScenarioError, tokenize
+from conversations.errors import describe_error
+from dashscope_simulator import (
+    MAX_THINKING_BUDGET,
+    Scenario,
+    ScenarioError,
+    compose_search_results,
+    tokenize,
+)
 from tests.dashscope_fixtures import *  # noqa: F403
 from tests.dashscope_fixtures import SIMULATOR_API_KEY, RecordingSleep
 
@@ -758,6 +766,194 @@ async def test_control_characters_from_the_upstream_are_stripped(
     assert reasoning_of(events) == "thinking"
     assert events[-1].reason == completion.finish_reason == "stop"
     assert (caught.value.code, caught.value.message) == ("InvalidParameter", "bad input")
+
+
+# -- the chat's parameters: JSON mode, web sources, stop texts, thinking budget, ranges -------
+
+SEARCH = {"enable_search": True, "search_options": {"enable_source": True}}
+
+
+def sources_of(events: list[StreamEvent]) -> list[SearchResults]:
+    return [e for e in events if isinstance(e, SearchResults)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_json_mode_without_the_word_json_is_refused_with_a_sentence(
+    simulator, dashscope_client, recorded_sleep, protocol
+):
+    request = ask(
+        "List three fruits.",
+        protocol=protocol,
+        parameters={"response_format": {"type": "json_object"}},
+    )
+
+    with pytest.raises(BadRequestError) as caught:
+        await collect(dashscope_client, request)
+
+    assert caught.value.status == 400
+    assert caught.value.message == (
+        "'messages' must contain the word 'json' in some form, to use 'response_format' of "
+        "type 'json_object'."
+    )
+    assert len(simulator.requests) == 1 and recorded_sleep.delays == [], "never retried"
+    _, sentence = describe_error(caught.value)
+    assert sentence.startswith(
+        "DashScope rejected the request: 'messages' must contain the word 'json'"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_a_json_mode_reply_parses_as_json(dashscope_client, protocol):
+    request = ask(
+        "Name three fruits as JSON",
+        protocol=protocol,
+        parameters={"response_format": {"type": "json_object"}},
+    )
+
+    events = await collect(dashscope_client, request)
+    completion = await dashscope_client.chat(request)
+
+    assert len([e for e in events if isinstance(e, TextDelta)]) > 5, "streamed in pieces"
+    streamed = json.loads(text_of(events))
+    assert streamed == json.loads(completion.text)
+    assert streamed["topic"] == "Name three fruits as JSON"
+    assert events[-1].reason == "stop"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_web_sources_are_yielded_once_before_the_text(dashscope_client, protocol):
+    question = "What is new in Python?"
+
+    events = await collect(dashscope_client, ask(question, protocol=protocol, parameters=SEARCH))
+
+    (sources,) = sources_of(events)
+    assert events.index(sources) < next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    expected = [
+        {key: result[key] for key in ("index", "title", "url", "site_name")}
+        for result in compose_search_results(question)
+    ]
+    assert sources.results == expected, "no icon, nothing else"
+    assert all(r["url"].startswith("https://") for r in sources.results)
+    assert text_of(events), "the answer still comes"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_unsafe_sources_are_cleaned(dashscope_client, protocol):
+    request = ask("Search, and show unsafe sources", protocol=protocol, parameters=SEARCH)
+
+    (sources,) = sources_of(await collect(dashscope_client, request))
+    completion = await dashscope_client.chat(request)
+
+    safe, hostile = sources.results
+    assert safe["url"].startswith("https://")
+    assert hostile == {
+        "index": 2,
+        "title": "Example <script>alert(1)</script>",  # plain text: the page escapes it
+        "url": "",  # javascript: is never a link
+        "site_name": "Evil Site",  # the control character is gone
+    }
+    assert completion.search_results == sources.results
+
+
+@pytest.mark.asyncio
+async def test_no_sources_without_enable_source(dashscope_client):
+    events = await collect(dashscope_client, ask(parameters={"enable_search": True}))
+    completion = await dashscope_client.chat(ask(parameters={"enable_search": True}))
+    assert sources_of(events) == [] and completion.search_results == []
+
+
+def test_search_results_are_cleaned_and_capped():
+    key = SIMULATOR_API_KEY
+    raw = [
+        {"index": True, "title": " A\n\ttitle\x00 ", "url": " https://example.com/a ", "icon": "x"},
+        {"title": "t" * 500, "url": "https://example.com/" + "p" * 3000},
+        {"title": "data", "url": "data:text/html,<script>alert(1)</script>"},
+        {"title": "spaces", "url": "https://exa mple.com/"},
+        {"title": "no host", "url": "https:///path"},
+        {"title": "", "url": "javascript:alert(1)"},
+        {"title": f"leak {key}", "url": f"https://example.com/?k={key}", "site_name": 5},
+        "not a result",
+        *({"index": i, "title": f"r{i}", "url": f"http://example.org/{i}"} for i in range(30)),
+    ]
+
+    results = clean_search_results(raw, key)
+
+    assert len(results) == 20
+    assert results[0] == {
+        "index": None, "title": "A title", "url": "https://example.com/a", "site_name": "",
+    }  # fmt: skip
+    assert len(results[1]["title"]) == 300 and results[1]["url"] == ""
+    assert [r["url"] for r in results[2:5]] == ["", "", ""]
+    assert results[5] == {"index": None, "title": "leak sk-***", "url": "", "site_name": ""}
+    assert results[6] == {"index": 0, "title": "r0", "url": "http://example.org/0", "site_name": ""}
+    assert clean_search_results({"not": "a list"}, key) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_the_reply_stops_before_a_stop_text(simulator, dashscope_client, protocol):
+    simulator.add_scenario(Scenario(reply="First line.\nUser: and more", times=2))
+    request = ask(protocol=protocol, parameters={"stop": ["\nUser:"]})
+
+    events = await collect(dashscope_client, request)
+    completion = await dashscope_client.chat(request)
+
+    assert text_of(events) == completion.text == "First line."
+    assert events[-1].reason == completion.finish_reason == "stop"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_the_thinking_budget_caps_the_reasoning(simulator, dashscope_client, protocol):
+    simulator.add_scenario(Scenario(reasoning="one two three four five six", reply="Done."))
+    parameters = {"enable_thinking": True, "thinking_budget": 3}
+
+    events = await collect(dashscope_client, ask(protocol=protocol, parameters=parameters))
+
+    assert reasoning_of(events) == "one two three "
+    assert text_of(events) == "Done."
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"temperature": 2.0}, "Temperature should be in [0.0, 2.0)"),
+        ({"top_p": 0}, "Range of top_p should be (0.0, 1.0]"),
+        ({"top_k": -1}, "Parameter top_k be greater than or equal to 0"),
+        ({"presence_penalty": -2.5}, "Presence_penalty should be in [-2.0, 2.0]"),
+        ({"repetition_penalty": 0}, "Repetition_penalty should be greater than 0.0"),
+        ({"max_tokens": 0}, "Range of max_tokens should be [1, 32768]"),
+        ({"max_tokens": 40_000}, "Range of max_tokens should be [1, 32768]"),
+        ({"seed": -1}, "Range of seed should be [0, 9223372036854775807]"),
+        (
+            {"enable_thinking": True, "thinking_budget": 0},
+            "The thinking_budget parameter must be a positive integer and not greater than "
+            f"{MAX_THINKING_BUDGET}",
+        ),
+    ],
+)
+async def test_an_out_of_range_parameter_is_a_bad_request_with_a_sentence(
+    simulator, dashscope_client, recorded_sleep, protocol, parameters, message
+):
+    with pytest.raises(BadRequestError) as caught:
+        await collect(dashscope_client, ask(protocol=protocol, parameters=parameters))
+
+    error = caught.value
+    assert (error.status, error.message, error.retryable) == (400, message, False)
+    assert error.code == ("InvalidParameter" if protocol == "native" else "invalid_parameter_error")
+    assert len(simulator.requests) == 1 and recorded_sleep.delays == []
+    code, sentence = describe_error(error)
+    assert code == error.code
+    assert sentence == (
+        f"DashScope rejected the request: {message}. An administrator may need to fix the "
+        "model's settings."
+    )
 
 
 # -- retries -----------------------------------------------------------------------------------

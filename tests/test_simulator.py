@@ -18,6 +18,7 @@ from dashscope_simulator import (
     Scenario,
     SimulatorServer,
     compose_reply,
+    compose_search_results,
     find_location,
     plan_tool_calls,
     tokenize,
@@ -682,6 +683,233 @@ def test_only_offered_tools_are_called():
     assert plan_tool_calls("Tell me a joke", ["get_current_time"], tool_choice="required") == [
         ("get_current_time", {})
     ]
+
+
+# -- request parameters ------------------------------------------------------------------------
+
+
+def ask_with(
+    simulator, protocol: str, text: str, *, stream: bool = True, **options: Any
+) -> httpx.Response:
+    """A one-question request carrying ``options`` where the protocol puts parameters."""
+    messages = [{"role": "user", "content": text}]
+    return post(simulator, *tool_request(protocol, messages, stream=stream, tools=None, **options))
+
+
+def reply_of(response: httpx.Response, protocol: str, stream: bool = True) -> str:
+    return "".join(
+        c["message"].get("content") or "" for c in choices_of(response, protocol, stream)
+    )
+
+
+def error_message(response: httpx.Response, protocol: str) -> str:
+    payload = response.json()
+    if protocol == "native":
+        assert payload["code"] == "InvalidParameter"
+        return payload["message"]
+    assert payload["error"]["code"] == "invalid_parameter_error"
+    assert payload["error"]["type"] == "invalid_request_error"
+    return payload["error"]["message"]
+
+
+SEARCH = {"enable_search": True, "search_options": {"enable_source": True}}
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("temperature", 2, "Temperature should be in [0.0, 2.0)"),
+        ("temperature", -0.1, "Temperature should be in [0.0, 2.0)"),
+        ("temperature", "warm", "'temperature' must be Float"),
+        ("top_p", 0, "Range of top_p should be (0.0, 1.0]"),
+        ("top_p", 1.01, "Range of top_p should be (0.0, 1.0]"),
+        ("top_k", -1, "Parameter top_k be greater than or equal to 0"),
+        ("presence_penalty", 2.5, "Presence_penalty should be in [-2.0, 2.0]"),
+        ("repetition_penalty", 0, "Repetition_penalty should be greater than 0.0"),
+        ("max_tokens", 0, "Range of max_tokens should be [1, 32768]"),
+        ("max_tokens", 32_769, "Range of max_tokens should be [1, 32768]"),
+        ("seed", -1, "Range of seed should be [0, 9223372036854775807]"),
+        ("thinking_budget", 0, "The thinking_budget parameter must be a positive integer"),
+        ("stop", ["END", 7], 'The "stop" parameter must be of type "str", "list[str]"'),
+    ],
+)
+def test_out_of_range_parameters_are_refused_in_upstreams_words(
+    simulator, protocol, name, value, message
+):
+    response = ask_with(simulator, protocol, "Hello", **{name: value})
+
+    assert response.status_code == 400
+    assert error_message(response, protocol).startswith(message)
+    assert simulator.requests[-1].outcome == "error"
+
+
+def test_parameters_at_the_edges_of_their_ranges_are_accepted(simulator):
+    edges = {"temperature": 0, "top_p": 1, "top_k": 0, "presence_penalty": -2,
+             "repetition_penalty": 0.01, "max_tokens": 32_768, "seed": 2**63 - 1,
+             "stop": [[1, 2], [3]]}  # fmt: skip
+    for protocol in ("native", "compatible"):
+        assert ask_with(simulator, protocol, "Hello", **edges).status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_json_mode_needs_the_word_json_in_some_message(simulator, protocol):
+    json_object = {"response_format": {"type": "json_object"}}
+
+    refused = ask_with(simulator, protocol, "List three fruits.", **json_object)
+
+    assert refused.status_code == 400
+    assert error_message(refused, protocol) == (
+        "'messages' must contain the word 'json' in some form, to use 'response_format' of "
+        "type 'json_object'."
+    )
+    accepted = ask_with(simulator, protocol, "List three fruits as Json.", **json_object)
+    assert accepted.status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_json_mode_reply_is_a_json_object_streamed_in_pieces(simulator, protocol, stream):
+    response = ask_with(
+        simulator,
+        protocol,
+        "Name three fruits, as JSON.",
+        stream=stream,
+        response_format={"type": "json_object"},
+    )
+
+    reply = json.loads(reply_of(response, protocol, stream))
+    assert set(reply) == {"topic", "answer", "points", "confidence"}
+    assert reply["topic"] == "Name three fruits, as JSON"
+    if stream:
+        assert (
+            sum(1 for c in choices_of(response, protocol, True) if c["message"].get("content")) > 5
+        )
+
+
+def test_json_mode_with_thinking_is_refused(simulator):
+    response = ask_with(
+        simulator,
+        "native",
+        "Answer in json",
+        response_format={"type": "json_object"},
+        enable_thinking=True,
+    )
+    assert response.status_code == 400
+    assert "not supported when enable_thinking is true" in error_message(response, "native")
+
+
+def test_an_unknown_response_format_is_refused(simulator):
+    response = ask_with(simulator, "native", "json", response_format={"type": "yaml"})
+    assert response.status_code == 400
+    assert "Unknown format of response_format" in error_message(response, "native")
+    assert ask_with(simulator, "native", "x", response_format={"type": "text"}).status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_reply_stops_before_the_first_stop_text(simulator, protocol, stream):
+    simulator.add_scenario(Scenario(reply="Apples are red. HALT Pears are green. END Plums."))
+
+    response = ask_with(simulator, protocol, "Fruit?", stream=stream, stop=["END", "HALT"])
+
+    assert reply_of(response, protocol, stream) == "Apples are red. "
+    assert choices_of(response, protocol, stream)[-1]["finish_reason"] == "stop"
+
+
+def test_a_single_stop_string_cuts_the_composed_reply(simulator):
+    whole = reply_of(ask_with(simulator, "native", "Tell me about tea"), "native")
+    assert "You asked" in whole
+
+    response = ask_with(simulator, "native", "Tell me about tea", stop="You asked")
+
+    assert reply_of(response, "native") == whole[: whole.index("You asked")]
+
+
+def test_max_tokens_still_wins_over_a_later_stop_text(simulator):
+    simulator.add_scenario(Scenario(reply="one two three four five STOP six"))
+    response = ask_with(simulator, "native", "Count", stop="STOP", max_tokens=2)
+    assert reply_of(response, "native") == "one two "
+    assert choices_of(response, "native", True)[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_thinking_budget_caps_the_reasoning(simulator, protocol):
+    unbounded = ask_with(simulator, protocol, "Why is the sky blue?", enable_thinking=True)
+    capped = ask_with(
+        simulator, protocol, "Why is the sky blue?", enable_thinking=True, thinking_budget=5
+    )
+
+    def reasoning(response: httpx.Response) -> str:
+        return "".join(
+            c["message"].get("reasoning_content") or ""
+            for c in choices_of(response, protocol, True)
+        )
+
+    assert len(tokenize(reasoning(unbounded))) > 5
+    assert reasoning(capped) == "".join(tokenize(reasoning(unbounded))[:5])
+    assert reply_of(capped, protocol) == reply_of(unbounded, protocol), "the answer still comes"
+
+
+def test_a_seed_picks_a_reply_deterministically(simulator):
+    def reply(**seed: Any) -> str:
+        return reply_of(ask_with(simulator, "native", "Plan a picnic", **seed), "native")
+
+    unseeded, seven, eight = reply(), reply(seed=7), reply(seed=8)
+    assert reply(seed=7) == seven and reply() == unseeded
+    assert len({unseeded, seven, eight}) == 3
+    assert unseeded == compose_reply(model="qwen-plus", last_user="Plan a picnic", turn=1)
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_sources_come_with_the_first_chunk_only(simulator, protocol):
+    response = ask_with(simulator, protocol, "What is new in Python?", **SEARCH)
+
+    payloads = data_payloads(response.text)
+    holders = [p["output"] if protocol == "native" else p for p in payloads]
+    assert "search_info" in holders[0]
+    assert not any("search_info" in h for h in holders[1:])
+    results = holders[0]["search_info"]["search_results"]
+    assert results == compose_search_results("What is new in Python?")
+    assert 2 <= len(results) <= 3
+    assert [r["index"] for r in results] == list(range(1, len(results) + 1))
+    for result in results:
+        assert set(result) == {"index", "title", "url", "site_name", "icon"}
+        assert result["url"].startswith("https://") and ".example." in result["url"]
+        assert "What is new in Python" in result["title"]
+
+
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+def test_sources_come_in_the_body_without_streaming(simulator, protocol):
+    response = ask_with(simulator, protocol, "What is new in Python?", stream=False, **SEARCH)
+    payload = response.json()
+    holder = payload["output"] if protocol == "native" else payload
+    assert holder["search_info"]["search_results"] == compose_search_results(
+        "What is new in Python?"
+    )
+
+
+def test_no_sources_without_enable_source(simulator):
+    for options in ({"enable_search": True}, {"search_options": {"enable_source": True}}, {}):
+        response = ask_with(simulator, "native", "What is new in Python?", **options)
+        assert "search_info" not in response.text, options
+
+
+def test_the_unsafe_sources_trigger_sends_a_hostile_source(simulator):
+    response = ask_with(simulator, "native", "Show me unsafe sources", **SEARCH)
+
+    first = data_payloads(response.text)[0]["output"]["search_info"]["search_results"]
+    assert first[0]["url"].startswith("https://")
+    assert first[1]["title"] == "Example <script>alert(1)</script>"
+    assert first[1]["url"] == "javascript:alert(1)"
+    assert "\x07" in first[1]["site_name"]
+
+
+def test_search_results_are_deterministic_per_question():
+    assert compose_search_results("a") == compose_search_results("a")
+    assert compose_search_results("a") != compose_search_results("b")
+    counts = {len(compose_search_results(f"question {i}")) for i in range(20)}
+    assert counts == {2, 3}
 
 
 # -- control API, records and the runner -------------------------------------------------------

@@ -22,7 +22,13 @@ import httpx
 
 from .config import DashScopeConfig
 from .errors import DashScopeError, DashScopeTimeoutError, TransportError, classify
-from .sanitize import OutputCleaner, clean_metadata, redact_key, strip_controls
+from .sanitize import (
+    OutputCleaner,
+    clean_metadata,
+    clean_search_results,
+    redact_key,
+    strip_controls,
+)
 from .sse import DONE, RawData, SSEFrame, aiter_frames, parse_frames
 from .tools import ToolCallAccumulator
 from .types import (
@@ -31,6 +37,7 @@ from .types import (
     Completion,
     Finish,
     ReasoningDelta,
+    SearchResults,
     StreamEvent,
     TextDelta,
     ToolCallDelta,
@@ -203,6 +210,7 @@ class DashScopeClient:
         tool_calls = ToolCallAccumulator()
         finish: Finish | None = None
         usage: Usage | None = None
+        search_results: list[dict[str, Any]] = []
         for event in [*state.feed_document(text), *state.finish()]:
             if tool_calls.add(event):
                 continue
@@ -212,6 +220,8 @@ class DashScopeClient:
                 reasoning.append(event.text)
             elif isinstance(event, Usage):
                 usage = event
+            elif isinstance(event, SearchResults):
+                search_results = event.results
             elif isinstance(event, Finish):
                 finish = event
         partial = response.headers.get("x-dashscope-partialresponse", "").lower() == "true"
@@ -223,6 +233,7 @@ class DashScopeClient:
             request_id=finish.request_id if finish else state.request_id,
             partial_response=partial,
             tool_calls=tool_calls.calls,
+            search_results=search_results,
         )
 
     # -- request building -------------------------------------------------------------------
@@ -355,6 +366,7 @@ class _StreamState:
         self._text_so_far = ""
         self._reasoning_so_far = ""
         self._arguments_so_far: dict[int, str] = {}
+        self._sources_seen = False
         self.done = False
 
     @property
@@ -409,14 +421,30 @@ class _StreamState:
         usage = _usage(payload.get("usage"))
         if usage is not None:
             self._usage = usage
+        events = self._search_events(payload)
         if isinstance(payload.get("output"), dict):
-            return self._native_events(payload["output"])
+            return events + self._native_events(payload["output"])
         choices = payload.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             choice = choices[0]
             delta = choice.get("delta") or choice.get("message") or {}
             self._note_finish(choice.get("finish_reason"))
-            return self._message_events(delta, incremental=True)
+            return events + self._message_events(delta, incremental=True)
+        return events
+
+    def _search_events(self, payload: dict[str, Any]) -> list[StreamEvent]:
+        """``SearchResults`` from the first payload that lists sources in ``search_info``
+        (native: under ``output``; compatible: where the simulator puts it, the top level),
+        then never again; nothing if none of them survives cleaning."""
+        if self._sources_seen:
+            return []
+        output = payload.get("output")
+        for holder in (output if isinstance(output, dict) else {}, payload):
+            info = holder.get("search_info")
+            if isinstance(info, dict) and isinstance(info.get("search_results"), list):
+                self._sources_seen = True
+                results = clean_search_results(info["search_results"], self._api_key)
+                return [SearchResults(results)] if results else []
         return []
 
     def _native_events(self, output: dict[str, Any]) -> list[StreamEvent]:

@@ -10,6 +10,8 @@ in a reply would fail its checkpoints and its final save.
 from __future__ import annotations
 
 import re
+from typing import Any
+from urllib.parse import urlsplit
 
 REDACTED = "sk-***"
 # Real keys are ~35 characters; redacting a toy key of a letter or two would only garble text
@@ -84,3 +86,60 @@ def _longest_key_prefix_at_end(text: str, key: str) -> int:
         if text.endswith(key[:length]):
             return length
     return 0
+
+
+# Web sources: what DashScope's search found. They reach a page as links, so each is reduced to
+# plain strings of bounded length and an http(s) URL (never the icon: loading it would tell a
+# third party who reads the chat).
+MAX_SEARCH_RESULTS = 20
+_MAX_TITLE = 300
+_MAX_SITE_NAME = 100
+_MAX_URL = 2048
+
+
+def clean_search_results(raw: Any, api_key: str) -> list[dict[str, Any]]:
+    """``search_info.search_results`` as ``{"index": int | None, "title", "url", "site_name"}``
+    dicts: at most ``MAX_SEARCH_RESULTS``; control characters and the configured key taken
+    out, whitespace runs made one space; a URL that is not http(s) (``javascript:``, ``data:``
+    ...) or too long becomes "" and the title stays, as plain text for the page to escape.
+    Entries with neither a title nor a URL are dropped."""
+    if not isinstance(raw, list):
+        return []
+    results: list[dict[str, Any]] = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        index = item.get("index")
+        result = {
+            "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+            "title": _plain(item.get("title"), api_key, _MAX_TITLE),
+            "url": _web_url(item.get("url"), api_key),
+            "site_name": _plain(item.get("site_name"), api_key, _MAX_SITE_NAME),
+        }
+        if result["title"] or result["url"]:
+            results.append(result)
+        if len(results) == MAX_SEARCH_RESULTS:
+            break
+    return results
+
+
+def _plain(value: Any, api_key: str, limit: int) -> str:
+    if not isinstance(value, str):
+        return ""
+    text = " ".join(redact_key(strip_controls(value), api_key).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _web_url(value: Any, api_key: str) -> str:
+    if not isinstance(value, str):
+        return ""
+    url = strip_controls(value).strip()
+    if len(url) > _MAX_URL or any(c.isspace() for c in url) or redact_key(url, api_key) != url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return ""
+    return url

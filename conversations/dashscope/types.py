@@ -70,6 +70,20 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True)
+class SearchResults:
+    """The web sources DashScope's search used (``enable_search`` with
+    ``search_options.enable_source``), yielded once, when the first chunk that carries them
+    arrives.
+
+    Each result is ``{"index": int | None, "title": str, "url": str, "site_name": str}``,
+    cleaned by ``sanitize.clean_search_results``: plain text (for the page to escape), ``url``
+    an http(s) URL or "" (never ``javascript:``), no icon, at most 20 results.
+    """
+
+    results: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts for the whole request (final figures)."""
 
@@ -90,7 +104,7 @@ class Finish:
     request_id: str | None
 
 
-StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | Usage | Finish
+StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | SearchResults | Usage | Finish
 
 
 @dataclass
@@ -100,7 +114,8 @@ class Completion:
     ``partial_response`` is True when DashScope cut a slow non-streaming call short and returned
     what it had (``x-dashscope-partialresponse: true``); continue it with a ``partial`` turn.
     ``tool_calls`` are the calls the model made (finish reason "tool_calls"), shaped like
-    ``ChatMessage.tool_calls``.
+    ``ChatMessage.tool_calls``. ``search_results`` are the web sources, shaped like
+    ``SearchResults.results`` ([] when none came back).
     """
 
     text: str
@@ -110,3 +125,4 @@ class Completion:
     request_id: str | None
     partial_response: bool
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    search_results: list[dict[str, Any]] = field(default_factory=list)
