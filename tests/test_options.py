@@ -422,3 +422,46 @@ def test_thinking_is_folded_in_the_markdown_export_and_the_admin(alice_client, c
     text = page.content.decode()
     assert '<details class="admin-thinking"><summary>Thinking (15 characters)</summary>' in text
     assert "Let me &lt;think&gt;." in text
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_web_search_lists_its_sources_under_the_reply_safely(app_simulator, protocol):
+    await ModelProfile.objects.filter(name="qwen-plus").aupdate(protocol=protocol)
+    owner, conversation, ws = await open_chat()
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    await sync_to_async(post_settings)(client, conversation, {"enable_search": "on"})
+    reply = await ask(ws, conversation, "Latest news on unsafe sources please")
+    await ws.disconnect()
+    assert reply.status == "complete"
+    sent = app_simulator.requests[-1].body
+    sent = sent["parameters"] if protocol == "native" else sent
+    assert sent["search_options"] == {"enable_source": True}
+    assert len(reply.sources) >= 2
+    assert all(set(source) <= {"index", "title", "url", "site_name"} for source in reply.sources)
+    assert all(not source["url"].startswith("javascript") for source in reply.sources)
+    page = (await sync_to_async(client.get)(f"/c/{conversation.id}/")).content.decode()
+    assert f'data-sources="{len(reply.sources)}"' in page
+    assert "javascript:" not in page and "<script>alert" not in page
+    assert "&lt;script&gt;" in page, "the unsafe title is shown as text"
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_json_output_gives_a_json_reply_shown_formatted(app_simulator):
+    owner, conversation, ws = await open_chat()
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    await sync_to_async(post_settings)(client, conversation, {"json_output": "on"})
+    reply = await ask(ws, conversation, "Give me three fruits in JSON")
+    await ws.disconnect()
+    assert reply.status == "complete" and reply.json_mode
+    parsed = json.loads(reply.content)
+    assert isinstance(parsed, dict)
+    page = (await sync_to_async(client.get)(f"/c/{conversation.id}/")).content.decode()
+    assert (
+        f'id="message-{reply.pk}-body" class="message__body markdown" data-json><pre><code>{{\n'
+        in page
+    )

@@ -30,6 +30,7 @@ from conversations.dashscope import (
     DashScopeError,
     Finish,
     ReasoningDelta,
+    SearchResults,
     TextDelta,
     ToolCallAccumulator,
     Usage,
@@ -273,6 +274,8 @@ class Generation:
                 elif isinstance(event, Finish):
                     self.finish_reason = event.reason
                     self.request_id = event.request_id
+                elif isinstance(event, SearchResults):
+                    self._add_sources(event.results)
             if self.finish_reason != "tool_calls" or not calls:
                 return
             if round_number >= MAX_TOOL_ROUNDS:
@@ -292,6 +295,15 @@ class Generation:
                 request, messages=[*request.messages, *prompt.step_turns(self.text[start:], step)]
             )
             self.finish_reason = None
+
+    def _add_sources(self, results: list[dict]) -> None:
+        """Keep the web sources a search drew on (each round of a reply may search): each
+        page once, in the order first cited."""
+        known = {source["url"] for source in self.sources if source.get("url")}
+        for result in results:
+            if not result.get("url") or result["url"] not in known:
+                self.sources.append(result)
+                known.add(result.get("url"))
 
     def _count_round(self) -> None:
         """Add a finished round's tokens to what the reply has spent (each round is a request
@@ -376,6 +388,8 @@ class Generation:
         self._checkpointed = len(self.text) + len(self.reasoning)
         try:
             extra = {"tool_steps": self.tool_steps} if self.tool_steps else {}
+            if self.sources:
+                extra["sources"] = self.sources
             saved = await save_reply(
                 self.message_id, self.writer, content=self.text, reasoning=self.reasoning, **extra
             )
