@@ -257,7 +257,10 @@ def fetch_image(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ImageRefused(UNAVAILABLE, "the fetch took too long")
-            request = _pinned_request(client, target)
+            try:
+                request = _pinned_request(client, target)
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise ImageRefused(NOT_ALLOWED, f"not a URL httpx takes ({exc})") from None
             request.extensions["timeout"] = httpx.Timeout(
                 remaining, connect=min(CONNECT_TIMEOUT, remaining)
             ).as_dict()
@@ -315,12 +318,17 @@ class ImageCache:
         return None
 
     def put(self, url: str, image: Image) -> None:
+        """Keep `image` for `url`; a cache that cannot be written (a full or read-only disk)
+        only costs the next reader a fetch."""
         if len(image.content) > self.max_bytes:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self._stem(url)}.{EXTENSIONS[image.content_type]}"
-        # Written whole, then renamed: a reader never sees half a file.
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".part")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Written whole, then renamed: a reader never sees half a file.
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".part")
+        except OSError:
+            return
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(image.content)
