@@ -23,7 +23,7 @@ from django.http import HttpResponse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from conversations.exports import conversation_data
+from conversations.exports import conversation_data, thumbnail_src
 from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
 from conversations.templatetags.qwenweb import web_url
 
@@ -110,10 +110,43 @@ class SystemPromptAdmin(admin.ModelAdmin):
     search_fields = ["name", "text"]
 
 
+def image_thumbnails(message: Message) -> str:
+    """A message's images as thumbnails (a URL image's through the image proxy), each a link
+    to its original."""
+    found = list(message.images.all())
+    if not found:
+        return "-"
+    return format_html_join(
+        "",
+        '<a href="{}" rel="noopener noreferrer nofollow" target="_blank" class="admin-image">'
+        '<img src="{}" alt="{}" loading="lazy" height="120"></a>',
+        (
+            (
+                web_url(image.url) or thumbnail_src(message, index, image),
+                thumbnail_src(message, index, image),
+                _("Image %(n)s") % {"n": index + 1},
+            )
+            for index, image in enumerate(found)
+        ),
+    )
+
+
 class MessageImageInline(ReviewPermissionMixin, admin.TabularInline):
     model = MessageImage
     extra = 0
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    readonly_fields = ["thumbnail"]
+
+    @admin.display(description=_("thumbnail"))
+    def thumbnail(self, obj) -> str:
+        if obj.pk is None:
+            return "-"
+        index = list(obj.message.images.values_list("pk", flat=True)).index(obj.pk)
+        return format_html(
+            '<img src="{}" alt="{}" loading="lazy" height="120">',
+            thumbnail_src(obj.message, index, obj),
+            _("Image %(n)s") % {"n": index + 1},
+        )
 
 
 @admin.register(Message)
@@ -142,8 +175,8 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     model = Message
     extra = 0
     fields = [
-        "role", "status", "content", "thinking", "sources_list", "model", "finish_reason",
-        "error_message", "request_id",
+        "role", "status", "content", "images", "thinking", "sources_list", "model",
+        "finish_reason", "error_message", "request_id",
     ]  # fmt: skip
     readonly_fields = fields
     can_delete = False
@@ -151,6 +184,10 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description=_("images"))
+    def images(self, obj) -> str:
+        return image_thumbnails(obj)
 
     @admin.display(description=_("thinking"))
     def thinking(self, obj) -> str:

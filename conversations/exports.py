@@ -2,7 +2,7 @@
 
 from django.urls import reverse
 
-from conversations.models import Conversation, Message
+from conversations.models import Conversation, Message, MessageImage
 from conversations.replies import branches
 
 
@@ -45,12 +45,29 @@ def _message_data(m: Message) -> dict:
         "request_id": m.request_id,
         "error": {"code": m.error_code, "message": m.error_message} if m.error_code else None,
         # An uploaded image as the URL the app serves it from (to its owner and reviewers).
-        "images": [
-            image.url or reverse("conversation_image", args=[m.conversation_id, image.upload_id])
-            for image in m.images.all()
+        "images": [_image_url(m, image) for image in m.images.all()],
+        # Each image as the chat shows it: its URL, and the path of its thumbnail (a URL
+        # image's through the image proxy; an upload's is its own URL).
+        "image_thumbnails": [
+            {"url": _image_url(m, image), "src": thumbnail_src(m, n, image)}
+            for n, image in enumerate(m.images.all())
         ],
         "created_at": m.created_at.isoformat(),
     }
+
+
+def _image_url(message: Message, image: MessageImage) -> str:
+    if image.upload_id:
+        return reverse("conversation_image", args=[message.conversation_id, image.upload_id])
+    return image.url
+
+
+def thumbnail_src(message: Message, index: int, image: MessageImage) -> str:
+    """Where a page loads the `index`-th image of `message` from: an upload from its own URL,
+    a URL image through the image proxy (conversations/images.py)."""
+    if image.upload_id:
+        return _image_url(message, image)
+    return reverse("message_image", args=[message.conversation_id, message.pk, index])
 
 
 def active_messages(conversation: Conversation) -> list[Message]:

@@ -169,6 +169,24 @@ class ConversationQuerySet(models.QuerySet):
     def owned_by(self, user):
         return self.filter(owner=user)
 
+    def readable_by(self, user):
+        """The conversations `user` may read: their own, and, for a reviewer, everyone's."""
+        return self if may_review_conversations(user) else self.owned_by(user)
+
+
+def may_review_conversations(user) -> bool:
+    """A reviewer, as the admin decides it (conversations/admin.py): active staff with the
+    review permission, or the admin's own view or change permission on conversations."""
+    return bool(
+        user.is_active
+        and user.is_staff
+        and (
+            user.has_perm("conversations.review_conversation")
+            or user.has_perm("conversations.view_conversation")
+            or user.has_perm("conversations.change_conversation")
+        )
+    )
+
 
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

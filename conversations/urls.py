@@ -28,6 +28,11 @@ urlpatterns = [
         views.conversation_image,
         name="conversation_image",
     ),
+    path(
+        "c/<uuid:conversation_id>/messages/<int:message_id>/images/<int:index>/",
+        views.message_image,
+        name="message_image",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from channels.layers import get_channel_layer
 from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import PasswordChangeForm
+from django.contrib.staticfiles import finders
 from django.db import connection
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -25,7 +27,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import sockets, uploads
+from conversations import images, sockets, uploads
 from conversations.exports import active_messages, conversation_data
 from conversations.models import (
     Conversation,
@@ -36,6 +38,7 @@ from conversations.models import (
     Upload,
 )
 from conversations.replies import branches, events, liveness, options, rules, service
+from qwenweb.cache_control import keep_in_readers_cache
 
 logger = logging.getLogger(__name__)
 
@@ -441,6 +444,51 @@ def conversation_version(request: HttpRequest, conversation_id, message_id: int)
         "conversations/chat.html#earlier",
         {"conversation": conversation, **_message_page(conversation)},
     )
+
+
+# How long a reader's browser keeps a thumbnail, and a placeholder (shorter: what failed
+# may answer soon, and the proxy's cache spares the upstream either way).
+IMAGE_MAX_AGE = 24 * 60 * 60
+PLACEHOLDER_MAX_AGE = 60
+
+
+@require_GET
+def message_image(request: HttpRequest, conversation_id, message_id: int, index: int):
+    """The `index`-th (from 0) image URL of a message, fetched through the image proxy
+    (conversations/images.py), for its owner and for reviewers; 404 for anyone else. What the
+    proxy refuses or cannot fetch is answered with a placeholder image (200, with
+    `X-Qwenweb-Image: refused` and the reason in `X-Qwenweb-Image-Reason`): the upstream's
+    bytes are never passed on unchecked."""
+    conversation = get_object_or_404(
+        Conversation.objects.readable_by(request.user), pk=conversation_id
+    )
+    message = get_object_or_404(Message, pk=message_id, conversation=conversation)
+    urls = list(message.images.values_list("url", flat=True))  # "" for an upload
+    if index >= len(urls) or not urls[index]:
+        raise Http404
+    try:
+        image, cached = images.image_for(urls[index])
+    except images.ImageRefused as refusal:
+        logger.info("Image %s of message %s not shown: %s", index, message.pk, refusal.reason)
+        response = HttpResponse(_placeholder_image(), content_type="image/svg+xml")
+        response["X-Qwenweb-Image"] = "refused"
+        response["X-Qwenweb-Image-Reason"] = refusal.reason
+        max_age = PLACEHOLDER_MAX_AGE
+    else:
+        response = HttpResponse(image.content, content_type=image.content_type)
+        response["X-Qwenweb-Image"] = "cached" if cached else "fetched"
+        max_age = IMAGE_MAX_AGE
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Disposition"] = "inline"
+    # Opened on its own (the placeholder is an SVG), nothing in it may run or load.
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return keep_in_readers_cache(response, max_age=max_age)
+
+
+@functools.cache
+def _placeholder_image() -> bytes:
+    with open(finders.find("qwenweb/image-unavailable.svg"), "rb") as file:
+        return file.read()
 
 
 def _export_filename(conversation: Conversation, extension: str) -> str:

@@ -315,6 +315,14 @@ QWENWEB_REPLY_STALE_AFTER = float(os.environ.get("QWENWEB_REPLY_STALE_AFTER", "3
 QWENWEB_WEATHER_PROVIDER = os.environ.get("QWENWEB_WEATHER_PROVIDER", "").strip()
 QWENWEB_TOOL_TIMEOUT = float(os.environ.get("QWENWEB_TOOL_TIMEOUT", "10"))
 
+# The image proxy (conversations/images.py): thumbnails of URL images come through this
+# server, which fetches only public addresses, except on the hosts listed here (`host` or
+# `host:port`: an intranet image server a private deployment trusts). What it fetched is kept
+# in MEDIA_ROOT/image-proxy/, at most QWENWEB_IMAGE_CACHE_BYTES in all (least recently used
+# first out), and reaches a browser only through the view that checks who asks.
+QWENWEB_IMAGE_PROXY_ALLOWED_HOSTS = env_list("QWENWEB_IMAGE_PROXY_ALLOWED_HOSTS")
+QWENWEB_IMAGE_CACHE_BYTES = int(os.environ.get("QWENWEB_IMAGE_CACHE_BYTES", str(256 << 20)))
+
 # --- Limits ---------------------------------------------------------------------------------
 # Checked before anything is saved or sent to DashScope (conversations/replies/rules.py). The
 # per-user ones are counted in the database, so they hold across every server process; 0 turns

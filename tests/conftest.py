@@ -11,6 +11,7 @@ import pytest
 from conversations.upstream import reset_clients
 from dashscope_simulator import SimulatorServer
 from tests.dashscope_fixtures import *  # noqa: F403
+from tests.image_server import image_server  # noqa: F401 - a fixture
 from tests.live_server import *  # noqa: F403
 
 APP_API_KEY = "sk-app-test-4f2a9c"

@@ -6,6 +6,7 @@ control replies through the simulator's scenarios.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,8 @@ CHROMIUM_ARGS = [
 ]
 PASSWORDS = {"alice": "alice-pass-5521", "bob": "bob-pass-9034"}
 
-__all__ = ["LiveApp", "browser", "live_app", "new_page", "free_port"]  # fixtures and their kin
+# Fixtures and their kin.
+__all__ = ["LiveApp", "browser", "live_app", "new_page", "free_port", "running_app"]
 
 
 def free_port() -> int:
@@ -155,13 +158,19 @@ def new_chat(client: httpx.Client) -> str:
 
 
 @pytest.fixture(scope="session")
-def live_app(app_simulator) -> LiveApp:
-    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-live-"))
+def live_app(app_simulator) -> Iterator[LiveApp]:
     # alice's tests share this server and run within minutes: the per-minute limits (tested
     # in test_limits.py) would refuse the later ones.
-    env = app_env(
-        data_dir, app_simulator, QWENWEB_MESSAGES_PER_MINUTE="0", QWENWEB_CHATS_PER_MINUTE="0"
-    )
+    limits_off = {"QWENWEB_MESSAGES_PER_MINUTE": "0", "QWENWEB_CHATS_PER_MINUTE": "0"}
+    with running_app(app_simulator, **limits_off) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def running_app(simulator, **extra_env: str) -> Iterator[LiveApp]:
+    """A daphne of its own on a fresh SQLite file, with alice and bob, and `extra_env`."""
+    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-live-"))
+    env = app_env(data_dir, simulator, **extra_env)
     log_path = data_dir / "daphne.log"
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     create_users = "; ".join(
@@ -181,14 +190,15 @@ def live_app(app_simulator) -> LiveApp:
         check=True,
     )
     process, url = _start_daphne(env, log_path)
-    app = LiveApp(url=url, env=env, process=process, log_path=log_path)
-    yield app
-    process.terminate()
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    shutil.rmtree(data_dir, ignore_errors=True)
+        yield LiveApp(url=url, env=env, process=process, log_path=log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 from dashscope_simulator import Scenario, ScenarioError
-from tests.live_server import ARTIFACTS
+from tests.image_server import serve_images
+from tests.live_server import ARTIFACTS, running_app
 
 pytestmark = pytest.mark.browser
 
@@ -711,3 +712,62 @@ def test_an_uploaded_image_shows_as_a_thumbnail_and_goes_with_the_message(
     fake.write_text("<html>not an image</html>")
     page.set_input_files("#composer-upload", str(fake))
     page.wait_for_selector("text=That file is not a PNG, JPEG, WebP or GIF image.")
+
+
+# -- images: thumbnails through the app's own proxy ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_app(app_simulator):
+    """A server of its own that allows the test image server (on 127.0.0.1) in its proxy."""
+    with (
+        serve_images() as images,
+        running_app(app_simulator, QWENWEB_IMAGE_PROXY_ALLOWED_HOSTS=images.host) as app,
+    ):
+        yield app, images
+
+
+THUMBNAILS_LOADED_JS = """
+(count) => {
+  const images = document.querySelectorAll('article[data-role="user"] img.message__image');
+  return images.length === count && [...images].every((i) => i.complete && i.naturalWidth > 0);
+}
+"""
+
+
+def test_an_image_url_shows_as_a_thumbnail_from_the_apps_own_origin(
+    image_app, app_simulator, new_page
+):
+    """A message to a vision model with two image URLs: the allowed server's PNG shows as a
+    thumbnail, the private address as the placeholder, both from the app's own origin (the
+    browser never contacts either host), each linking to its original; a reload shows them
+    again without the proxy fetching a second time."""
+    app, images = image_app
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=token, reply="An orange rectangle."))
+    page = new_page()
+    app.login(page, "alice")
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    vision = page.eval_on_selector('#model-select [data-model="qwen3-vl-plus"]', "o => o.value")
+    page.select_option("#model-select", value=vision)
+    page.wait_for_selector("#composer-image-urls:not([disabled])")
+    cat, private = f"{images.base}/cat.png", "http://10.0.0.1/secret.png"
+    page.fill("#composer-image-urls", f"{cat}\n{private}")
+    _start_chat(page, app, f"What is in these pictures? {token}")
+    page.wait_for_function(THUMBNAILS_LOADED_JS, arg=2, timeout=15_000)
+    _wait_status(page, "complete")
+    thumbnails = page.locator('article[data-role="user"] img.message__image')
+    sizes = thumbnails.evaluate_all("all => all.map((i) => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[64, 48], [160, 120]], "the PNG, then the placeholder"
+    links = page.locator('article[data-role="user"] .message__images a')
+    assert [links.nth(i).get_attribute("href") for i in range(2)] == [cat, private]
+    assert all(src.startswith("/c/") for src in thumbnails.evaluate_all(
+        "all => all.map((i) => i.getAttribute('src'))"))  # fmt: skip
+    page.screenshot(path=str(ARTIFACTS / "image-thumbnails.png"))
+
+    page.reload()
+    page.wait_for_function(THUMBNAILS_LOADED_JS, arg=2, timeout=15_000)
+    assert images.hits["/cat.png"] == 1, "the proxy fetched the image again"
+    assert not [u for u in requests if u.startswith(images.base) or "10.0.0.1" in u]
+    assert {u.split("/")[2] for u in requests} == {app.url.split("/")[2]}

@@ -28,7 +28,8 @@ Who may open a socket, and what it may reach
       test_every_page_needs_a_login (URL conf enumerated, GET and POST)
       test_every_socket_needs_a_login
   IDOR on every conversation route (page, earlier messages, socket, stop, rename, delete,
-  exports, settings, versions; regenerate and edit over the socket) and in the lists
+  exports, settings, versions, image thumbnails; regenerate and edit over the socket) and in
+  the lists
       test_every_conversation_route_is_covered (URL conf enumerated: a new route fails it)
       test_foreign_conversation_is_404_and_unchanged
       test_another_users_message_through_ones_own_chat_is_404
@@ -114,11 +115,18 @@ Secrets
       tests/test_simulator.py::test_the_record_keeps_only_the_newest_requests
 
 Input
-  image URLs: absolute http(s) only; the server never fetches a URL itself
+  image URLs: absolute http(s) only; rendering a page, an export or the admin fetches none
       test_image_urls_must_be_http_or_https
       test_refused_image_urls_save_nothing_over_socket_and_form
       test_server_never_fetches_image_urls
       tests/test_consumer.py::test_bad_image_urls_are_refused_before_anything_is_saved
+  the image proxy (SSRF): only public addresses (loopback, 10/8, 169.254.169.254, IPv6
+  loopback, mapped and embedded addresses, a name resolving to any of them refused; loopback
+  only when QWENWEB_IMAGE_PROXY_ALLOWED_HOSTS lists it), connecting to the address checked,
+  every redirect re-checked, images only (type and bytes), at most 10 MB, short timeouts;
+  thumbnails only for the owner and reviewers
+      tests/test_images.py (the whole matrix, against a real server on 127.0.0.1)
+      test_foreign_conversation_is_404_and_unchanged (message_image)
   NUL and the other invisible C0 controls never reach the database (PostgreSQL refuses NUL):
   dropped from messages, titles and model output, refused in image URLs
       tests/test_control_characters.py (on SQLite, and again on PostgreSQL:
@@ -137,9 +145,18 @@ Decisions recorded here:
 
 - Image URLs: `http`/`https` only, absolute. Refused: `javascript:`, `data:`, `file:`,
   `ftp:`, relative (`/x.png`) and protocol-relative (`//host/x.png`) URLs. Accepted: URLs
-  with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: the server
-  never fetches an image URL, it only passes it to DashScope, which fetches it from its own
-  network, and the credentials are the sender's own, shown only to them (and to reviewers).
+  with credentials (`https://user:pw@host/x.png`) and loopback or private hosts: they are
+  passed to DashScope, which fetches them from its own network, and the credentials are the
+  sender's own, shown only to them (and to reviewers). Their thumbnails come through the
+  image proxy (conversations/images.py), which is the only code that fetches one: it never
+  sends credentials (such a URL gets the placeholder) and never reaches a non-public address
+  unless the host is in QWENWEB_IMAGE_PROXY_ALLOWED_HOSTS. A refused or failed image is a
+  placeholder SVG answered 200 (so the `<img>` shows it) with `X-Qwenweb-Image: refused` and
+  `X-Qwenweb-Image-Reason` (not-allowed, not-an-image, too-large, unavailable); who may not
+  see the message gets the same 404 as for a missing one.
+- Thumbnails are the one exception to `no-store` below: `private, max-age=86400` (60 for a
+  placeholder) with `Vary: Cookie`, so no shared cache keeps them and a copy is not reused
+  once the session cookie has changed (qwenweb/cache_control.keep_in_readers_cache).
 - Caching: `Cache-Control: no-store, private` on every response to a signed-in user
   (qwenweb/cache_control.py). Static files keep WhiteNoise's public caching (the middleware
   sits after it); the health check and the sign-in page already carry Django's never_cache
@@ -715,9 +732,11 @@ IDOR_REQUESTS = {
     "conversation_version": ("post", "", {"step": "-1"}),
     "conversation_images": ("post", "", {"image": "PNG"}),  # an image, made per request
     "conversation_image": ("get", "", {}),
+    "message_image": ("get", "", {}),
 }
-# Routes that also name one of the conversation's messages: alice's newest is tried.
-MESSAGE_ROUTES = {"conversation_version"}
+# Routes that also name one of the conversation's messages: alice's newest is tried (for an
+# image, her newest with one, and its first image).
+MESSAGE_ROUTES = {"conversation_version", "message_image"}
 # Routes that also name one of the conversation's uploads: alice's is tried.
 UPLOAD_ROUTES = {"conversation_image"}
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}
@@ -763,7 +782,11 @@ def test_foreign_conversation_is_404_and_unchanged(client, alices_chat, bob, nam
 
 
 def _route_extra(conversation, name: str) -> list[int]:
-    """The arguments after the conversation's id: its newest message, or its upload."""
+    """The arguments after the conversation's id: its newest message (with an image, and the
+    image's index, for an image's route), or its upload."""
+    if name == "message_image":
+        with_images = conversation.messages.filter(images__isnull=False).order_by("pk")
+        return [with_images.last().pk, 0]
     if name in MESSAGE_ROUTES:
         return [conversation.messages.order_by("pk").last().pk]
     if name in UPLOAD_ROUTES:
@@ -790,8 +813,8 @@ def test_another_users_message_through_ones_own_chat_is_404(client, alices_chat,
     before = snapshot(alices_chat)
     client.force_login(bob)
     method, suffix, data = IDOR_REQUESTS[name]
-    [theirs] = _route_extra(alices_chat, name)
-    response = getattr(client, method)(reverse(name, args=[mine.id, theirs]) + suffix, data)
+    theirs = _route_extra(alices_chat, name)
+    response = getattr(client, method)(reverse(name, args=[mine.id, *theirs]) + suffix, data)
     assert response.status_code == 404
     assert snapshot(alices_chat) == before
 
@@ -1423,11 +1446,11 @@ def local_http_server():
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
 async def test_server_never_fetches_image_urls(app_simulator, local_http_server):
-    """Private and loopback addresses are refused if the server ever fetches: it does not;
-    this test fails if it starts to. Image URLs sent to a vision model (over the socket and
-    through the home page's form) pointing at a server on 127.0.0.1 are only passed on to
-    DashScope: rendering the chat, the exports and the admin pages makes no request to it
-    either."""
+    """Image URLs sent to a vision model (over the socket and through the home page's form)
+    pointing at a server on 127.0.0.1 are only passed on to DashScope: rendering the chat,
+    the exports and the admin pages makes no request to it either (their thumbnails are
+    fetched by the image proxy only when a browser asks for one, and it refuses loopback:
+    tests/test_images.py)."""
     base, hits = local_http_server
     urls = [f"{base}/cat.png", f"{base}/latest/meta-data/iam.png"]
     owner = await make_user("alice")
