@@ -77,3 +77,18 @@ def _dashscope_settings(request, settings):
 def _media_root(settings, tmp_path_factory):
     """Uploaded images go to a temporary directory, never the checkout's var/."""
     settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture
+def alice(db):
+    """A user of the app (a module that needs another password defines its own)."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("alice", password="pw")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    """Django's test client, signed in as alice."""
+    client.force_login(alice)
+    return client

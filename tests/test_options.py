@@ -9,7 +9,6 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.contrib.auth import get_user_model
 from django.test import Client
 
 from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
@@ -74,17 +73,6 @@ OUT_OF_RANGE = [
     ("system_prompt", "999999"),
     ("system_prompt", "abc"),
 ]
-
-
-@pytest.fixture
-def alice(db):
-    return get_user_model().objects.create_user("alice", password="pw")
-
-
-@pytest.fixture
-def alice_client(client, alice):
-    client.force_login(alice)
-    return client
 
 
 def post_settings(client, conversation, data, **headers):

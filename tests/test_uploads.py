@@ -40,17 +40,6 @@ def upload(client, chat, content: bytes, name="photo.png", content_type="image/p
 
 
 @pytest.fixture
-def alice(db):
-    return get_user_model().objects.create_user("alice", password="pw")
-
-
-@pytest.fixture
-def alice_client(client, alice):
-    client.force_login(alice)
-    return client
-
-
-@pytest.fixture
 def chat(alice):
     return conversation_create(owner=alice, model=ModelProfile.objects.get(name="qwen3-vl-plus"))
 

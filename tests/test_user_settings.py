@@ -14,12 +14,6 @@ def alice():
     return get_user_model().objects.create_user("alice", password="old-pw-123")
 
 
-@pytest.fixture
-def alice_client(client, alice):
-    client.force_login(alice)
-    return client
-
-
 def test_defaults_apply_to_the_users_new_chats_only(alice_client, alice):
     page = alice_client.get("/settings/")
     assert page.status_code == 200

@@ -18,19 +18,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def alice():
-    return get_user_model().objects.create_user("alice", password="pw")
-
-
-@pytest.fixture
 def bob():
     return get_user_model().objects.create_user("bob", password="pw")
-
-
-@pytest.fixture
-def alice_client(client, alice):
-    client.force_login(alice)
-    return client
 
 
 def test_pages_need_a_login(client, alice):
