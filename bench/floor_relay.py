@@ -12,7 +12,8 @@ floor of the stack itself on this machine.
     python -m daphne -b 127.0.0.1 -p PORT floor_relay:application   (cwd bench/)
 
 Environment: FLOOR_BASE_URL (the simulator's native ``/api/v1`` URL), FLOOR_API_KEY,
-FLOOR_FRAME_INTERVAL (default 0.04, as QWENWEB_FRAME_INTERVAL). ``GET /healthz`` answers 200;
+FLOOR_FRAME_INTERVAL (default 0.04, as QWENWEB_FRAME_INTERVAL), FLOOR_HTTP_ENGINE (aiohttp or
+httpx, as DASHSCOPE_HTTP_ENGINE). ``GET /healthz`` answers 200;
 ``GET /texts?ids=1,2`` returns ``{id: [text, status]}`` for the bench's delivery check.
 """
 
@@ -49,7 +50,7 @@ def client() -> DashScopeClient:
         config = DashScopeConfig.from_values(
             api_key=os.environ["FLOOR_API_KEY"], base_url=os.environ["FLOOR_BASE_URL"]
         )
-        _client = DashScopeClient(config)
+        _client = DashScopeClient(config, engine=os.environ.get("FLOOR_HTTP_ENGINE", "aiohttp"))
     return _client
 
 
