@@ -4,10 +4,10 @@ A bare ASGI application served by daphne, with no Django, database, channel laye
 template: a websocket `send` frame starts a stream from the simulator through
 ``conversations.dashscope.DashScopeClient`` (the app's own client), and the text goes back
 coalesced the way the app does it (the first delta at once, then at most one frame per
-interval) in the same lean frames, ``+<id>:<text>``, ended by a fragment carrying
-``data-role="assistant" data-status="complete"``. What the app costs above these figures is
-what Django, the database, the channel layer and the rendering add; what this costs is the
-floor of the stack itself on this machine.
+interval, the last one as soon as the stream ends) in the same lean frames, ``+<id>:<text>``,
+ended by a fragment carrying ``data-role="assistant" data-status="complete"``. What the app
+costs above these figures is what Django, the database, the channel layer and the rendering
+add; what this costs is the floor of the stack itself on this machine.
 
     python -m daphne -b 127.0.0.1 -p PORT floor_relay:application   (cwd bench/)
 
@@ -79,7 +79,8 @@ async def relay(send, reply_id: int, content: str) -> None:
             published, marker = len(text), "+:"
         if done:
             break
-        await asyncio.sleep(FRAME_INTERVAL)
+        # Coalesce, but send the last frame as soon as the stream ends (as the app does).
+        await asyncio.wait({upstream}, timeout=FRAME_INTERVAL)
     if upstream.exception() is not None:
         status = "error"
     _texts[reply_id] = (text, status)
