@@ -4,15 +4,16 @@ A bare ASGI application served by daphne, with no Django, database, channel laye
 template: a websocket `send` frame starts a stream from the simulator through
 ``conversations.dashscope.DashScopeClient`` (the app's own client), and the text goes back
 coalesced the way the app does it (the first delta at once, then at most one frame per
-interval) in the same lean frames, ``+<id>:<text>``, ended by a fragment carrying
-``data-role="assistant" data-status="complete"``. What the app costs above these figures is
-what Django, the database, the channel layer and the rendering add; what this costs is the
-floor of the stack itself on this machine.
+interval, the last one as soon as the stream ends) in the same lean frames, ``+<id>:<text>``,
+ended by a fragment carrying ``data-role="assistant" data-status="complete"``. What the app
+costs above these figures is what Django, the database, the channel layer and the rendering
+add; what this costs is the floor of the stack itself on this machine.
 
     python -m daphne -b 127.0.0.1 -p PORT floor_relay:application   (cwd bench/)
 
 Environment: FLOOR_BASE_URL (the simulator's native ``/api/v1`` URL), FLOOR_API_KEY,
-FLOOR_FRAME_INTERVAL (default 0.04, as QWENWEB_FRAME_INTERVAL). ``GET /healthz`` answers 200;
+FLOOR_FRAME_INTERVAL (default 0.04, as QWENWEB_FRAME_INTERVAL), FLOOR_HTTP_ENGINE (aiohttp or
+httpx, as DASHSCOPE_HTTP_ENGINE). ``GET /healthz`` answers 200;
 ``GET /texts?ids=1,2`` returns ``{id: [text, status]}`` for the bench's delivery check.
 """
 
@@ -49,7 +50,7 @@ def client() -> DashScopeClient:
         config = DashScopeConfig.from_values(
             api_key=os.environ["FLOOR_API_KEY"], base_url=os.environ["FLOOR_BASE_URL"]
         )
-        _client = DashScopeClient(config)
+        _client = DashScopeClient(config, engine=os.environ.get("FLOOR_HTTP_ENGINE", "aiohttp"))
     return _client
 
 
@@ -78,7 +79,8 @@ async def relay(send, reply_id: int, content: str) -> None:
             published, marker = len(text), "+:"
         if done:
             break
-        await asyncio.sleep(FRAME_INTERVAL)
+        # Coalesce, but send the last frame as soon as the stream ends (as the app does).
+        await asyncio.wait({upstream}, timeout=FRAME_INTERVAL)
     if upstream.exception() is not None:
         status = "error"
     _texts[reply_id] = (text, status)

@@ -40,6 +40,7 @@ import asyncio
 import json
 import logging
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 from django.utils import translation
@@ -91,6 +92,16 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await super().__call__(scope, receive, send)
         finally:
             await self._clean_up()
+
+    async def dispatch(self, message) -> None:
+        # Channels' dispatch first closes the old database connections of its shared sync
+        # thread, a hop to that thread and back for every frame and every event. This
+        # consumer reaches the database only through conversations/db.py, whose threads check
+        # and keep their own connections, so that hop buys nothing here (bench/README.md).
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         user = self.scope.get("user")

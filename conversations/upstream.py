@@ -68,11 +68,14 @@ def get_config() -> DashScopeConfig:
 
 
 def get_client() -> DashScopeClient:
-    """The client shared by every reply running on this event loop (one per process)."""
+    """The client shared by every reply running on this event loop (one per process).
+
+    Its HTTP engine (settings.DASHSCOPE_HTTP_ENGINE) is chosen here and nowhere else.
+    """
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = DashScopeClient(get_config())
+        client = DashScopeClient(get_config(), engine=settings.DASHSCOPE_HTTP_ENGINE)
         _clients[loop] = client
     return client
 

@@ -297,6 +297,13 @@ if DASHSCOPE_REGION not in {"intl", "cn"}:
     )
 # Seconds without a byte from DashScope mid-reply before the reply is given up as stalled.
 DASHSCOPE_STALL_TIMEOUT = float(os.environ.get("DASHSCOPE_STALL_TIMEOUT", "60"))
+# What moves the bytes under the DashScope client: aiohttp (less CPU per streamed token,
+# bench/README.md) or httpx's own transport. Both give the same replies and the same errors.
+DASHSCOPE_HTTP_ENGINE = os.environ.get("DASHSCOPE_HTTP_ENGINE", "aiohttp") or "aiohttp"
+if DASHSCOPE_HTTP_ENGINE not in {"aiohttp", "httpx"}:
+    raise ImproperlyConfigured(
+        f"DASHSCOPE_HTTP_ENGINE must be 'aiohttp' or 'httpx', not {DASHSCOPE_HTTP_ENGINE!r}."
+    )
 QWENWEB_DEFAULT_MODEL = os.environ.get("QWENWEB_DEFAULT_MODEL", "qwen-plus") or "qwen-plus"
 
 # Streaming: one frame per this many seconds after the first delta, and a database checkpoint

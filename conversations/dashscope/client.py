@@ -31,6 +31,7 @@ from .sanitize import (
 )
 from .sse import DONE, RawData, SSEFrame, aiter_frames, parse_frames
 from .tools import ToolCallAccumulator
+from .transport import Engine, open_http_client
 from .types import (
     ChatMessage,
     ChatRequest,
@@ -58,8 +59,9 @@ class DashScopeClient:
     """Calls DashScope chat models.
 
     Pass a shared ``httpx.AsyncClient`` as ``http`` to reuse one connection pool per process;
-    otherwise the client owns one and ``aclose`` closes it. ``sleep`` is the backoff sleeper
-    (tests inject a recorder).
+    otherwise the client owns one, moved by ``engine`` (aiohttp or httpx's own, see
+    ``transport.py``), and ``aclose`` closes it. ``sleep`` is the backoff sleeper (tests
+    inject a recorder).
     """
 
     def __init__(
@@ -67,20 +69,12 @@ class DashScopeClient:
         config: DashScopeConfig,
         *,
         http: httpx.AsyncClient | None = None,
+        engine: Engine = "aiohttp",
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._config = config
         self._owns_http = http is None
-        # No cap on connections: every streaming reply holds one for its whole length, and
-        # httpx's default of 100 would make the 101st wait for a free one.
-        self._http = (
-            http
-            if http is not None
-            else httpx.AsyncClient(
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-            )
-        )
+        self._http = http if http is not None else open_http_client(engine)
         self._sleep = sleep
 
     def __repr__(self) -> str:

@@ -100,6 +100,9 @@ class Generation:
         self._checkpointed = 0
         self._checkpoint_task: asyncio.Task | None = None
         self._publish_failures = 0
+        # Set while the publisher waits out the frame interval; woken early when the
+        # upstream ends, so the reply's last frame goes at once.
+        self._waker: asyncio.Future | None = None
         self.layer = get_channel_layer()
         # A socket in another process reads this reply: deltas go over the channel layer too.
         self.remote_readers = False
@@ -135,8 +138,11 @@ class Generation:
 
     async def run(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
         self._upstream = asyncio.create_task(self._consume())
+        self._upstream.add_done_callback(self._upstream_ended)
         if self.stop_requested:
             self._upstream.cancel()
+        # Let the request go out before the announcement's work below (P1, bench/README.md).
+        await asyncio.sleep(0)
         self._control_group = events.control_group(self.conversation_id)
         self._control_channel = None
         listener = publisher = None
@@ -170,6 +176,7 @@ class Generation:
                 listener.cancel()
             self._done = True
             self._dirty.set()
+            self._wake()
             for outcome in await asyncio.gather(
                 publisher or asyncio.sleep(0),
                 self._checkpoint_task or asyncio.sleep(0),
@@ -323,14 +330,41 @@ class Generation:
             # Pages that miss it see the steps with the next checkpoint's render, or the end.
             logger.warning("Publishing the tool steps of %s failed", self.message_id, exc_info=True)
 
+    def _upstream_ended(self, _task: asyncio.Task) -> None:
+        self._done = True
+        self._dirty.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    async def _nap(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the upstream ends meanwhile (as asyncio.sleep does it,
+        with a way to be woken early)."""
+        if self._done:
+            return
+        loop = asyncio.get_running_loop()
+        self._waker = waker = loop.create_future()
+        handle = loop.call_later(seconds, _resolve, waker)
+        try:
+            await waker
+        finally:
+            handle.cancel()
+            self._waker = None
+
     async def _publish_loop(self) -> None:
         """The first delta goes out at once; later ones are coalesced into one frame per
-        interval, each carrying only the text since the previous frame."""
+        interval, each carrying only the text since the previous frame. The last frame goes
+        as soon as the upstream ends."""
         while True:
-            # Wake up now and then even without text, so a long silence upstream still
-            # refreshes the heartbeat that tells other processes this reply is alive.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=liveness.HEARTBEAT_INTERVAL)
+            if not self._dirty.is_set():
+                # Wake up now and then even without text, so a long silence upstream still
+                # refreshes the heartbeat that tells other processes this reply is alive.
+                # (Only when nothing is pending: a timeout per frame costs CPU at scale.)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(liveness.HEARTBEAT_INTERVAL):
+                        await self._dirty.wait()
             self._dirty.clear()
             done = self._done  # read before publishing: text may still arrive meanwhile
             try:
@@ -360,7 +394,7 @@ class Generation:
             ):
                 # In its own task: a slow database must not hold up the frames.
                 self._checkpoint_task = asyncio.create_task(self._checkpoint())
-            await asyncio.sleep(self.frame_interval)
+            await self._nap(self.frame_interval)
 
     async def _publish_pending(self) -> None:
         """Publish what arrived since the last frame: the model's thinking (for models that
@@ -375,12 +409,16 @@ class Generation:
                 self.published = len(text)
             else:
                 self.reasoning_published = len(text)
-            event = events.Delta(
-                message_id=self.message_id, part=part, offset=published, text=text[published:]
-            )
-            await sockets.broadcast(
-                self.conversation_id, event.as_message(), remote=self.remote_readers
-            )
+            # events.Delta(...).as_message(), built directly: dataclasses.asdict copies
+            # deeply, and this runs for every frame of every reply.
+            event = {
+                "type": events.Delta.TYPE,
+                "message_id": self.message_id,
+                "part": part,
+                "offset": published,
+                "text": text[published:],
+            }
+            await sockets.broadcast(self.conversation_id, event, remote=self.remote_readers)
 
     async def _checkpoint(self) -> None:
         """Save the partial text (and so refresh updated_at, the reply's heartbeat)."""
@@ -440,6 +478,11 @@ class Generation:
 
 
 SAVED, RESUMED = "saved", "resumed"
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @db_async
