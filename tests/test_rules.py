@@ -25,9 +25,19 @@ def test_a_form_post_and_a_socket_frame_are_cleaned_alike():
         == {
             "content": "  look at this",
             "image_urls": ["https://e.com/a.png", "https://e.com/b.png"],
+            "image_ids": [],
             "client_message_id": None,
         }
     )
+    # The uploads a send names: numbers from a socket, their digits from a form.
+    assert MessageForm({"content": "x", "image_ids": [3, "4", 3]}).valid()["image_ids"] == [3, 4]
+    assert MessageForm({"content": "x", "image_ids": "7"}).valid()["image_ids"] == [7]
+    refused = MessageForm({"content": "x", "image_ids": ["abc"]})
+    assert not refused.is_valid() and "is gone" in str(refused.refusal())
+    too_many = MessageForm(
+        {"content": "x", "image_urls": "https://e.com/a.png", "image_ids": [1, 2, 3, 4]}
+    )
+    assert not too_many.is_valid() and "At most 4 images" in str(too_many.refusal())
 
 
 @pytest.mark.parametrize(
