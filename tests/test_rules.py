@@ -25,6 +25,7 @@ def test_a_form_post_and_a_socket_frame_are_cleaned_alike():
         == {
             "content": "  look at this",
             "image_urls": ["https://e.com/a.png", "https://e.com/b.png"],
+            "image_ids": [],
             "client_message_id": None,
         }
     )
