@@ -393,12 +393,8 @@ def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
 @require_GET
 def conversation_image(request: HttpRequest, conversation_id, upload_id: int) -> HttpResponse:
     """An uploaded image, to the chat's owner and to reviewers; 404 to everyone else."""
-    chats = Conversation.objects.all()
-    if not request.user.has_perm("conversations.review_conversation"):
-        chats = chats.owned_by(request.user)
-    upload = get_object_or_404(
-        Upload, pk=upload_id, conversation__in=chats.filter(pk=conversation_id)
-    )
+    chats = Conversation.objects.readable_by(request.user).filter(pk=conversation_id)
+    upload = get_object_or_404(Upload, pk=upload_id, conversation__in=chats)
     try:
         response = FileResponse(upload.file.open("rb"), content_type=upload.content_type)
     except OSError:
@@ -406,8 +402,7 @@ def conversation_image(request: HttpRequest, conversation_id, upload_id: int) ->
     response["X-Content-Type-Options"] = "nosniff"
     response["Content-Security-Policy"] = "default-src 'none'"
     response["Content-Disposition"] = "inline"
-    response["Cache-Control"] = "private, max-age=86400"
-    return response
+    return keep_in_readers_cache(response, max_age=86400)  # an upload never changes
 
 
 @require_POST
