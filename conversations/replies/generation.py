@@ -141,14 +141,14 @@ class Generation:
         self._upstream.add_done_callback(self._upstream_ended)
         if self.stop_requested:
             self._upstream.cancel()
-        # Let the request go out before the announcement's work below (P1, bench/README.md).
-        await asyncio.sleep(0)
         self._control_group = events.control_group(self.conversation_id)
         self._control_channel = None
         listener = publisher = None
         status, error = Message.Status.ERROR, None
         try:
             try:
+                # Let the request go out before the work below (P1, bench/README.md).
+                await asyncio.sleep(0)
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))
