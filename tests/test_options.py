@@ -453,3 +453,27 @@ async def test_json_output_gives_a_json_reply_shown_formatted(app_simulator):
         f'id="message-{reply.pk}-body" class="message__body markdown" data-json><pre><code>{{\n'
         in page
     )
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_think_with_a_budget_reaches_dashscope_and_the_reasoning_is_kept_apart(
+    app_simulator, protocol
+):
+    await ModelProfile.objects.filter(name="qwen-plus").aupdate(protocol=protocol)
+    owner, conversation, ws = await open_chat()
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    await sync_to_async(post_settings)(
+        client, conversation, {"enable_thinking": ["off", "on"], "thinking_budget": "40"}
+    )
+    reply = await ask(ws, conversation, "Why is the sky blue?")
+    await ws.disconnect()
+    body = app_simulator.requests[-1].body
+    sent = body["parameters"] if protocol == "native" else body
+    assert (sent["enable_thinking"], sent["thinking_budget"]) == (True, 40)
+    assert reply.status == "complete" and reply.reasoning and reply.content
+    assert reply.reasoning not in reply.content, "saved apart from the answer"
+    page = (await sync_to_async(client.get)(f"/c/{conversation.id}/")).content.decode()
+    assert '<details class="message__reasoning">' in page, "folded once finished"
