@@ -374,7 +374,7 @@ def _sampling_fields(model: ModelProfile) -> list[dict]:
 @require_POST
 def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
     """Upload an image into a chat (multipart, field `image`): {"id", "url", "width",
-    "height"} with 201, or {"error": <sentence>} with 400. The send that names it in
+    "height"} with 200, or {"error": <sentence>} with 400. The send that names it in
     `image_ids` attaches it to the message (conversations/uploads.py)."""
     conversation = _owned(request, conversation_id)
     file = request.FILES.get("image")
@@ -386,7 +386,7 @@ def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
         return JsonResponse({"error": str(refusal)}, status=400)
     url = reverse("conversation_image", args=[conversation.id, upload.pk])
     return JsonResponse(
-        {"id": upload.pk, "url": url, "width": upload.width, "height": upload.height}, status=201
+        {"id": upload.pk, "url": url, "width": upload.width, "height": upload.height}, status=200
     )
 
 
