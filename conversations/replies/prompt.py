@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from conversations import uploads
 from conversations.dashscope import ChatMessage, ChatRequest
-from conversations.models import Conversation, Message
+from conversations.models import Conversation, Message, MessageImage
 from conversations.replies import branches, options, tools
 
 # Room kept free in the context window for the reply itself when trimming history.
@@ -33,23 +33,23 @@ def build_request(
     profile = conversation.model
     # The reply's own branch only: other versions are not part of what it answers.
     path = branches.load(conversation).path(reply_to.parent_id)
-    history = conversation.messages.filter(pk__in=path).exclude(role=Message.Role.SYSTEM)
-    if profile.accepts_images:
-        history = history.prefetch_related("images__upload")
-    history = list(history.order_by("pk"))
+    # Only the fields a request needs, as plain values: a long chat's history costs its rows,
+    # not a model instance (and its date and JSON conversions) per message.
+    history = (
+        conversation.messages.filter(pk__in=path)
+        .exclude(role=Message.Role.SYSTEM)
+        .order_by("pk")
+        .values_list("pk", "role", "content", "tool_steps")
+    )
+    images = _images(history, profile)
     turns: list[ChatMessage] = []
-    for message in history:
-        if message.role == Message.Role.ASSISTANT and not message.content:
+    for pk, role, content, tool_steps in history:
+        if role == Message.Role.ASSISTANT and not content:
             continue  # a reply that failed before writing anything has nothing to recall
-        images = (
-            [image.url or uploads.data_url(image.upload) for image in message.images.all()]
-            if profile.accepts_images and message.role == Message.Role.USER
-            else []
-        )
-        if message.role == Message.Role.ASSISTANT and message.tool_steps:
-            turns.extend(reply_turns(message.content, message.tool_steps))
+        if role == Message.Role.ASSISTANT and tool_steps:
+            turns.extend(reply_turns(content, tool_steps))
             continue
-        turns.append(ChatMessage(role=message.role, content=message.content, images=images))
+        turns.append(ChatMessage(role=role, content=content, images=images.get(pk, [])))
     if partial:
         turns.append(ChatMessage(role="assistant", content=reply_to.content, partial=True))
 
@@ -86,6 +86,23 @@ def build_request(
         protocol=profile.protocol,
         parameters=parameters,
     )
+
+
+def _images(history, profile) -> dict[int, list[str]]:
+    """The images of the history's user messages, for a vision model (none for another): each
+    message's, in order, as URLs (an upload as a data: URL)."""
+    if not profile.accepts_images:
+        return {}
+    found: dict[int, list[str]] = {}
+    rows = (
+        MessageImage.objects.filter(message__in=history.filter(role=Message.Role.USER).values("pk"))
+        .select_related("upload")
+        .order_by("pk")
+    )
+    for image in rows:
+        url = image.url or uploads.data_url(image.upload)
+        found.setdefault(image.message_id, []).append(url)
+    return found
 
 
 def step_turns(text: str, step: dict) -> list[ChatMessage]:
