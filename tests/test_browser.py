@@ -771,3 +771,36 @@ def test_an_image_url_shows_as_a_thumbnail_from_the_apps_own_origin(
     assert images.hits["/cat.png"] == 1, "the proxy fetched the image again"
     assert not [u for u in requests if u.startswith(images.base) or "10.0.0.1" in u]
     assert {u.split("/")[2] for u in requests} == {app.url.split("/")[2]}
+
+
+def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(browser, live_app, alice_state):
+    """At 375 px the sidebar is hidden; [data-action=open-sidebar] opens it as a drawer with
+    New chat, the chats, settings, language and sign-out; Escape closes it; the title stays
+    readable."""
+    context = browser.new_context(
+        viewport={"width": 375, "height": 740}, locale="en-US", storage_state=alice_state
+    )
+    try:
+        page = context.new_page()
+        page.goto(f"{live_app.url}/")
+        title = f"A phone chat with a readable title {_token()}"
+        _start_chat(page, live_app, title)
+        _wait_status(page, "complete")
+        assert not page.is_visible("#sidebar")
+        assert page.locator("#chat-title input").bounding_box()["width"] > 250
+        page.click("[data-action=open-sidebar]")
+        page.wait_for_function("() => document.body.classList.contains('is-drawer-open')")
+        page.wait_for_timeout(250)  # the slide-in
+        for selector in ("#new-chat", "#user-settings", "#logout", ".lang-form select"):
+            assert page.is_visible(selector), selector
+        assert page.get_attribute("[data-action=open-sidebar]", "aria-expanded") == "true"
+        assert page.locator("#sidebar").bounding_box()["x"] >= 0
+        page.screenshot(path=str(ARTIFACTS / "phone-drawer.png"))
+        page.keyboard.press("Escape")
+        page.wait_for_function("() => !document.body.classList.contains('is-drawer-open')")
+        page.click("[data-action=open-sidebar]")
+        page.click(".drawer-backdrop", position={"x": 360, "y": 400})
+        page.wait_for_function("() => !document.body.classList.contains('is-drawer-open')")
+        page.screenshot(path=str(ARTIFACTS / "phone-chat.png"))
+    finally:
+        context.close()

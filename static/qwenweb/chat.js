@@ -248,6 +248,32 @@
     if (button) button.parentNode.remove();
   });
 
+  // On a phone the list of chats is a drawer: the menu button opens it, the backdrop, Escape
+  // or a chat chosen closes it; focus moves in and back.
+  function drawer(open) {
+    var button = document.querySelector("[data-action=open-sidebar]");
+    var backdrop = document.querySelector(".drawer-backdrop");
+    if (!button || !backdrop) return;
+    document.body.classList.toggle("is-drawer-open", open);
+    button.setAttribute("aria-expanded", open ? "true" : "false");
+    backdrop.hidden = !open;
+    if (open) {
+      var first = document.querySelector("#sidebar a, #sidebar button");
+      if (first) first.focus();
+    } else if (document.activeElement && document.getElementById("sidebar").contains(document.activeElement)) {
+      button.focus();
+    }
+  }
+  document.addEventListener("click", function (event) {
+    var target = event.target.closest ? event.target : null;
+    if (!target) return;
+    if (target.closest("[data-action=open-sidebar]")) drawer(!document.body.classList.contains("is-drawer-open"));
+    else if (target.closest("[data-action=close-sidebar]")) drawer(false);
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape" && document.body.classList.contains("is-drawer-open")) drawer(false);
+  });
+
   // Choosing a language applies it at once (a handler here, not an inline onchange: the
   // Content-Security-Policy runs no inline script).
   document.addEventListener("change", function (event) {
