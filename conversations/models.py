@@ -1,6 +1,7 @@
 """Conversations, their messages, and the catalog admins curate (models, system prompts)."""
 
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
@@ -391,6 +392,8 @@ class Message(models.Model):
         ]
         if self.versions is not None:
             data["versions"] = [self.versions.index, self.versions.count]
+        if self.created_at is not None:
+            data["created_at"] = self.created_at.isoformat()
         return data
 
     @classmethod
@@ -412,6 +415,8 @@ class Message(models.Model):
             from conversations.replies.branches import Versions
 
             message.versions = Versions(*data["versions"])
+        if data.get("created_at"):
+            message.created_at = datetime.fromisoformat(data["created_at"])
         return message
 
     @property

@@ -812,3 +812,15 @@ async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(s
     await owner.asave()
     assert not await _session_signs_in(key, owner.pk)
     assert not await _session_signs_in("no-such-session", owner.pk)
+
+
+async def test_a_finished_reply_keeps_its_timestamp_on_the_page(app_simulator):
+    """The reply's end comes from its generation, which renders it from an event: the time it
+    was written is carried along, so it does not vanish when the reply finishes."""
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("What time is it where you are?"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
+    await ws.disconnect()
+    finished = [frame for frame in transcript.frames if 'data-status="complete"' in frame][-1]
+    assert '<time class="message__time" datetime="' in finished

@@ -375,3 +375,20 @@ def test_every_stopped_or_interrupted_reply_offers_a_way_to_finish_it(alice_clie
         button = re.search(r'<button[^>]*data-action="continue"[^>]*>([^<]*)<', article.group())
         assert button, reply
         assert button.group(1) == ("Continue" if content else "Try again")
+
+
+def test_each_message_shows_when_it_was_written(alice_client, alice, settings):
+    from django.utils import translation
+
+    conversation = conversation_create(owner=alice)
+    question = Message.objects.create(conversation=conversation, role="user", content="When?")
+    Message.objects.create(conversation=conversation, role="assistant", content="Now.")
+    page = alice_client.get(f"/c/{conversation.id}/").content.decode()
+    stamp = question.created_at.isoformat()[:19]
+    assert page.count('<time class="message__time') == 2
+    assert f'datetime="{stamp}' in page
+    with translation.override("zh-hans"):
+        chinese = alice_client.get(
+            f"/c/{conversation.id}/", headers={"Accept-Language": "zh-hans"}
+        ).content.decode()
+    assert "年" in chinese.split('class="message__time')[1][:80], "localized"

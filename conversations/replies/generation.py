@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import itertools
 import logging
 import time
@@ -88,6 +89,7 @@ class Generation:
     # The web pages the reply's search drew on (SearchResults from the client), cleaned.
     sources: list = field(default_factory=list)
     stop_requested: bool = False
+    created_at: datetime.datetime | None = None  # the reply's, for the page's timestamp
     # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
     # save and announce nothing more.
     superseded: bool = False
@@ -242,6 +244,8 @@ class Generation:
             **fields,
         }
         message = {name: message[name] for name in ("pk", "images", *Message.EVENT_FIELDS)}
+        if self.created_at is not None:
+            message["created_at"] = self.created_at.isoformat()
         try:
             event = events.Finished(message_id=self.message_id, message=message)
             await sockets.broadcast(self.conversation_id, event.as_message())

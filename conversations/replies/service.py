@@ -530,6 +530,7 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
         conversation_id=str(conversation.id),
         request=request,
         client=get_client(),
+        created_at=started.assistant_message.created_at,
     )
     await generation.start(announce=announce)
     return started
@@ -619,6 +620,7 @@ async def areply_continue(
         published=len(reply.content),
         reasoning_published=len(reply.reasoning),
         earlier_output_tokens=reply.output_tokens or 0,
+        created_at=reply.created_at,
     )
     await generation.start(announce=announce)
     return continued
