@@ -804,3 +804,21 @@ def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(browser, live_ap
         page.screenshot(path=str(ARTIFACTS / "phone-chat.png"))
     finally:
         context.close()
+
+
+def test_a_draft_survives_a_reload_and_goes_once_sent(live_app, alice_page):
+    page = alice_page()
+    _start_chat(page, live_app, f"Drafts {_token()}")
+    _wait_status(page, "complete")
+    page.fill("#composer-input", "half a thought")
+    page.type("#composer-input", ", typed")
+    page.reload()
+    assert page.input_value("#composer-input") == "half a thought, typed"
+    page.press("#composer-input", "Enter")
+    page.wait_for_function("() => document.querySelector('#composer-input').value === ''")
+    _wait_status(page, "complete")
+    page.reload()
+    assert page.input_value("#composer-input") == ""
+    # Another chat has its own box.
+    page.goto(f"{live_app.url}/")
+    assert page.input_value("#composer-input") == ""

@@ -40,8 +40,30 @@
     if (field.value.trim() && field.form) field.form.requestSubmit();
   });
 
+  // A draft survives a reload: what is typed is kept in this browser, per chat (the home
+  // page's box has its own), until it is sent.
+  function draftKey() {
+    var chat = document.getElementById("chat");
+    return "qwenweb-draft:" + (chat ? chat.getAttribute("data-conversation") : "home");
+  }
+  function saveDraft(text) {
+    try {
+      if (text) localStorage.setItem(draftKey(), text);
+      else localStorage.removeItem(draftKey());
+    } catch (e) { /* storage full or disabled: the draft is just not kept */ }
+  }
+  function restoreDraft(field) {
+    try {
+      var kept = localStorage.getItem(draftKey());
+      if (kept && !field.value) field.value = kept;
+    } catch (e) { /* no storage */ }
+  }
+
   document.addEventListener("input", function (event) {
-    if (event.target && event.target.id === "composer-input") autosize(event.target);
+    if (event.target && event.target.id === "composer-input") {
+      autosize(event.target);
+      saveDraft(event.target.value);
+    }
   });
 
   // The first message on the home page is a plain form post; give it an id as well, one per
@@ -51,6 +73,7 @@
     if (form.id === "composer" && !form.hasAttribute("ws-send")) {
       var field = form.elements.client_message_id;
       if (!field.value) field.value = uuid4();
+      saveDraft(""); // sent (a refusal puts the text back in the box, from the server)
     }
   });
 
@@ -127,6 +150,7 @@
       // Clear what was sent, not what the user has typed since.
       if (field && field.value === pendingText) {
         field.value = "";
+        saveDraft("");
         autosize(field);
         var images = document.getElementById("composer-image-urls");
         if (images) images.value = "";
@@ -287,6 +311,6 @@
     syncImageField();
     toBottom();
     var field = document.getElementById("composer-input");
-    if (field) { autosize(field); field.focus(); }
+    if (field) { restoreDraft(field); autosize(field); field.focus(); }
   });
 })();
