@@ -33,6 +33,11 @@ urlpatterns = [
         views.message_image,
         name="message_image",
     ),
+    path(
+        "c/<uuid:conversation_id>/messages/<int:message_id>/markdown/",
+        views.message_markdown,
+        name="message_markdown",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

@@ -405,6 +405,16 @@ def conversation_image(request: HttpRequest, conversation_id, upload_id: int) ->
     return keep_in_readers_cache(response, max_age=86400)  # an upload never changes
 
 
+@require_GET
+def message_markdown(request: HttpRequest, conversation_id, message_id: int) -> HttpResponse:
+    """A message's text as written (Markdown), for its Copy button: plain text, never a page."""
+    conversation = _owned(request, conversation_id)
+    message = get_object_or_404(Message, pk=message_id, conversation=conversation)
+    response = HttpResponse(message.content, content_type="text/plain; charset=utf-8")
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
 @require_POST
 def conversation_version(request: HttpRequest, conversation_id, message_id: int) -> HttpResponse:
     """Show another version of a message (`step` -1 or 1): the branch under it replaces the

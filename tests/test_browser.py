@@ -822,3 +822,41 @@ def test_a_draft_survives_a_reload_and_goes_once_sent(live_app, alice_page):
     # Another chat has its own box.
     page.goto(f"{live_app.url}/")
     assert page.input_value("#composer-input") == ""
+
+
+def _clipboard_once_filled(page, within: float = 5.0) -> str:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        text = page.evaluate("navigator.clipboard.readText()")
+        if text:
+            return text
+        page.wait_for_timeout(50)
+    return ""
+
+
+def test_copy_takes_a_reply_as_markdown_and_a_code_block_as_its_code(
+    browser, live_app, alice_state, app_simulator
+):
+    context = browser.new_context(
+        viewport={"width": 1200, "height": 800}, locale="en-US", storage_state=alice_state
+    )
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_app.url)
+    try:
+        page = context.new_page()
+        page.goto(f"{live_app.url}/")
+        token = _token()
+        reply = f"Here:\n\n```python\nprint('{token}')\n```\n\n**Done.**"
+        app_simulator.add_scenario(Scenario(match=token, reply=reply))
+        _start_chat(page, live_app, f"Code please {token}")
+        _wait_status(page, "complete")
+        answer = _assistant(page)
+        answer.locator(".message__actions [data-action=copy]").click()
+        assert _clipboard_once_filled(page) == reply
+        code_button = answer.locator("pre [data-action=copy]")
+        page.evaluate("navigator.clipboard.writeText('')")
+        code_button.click()
+        assert _clipboard_once_filled(page) == f"print('{token}')\n"
+        assert code_button.inner_text() == "Copied"
+        page.screenshot(path=str(ARTIFACTS / "copy.png"))
+    finally:
+        context.close()

@@ -733,10 +733,11 @@ IDOR_REQUESTS = {
     "conversation_images": ("post", "", {"image": "PNG"}),  # an image, made per request
     "conversation_image": ("get", "", {}),
     "message_image": ("get", "", {}),
+    "message_markdown": ("get", "", {}),
 }
 # Routes that also name one of the conversation's messages: alice's newest is tried (for an
 # image, her newest with one, and its first image).
-MESSAGE_ROUTES = {"conversation_version", "message_image"}
+MESSAGE_ROUTES = {"conversation_version", "message_image", "message_markdown"}
 # Routes that also name one of the conversation's uploads: alice's is tried.
 UPLOAD_ROUTES = {"conversation_image"}
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}

@@ -272,6 +272,64 @@
     if (button) button.parentNode.remove();
   });
 
+  // Copy: a reply as written (Markdown, fetched from the server), or a code block as shown
+  // (its code only). The clipboard API needs https or localhost; on plain http the older
+  // copy command does it.
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+    return Promise.resolve();
+  }
+  function copied(button) {
+    var label = button.textContent;
+    button.textContent = button.getAttribute("data-copied-text") || "✓";
+    setTimeout(function () { button.textContent = label; }, 1500);
+  }
+  function addCodeCopyButtons(root) {
+    var label = document.getElementById("chat");
+    var text = label ? label.getAttribute("data-copy-code-text") : "Copy";
+    var done = label ? label.getAttribute("data-copied-text") : "Copied";
+    Array.prototype.forEach.call((root || document).querySelectorAll(".markdown pre"), function (pre) {
+      if (pre.querySelector("[data-action=copy]")) return;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "code-copy";
+      button.setAttribute("data-action", "copy");
+      button.setAttribute("data-copied-text", done);
+      button.textContent = text;
+      pre.appendChild(button);
+    });
+  }
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("[data-action=copy]");
+    if (!button) return;
+    var url = button.getAttribute("data-copy-url");
+    if (url) {
+      fetch(url, { credentials: "same-origin" })
+        .then(function (response) { return response.text(); })
+        .then(copyText)
+        .then(function () { copied(button); });
+    } else {
+      var code = button.parentNode.querySelector("code");
+      copyText(code ? code.textContent : "").then(function () { copied(button); });
+    }
+  });
+  // After a finished reply arrives (over the socket), a branch or earlier messages are swapped in.
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    addCodeCopyButtons(document.getElementById("messages"));
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    addCodeCopyButtons(document.getElementById("messages"));
+  });
+
   // On a phone the list of chats is a drawer: the menu button opens it, the backdrop, Escape
   // or a chat chosen closes it; focus moves in and back.
   function drawer(open) {
@@ -312,5 +370,6 @@
     toBottom();
     var field = document.getElementById("composer-input");
     if (field) { restoreDraft(field); autosize(field); field.focus(); }
+    addCodeCopyButtons(document);
   });
 })();
