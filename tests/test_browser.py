@@ -860,3 +860,32 @@ def test_copy_takes_a_reply_as_markdown_and_a_code_block_as_its_code(
         page.screenshot(path=str(ARTIFACTS / "copy.png"))
     finally:
         context.close()
+
+
+def test_a_reader_who_scrolled_up_is_not_pulled_down_and_can_jump_to_latest(
+    live_app, alice_page, app_simulator
+):
+    page = alice_page()
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=f"long {token}", tokens=900))
+    _start_chat(page, live_app, f"First {token}")
+    _wait_status(page, "complete")
+    page.fill("#composer-input", f"long {token}")
+    page.press("#composer-input", "Enter")
+    _wait_status(page, "streaming")
+    page.wait_for_function(
+        "() => { const s = document.getElementById('chat-scroll'); "
+        "return s.scrollHeight > s.clientHeight + 300; }"
+    )
+    page.evaluate("document.getElementById('chat-scroll').scrollTop = 0")
+    page.wait_for_selector("#jump-to-latest:not([hidden])")
+    assert page.evaluate("document.getElementById('chat-scroll').scrollTop") == 0, "stays put"
+    page.screenshot(path=str(ARTIFACTS / "jump-to-latest.png"))
+    page.click("[data-action=jump-to-latest]")
+    page.wait_for_selector("#jump-to-latest[hidden]", state="attached")
+    top = page.evaluate(
+        "(() => { const s = document.getElementById('chat-scroll'); "
+        "return s.scrollHeight - s.scrollTop - s.clientHeight; })()"
+    )
+    assert top < 120
+    _wait_status(page, "complete", timeout=60_000)

@@ -23,7 +23,18 @@
     var s = scroller();
     return !s || s.scrollHeight - s.scrollTop - s.clientHeight < 120;
   }
-  function toBottom() { var s = scroller(); if (s) s.scrollTop = s.scrollHeight; }
+  function toBottom() { var s = scroller(); if (s) s.scrollTop = s.scrollHeight; jumpButton(false); }
+  // A reader who scrolled up is not pulled down by new text; a button offers the way back.
+  function jumpButton(show) {
+    var button = document.getElementById("jump-to-latest");
+    if (button) button.hidden = !show;
+  }
+  document.addEventListener("scroll", function (event) {
+    if (event.target && event.target.id === "chat-scroll" && nearBottom()) jumpButton(false);
+  }, true);
+  document.addEventListener("click", function (event) {
+    if (event.target.closest && event.target.closest("[data-action=jump-to-latest]")) toBottom();
+  });
 
   function autosize(textarea) {
     textarea.style.height = "auto";
@@ -139,6 +150,7 @@
     if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
     else body.appendChild(document.createTextNode(text));
     if (follow) toBottom();
+    else jumpButton(true);
   });
 
   document.addEventListener("htmx:wsAfterMessage", function () {
