@@ -889,3 +889,33 @@ def test_a_reader_who_scrolled_up_is_not_pulled_down_and_can_jump_to_latest(
     )
     assert top < 120
     _wait_status(page, "complete", timeout=60_000)
+
+
+def test_the_theme_follows_the_system_or_the_switch_and_persists(browser, live_app, alice_state):
+    """<html data-theme> says what is shown: the system's scheme by default, the switch's
+    choice once made, and that choice comes with the page after a reload (no flash)."""
+    context = browser.new_context(
+        viewport={"width": 1200, "height": 800}, locale="en-US", color_scheme="dark",
+        storage_state=alice_state,
+    )  # fmt: skip
+    try:
+        page = context.new_page()
+        page.goto(f"{live_app.url}/")
+        theme = "() => document.documentElement.dataset.theme"
+        assert page.evaluate(theme) == "dark", "the system's"
+        background = "() => getComputedStyle(document.body).backgroundColor"
+        dark_background = page.evaluate(background)
+        page.select_option("#theme-select", "light")
+        assert page.evaluate(theme) == "light"
+        assert page.evaluate(background) != dark_background
+        page.reload()
+        assert page.evaluate(theme) == "light"
+        served = page.request.get(f"{live_app.url}/").text()
+        assert '<html lang="en" data-theme-choice="light" data-theme="light">' in served
+        page.screenshot(path=str(ARTIFACTS / "theme-light-on-dark-system.png"))
+        page.select_option("#theme-select", "system")
+        assert page.evaluate(theme) == "dark"
+        page.emulate_media(color_scheme="light")
+        page.wait_for_function("() => document.documentElement.dataset.theme === 'light'")
+    finally:
+        context.close()

@@ -318,7 +318,7 @@ def test_app_pages_send_the_policy_and_their_scripts_carry_its_nonce(pages, name
     assert nonce and len(nonce) >= 22  # 16 random bytes
     html = response.content.decode()
     scripts = _scripts(html)
-    assert len(scripts) == 3
+    assert len(scripts) == 4  # the theme, htmx, its websocket extension, the chat's
     for attributes, body in scripts:
         assert attributes.get("nonce") == nonce, attributes
         assert attributes["src"].startswith("/static/") and not body.strip()

@@ -368,6 +368,28 @@
     if (event.key === "Escape" && document.body.classList.contains("is-drawer-open")) drawer(false);
   });
 
+  // The theme: system, light or dark, chosen in the sidebar, kept in a cookie (the server
+  // renders the page in it: no flash), shown at once; "system" follows the browser's setting,
+  // also when it changes.
+  var darkQuery = window.matchMedia ? matchMedia("(prefers-color-scheme: dark)") : null;
+  function applyTheme(choice) {
+    var root = document.documentElement;
+    root.setAttribute("data-theme-choice", choice);
+    var dark = choice === "dark" || (choice === "system" && darkQuery && darkQuery.matches);
+    root.setAttribute("data-theme", dark ? "dark" : "light");
+  }
+  document.addEventListener("change", function (event) {
+    var select = event.target;
+    if (!select || select.id !== "theme-select") return;
+    document.cookie = "qwenweb_theme=" + select.value + "; path=/; max-age=31536000; SameSite=Lax";
+    applyTheme(select.value);
+  });
+  if (darkQuery && darkQuery.addEventListener) {
+    darkQuery.addEventListener("change", function () {
+      if (document.documentElement.getAttribute("data-theme-choice") === "system") applyTheme("system");
+    });
+  }
+
   // Choosing a language applies it at once (a handler here, not an inline onchange: the
   // Content-Security-Policy runs no inline script).
   document.addEventListener("change", function (event) {
