@@ -919,3 +919,24 @@ def test_the_theme_follows_the_system_or_the_switch_and_persists(browser, live_a
         page.wait_for_function("() => document.documentElement.dataset.theme === 'light'")
     finally:
         context.close()
+
+
+def test_the_keyboard_finds_a_skip_link_first_and_sees_where_focus_is(live_app, alice_page):
+    page = alice_page()
+    # The first focusable element of every page (the home page then puts focus in the
+    # composer, where a keyboard user wants it).
+    first = page.evaluate(
+        "document.querySelector('a[href], button, input, select, textarea').className"
+    )
+    assert first == "skip-link"
+    assert page.locator(".skip-link").bounding_box()["y"] < 0, "out of sight until focused"
+    page.focus(".skip-link")
+    assert page.locator(".skip-link").bounding_box()["y"] >= 0
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    page.focus("#composer-input")
+    ring = page.evaluate("getComputedStyle(document.querySelector('.composer__row')).boxShadow")
+    assert ring != "none", "the composer shows its focus"
+    page.keyboard.press("Shift+Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline == "solid", "a control reached by the keyboard shows a ring"
