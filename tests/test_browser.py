@@ -940,3 +940,24 @@ def test_the_keyboard_finds_a_skip_link_first_and_sees_where_focus_is(live_app, 
     page.keyboard.press("Shift+Tab")
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline == "solid", "a control reached by the keyboard shows a ring"
+
+
+def test_shortcuts_stop_a_reply_focus_the_box_and_are_listed(live_app, alice_page, app_simulator):
+    page = alice_page()
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=f"long {token}", tokens=900))
+    _start_chat(page, live_app, f"long {token}")
+    _wait_status(page, "streaming")
+    page.locator("#chat-title input").focus()
+    page.keyboard.press("Escape")
+    _wait_status(page, "stopped")
+    page.keyboard.press("Shift+Escape")
+    assert page.evaluate("document.activeElement.id") == "composer-input"
+    page.keyboard.press("Control+/")
+    page.wait_for_selector("#shortcuts[open]")
+    assert "Stop the reply being written" in page.inner_text("#shortcuts")
+    page.screenshot(path=str(ARTIFACTS / "shortcuts.png"))
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#shortcuts:not([open])", state="attached")
+    page.keyboard.press("Control+Shift+O")
+    page.wait_for_url(f"{live_app.url}/")

@@ -390,6 +390,35 @@
     });
   }
 
+  // Shortcuts (listed in the dialog Ctrl+/ opens): Esc stops the reply being written,
+  // Shift+Esc focuses the message box, Ctrl+Shift+O starts a new chat.
+  function showShortcuts() {
+    var dialog = document.getElementById("shortcuts");
+    if (dialog && !dialog.open) dialog.showModal();
+  }
+  document.addEventListener("click", function (event) {
+    if (event.target.closest && event.target.closest("[data-action=open-shortcuts]")) showShortcuts();
+  });
+  document.addEventListener("keydown", function (event) {
+    var mod = event.ctrlKey || event.metaKey;
+    if (mod && event.key === "/") { event.preventDefault(); showShortcuts(); return; }
+    if (mod && event.shiftKey && (event.key === "O" || event.key === "o")) {
+      event.preventDefault();
+      window.location.href = "/";
+      return;
+    }
+    if (event.key !== "Escape" || event.defaultPrevented) return;
+    if (document.querySelector("dialog[open]") || document.body.classList.contains("is-drawer-open")) return;
+    if (event.target.closest && event.target.closest(".message__edit")) return;
+    if (event.shiftKey) {
+      var field = document.getElementById("composer-input");
+      if (field) { event.preventDefault(); field.focus(); }
+      return;
+    }
+    var stop = document.querySelector('article[data-status="streaming"] [data-action=stop]');
+    if (stop) { event.preventDefault(); stop.click(); }
+  });
+
   // Choosing a language applies it at once (a handler here, not an inline onchange: the
   // Content-Security-Policy runs no inline script).
   document.addEventListener("change", function (event) {
