@@ -961,3 +961,30 @@ def test_shortcuts_stop_a_reply_focus_the_box_and_are_listed(live_app, alice_pag
     page.wait_for_selector("#shortcuts:not([open])", state="attached")
     page.keyboard.press("Control+Shift+O")
     page.wait_for_url(f"{live_app.url}/")
+
+
+def test_a_finished_reply_is_announced_once_never_token_by_token(
+    live_app, alice_page, app_simulator
+):
+    page = alice_page()
+    token = _token()
+    app_simulator.add_scenario(Scenario(match=token, reply=_words(60, "w")))
+    page.goto(f"{live_app.url}/")
+    _start_chat(page, live_app, f"Warm up {_token()}")
+    _wait_status(page, "complete")
+    page.evaluate(
+        """() => { window.announcements = [];
+          new MutationObserver(() => window.announcements.push(
+            document.getElementById('announcer').textContent)
+          ).observe(document.getElementById('announcer'), {childList: true, characterData: true,
+            subtree: true}); }"""
+    )
+    page.fill("#composer-input", f"Say it {token}")
+    page.press("#composer-input", "Enter")
+    _wait_status(page, "complete")
+    page.wait_for_function("() => window.announcements.length > 0")
+    page.wait_for_timeout(300)
+    announcements = page.evaluate("window.announcements")
+    assert len(announcements) == 1, announcements
+    assert announcements[0].startswith("The reply is complete: w0 w1 w2")
+    assert page.get_attribute("#announcer", "aria-live") == "polite"

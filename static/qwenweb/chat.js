@@ -153,7 +153,30 @@
     else jumpButton(true);
   });
 
+  // A screen reader hears a finished reply once, through a polite live region, never token by
+  // token: the replies seen streaming are remembered, and each is announced when it ends.
+  var streamingSeen = {};
+  function announceFinished() {
+    var announcer = document.getElementById("announcer");
+    if (!announcer) return;
+    Array.prototype.forEach.call(
+      document.querySelectorAll('article[data-role="assistant"][data-status="streaming"]'),
+      function (article) { streamingSeen[article.id] = true; }
+    );
+    Object.keys(streamingSeen).forEach(function (id) {
+      var article = document.getElementById(id);
+      if (article && article.getAttribute("data-status") === "streaming") return;
+      delete streamingSeen[id];
+      if (!article) return;
+      var body = article.querySelector(".message__body");
+      var text = body ? body.textContent.trim() : "";
+      announcer.textContent = (announcer.getAttribute("data-finished-text") || "") + " " +
+        (text.length > 300 ? text.slice(0, 300) + "…" : text);
+    });
+  }
+
   document.addEventListener("htmx:wsAfterMessage", function () {
+    announceFinished();
     var ack = document.getElementById("composer-ack");
     var id = ack && ack.getAttribute("data-client-message-id");
     if (id && id === pendingId) {
