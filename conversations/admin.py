@@ -153,8 +153,10 @@ class MessageImageInline(ReviewPermissionMixin, admin.TabularInline):
 class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     """Messages, including image-URL (multimodal) ones, which admins may add for testing."""
 
-    list_display = ["id", "conversation", "role", "status", "model", "output_tokens", "created_at"]
-    list_filter = ["role", "status", "model"]
+    list_display = [
+        "id", "conversation", "role", "status", "model", "output_tokens", "rating", "created_at",
+    ]  # fmt: skip
+    list_filter = ["role", "status", "model", "rating"]
     search_fields = ["content", "request_id", "conversation__title"]
     raw_id_fields = ["conversation"]
     inlines = [MessageImageInline]
@@ -176,7 +178,7 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     extra = 0
     fields = [
         "role", "status", "content", "images", "thinking", "sources_list", "model",
-        "finish_reason", "error_message", "request_id",
+        "finish_reason", "error_message", "request_id", "rating", "rating_comment",
     ]  # fmt: skip
     readonly_fields = fields
     can_delete = False

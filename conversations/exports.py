@@ -38,6 +38,8 @@ def _message_data(m: Message) -> dict:
         "tool_steps": m.tool_steps,
         "sources": m.sources,
         "json_mode": m.json_mode,
+        "rating": m.rating,
+        "rating_comment": m.rating_comment,
         "status": m.status,
         "model": m.model,
         "finish_reason": m.finish_reason,

@@ -306,6 +306,12 @@ class Message(models.Model):
     sources = models.JSONField(_("sources"), default=list, blank=True)
     # Written in JSON mode (response_format json_object): shown as formatted JSON.
     json_mode = models.BooleanField(_("JSON mode"), default=False)
+    # The owner's verdict on a reply (1 good, -1 bad; None: not rated), with an optional comment:
+    # reviewers see it in the admin, and the export carries it.
+    rating = models.SmallIntegerField(
+        _("rating"), null=True, blank=True, choices=[(1, _("good")), (-1, _("bad"))]
+    )
+    rating_comment = models.TextField(_("rating comment"), blank=True)
     status = models.CharField(
         _("status"), max_length=20, choices=Status, default=Status.COMPLETE, db_index=True
     )
@@ -376,7 +382,7 @@ class Message(models.Model):
     EVENT_FIELDS = (
         "role", "content", "reasoning", "status", "model", "finish_reason", "request_id",
         "input_tokens", "output_tokens", "error_code", "error_message", "tool_steps",
-        "sources", "json_mode",
+        "sources", "json_mode", "rating",
     )  # fmt: skip
 
     def as_event(self) -> dict:

@@ -38,6 +38,11 @@ urlpatterns = [
         views.message_markdown,
         name="message_markdown",
     ),
+    path(
+        "c/<uuid:conversation_id>/messages/<int:message_id>/rating/",
+        views.message_rating,
+        name="message_rating",
+    ),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

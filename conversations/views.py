@@ -28,6 +28,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from conversations import images, sockets, uploads
+from conversations.dashscope.sanitize import strip_controls
 from conversations.exports import active_messages, conversation_data
 from conversations.models import (
     Conversation,
@@ -403,6 +404,38 @@ def conversation_image(request: HttpRequest, conversation_id, upload_id: int) ->
     response["Content-Security-Policy"] = "default-src 'none'"
     response["Content-Disposition"] = "inline"
     return keep_in_readers_cache(response, max_age=86400)  # an upload never changes
+
+
+@require_POST
+def message_rating(request: HttpRequest, conversation_id, message_id: int) -> HttpResponse:
+    """Rate a reply: `rating` 1 (👍), -1 (👎) or 0 (none), and an optional `comment`; answers
+    the reply's rating controls. Another user's chat, or a message that is not a reply: 404."""
+    conversation = _owned(request, conversation_id)
+    message = get_object_or_404(
+        Message, pk=message_id, conversation=conversation, role=Message.Role.ASSISTANT
+    )
+    status = 200
+    rating = request.POST.get("rating")
+    comment = request.POST.get("comment")
+    if rating is not None:
+        if rating not in ("1", "-1", "0"):
+            return HttpResponse(_("A rating is 1, -1 or 0."), status=400)
+        message.rating = int(rating) or None
+        if message.rating is None:
+            message.rating_comment = ""
+    if comment is not None:
+        if len(comment) > 2000:
+            status = 400
+        elif message.rating is not None:
+            message.rating_comment = strip_controls(comment).strip()
+    if status == 200:
+        message.save(update_fields=["rating", "rating_comment"])
+    return render(
+        request,
+        "conversations/partials/stream.html#rating",
+        {"message": message, "comment_saved": comment is not None and status == 200},
+        status=status,
+    )
 
 
 @require_GET

@@ -988,3 +988,22 @@ def test_a_finished_reply_is_announced_once_never_token_by_token(
     assert len(announcements) == 1, announcements
     assert announcements[0].startswith("The reply is complete: w0 w1 w2")
     assert page.get_attribute("#announcer", "aria-live") == "polite"
+
+
+def test_a_reply_is_rated_up_or_down_with_a_comment(live_app, alice_page):
+    page = alice_page()
+    _start_chat(page, live_app, f"Rate me {_token()}")
+    _wait_status(page, "complete")
+    answer = _assistant(page)
+    answer.locator("[data-action=rate-up]").click()
+    answer.locator('[data-action=rate-up][aria-pressed="true"]').wait_for()
+    answer.locator(".message__rating-comment textarea").fill("Short and to the point.")
+    answer.locator("[data-action=rate-comment]").click()
+    page.wait_for_selector("text=Your comment")
+    page.screenshot(path=str(ARTIFACTS / "rating.png"))
+    page.reload()
+    answer = _assistant(page)
+    assert answer.locator("[data-action=rate-up]").get_attribute("aria-pressed") == "true"
+    answer.locator("[data-action=rate-down]").click()
+    answer.locator('[data-action=rate-down][aria-pressed="true"]').wait_for()
+    assert answer.locator("[data-action=rate-up]").get_attribute("aria-pressed") == "false"

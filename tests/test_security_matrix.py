@@ -713,6 +713,7 @@ def snapshot(conversation: Conversation):
         list(fresh.messages.values_list("pk", "role", "content", "status")),
         list(MessageImage.objects.filter(message__conversation=fresh).values_list("url")),
         list(fresh.uploads.values_list("pk", "file", "size")),
+        list(fresh.messages.values_list("rating", "rating_comment")),
     )
 
 
@@ -734,10 +735,11 @@ IDOR_REQUESTS = {
     "conversation_image": ("get", "", {}),
     "message_image": ("get", "", {}),
     "message_markdown": ("get", "", {}),
+    "message_rating": ("post", "", {"rating": "-1", "comment": "pwned by bob"}),
 }
 # Routes that also name one of the conversation's messages: alice's newest is tried (for an
 # image, her newest with one, and its first image).
-MESSAGE_ROUTES = {"conversation_version", "message_image", "message_markdown"}
+MESSAGE_ROUTES = {"conversation_version", "message_image", "message_markdown", "message_rating"}
 # Routes that also name one of the conversation's uploads: alice's is tried.
 UPLOAD_ROUTES = {"conversation_image"}
 SOCKET_ROUTES = {"ws/c/<uuid:conversation_id>/"}

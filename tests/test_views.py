@@ -392,3 +392,34 @@ def test_each_message_shows_when_it_was_written(alice_client, alice, settings):
             f"/c/{conversation.id}/", headers={"Accept-Language": "zh-hans"}
         ).content.decode()
     assert "年" in chinese.split('class="message__time')[1][:80], "localized"
+
+
+def test_a_reply_is_rated_with_an_optional_comment_and_the_rating_is_exported(alice_client, alice):
+    import json
+
+    conversation = conversation_create(owner=alice)
+    question = Message.objects.create(conversation=conversation, role="user", content="Q")
+    reply = Message.objects.create(conversation=conversation, role="assistant", content="A")
+    url = f"/c/{conversation.id}/messages/{reply.pk}/rating/"
+    response = alice_client.post(url, {"rating": "1"}, headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    assert 'data-action="rate-up" ' in response.content.decode()
+    assert 'aria-pressed="true" aria-label="Good reply"' in response.content.decode()
+    alice_client.post(url, {"comment": "Clear and \x00short."})
+    reply.refresh_from_db()
+    assert (reply.rating, reply.rating_comment) == (1, "Clear and short.")
+    alice_client.post(url, {"rating": "-1"})
+    reply.refresh_from_db()
+    assert reply.rating == -1 and reply.rating_comment == "Clear and short."
+    export = json.loads(alice_client.get(f"/c/{conversation.id}/export.json").content)
+    assert export["messages"][1]["rating"] == -1
+    assert export["messages"][1]["rating_comment"] == "Clear and short."
+    alice_client.post(url, {"rating": "0"})
+    reply.refresh_from_db()
+    assert (reply.rating, reply.rating_comment) == (None, "")
+    assert alice_client.post(url, {"rating": "5"}).status_code == 400
+    assert alice_client.post(url, {"rating": "1", "comment": "x" * 2001}).status_code == 400
+    reply.refresh_from_db()
+    assert reply.rating is None, "an invalid post changes nothing"
+    question_url = f"/c/{conversation.id}/messages/{question.pk}/rating/"
+    assert alice_client.post(question_url, {"rating": "1"}).status_code == 404

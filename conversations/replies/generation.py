@@ -238,6 +238,7 @@ class Generation:
             "tool_steps": [],
             "sources": [],
             "json_mode": "response_format" in self.request.parameters,
+            "rating": None,
             **{name: "" for name in ("error_code", "error_message")},
             "input_tokens": None,
             "output_tokens": None,
