@@ -8,6 +8,8 @@ import functools
 import json
 import logging
 import os
+import uuid
+from datetime import datetime
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
@@ -16,6 +18,7 @@ from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import PasswordChangeForm
 from django.contrib.staticfiles import finders
 from django.db import connection
+from django.db.models import Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -48,9 +51,37 @@ SIDEBAR_LIMIT = 200
 MESSAGE_PAGE = 100
 
 
-def _sidebar(user) -> dict:
-    conversations = Conversation.objects.owned_by(user).only("id", "title", "updated_at")
-    return {"conversations": conversations[:SIDEBAR_LIMIT]}
+def _sidebar(user, before: tuple | None = None) -> dict:
+    """A page of the user's chats, newest first: SIDEBAR_LIMIT of them, from `before` (the
+    last one shown: its updated_at and id), and whether there are older ones."""
+    conversations = (
+        Conversation.objects.owned_by(user)
+        .only("id", "title", "updated_at")
+        .order_by("-updated_at", "-id")
+    )
+    if before is not None:
+        moment, pk = before
+        conversations = conversations.filter(
+            Q(updated_at__lt=moment) | Q(updated_at=moment, id__lt=pk)
+        )
+    page = list(conversations[: SIDEBAR_LIMIT + 1])
+    return {"conversations": page[:SIDEBAR_LIMIT], "more_conversations": len(page) > SIDEBAR_LIMIT}
+
+
+@require_GET
+def conversation_list(request: HttpRequest) -> HttpResponse:
+    """Older chats for the sidebar, after the one named by `before` (its updated_at, ISO) and
+    `id`: the list's "Show older chats" button."""
+    try:
+        moment = datetime.fromisoformat(request.GET.get("before", ""))
+        pk = uuid.UUID(request.GET.get("id", ""))
+    except ValueError:
+        return HttpResponse(status=400)
+    return render(
+        request,
+        "conversations/chat.html#sidebar-items",
+        {**_sidebar(request.user, before=(moment, pk)), "conversation": None},
+    )
 
 
 def _model_choices(current: ModelProfile | None = None) -> list[ModelProfile]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -423,3 +424,34 @@ def test_a_reply_is_rated_with_an_optional_comment_and_the_rating_is_exported(al
     assert reply.rating is None, "an invalid post changes nothing"
     question_url = f"/c/{conversation.id}/messages/{question.pk}/rating/"
     assert alice_client.post(question_url, {"rating": "1"}).status_code == 404
+
+
+def test_the_chat_list_pages_beyond_its_newest_200(alice_client, alice, django_user_model):
+    import re
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    chats = Conversation.objects.bulk_create(
+        [
+            Conversation(owner=alice, title=f"chat {i:03}", model=ModelProfile.objects.default(),
+                         updated_at=now - timedelta(minutes=i))
+            for i in range(205)
+        ]
+    )  # fmt: skip
+    bob = django_user_model.objects.create_user("bob", password="pw")
+    Conversation.objects.create(
+        owner=bob, title="bob's", model=ModelProfile.objects.default(), updated_at=now
+    )
+    home = alice_client.get("/").content.decode()
+    shown = re.findall(r'class="sidebar__item[^"]*"[^>]*>(chat \d+)<', home)
+    assert shown == [f"chat {i:03}" for i in range(200)]
+    more = re.search(r'id="more-conversations" hx-get="([^"]+)"', home)
+    older = alice_client.get(more[1].replace("&amp;", "&"))
+    assert older.status_code == 200
+    rest = re.findall(r'class="sidebar__item[^"]*"[^>]*>(chat \d+)<', older.content.decode())
+    assert rest == [f"chat {i:03}" for i in range(200, 205)]
+    assert "more-conversations" not in older.content.decode()
+    assert "bob's" not in home + older.content.decode()
+    assert alice_client.get("/c/?before=yesterday&id=x").status_code == 400
+    assert len(chats) == 205
