@@ -1,5 +1,6 @@
 """Model output is untrusted: markdown renders, nothing executable or fetchable survives."""
 
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -26,7 +27,8 @@ def test_markdown_renders_code_tables_and_lists():
     assert "<h1>Title</h1>" in html
     assert "<li>one</li>" in html
     assert "<table>" in html and "<td>1</td>" in html
-    assert "<pre><code>x = 1 &lt; 2\n</code></pre>" in html
+    assert '<pre data-lang="python"><code>' in html
+    assert "x = 1 &lt; 2\n</code></pre>" in re.sub(r"</?span[^>]*>", "", html), "escaped"
 
 
 @pytest.mark.parametrize(
@@ -62,3 +64,29 @@ def test_markdown_image_becomes_a_link_not_an_image():
 def test_links_get_noopener():
     html = render_markdown("[docs](https://example.com)")
     assert 'rel="noopener noreferrer nofollow"' in html
+
+
+def test_fenced_code_is_highlighted_labelled_and_still_escaped():
+    html = render_markdown('```python\nprint("<b>hi</b>")\n```')
+    assert html.startswith('<pre data-lang="python"><code><span class="nb">print</span>')
+    assert "&lt;b&gt;hi&lt;/b&gt;" in html and "<b>" not in html
+    # An unknown language is labelled and left plain; a hostile info string is no label.
+    assert render_markdown("```klingon\n<i>\n```") == (
+        '<pre data-lang="klingon"><code>&lt;i&gt;\n</code></pre>\n'
+    )
+    hostile = render_markdown('```"><script>alert(1)</script>\nx\n```')
+    assert hostile == "<pre><code>x\n</code></pre>\n"
+    # Only Pygments' own classes survive on a span (model output cannot add any).
+    assert 'class="evil"' not in render_markdown("```python\nx = 1\n```")
+
+
+def test_the_code_stylesheet_is_what_pygments_makes():
+    """static/qwenweb/pygments.css is generated: regenerate it with
+    `python -m conversations.rendering > static/qwenweb/pygments.css`."""
+    from pathlib import Path
+
+    from conversations.rendering import code_stylesheet
+
+    css = (Path(__file__).resolve().parent.parent / "static/qwenweb/pygments.css").read_text()
+    assert css == code_stylesheet()
+    assert ':root[data-theme="dark"] .markdown pre .k {' in css
