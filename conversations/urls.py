@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("settings/", views.user_settings, name="user_settings"),
+    path("search/", views.search, name="search"),
     path("c/new/", views.conversation_new, name="conversation_new"),
     path("c/", views.conversation_list, name="conversation_list"),
     path("c/<uuid:conversation_id>/", views.conversation_detail, name="conversation"),

@@ -131,6 +131,56 @@ def _users_default_model(user) -> ModelProfile | None:
     return ModelProfile.objects.default()
 
 
+SEARCH_RESULTS = 50
+
+
+@require_GET
+def search(request: HttpRequest) -> HttpResponse:
+    """The user's chats whose title or messages contain `q` (any case), newest first, each
+    with the first matching passage; htmx asks for the results alone as the user types."""
+    query = " ".join(request.GET.get("q", "").split())[:200]
+    results = []
+    if query:
+        chats = (
+            Conversation.objects.owned_by(request.user)
+            .filter(Q(title__icontains=query) | Q(messages__content__icontains=query))
+            .distinct()
+            .order_by("-updated_at")
+            .only("id", "title", "updated_at")[:SEARCH_RESULTS]
+        )
+        for chat in chats:
+            found = (
+                chat.messages.filter(content__icontains=query)
+                .order_by("pk")
+                .values_list("content", flat=True)
+                .first()
+            )
+            results.append({"conversation": chat, "passage": _passage(found or "", query)})
+    template = "conversations/search.html"
+    if request.htmx and request.htmx.target == "search-results":
+        template += "#results"
+    return render(request, template, {"query": query, "results": results})
+
+
+def _passage(text: str, query: str, around: int = 80) -> list[tuple[str, bool]]:
+    """Where `query` first appears in `text`, with some text either side, as (text, matched)
+    pieces for the template to escape and mark."""
+    at = text.lower().find(query.lower())
+    if at < 0:
+        return []
+    start, end = max(0, at - around), min(len(text), at + len(query) + around)
+    before, match, after = text[start:at], text[at : at + len(query)], text[at + len(query) : end]
+    before = (
+        ("…" if start else "") + " ".join(before.split()) + (" " if before[-1:].isspace() else "")
+    )
+    after = (
+        (" " if after[:1].isspace() else "")
+        + " ".join(after.split())
+        + ("…" if end < len(text) else "")
+    )
+    return [(before, False), (match, True), (after, False)]
+
+
 @require_http_methods(["GET", "POST"])
 def user_settings(request: HttpRequest) -> HttpResponse:
     """A user's own defaults for new chats, and their password."""

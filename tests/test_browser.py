@@ -1007,3 +1007,18 @@ def test_a_reply_is_rated_up_or_down_with_a_comment(live_app, alice_page):
     answer.locator("[data-action=rate-down]").click()
     answer.locator('[data-action=rate-down][aria-pressed="true"]').wait_for()
     assert answer.locator("[data-action=rate-up]").get_attribute("aria-pressed") == "false"
+
+
+def test_ctrl_k_searches_the_chats_as_one_types(live_app, alice_page):
+    page = alice_page()
+    token = _token()
+    _start_chat(page, live_app, f"Remember the word {token}")
+    _wait_status(page, "complete")
+    page.keyboard.press("Control+k")
+    page.wait_for_url(f"{live_app.url}/search/")
+    page.locator("#search-input").press_sequentially(token[:12], delay=20)
+    page.wait_for_selector("[data-search-result]")
+    assert token[:12] in page.inner_text("#search-results mark")
+    page.screenshot(path=str(ARTIFACTS / "search.png"))
+    page.click("[data-search-result]")
+    page.wait_for_url(CHAT_URL)

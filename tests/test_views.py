@@ -455,3 +455,29 @@ def test_the_chat_list_pages_beyond_its_newest_200(alice_client, alice, django_u
     assert "bob's" not in home + older.content.decode()
     assert alice_client.get("/c/?before=yesterday&id=x").status_code == 400
     assert len(chats) == 205
+
+
+def test_search_finds_ones_own_chats_by_title_or_message_with_the_passage_marked(
+    alice_client, alice, django_user_model
+):
+    first = conversation_create(owner=alice)
+    Conversation.objects.filter(pk=first.pk).update(title="Holiday plans")
+    second = conversation_create(owner=alice)
+    Message.objects.create(
+        conversation=second, role="user", content="Tell me about the <b>Fibonacci</b> numbers"
+    )
+    bob = django_user_model.objects.create_user("bob", password="pw")
+    theirs = conversation_create(owner=bob)
+    Message.objects.create(conversation=theirs, role="user", content="fibonacci secrets of bob")
+    page = alice_client.get("/search/?q=fibonacci").content.decode()
+    assert f'href="/c/{second.id}/"' in page and "secrets of bob" not in page
+    assert "about the &lt;b&gt;<mark>Fibonacci</mark>&lt;/b&gt; numbers" in page, "escaped"
+    page = alice_client.get("/search/?q=HOLIDAY").content.decode()
+    assert f'href="/c/{first.id}/"' in page and f'href="/c/{second.id}/"' not in page
+    fragment = alice_client.get(
+        "/search/?q=nothing-like-this",
+        headers={"HX-Request": "true", "HX-Target": "search-results"},
+    ).content.decode()
+    assert fragment.lstrip().startswith('<div id="search-results"')
+    assert "No chat contains “nothing-like-this”." in fragment
+    assert alice_client.get("/search/").status_code == 200

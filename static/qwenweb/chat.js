@@ -425,6 +425,13 @@
   document.addEventListener("keydown", function (event) {
     var mod = event.ctrlKey || event.metaKey;
     if (mod && event.key === "/") { event.preventDefault(); showShortcuts(); return; }
+    if (mod && (event.key === "k" || event.key === "K") && !event.shiftKey) {
+      event.preventDefault();
+      var search = document.getElementById("search-input");
+      if (search) search.focus();
+      else window.location.href = "/search/";
+      return;
+    }
     if (mod && event.shiftKey && (event.key === "O" || event.key === "o")) {
       event.preventDefault();
       window.location.href = "/";
