@@ -100,7 +100,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         # and keep their own connections, so that hop buys nothing here (bench/README.md).
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
+            # An event of a newer release (a rolling restart runs both for a while): skipped,
+            # not a reason to drop the socket.
+            logger.info("No handler for %s: skipped", message.get("type"))
+            return
         await handler(message)
 
     async def connect(self) -> None:
@@ -427,6 +430,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             message = await follow.message(self.conversation, message_id)
         if message is not None:
             await self._send_messages([message])
+
+    async def user_reply_done(self, event: dict) -> None:
+        """A reply of the user's ended in another chat: mark that chat in this page's list."""
+        if event["conversation_id"] == str(self.conversation.id):
+            return
+        await self._send_fragment(
+            "reply-done", conversation_id=event["conversation_id"], title=event.get("title", "")
+        )
 
     async def session_ended(self, event: dict) -> None:
         """The session that opened this socket was logged out, or all the user's sessions

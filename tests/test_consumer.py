@@ -824,3 +824,49 @@ async def test_a_finished_reply_keeps_its_timestamp_on_the_page(app_simulator):
     await ws.disconnect()
     finished = [frame for frame in transcript.frames if 'data-status="complete"' in frame][-1]
     assert '<time class="message__time" datetime="' in finished
+
+
+async def test_a_reply_that_ends_in_another_chat_marks_it_in_this_pages_list(app_simulator):
+    """alice has chat A open; a reply of hers ends in chat B (another tab): A's list marks B.
+    A's own replies mark nothing, and bob's never reach her."""
+    from conversations.replies import service
+
+    owner, here, ws = await open_chat()
+    elsewhere = await make_conversation(owner)
+    await service.areply_start(conversation=elsewhere, content="Meanwhile, in another tab")
+    transcript = Transcript()
+    await receive_until(
+        ws, transcript, lambda t: any("data-news" in frame for frame in t.frames), within=15
+    )
+    [frame] = [frame for frame in transcript.frames if "data-news" in frame]
+    assert f'id="conversation-{elsewhere.id}"' in frame and "Meanwhile, in another tab" in frame
+    await ws.send_to(text_data=send_frame("Here, in this tab"))
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
+    await asyncio.sleep(0.3)
+    assert [f for f in transcript.frames if "data-news" in f] == [frame], "not for this chat"
+    bob = await make_user("bob")
+    bobs = await make_conversation(bob)
+    await service.areply_start(conversation=bobs, content="bob's own")
+    await asyncio.sleep(2)
+    while not await ws.receive_nothing(timeout=0.2):
+        transcript.feed(await ws.receive_from())
+    assert not any(str(bobs.id) in f for f in transcript.frames)
+    await ws.disconnect()
+
+
+async def test_an_event_of_a_newer_release_is_skipped_and_the_socket_stays(app_simulator):
+    """During a rolling restart an older process may hear an event type it does not know:
+    the socket skips it instead of closing."""
+    from channels.layers import get_channel_layer
+
+    from conversations.replies import events
+
+    owner, conversation, ws = await open_chat()
+    await get_channel_layer().group_send(
+        events.user_group(owner.pk), {"type": "user.something_new", "x": 1}
+    )
+    await asyncio.sleep(0.2)
+    await ws.send_to(text_data=send_frame("Still here?"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
+    await ws.disconnect()

@@ -6,8 +6,8 @@ TYPE is its channel-layer type (Channels dispatches `conversation.delta` to a co
 packs it with msgpack). Fields left at None are not sent.
 
 To sockets (the conversation's group, or one socket's channel): Created, Continued,
-Branched, ToolSteps, Delta, Finished, Snapshot; to the user's group: SessionEnded. To a running
-generation (the conversation's control group): Stop, Sync, Watch, Retire.
+Branched, ToolSteps, Delta, Finished, Snapshot; to the user's group: SessionEnded, ReplyDone.
+To a running generation (the conversation's control group): Stop, Sync, Watch, Retire.
 """
 
 from __future__ import annotations
@@ -122,6 +122,15 @@ class SessionEnded(Event):
 
     TYPE = "session.ended"
     session: str
+
+
+@dataclass(frozen=True)
+class ReplyDone(Event):
+    """A reply of the user's ended: their sockets on other chats mark this one in the list."""
+
+    TYPE = "user.reply_done"
+    conversation_id: str
+    title: str = ""
 
 
 # -- to a running generation ----------------------------------------------------------------------

@@ -90,6 +90,8 @@ class Generation:
     sources: list = field(default_factory=list)
     stop_requested: bool = False
     created_at: datetime.datetime | None = None  # the reply's, for the page's timestamp
+    owner_id: int | None = None  # whose sockets on other chats hear that it ended
+    title: str = ""  # the chat's, for their list
     # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
     # save and announce nothing more.
     superseded: bool = False
@@ -253,6 +255,10 @@ class Generation:
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.
             logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
+        if self.owner_id is not None:
+            done = events.ReplyDone(conversation_id=self.conversation_id, title=self.title)
+            with contextlib.suppress(Exception):  # a mark in a list: nothing is lost without it
+                await self.layer.group_send(events.user_group(self.owner_id), done.as_message())
 
     def stop(self) -> None:
         """Close the upstream request; the partial text is kept with status `stopped`."""

@@ -531,6 +531,8 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
         request=request,
         client=get_client(),
         created_at=started.assistant_message.created_at,
+        owner_id=started.conversation.owner_id,
+        title=started.conversation.display_title,
     )
     await generation.start(announce=announce)
     return started
@@ -621,6 +623,8 @@ async def areply_continue(
         reasoning_published=len(reply.reasoning),
         earlier_output_tokens=reply.output_tokens or 0,
         created_at=reply.created_at,
+        owner_id=continued.conversation.owner_id,
+        title=continued.conversation.display_title,
     )
     await generation.start(announce=announce)
     return continued
