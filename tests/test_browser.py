@@ -773,7 +773,9 @@ def test_an_image_url_shows_as_a_thumbnail_from_the_apps_own_origin(
     assert {u.split("/")[2] for u in requests} == {app.url.split("/")[2]}
 
 
-def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(browser, live_app, alice_state):
+def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(
+    browser, live_app, alice_state, app_simulator
+):
     """At 375 px the sidebar is hidden; [data-action=open-sidebar] opens it as a drawer with
     New chat, the chats, settings, language and sign-out; Escape closes it; the title stays
     readable."""
@@ -783,9 +785,18 @@ def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(browser, live_ap
     try:
         page = context.new_page()
         page.goto(f"{live_app.url}/")
-        title = f"A phone chat with a readable title {_token()}"
+        token = _token()
+        wide = (
+            "https://example.com/" + "a-very-long-path-segment" * 8 + "\n\n"
+            + "Supercalifragilistic" * 6 + "\n\n| " + " | ".join(f"column {i}" for i in range(12))
+            + " |\n|" + "---|" * 12 + "\n| " + " | ".join("x" * 12 for _ in range(12)) + " |"
+        )  # fmt: skip
+        app_simulator.add_scenario(Scenario(match=token, reply=wide))
+        title = f"A phone chat with a readable title {token}"
         _start_chat(page, live_app, title)
         _wait_status(page, "complete")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, "long words, URLs and tables never widen the page"
         assert not page.is_visible("#sidebar")
         assert page.locator("#chat-title input").bounding_box()["width"] > 250
         page.click("[data-action=open-sidebar]")
