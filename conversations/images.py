@@ -15,7 +15,8 @@ fetches, and a fetcher that any user can point at any URL is a door into the ser
   the certificate is verified;
 - follows at most MAX_REDIRECTS redirects itself, checking every hop the same way;
 - reads at most MAX_BYTES, with a connect timeout of CONNECT_TIMEOUT and a deadline of
-  TOTAL_TIMEOUT for the whole fetch (lookups and redirects included);
+  TOTAL_TIMEOUT for the whole fetch (lookups, redirects, and every read and write on the
+  socket, so a server that trickles its headers a byte at a time is cut off too);
 - accepts only an image content type (PNG, JPEG, WebP, GIF) whose bytes are one, by content.
 
 Everything else raises `ImageRefused`, whose `reason` the view turns into a placeholder.
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -235,6 +237,65 @@ def _read_body(response: httpx.Response, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits at most until the fetch's deadline.
+    httpx's timeouts are per operation: a server that sends a byte at a time resets them on
+    every byte, headers included, so without this a fetch could last as long as it likes."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float):
+        self._stream = stream
+        self._deadline = deadline
+
+    def _timeout(self, timeout: float | None, error: type[Exception]) -> float:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise error("the fetch's deadline has passed")
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._timeout(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._timeout(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        stream = self._stream.start_tls(
+            ssl_context, server_hostname, self._timeout(timeout, httpcore.ConnectTimeout)
+        )
+        return _DeadlineStream(stream, self._deadline)
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.SyncBackend):
+    """httpcore's own socket backend, with every connection under one deadline."""
+
+    def __init__(self, deadline: float):
+        self._deadline = deadline
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise httpcore.ConnectTimeout("the fetch's deadline has passed")
+        timeout = remaining if timeout is None else min(timeout, remaining)
+        stream = super().connect_tcp(host, port, timeout, local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+
+def _client(deadline: float) -> httpx.Client:
+    transport = httpx.HTTPTransport(trust_env=False)
+    # httpx has no public way to hand httpcore a network backend; the pool's attribute is
+    # httpcore's (pinned in requirements.txt); the trickle tests fail if it stops working.
+    if not isinstance(getattr(transport._pool, "_network_backend", None), httpcore.SyncBackend):
+        raise RuntimeError("httpcore's pool no longer keeps its network backend here")
+    transport._pool._network_backend = _DeadlineBackend(deadline)
+    return httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
+
+
 def fetch_image(
     url: str,
     *,
@@ -249,7 +310,7 @@ def fetch_image(
     for _hop in range(MAX_REDIRECTS + 1):
         # A client for each hop: its pool is keyed by address, so a connection (and the
         # certificate checked for one name) is never reused for another host.
-        with httpx.Client(follow_redirects=False, trust_env=False) as client:
+        with _client(deadline) as client:
             remaining = deadline - time.monotonic()
             target = _check_url(
                 url, allowed_hosts=allowed_hosts, resolver=resolver, remaining=remaining

@@ -100,6 +100,27 @@ def serve_images() -> Iterator[ImageServer]:
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     self.wfile.write(CAT)
+            elif path in ("/trickle-headers.png", "/trickle-body.png"):
+                # A byte every 0.1 s: every read answers well within any read timeout, so
+                # only a deadline over the whole fetch stops it (about 8 s in all).
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Pad: " + b"a" * 40
+                body = CAT
+                if path == "/trickle-headers.png":
+                    head += b"\r\n" + b"X-More: " + b"b" * 40
+                    trickled, rest = head, b""
+                else:
+                    head += f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    trickled, rest = body, head
+                with contextlib.suppress(OSError):
+                    self.wfile.write(rest)
+                    self.wfile.flush()
+                    for byte in trickled:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    if path == "/trickle-headers.png":
+                        self.wfile.write(f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+                        self.wfile.write(body)
             elif path == "/slow.png":
                 time.sleep(3)
                 with contextlib.suppress(OSError):

@@ -170,6 +170,17 @@ def test_errors_slow_answers_and_unknown_names_are_unavailable(image_server):
     assert _refusal("http://no-such-host.invalid/cat.png") == UNAVAILABLE
 
 
+@pytest.mark.parametrize("path", ["/trickle-headers.png", "/trickle-body.png"])
+def test_the_deadline_covers_a_server_that_trickles_its_answer(image_server, path):
+    """A server that sends a byte every 0.1 s never trips a per-read timeout; the fetch still
+    ends at its deadline, whether the trickle is in the headers or the body."""
+    started = time.monotonic()
+    assert _refusal(image_server.base + path, allowed_hosts=[image_server.host], timeout=1) == (
+        UNAVAILABLE
+    )
+    assert time.monotonic() - started < 2
+
+
 def test_the_connection_goes_to_the_address_checked_with_the_original_host_header(image_server):
     """The name is resolved once, by the proxy, and the connection goes to that address: a
     name nobody else can resolve (.test) is fetched, so httpx never looked it up again
