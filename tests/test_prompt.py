@@ -73,6 +73,39 @@ def test_multimodal_model_sends_image_urls(user):
     assert request.messages[-1].images == ["https://example.com/cat.png"]
 
 
+def test_only_the_uploads_of_the_turns_kept_are_read(user):
+    """Uploads go inline (base64), so each costs its file: a long chat's old images, trimmed
+    away, are never read. Their files are gone here, and the request is built regardless."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from conversations import uploads
+    from tests.image_server import png
+
+    profile = ModelProfile.objects.get(name="qwen3-vl-plus")
+    profile.context_limit, profile.max_output_tokens = 3000, 100
+    profile.save()
+    conversation = service.conversation_create(owner=user, model=profile)
+    saved = []
+    for n in range(4):
+        question = add(conversation, "user", f"picture {n}")
+        image = png(8, 8, (n * 40, 0, 0))
+        upload = uploads.save_upload(conversation, SimpleUploadedFile("p.png", image))
+        MessageImage.objects.create(message=question, upload=upload)
+        saved.append(upload)
+        if n < 3:
+            add(conversation, "assistant", f"answer {n}")
+    for upload in saved[:2]:
+        upload.file.storage.delete(upload.file.name)
+    placeholder = add(conversation, "assistant", "", status="streaming")
+    request = prompt.build_request(conversation=conversation, reply_to=placeholder)
+    turns = [m for m in request.messages if m.role != "system"]
+    # An image is counted as 1,000 tokens: two fit beside the prompt, not three.
+    assert [m.content for m in turns] == ["picture 2", "answer 2", "picture 3"]
+    assert turns[0].images == [uploads.data_url(saved[2])]
+    assert turns[2].images == [uploads.data_url(saved[3])]
+    assert turns[2].images[0].startswith("data:image/png;base64,")
+
+
 def test_tools_are_offered_only_to_a_model_with_tools_and_never_in_partial_mode(user):
     conversation = service.conversation_create(owner=user)
     add(conversation, "user", "What time is it?")

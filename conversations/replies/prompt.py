@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from conversations import uploads
 from conversations.dashscope import ChatMessage, ChatRequest
-from conversations.models import Conversation, Message, MessageImage
+from conversations.models import Conversation, Message, MessageImage, Upload
 from conversations.replies import branches, options, tools
 
 # Room kept free in the context window for the reply itself when trimming history.
@@ -70,7 +70,7 @@ def build_request(
         kept.pop(0)
 
     messages = [ChatMessage(role="system", content=system)] if system else []
-    messages.extend(kept)
+    messages.extend(_inline_uploads(kept))
     parameters = dict(profile.parameters or {})
     parameters.update(options.parameters(conversation.settings or {}, profile))
     if profile.max_output_tokens and "max_tokens" not in parameters:
@@ -88,21 +88,46 @@ def build_request(
     )
 
 
+# An upload stands as this until the history is trimmed: only the turns kept read their files.
+UPLOAD_REF = "upload:"
+
+
 def _images(history, profile) -> dict[int, list[str]]:
     """The images of the history's user messages, for a vision model (none for another): each
-    message's, in order, as URLs (an upload as a data: URL)."""
+    message's, in order, as URLs, an upload as `upload:<pk>` (see `_inline_uploads`)."""
     if not profile.accepts_images:
         return {}
     found: dict[int, list[str]] = {}
     rows = (
         MessageImage.objects.filter(message__in=history.filter(role=Message.Role.USER).values("pk"))
-        .select_related("upload")
         .order_by("pk")
+        .values_list("message_id", "url", "upload_id")
     )
-    for image in rows:
-        url = image.url or uploads.data_url(image.upload)
-        found.setdefault(image.message_id, []).append(url)
+    for message_id, url, upload_id in rows:
+        found.setdefault(message_id, []).append(url or f"{UPLOAD_REF}{upload_id}")
     return found
+
+
+def _inline_uploads(turns: list[ChatMessage]) -> list[ChatMessage]:
+    """The turns with each `upload:<pk>` replaced by the upload as a data: URL. Called on the
+    turns kept after trimming: a long chat's old images are never read from disk."""
+    wanted = {
+        int(image.removeprefix(UPLOAD_REF))
+        for turn in turns
+        for image in turn.images
+        if image.startswith(UPLOAD_REF)
+    }
+    if not wanted:
+        return turns
+    found = Upload.objects.in_bulk(wanted)
+    for turn in turns:
+        turn.images = [
+            uploads.data_url(found[int(image.removeprefix(UPLOAD_REF))])
+            if image.startswith(UPLOAD_REF)
+            else image
+            for image in turn.images
+        ]
+    return turns
 
 
 def step_turns(text: str, step: dict) -> list[ChatMessage]:
