@@ -7,17 +7,23 @@ answered with its id and the URL it is served from. The socket's send names it i
 `image_ids`, which attaches it to the message; DashScope receives it inline, as a
 `data:image/…;base64,` URL (the reference allows those), so it never has to reach this server.
 It is served (`GET /c/<uuid>/images/<id>/`) only to the chat's owner and to reviewers, with its
-checked type, `nosniff` and a CSP that allows nothing.
+checked type, `nosniff` and a CSP that allows nothing. One not sent yet can be removed
+(`DELETE` on that URL: the composer's ×); a user holds at most MAX_PENDING unsent, and one
+left unsent for PENDING_FOR is removed by the user's next upload.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import models, transaction
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
+from django.utils import timezone
 from django.utils.translation import gettext as _
 from PIL import Image, UnidentifiedImageError
 
@@ -34,33 +40,59 @@ FORMATS = {
 }
 # Larger than any photo a phone takes; a small file that claims more is a decompression bomb.
 MAX_PIXELS = 50_000_000
-# Uploads a chat may hold that no message has taken yet (a composer's worth, many times over).
+# Uploads a user may hold, over all their chats, that no message has taken yet (a composer's
+# worth, many times over), and how long one is kept unsent: together they bound what a user
+# can leave on the disk without sending it.
 MAX_PENDING = 20
+PENDING_FOR = timedelta(days=1)
 
 
 class UploadRefused(Exception):
     """An upload that is not kept; the text is a sentence for the user."""
 
 
+def unsent(owner) -> models.QuerySet[Upload]:
+    """The user's uploads, in all their chats, that no message has taken."""
+    return Upload.objects.filter(conversation__owner=owner, attachments__isnull=True)
+
+
 def save_upload(conversation: Conversation, file) -> Upload:
-    """Check `file` (an UploadedFile) and keep it as one of the chat's uploads."""
-    if conversation.uploads.filter(attachments__isnull=True).count() >= MAX_PENDING:
-        raise UploadRefused(
-            _("This chat already holds %(count)s images that were not sent. Send or remove "
-              "some first.") % {"count": MAX_PENDING}
-        )  # fmt: skip
+    """Check `file` (an UploadedFile) and keep it as one of the chat's uploads, if its owner
+    holds fewer than MAX_PENDING unsent ones (those older than PENDING_FOR are removed first)."""
     content_type, extension, width, height = check_image(file)
-    upload = Upload(
-        conversation=conversation,
-        content_type=content_type,
-        size=file.size,
-        width=width,
-        height=height,
-    )
-    # The name is the app's own: nothing of the uploaded file's name reaches the disk.
-    upload.file.save(f"image{extension}", file, save=False)
-    upload.save()
+    owner = conversation.owner
+    with transaction.atomic():
+        # The owner's row, locked: two uploads at once (in two processes) are counted in turn.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        for stale in unsent(owner).filter(created_at__lt=timezone.now() - PENDING_FOR):
+            stale.delete()
+        if unsent(owner).count() >= MAX_PENDING:
+            raise UploadRefused(
+                _("You have %(count)s images added to chats but not sent. Send them, or remove "
+                  "some with their × first; an image not sent is removed after a day.")
+                % {"count": MAX_PENDING}
+            )  # fmt: skip
+        upload = Upload(
+            conversation=conversation,
+            content_type=content_type,
+            size=file.size,
+            width=width,
+            height=height,
+        )
+        # The name is the app's own: nothing of the uploaded file's name reaches the disk.
+        upload.file.save(f"image{extension}", file, save=False)
+        upload.save()
     return upload
+
+
+def remove_unsent(conversation: Conversation, upload_id: int) -> bool:
+    """Remove one of the chat's uploads that no message has taken (the composer's ×): False
+    if there is none such (a sent image stays with its message)."""
+    upload = conversation.uploads.filter(pk=upload_id, attachments__isnull=True).first()
+    if upload is None:
+        return False
+    upload.delete()
+    return True
 
 
 def check_image(file) -> tuple[str, str, int, int]:
@@ -111,7 +143,7 @@ def attach(conversation: Conversation, ids: list[int]) -> list[Upload]:
 
 @receiver(post_delete, sender=Upload, dispatch_uid="conversations.upload_file_deleted")
 def _delete_file(sender, instance: Upload, **kwargs) -> None:
-    """A deleted upload (its chat deleted) takes its file with it."""
+    """A deleted upload (its chat deleted, removed unsent) takes its file with it."""
     try:
         instance.file.delete(save=False)
     except OSError:

@@ -472,9 +472,15 @@ def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
     )
 
 
-@require_GET
+@require_http_methods(["GET", "DELETE"])
 def conversation_image(request: HttpRequest, conversation_id, upload_id: int) -> HttpResponse:
-    """An uploaded image, to the chat's owner and to reviewers; 404 to everyone else."""
+    """An uploaded image, to the chat's owner and to reviewers; 404 to everyone else.
+    DELETE removes one not sent yet (the composer's ×): 204, or 404 (a sent image stays with
+    its message; another user's chat)."""
+    if request.method == "DELETE":
+        if not uploads.remove_unsent(_owned(request, conversation_id), upload_id):
+            raise Http404
+        return HttpResponse(status=204)
     chats = Conversation.objects.readable_by(request.user).filter(pk=conversation_id)
     upload = get_object_or_404(Upload, pk=upload_id, conversation__in=chats)
     try:

@@ -712,6 +712,14 @@ def test_an_uploaded_image_shows_as_a_thumbnail_and_goes_with_the_message(
     fake.write_text("<html>not an image</html>")
     page.set_input_files("#composer-upload", str(fake))
     page.wait_for_selector("text=That file is not a PNG, JPEG, WebP or GIF image.")
+    # An image added and then removed with its × is removed on the server too.
+    page.set_input_files("#composer-upload", str(picture))
+    page.locator("#composer-uploads img").wait_for()
+    url = page.get_attribute("#composer-uploads img", "src")
+    with page.expect_response(lambda r: r.request.method == "DELETE") as removed:
+        page.click("#composer-uploads [data-action=remove-image]")
+    assert removed.value.status == 204 and removed.value.url.endswith(url)
+    assert page.locator("#composer-uploads img").count() == 0
 
 
 # -- images: thumbnails through the app's own proxy ---------------------------------------------

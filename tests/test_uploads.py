@@ -116,13 +116,59 @@ def test_a_deleted_chat_takes_its_files_with_it(alice_client, chat):
 
 
 @pytest.mark.django_db
-def test_a_chat_holds_a_bounded_number_of_unsent_uploads(alice_client, chat):
+def test_a_user_holds_a_bounded_number_of_unsent_uploads_over_all_chats(alice, alice_client, chat):
+    """The bound is the user's, not a chat's: twenty unsent in one chat, and a new chat takes
+    none either. Another user is not affected. Removing one (×) makes room."""
     from conversations import uploads
 
-    for _ in range(uploads.MAX_PENDING):
-        assert upload(alice_client, chat, image_bytes()).status_code == 200
-    response = upload(alice_client, chat, image_bytes())
-    assert response.status_code == 400 and "not sent" in response.json()["error"]
+    sent = [upload(alice_client, chat, image_bytes()).json() for _ in range(uploads.MAX_PENDING)]
+    another = conversation_create(owner=alice, model=chat.model)
+    response = upload(alice_client, another, image_bytes())
+    assert response.status_code == 400
+    assert "20 images added to chats but not sent" in response.json()["error"]
+    assert Upload.objects.count() == uploads.MAX_PENDING
+    bob = get_user_model().objects.create_user("bob", password="pw")
+    bobs = Client()
+    bobs.force_login(bob)
+    bobs_chat = conversation_create(owner=bob, model=chat.model)
+    assert upload(bobs, bobs_chat, image_bytes()).status_code == 200
+    assert alice_client.delete(sent[0]["url"]).status_code == 204
+    assert upload(alice_client, another, image_bytes()).status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_upload_not_sent_for_a_day_is_removed_with_its_file(alice, alice_client, chat):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from conversations import uploads
+
+    old = [upload(alice_client, chat, image_bytes()).json() for _ in range(uploads.MAX_PENDING)]
+    paths = [Path(Upload.objects.get(pk=data["id"]).file.path) for data in old]
+    Upload.objects.update(created_at=timezone.now() - timedelta(days=1, minutes=1))
+    assert upload(alice_client, chat, image_bytes()).status_code == 200
+    assert Upload.objects.count() == 1
+    assert not any(path.exists() for path in paths)
+
+
+@pytest.mark.django_db
+def test_removing_an_upload_takes_only_an_unsent_one_of_ones_own(alice, alice_client, chat):
+    data = upload(alice_client, chat, image_bytes()).json()
+    path = Path(Upload.objects.get(pk=data["id"]).file.path)
+    bob = get_user_model().objects.create_user("bob", password="pw")
+    bobs = Client()
+    bobs.force_login(bob)
+    assert bobs.delete(data["url"]).status_code == 404
+    question = Message.objects.create(conversation=chat, role="user", content="this")
+    MessageImage.objects.create(message=question, upload_id=data["id"])
+    assert alice_client.delete(data["url"]).status_code == 404, "a sent image stays"
+    assert path.exists()
+    MessageImage.objects.all().delete()
+    assert Client().delete(data["url"]).status_code == 302, "a login first"
+    assert alice_client.delete(data["url"]).status_code == 204
+    assert not path.exists() and not Upload.objects.exists()
+    assert alice_client.get(data["url"]).status_code == 404
 
 
 # -- sent with a message, against the simulator ---------------------------------------------------

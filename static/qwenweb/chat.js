@@ -304,7 +304,14 @@
   });
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("[data-action=remove-image]");
-    if (button) button.parentNode.remove();
+    if (!button) return;
+    var item = button.parentNode;
+    var image = item.querySelector("img");
+    // The server removes it too (DELETE on the image's URL): it no longer counts as unsent.
+    if (image) fetch(image.getAttribute("src"), {
+      method: "DELETE", credentials: "same-origin", headers: { "X-CSRFToken": csrfToken() },
+    }).catch(function () {});
+    item.remove();
   });
 
   // Copy: a reply as written (Markdown, fetched from the server), or a code block as shown
