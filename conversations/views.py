@@ -15,7 +15,6 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
-from django.contrib.auth.forms import PasswordChangeForm
 from django.contrib.staticfiles import finders
 from django.db import connection
 from django.db.models import Q
@@ -30,7 +29,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import images, sockets, uploads
+from conversations import accounts, images, sockets, uploads
 from conversations.dashscope.sanitize import strip_controls
 from conversations.exports import active_messages, conversation_data
 from conversations.models import (
@@ -187,10 +186,12 @@ def user_settings(request: HttpRequest) -> HttpResponse:
     preferences = Preferences.objects.filter(user=request.user).first()
     preferences = preferences or Preferences(user=request.user)
     preferences_form = options.PreferencesForm(instance=preferences)
-    password_form = PasswordChangeForm(request.user)
+    password_form = accounts.ThrottledPasswordChangeForm(request.user)
     if request.method == "POST":
         if request.POST.get("form") == "password":
-            password_form = PasswordChangeForm(request.user, request.POST)
+            password_form = accounts.ThrottledPasswordChangeForm(
+                request.user, request.POST, request=request
+            )
             if password_form.is_valid():
                 # The user's other sessions end (and their sockets close); this one goes on.
                 update_session_auth_hash(request, password_form.save())

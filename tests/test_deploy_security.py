@@ -439,6 +439,32 @@ def test_admin_sign_in_is_throttled_too(django_user_model, fast_hashing):
 
 
 @pytest.mark.django_db
+def test_guessing_the_old_password_on_the_settings_page_is_throttled_too(
+    django_user_model, fast_hashing
+):
+    """A stolen session must not let its holder guess the password on /settings/ without
+    bound: the old-password check counts as a sign-in, and its failures lock the account
+    there and at the sign-in page alike."""
+    user = django_user_model.objects.create_user("sam", password="sam-pw-123")
+    thief = Client(REMOTE_ADDR="10.6.0.1")
+    thief.force_login(user)
+
+    def change(old: str):
+        return thief.post(
+            "/settings/",
+            {"form": "password", "old_password": old, "new_password1": "n3w-Passw0rd!",
+             "new_password2": "n3w-Passw0rd!"},
+        )  # fmt: skip
+
+    assert [change(f"guess-{n}").status_code for n in range(5)] == [400, 400, 400, 400, 429]
+    locked = change("sam-pw-123")
+    assert locked.status_code == 429 and LOCKED_OUT in locked.content.decode()
+    user.refresh_from_db()
+    assert user.check_password("sam-pw-123"), "not changed while locked"
+    assert _sign_in("sam", "sam-pw-123", "10.6.0.2").status_code == 429
+
+
+@pytest.mark.django_db
 def test_lockout_page_speaks_the_users_language(fast_hashing):
     for _ in range(5):
         client = Client()
