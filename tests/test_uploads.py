@@ -234,6 +234,9 @@ async def test_images_to_a_model_without_vision_or_from_another_chat_are_refused
     assert connected
     transcript = await send_with_images(ws, vision, "Look", image_ids=[data["id"]])
     assert any("An image you added is gone" in frame for frame in transcript.frames)
+    # An id no database holds is answered the same way, and the socket stays open.
+    transcript = await send_with_images(ws, vision, "Look", image_ids=[2**70])
+    assert any("An image you added is gone" in frame for frame in transcript.frames)
     await ws.disconnect()
     assert not await Message.objects.filter(content="Look").aexists()
     assert app_simulator.requests == []

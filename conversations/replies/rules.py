@@ -283,10 +283,11 @@ def clean_client_message_id(value: object) -> uuid.UUID | None:
 
 def clean_message_id(value: object) -> int | None:
     """A message pk from a frame: a number, or its digits as text (htmx's ws-send sends a
-    form's fields as text)."""
-    if type(value) is int:
-        return value
-    return int(value) if isinstance(value, str) and value.isdecimal() and len(value) < 19 else None
+    form's fields as text), from 1 to the largest a database's bigint holds; anything else
+    is None (a larger number would overflow the query)."""
+    if isinstance(value, str) and value.isdecimal() and len(value) < 19:
+        value = int(value)
+    return value if type(value) is int and 0 < value < 2**63 else None
 
 
 class AnyValue(forms.Field):
