@@ -109,9 +109,16 @@ def check_image(file) -> tuple[str, str, int, int]:
         file.seek(0)
         with Image.open(file) as image:
             kind, (width, height) = image.format, image.size
-            if width * height > MAX_PIXELS:
+            # Every frame of an animation is decoded by whoever shows it.
+            if width * height * getattr(image, "n_frames", 1) > MAX_PIXELS:
                 raise UploadRefused(_("That image has too many pixels."))
-            image.verify()  # the whole file decodes as what its header says
+            image.verify()  # a PNG's chunks and checksums; other formats check little here
+        file.seek(0)
+        with Image.open(file) as image:
+            # Decoded in full (a JPEG at an eighth of its size, which reads all its data), so
+            # a file cut short or corrupt is refused here rather than shown broken.
+            image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
+            image.load()
     except UploadRefused:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):

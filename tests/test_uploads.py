@@ -74,6 +74,9 @@ def test_anything_but_an_image_is_refused_whatever_its_name_says(alice_client, c
         "svg": (b'<svg xmlns="http://www.w3.org/2000/svg"><script/></svg>', "a.svg",
                 "image/svg+xml"),
         "truncated png": (png[: len(png) // 2], "a.png", "image/png"),
+        # verify() checks only a PNG's data; these decode only in part.
+        "truncated jpeg": (_noise("JPEG")[:-4000], "a.jpg", "image/jpeg"),
+        "truncated gif": (_noise("GIF")[:-4000], "a.gif", "image/gif"),
         "bmp": (image_bytes("BMP"), "a.bmp", "image/bmp"),
         "empty": (b"", "a.png", "image/png"),
     }  # fmt: skip
@@ -86,6 +89,26 @@ def test_anything_but_an_image_is_refused_whatever_its_name_says(alice_client, c
     assert response.status_code == 400 and "at most" in response.json()["error"]
     assert alice_client.post(f"/c/{chat.id}/images/", {}).status_code == 400
     assert not Upload.objects.exists()
+
+
+def _noise(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((300, 200), 60).convert("RGB").save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@pytest.mark.django_db
+def test_an_animation_counts_the_pixels_of_every_frame(alice_client, chat):
+    """A 51 KB GIF of thirteen 2000×2000 frames decodes to 52 million pixels: too many."""
+    frames = [Image.new("P", (2000, 2000), n) for n in range(13)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    response = upload(alice_client, chat, buffer.getvalue(), "a.gif", "image/gif")
+    assert response.status_code == 400
+    assert response.json()["error"] == "That image has too many pixels."
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:3])
+    assert upload(alice_client, chat, buffer.getvalue(), "a.gif", "image/gif").status_code == 200
 
 
 @pytest.mark.django_db
