@@ -274,6 +274,7 @@ cat >"$TMP/client.py" <<'EOF'
 
 import asyncio
 import json
+import os
 import re
 import sys
 import uuid
@@ -394,6 +395,19 @@ with httpx.Client(base_url=site, timeout=10) as client:
     check(last["role"] == "assistant" and last["status"] == "complete" and last["content"],
           f"export.json: the reply is saved, complete ({len(last['content'])} characters): "
           f"{last['content'][:60]!r}…")
+
+    # An image of several MB (uploads may be up to 7 MB) passes nginx's client_max_body_size.
+    import io
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (1200, 1200), os.urandom(1200 * 1200 * 3)).save(buffer, format="PNG")
+    response = client.post(
+        location + "images/", files={"image": ("big.png", buffer.getvalue(), "image/png")},
+        headers={"Origin": site, "Referer": f"{site}{location}", "X-CSRFToken": client.cookies["csrftoken"]},
+    )
+    check(response.status_code == 200 and "id" in response.json(),
+          f"through nginx: a {len(buffer.getvalue()) / 2**20:.1f} MB image uploaded ({response.status_code})")
 sys.exit(1 if failures else 0)
 EOF
 "$APP/.venv/bin/python" "$TMP/client.py" "$SITE_URL" "$ADMIN_PASSWORD" "$TMP/session.json" | tee "$TMP/logs/client.log"
