@@ -106,6 +106,35 @@ async def test_a_stall_mid_reply_reads_the_same_over_either_engine(simulator, da
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_caller_learns_when_its_request_has_gone_out(simulator, dashscope_config, engine):
+    """request_sent is set once the request is written, long before the first token: the app
+    waits for it before rendering its announcement, so the request is not held up."""
+    from conversations.dashscope.transport import request_sent
+
+    simulator.add_scenario(Scenario(tokens=3, first_token_delay=2))
+    sent, first_delta = asyncio.Event(), asyncio.Event()
+
+    async def reply() -> None:
+        async for event in client.stream_chat(ask()):
+            first_delta.set() if isinstance(event, TextDelta) else None
+
+    async with DashScopeClient(dashscope_config, engine=engine) as client:
+        token = request_sent.set(sent)
+        task = asyncio.create_task(reply())
+        request_sent.reset(token)
+        await asyncio.wait_for(sent.wait(), timeout=1.5)
+        assert not first_delta.is_set()
+        for _ in range(100):
+            if simulator.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert len(simulator.requests) == 1, "it has reached DashScope"
+        await asyncio.wait_for(task, timeout=10)
+        assert first_delta.is_set()
+
+
+@pytest.mark.asyncio
 async def test_stop_closes_the_upstream_connection_at_once(simulator, dashscope_config):
     simulator.add_scenario(Scenario(tokens=400, token_delay=0.01))
     first_delta = asyncio.Event()

@@ -15,6 +15,9 @@ httpx-aiohttp as published needs three fixes, made here:
   mid-reply ``httpx.ReadError``), so a person reads the same sentence whatever the engine;
 * a response abandoned mid-stream (Stop, a cancelled task) closes its connection at once, so
   DashScope stops generating, and a session dropped unclosed with its event loop logs nothing.
+
+It also tells a caller when a request has gone out (``request_sent``): the app does its own
+work on the event loop only after that, so the request is not kept waiting behind it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from typing import Literal
 
 import aiohttp
@@ -33,17 +37,39 @@ Engine = Literal["aiohttp", "httpx"]
 
 _CHUNK_SIZE = 64 * 1024
 
+# Set (in its context) by code that wants to know when its requests have gone out: the event
+# is set once a request's body has been written to the connection (with httpx's own engine,
+# which has no such hook, just before it is sent).
+request_sent: ContextVar[asyncio.Event | None] = ContextVar("request_sent", default=None)
+
+
+def _mark_sent(*_args) -> None:
+    event = request_sent.get()
+    if event is not None:
+        event.set()
+
+
+async def _on_chunk_sent(*_args) -> None:
+    # aiohttp writes the body in a task of its own, started from the request's context.
+    _mark_sent()
+
 
 def open_http_client(engine: Engine = "aiohttp") -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for DashScope streams, with no cap on connections."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
     if engine == "httpx":
-        return httpx.AsyncClient(follow_redirects=False, limits=limits)
+        return httpx.AsyncClient(
+            follow_redirects=False, limits=limits, event_hooks={"request": [_sent_hook]}
+        )
     if engine == "aiohttp":
         return httpx.AsyncClient(
             follow_redirects=False, transport=UncappedAiohttpTransport(limits=limits)
         )
     raise ValueError(f"unknown HTTP engine {engine!r}")
+
+
+async def _sent_hook(_request: httpx.Request) -> None:
+    _mark_sent()
 
 
 class UncappedAiohttpTransport(AiohttpTransport):
@@ -56,7 +82,9 @@ class UncappedAiohttpTransport(AiohttpTransport):
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
         )
-        return aiohttp.ClientSession(connector=connector)
+        trace = aiohttp.TraceConfig()
+        trace.on_request_chunk_sent.append(_on_chunk_sent)
+        return aiohttp.ClientSession(connector=connector, trace_configs=[trace])
 
     def __del__(self) -> None:
         # The process-wide client lives as long as its event loop and nothing awaits its

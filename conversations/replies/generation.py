@@ -36,6 +36,7 @@ from conversations.dashscope import (
     ToolCallAccumulator,
     Usage,
 )
+from conversations.dashscope.transport import request_sent
 from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
@@ -44,6 +45,9 @@ from conversations.replies import events, liveness, prompt, tools
 logger = logging.getLogger(__name__)
 
 FINISH_ATTEMPTS = 4
+# How long the announcement of a new reply waits for its request to go out (it usually takes
+# a fraction of a millisecond over a kept connection; a new one to DashScope can take longer).
+REQUEST_HEAD_START = 0.05
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
 
@@ -141,7 +145,12 @@ class Generation:
             del _running[self.message_id]
 
     async def run(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
-        self._upstream = asyncio.create_task(self._consume())
+        sent = asyncio.Event()
+        token = request_sent.set(sent)  # the upstream task's context is a copy of this one
+        try:
+            self._upstream = asyncio.create_task(self._consume())
+        finally:
+            request_sent.reset(token)
         self._upstream.add_done_callback(self._upstream_ended)
         if self.stop_requested:
             self._upstream.cancel()
@@ -151,8 +160,11 @@ class Generation:
         status, error = Message.Status.ERROR, None
         try:
             try:
-                # Let the request go out before the work below (P1, bench/README.md).
-                await asyncio.sleep(0)
+                # Let the request go out before the work below (P1, bench/README.md): the
+                # announcement renders on this loop, and would hold up the request's writes.
+                wrote = asyncio.ensure_future(sent.wait())
+                await asyncio.wait({wrote, self._upstream}, timeout=REQUEST_HEAD_START)
+                wrote.cancel()
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))
