@@ -141,6 +141,8 @@ def data_url(upload: Upload) -> str:
 def attach(conversation: Conversation, ids: list[int]) -> list[Upload]:
     """The chat's uploads named by a send, in the order named; UploadRefused for an id that
     is not one of this chat's."""
+    if not ids:
+        return []
     uploads = {upload.pk: upload for upload in conversation.uploads.filter(pk__in=ids)}
     missing = [pk for pk in ids if pk not in uploads]
     if missing:

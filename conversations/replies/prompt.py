@@ -31,17 +31,23 @@ def build_request(
     reply's text so far goes last, marked for DashScope's partial mode: the model carries on
     from it."""
     profile = conversation.model
-    # The reply's own branch only: other versions are not part of what it answers.
-    path = branches.load(conversation).path(reply_to.parent_id)
-    # Only the fields a request needs, as plain values: a long chat's history costs its rows,
-    # not a model instance (and its date and JSON conversions) per message.
-    history = (
-        conversation.messages.filter(pk__in=path)
-        .exclude(role=Message.Role.SYSTEM)
-        .order_by("pk")
-        .values_list("pk", "role", "content", "tool_steps")
-    )
-    images = _images(history, profile)
+    # One read of the whole tree, as plain values (a long chat costs its rows, not a model
+    # instance per message), then the reply's own branch only: other versions are not part
+    # of what it answers.
+    rows = {
+        pk: (parent_id, role, content, tool_steps)
+        for pk, parent_id, role, content, tool_steps in conversation.messages.values_list(
+            "pk", "parent_id", "role", "content", "tool_steps"
+        )
+    }
+    path = branches.Tree({pk: row[0] for pk, row in rows.items()}).path(reply_to.parent_id)
+    history = [
+        (pk, role, content, tool_steps)
+        for pk in path
+        for _parent, role, content, tool_steps in (rows[pk],)
+        if role != Message.Role.SYSTEM
+    ]
+    images = _images([pk for pk, role, *_ in history if role == Message.Role.USER], profile)
     turns: list[ChatMessage] = []
     for pk, role, content, tool_steps in history:
         if role == Message.Role.ASSISTANT and not content:
@@ -92,14 +98,14 @@ def build_request(
 UPLOAD_REF = "upload:"
 
 
-def _images(history, profile) -> dict[int, list[str]]:
-    """The images of the history's user messages, for a vision model (none for another): each
+def _images(user_messages: list[int], profile) -> dict[int, list[str]]:
+    """The images of these user messages, for a vision model (none for another): each
     message's, in order, as URLs, an upload as `upload:<pk>` (see `_inline_uploads`)."""
-    if not profile.accepts_images:
+    if not profile.accepts_images or not user_messages:
         return {}
     found: dict[int, list[str]] = {}
     rows = (
-        MessageImage.objects.filter(message__in=history.filter(role=Message.Role.USER).values("pk"))
+        MessageImage.objects.filter(message__in=user_messages)
         .order_by("pk")
         .values_list("message_id", "url", "upload_id")
     )
