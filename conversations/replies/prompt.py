@@ -12,7 +12,7 @@ from __future__ import annotations
 from conversations import uploads
 from conversations.dashscope import ChatMessage, ChatRequest
 from conversations.models import Conversation, Message, MessageImage, Upload
-from conversations.replies import branches, options, tools
+from conversations.replies import branches, intake, options, tools
 
 # Room kept free in the context window for the reply itself when trimming history.
 DEFAULT_OUTPUT_RESERVE = 8192
@@ -34,17 +34,12 @@ def build_request(
     # One read of the whole tree, as plain values (a long chat costs its rows, not a model
     # instance per message), then the reply's own branch only: other versions are not part
     # of what it answers.
-    rows = {
-        pk: (parent_id, role, content, tool_steps)
-        for pk, parent_id, role, content, tool_steps in conversation.messages.values_list(
-            "pk", "parent_id", "role", "content", "tool_steps"
-        )
-    }
+    rows = intake.message_tree(conversation.pk)
     path = branches.Tree({pk: row[0] for pk, row in rows.items()}).path(reply_to.parent_id)
     history = [
-        (pk, role, content, tool_steps)
+        (pk, role, content, intake.tool_steps(steps))
         for pk in path
-        for _parent, role, content, tool_steps in (rows[pk],)
+        for _parent, role, content, steps in (rows[pk],)
         if role != Message.Role.SYSTEM
     ]
     images = _images([pk for pk, role, *_ in history if role == Message.Role.USER], profile)

@@ -17,7 +17,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -33,7 +32,7 @@ from conversations.models import (
     SystemPrompt,
     Upload,
 )
-from conversations.replies import branches, events, liveness, options, prompt, rules
+from conversations.replies import branches, events, intake, liveness, options, prompt, rules
 from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
 
 __all__ = [  # the rules' refusals, where the use cases that raise them are
@@ -299,14 +298,8 @@ def _clear_the_way(
     """Under the conversation's lock, before a new reply: the reply this client_message_id
     started already (a resent frame), if any; else the replies found dead (their process
     gone, now interrupted). Refused while a live reply is being written. One query."""
-    in_the_way = Q(status=Message.Status.STREAMING)
-    if client_message_id is not None:
-        in_the_way |= Q(client_message_id=client_message_id)
-    rows = conversation.messages.filter(in_the_way).values_list(
-        "client_message_id", "status", "updated_at", "pk"
-    )
     streaming = []
-    for sent_id, status, updated_at, pk in rows:
+    for sent_id, status, updated_at, pk in intake.in_the_way(conversation.pk, client_message_id):
         if client_message_id is not None and sent_id == client_message_id:
             return _existing_reply(conversation, client_message_id), []
         if status == Message.Status.STREAMING:
@@ -393,7 +386,7 @@ def _move_to(
         fields["branch_choices"] = tree.remember(leaf.pk, conversation.branch_choices)
     if title:
         fields["title"] = title
-    Conversation.objects.filter(pk=conversation.pk).update(**fields)
+    intake.move_conversation(conversation.pk, **fields)
     for name, value in fields.items():
         setattr(conversation, name, value)
 
@@ -402,11 +395,7 @@ def _lock(conversation: Conversation) -> Conversation:
     """The conversation read afresh, locked until the transaction ends, with its owner's row:
     one user's new replies start one at a time, so the per-user limits count every one of
     them, whichever process it started in."""
-    return (
-        Conversation.objects.select_for_update(of=("self", "owner"), no_key=True)
-        .select_related("model", "system_prompt", "owner")
-        .get(pk=conversation.pk)
-    )
+    return intake.lock_conversation(conversation.pk)
 
 
 def _interrupt_dead(conversation: Conversation, streaming: list[tuple[int, object]]) -> list[int]:

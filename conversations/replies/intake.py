@@ -1,0 +1,122 @@
+"""The statements every new reply runs before its request goes out, as SQL.
+
+A send waits for these (P1 in bench/README.md): the conversation read under its lock, the
+replies in the way, the conversation moved to its new last message, and the tree and history
+the request is built from. Built from querysets, each cost 0.1–0.4 ms of Python on every send
+to compile and convert, several times its round trip to the database; on SQLite, where every
+send queues for the one database thread, that is what ten or fifty people sending at once wait
+for. So they are written out here, with table and column names from the models and every value
+a parameter, and what they return converted as the ORM would. The other statements of a send
+(the inserts, the limits) stay where they are: the inserts go through Model.save, the limits
+are SQL already (rules._user_load).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from django.db import connection
+from django.utils import timezone
+
+from conversations.models import Conversation, Message, ModelProfile
+
+_conversations = Conversation._meta.db_table
+_messages = Message._meta.db_table
+_profiles = ModelProfile._meta.db_table
+
+
+def _column(model, name: str) -> str:
+    return connection.ops.quote_name(model._meta.get_field(name).column)
+
+
+def _param(model, name: str, value):
+    """`value` as the database takes it for the field (a UUID as hex text on SQLite, …)."""
+    return model._meta.get_field(name).get_db_prep_save(value, connection)
+
+
+def read_moment(value) -> datetime:
+    """A datetime column as read: text in UTC on SQLite, a datetime elsewhere."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is not None and timezone.is_naive(value):
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def read_uuid(value) -> uuid.UUID | None:
+    if value is None or isinstance(value, uuid.UUID):
+        return value
+    return uuid.UUID(value)
+
+
+def lock_conversation(conversation_id) -> Conversation:
+    """The conversation read afresh, locked until the transaction ends, with its owner's row
+    (PostgreSQL; SQLite's transactions are serialised whole), and its model. Raises
+    Conversation.DoesNotExist if it is gone."""
+    sql = f"SELECT c.* FROM {_conversations} c WHERE c.id = %s"
+    if connection.features.has_select_for_update_of:
+        user_table = Conversation._meta.get_field("owner").related_model._meta.db_table
+        sql = (
+            f"SELECT c.* FROM {_conversations} c JOIN {user_table} u ON u.id = c.owner_id "
+            "WHERE c.id = %s FOR NO KEY UPDATE OF c, u"
+        )
+    found = list(Conversation.objects.raw(sql, [_param(Conversation, "id", conversation_id)]))
+    if not found:
+        raise Conversation.DoesNotExist(f"conversation {conversation_id}")
+    conversation = found[0]
+    profiles = ModelProfile.objects.raw(
+        f"SELECT * FROM {_profiles} WHERE id = %s", [conversation.model_id]
+    )
+    conversation.model = list(profiles)[0]
+    return conversation
+
+
+def in_the_way(conversation_id, client_message_id: uuid.UUID | None) -> list[tuple]:
+    """(client_message_id, status, updated_at, pk) of the conversation's replies being written,
+    and of the message this client_message_id made, if any."""
+    sent = _column(Message, "client_message_id")
+    sql = (
+        f"SELECT {sent}, status, updated_at, id FROM {_messages} "
+        "WHERE conversation_id = %s AND (status = %s"
+    )
+    params = [_param(Message, "conversation", conversation_id), Message.Status.STREAMING.value]
+    if client_message_id is not None:
+        sql += f" OR {sent} = %s"
+        params.append(_param(Message, "client_message_id", client_message_id))
+    with connection.cursor() as cursor:
+        cursor.execute(sql + ")", params)
+        rows = cursor.fetchall()
+    return [(read_uuid(sent), status, read_moment(at), pk) for sent, status, at, pk in rows]
+
+
+def move_conversation(conversation_id, **fields) -> None:
+    """Update these fields of the conversation (an UPDATE of one row, no model instance)."""
+    assignments = ", ".join(f"{_column(Conversation, name)} = %s" for name in fields)
+    params = [_param(Conversation, name, value) for name, value in fields.items()]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_conversations} SET {assignments} WHERE id = %s",
+            [*params, _param(Conversation, "id", conversation_id)],
+        )
+
+
+def message_tree(conversation_id) -> dict[int, tuple]:
+    """Every message of the conversation as pk -> (parent_id, role, content, tool_steps), the
+    last as the JSON text the database keeps (decode it with `tool_steps`)."""
+    tool_steps = _column(Message, "tool_steps")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, parent_id, role, content, {tool_steps} FROM {_messages} "
+            "WHERE conversation_id = %s",
+            [_param(Message, "conversation", conversation_id)],
+        )
+        return {pk: row for pk, *row in cursor.fetchall()}
+
+
+_tool_steps_field = Message._meta.get_field("tool_steps")
+
+
+def tool_steps(value) -> list[dict]:
+    """A tool_steps column as read, decoded as the ORM would."""
+    return _tool_steps_field.from_db_value(value, None, connection)
