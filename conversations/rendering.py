@@ -105,6 +105,52 @@ def render_markdown(text: str) -> str:
     )
 
 
+def settled_blocks(text: str, start: int = 0) -> list[int]:
+    """Where the Markdown blocks of `text[start:]` begin that nothing written after them can
+    change: the offsets (into `text`, each after `start`) at which a streaming reply's text
+    can be cut, each piece before them rendered on its own, as it will be in the whole.
+
+    `start` must itself be such an offset (0, or one this returned). Only whole lines count,
+    and a top-level block is settled once another block begins after it: the line that begins
+    it decides where the block before ends (a "2." that makes an ordered list loose, a table's
+    delimiter row that turns the line above into a header, a lazy continuation), and nothing
+    later can. A fenced code block is settled once its closing fence's line is complete. The
+    last block is not: the next line may still join it.
+    Reference-style link definitions are the exception: one written later does not reach back
+    into a block already rendered while streaming (the finished reply is rendered whole).
+    """
+    # Only whole lines: a line still being written can change what it is (a "|--" that may
+    # yet become a table's delimiter row, or not), and so what the block above it is.
+    tail = text[start : text.rfind("\n") + 1]
+    if not tail:
+        return []
+    lines = tail.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    blocks = [t for t in _markdown().parse(tail) if t.level == 0 and t.nesting >= 0 and t.map]
+    found = {offsets[block.map[0]] for block in blocks[1:]}
+    found |= {
+        offsets[block.map[1]]
+        for block in blocks
+        if block.type == "fence" and _fence_closed(block, lines)
+    }
+    return [start + offset for offset in sorted(found) if offset > 0]
+
+
+def _fence_closed(token, lines: list[str]) -> bool:
+    first, end = token.map
+    if end - first < 2 or end > len(lines):
+        return False
+    closing = lines[end - 1]
+    mark = token.markup
+    return (
+        closing.strip().startswith(mark)
+        and set(closing.strip()) == {mark[0]}
+        and len(closing) - len(closing.lstrip(" ")) < 4
+    )
+
+
 # The colours of highlighted code, one style per theme (static/qwenweb/pygments.css is this,
 # written out: `python -m conversations.rendering > static/qwenweb/pygments.css`).
 CODE_STYLES = {":root": "default", ':root[data-theme="dark"]': "github-dark"}

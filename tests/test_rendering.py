@@ -90,3 +90,64 @@ def test_the_code_stylesheet_is_what_pygments_makes():
     css = (Path(__file__).resolve().parent.parent / "static/qwenweb/pygments.css").read_text()
     assert css == code_stylesheet()
     assert ':root[data-theme="dark"] .markdown pre .k {' in css
+
+
+# -- formatting while a reply streams (settled_blocks) --------------------------------------------
+
+STREAMED = [
+    "# Fake report\n\nThe **numbers** are in.\n\n## Details\nSome *text* here\nand a second line.\n"
+    "\n- one\n- two\n  - nested\n- three\n\nAfter the list.\n",
+    "Steps:\n\n1. **First**: do this.\n\n2. **Second**: do that.\n\n10. Tenth.\n\nDone.",
+    "Here is code:\n```python\ndef f(x):\n    return x < 2\n```\nAnd more text\n\n~~~\nplain\n~~~\n",
+    "| a | b |\n|:--|--:|\n| 1 | 2 |\n| 3 | 4 |\n\ntext\nmore\n| c | d |\n|---|---|\n| 5 | 6 |\n",
+    "Title\n=====\n\nSub\n---\n\n> quoted\n> lines\n\n---\n\n    indented code\n\nend",
+    "你好！这是一个**测试**。\n\n- 第一\n- 第二\n\n| 列 | 值 |\n|---|---|\n| 甲 | 1 |\n",
+    "```js\nunclosed fence that never ends\nconsole.log(1)\n",
+    "Line one\nline two\n\n\n\nafter blank lines\n* star\n* list\n\n+ plus\n",
+    "Before <img src=x onerror=alert(1)> and <script>alert(2)</script>\n\n"
+    "[y](javascript:alert(3))\n\n![z](https://evil.example/leak)\n\n<div hx-get='/c/new/'>h</div>\n",
+]
+
+
+def _stream(text: str, step: int) -> tuple[list[tuple[int, int, str]], str]:
+    """The pieces a reply's text is cut into as it arrives `step` characters at a time, each
+    rendered on its own, and the render of what is left at the end."""
+    from conversations.rendering import settled_blocks
+
+    pieces, done = [], 0
+    for end in range(step, len(text) + step, step):
+        for cut in settled_blocks(text[:end], done):
+            pieces.append((done, cut, render_markdown(text[done:cut])))
+            done = cut
+    return pieces, render_markdown(text[done:])
+
+
+@pytest.mark.parametrize("text", STREAMED)
+@pytest.mark.parametrize("step", [1, 3, 17])
+def test_blocks_rendered_while_streaming_are_the_finished_render(text, step):
+    """The end changes nothing a reader can see: the pieces rendered as they settled, then
+    the rest, are the whole reply rendered at once; and a page that opens mid-reply, cutting
+    the text where it stands, cuts it where the stream does."""
+    from conversations.rendering import settled_blocks
+
+    pieces, rest = _stream(text, step)
+    assert "".join(html for _start, _end, html in pieces) + rest == render_markdown(text)
+    cuts = {0} | {end for _start, end, _html in pieces}
+    for end in range(1, len(text) + 1):
+        assert set(settled_blocks(text[:end])) <= cuts, text[:end]
+
+
+def test_a_block_settles_only_when_nothing_later_can_change_it():
+    from conversations.rendering import settled_blocks
+
+    assert settled_blocks("para\n\n- a\n- b\n\nnext\n") == [6, 15]
+    # "2" may yet become "2.", which would make the list above it loose: not settled.
+    assert settled_blocks("1. a\n\n2") == []
+    assert settled_blocks("1. a\n\n2. b\n") == []
+    # A line still being written ("|---|-") may or may not make a table of the line above.
+    assert settled_blocks("text\n| a | b |\n|---|-") == []
+    assert settled_blocks("text\n| a | b |\n|---|---|\n") == [5]
+    # A fence settles when its closing line is whole, whatever follows.
+    assert settled_blocks("```py\nx = 1\n```") == []
+    assert settled_blocks("```py\nx = 1\n```\nafter") == [16]
+    assert settled_blocks("one line without its end") == []
