@@ -405,6 +405,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 await self._request_snapshot(message_id, force=True)
         elif frame is not None:
             await self.send(text_data=frame)
+        if frame is not GAP and event.get("blocks") and self.follow.in_step(message_id):
+            # "=<pk>:[[start, end, html], …]": these blocks of the text, formatted. The page
+            # skips those it has (a snapshot's) and moves their text out of the tail.
+            await self.send(
+                text_data=f"={message_id}:{json.dumps(event['blocks'], ensure_ascii=False)}"
+            )
 
     async def conversation_snapshot(self, event: dict) -> None:
         message_id = event["message_id"]

@@ -138,6 +138,17 @@ def settled_blocks(text: str, start: int = 0) -> list[int]:
     return [start + offset for offset in sorted(found) if offset > 0]
 
 
+def render_settled(text: str, start: int = 0) -> list[tuple[int, int, str]]:
+    """The blocks of `text[start:]` that have settled (settled_blocks), each rendered on its
+    own: (start, end, sanitized HTML) per block. A streaming reply's page shows these as
+    formatted and only the rest as text."""
+    pieces = []
+    for end in settled_blocks(text, start):
+        pieces.append((start, end, render_markdown(text[start:end])))
+        start = end
+    return pieces
+
+
 def _fence_closed(token, lines: list[str]) -> bool:
     first, end = token.map
     if end - first < 2 or end > len(lines):

@@ -173,6 +173,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html as html_module
 import io
 import json
 import logging
@@ -207,7 +208,12 @@ from PIL import Image
 from conversations import rendering
 from conversations.admin import REVIEWED
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
-from conversations.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
+from conversations.rendering import (
+    ALLOWED_ATTRIBUTES,
+    ALLOWED_TAGS,
+    CODE_CLASSES,
+    render_markdown,
+)
 from conversations.replies import rules, service
 from conversations.replies.service import conversation_create
 from conversations.routing import websocket_urlpatterns
@@ -256,11 +262,24 @@ class Elements(HTMLParser):
         self.found: list[tuple[str, list[tuple[str, str]], int | None]] = []
         self.body_text: dict[int, str] = {}
         self._body: int | None = None
+        self._depth = 0  # divs open inside the body: only the app's own two
         self.feed(source)
         self.close()
 
     def handle_starttag(self, tag, attrs):
         attrs = [(name, value or "") for name, value in attrs]
+        if tag == "div" and self._body is not None:
+            # A streaming body's parts, the app's own: its settled blocks, then its tail.
+            # Any other div inside a body is model output, and fails the allowlist.
+            tail = {"id": f"message-{self._body}-tail", "class": "message__tail"}
+            if attrs in (
+                [("class", "message__settled")],
+                list(tail.items()),
+                [*tail.items()][:1] + [("class", "message__tail is-code")],
+            ):
+                self.found.append((tag, attrs, None))
+                self._depth += 1
+                return
         self.found.append((tag, attrs, self._body))
         if tag == "div":
             match = re.fullmatch(r"message-(\d+)-body", dict(attrs).get("id", ""))
@@ -270,7 +289,10 @@ class Elements(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag == "div":
-            self._body = None  # no div is allowed inside a body, so its end is the body's
+            if self._depth:
+                self._depth -= 1
+            else:
+                self._body = None  # no other div is allowed inside a body
 
     def handle_data(self, data):
         if self._body is not None:
@@ -290,6 +312,9 @@ def assert_inert(source: str, *, model_output_only: bool = False) -> Elements:
             assert not name.startswith("on"), (tag, name, source)
             assert name != "style", (tag, name, source)
             if strict:
+                if (tag, name) == ("span", "class"):  # highlighted code: Pygments' classes
+                    assert set(value.split()) <= CODE_CLASSES["span"], (tag, value, source)
+                    continue
                 assert name in ALLOWED_ATTRIBUTES.get(tag, set()) | {"rel"}, (tag, name, source)
                 assert not name.startswith(("hx-", "data-hx", "ws-")), (tag, name, source)
             if name in URL_ATTRIBUTES:
@@ -435,6 +460,12 @@ XSS_REPLY = (
     + " ".join(f"word{i}" for i in range(20))
     + " the end"
 )
+# The same, cut into blocks that settle while it streams (each sent rendered, in "=" frames).
+XSS_BLOCKS = (
+    "# <img src=x onerror=alert(8)>\n\n- <script>alert(9)</script>\n- [x](javascript:alert(10))"
+    "\n\n| <svg onload=alert(11)> | b |\n|---|---|\n| ![p](https://evil.example/p) | 2 |\n\n"
+    "```html\n<script>alert(12)</script>\n```\n" + XSS_REPLY + "\n\n> <iframe src=x>\n\nend"
+)
 
 
 @pytest.mark.asyncio
@@ -489,9 +520,65 @@ async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
     await late.disconnect()
 
 
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_blocks_formatted_while_streaming_are_sanitized_however_the_text_is_split(
+    app_simulator,
+):
+    """A hostile reply of many blocks, streamed a word per chunk: every block sent formatted
+    while it streams ("=" frames) is the sanitizer's output, they follow on from each other,
+    and together they are the reply's text so far rendered whole; a tab that opens mid-reply
+    gets the settled blocks formatted and the rest as text, all inert."""
+    token = uuid.uuid4().hex
+    app_simulator.add_scenario(
+        Scenario(match=token, reply=XSS_BLOCKS, tokens_per_chunk=1, token_delay=0.02)
+    )
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    ws, connected, _ = await connect(owner, conversation)
+    assert connected
+    await ws.send_to(text_data=send_frame(f"be naughty {token}"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: len(sum(t.blocks.values(), [])) >= 3)
+    late, connected, _ = await connect(owner, conversation)
+    assert connected
+    late_transcript = Transcript()
+    await receive_until(late, late_transcript, lambda t: bool(t.frames))
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=30)
+    await receive_until(late, late_transcript, lambda t: "complete" in t.status.values())
+    reply = await assistant_reply(conversation)
+    assert reply.content == XSS_BLOCKS
+
+    blocks = transcript.blocks[reply.pk]
+    assert len(blocks) == 5, blocks  # heading, list, table, code, paragraph: not the last two
+    assert [start for start, _end, _html in blocks] == [0] + [end for _s, end, _h in blocks[:-1]]
+    settled = blocks[-1][1]
+    assert "".join(html for _s, _e, html in blocks) == render_markdown(XSS_BLOCKS[:settled])
+    for _start, _end, html in blocks:
+        assert_inert(html, model_output_only=True)
+    assert "<h1>" in blocks[0][2] and "<table>" in "".join(h for _s, _e, h in blocks)
+    for frames in (transcript.frames, late_transcript.frames):
+        for frame in frames:
+            if frame[:1] not in ("+", "~", "="):
+                assert_inert(frame)
+    snapshot = late_transcript.frames[0]
+    assert 'data-status="streaming"' in snapshot
+    late_settled = int(re.search(r'data-settled="(\d+)"', snapshot)[1])
+    assert late_settled > 0, "the late tab's first view has formatted blocks"
+    tail = re.search(r'class="message__tail[^"]*">(.*?)</div>', snapshot, re.S)[1]
+    assert XSS_BLOCKS[late_settled:].startswith(html_module.unescape(tail))
+    final = transcript.frames[-1]
+    assert 'data-status="complete"' in final
+    assert_inert(final)
+    await ws.disconnect()
+    await late.disconnect()
+
+
 def test_lean_frames_are_appended_as_text_by_chat_js():
     """chat.js takes `+`/`~` frames away from htmx (preventDefault: htmx would swap them as
-    HTML) and appends their text as a text node, never through an HTML parser."""
+    HTML) and appends their text as a text node, never through an HTML parser. The one place
+    it inserts HTML is `settle`, for `=` frames: blocks the server rendered and sanitized (as
+    every fragment htmx swaps is; the test above checks each block of a hostile reply)."""
     source = (ROOT / "static/qwenweb/chat.js").read_text()
     match = re.search(
         r'addEventListener\("htmx:wsBeforeMessage", function \(event\) \{(.*?)\n  \}\);',
@@ -500,9 +587,14 @@ def test_lean_frames_are_appended_as_text_by_chat_js():
     )
     assert match, "the lean-frame handler moved: update this test"
     handler = match[1]
-    assert 'marker !== "+" && marker !== "~"' in handler
+    assert 'marker !== "+" && marker !== "~" && marker !== "="' in handler
     assert "event.preventDefault()" in handler
     assert "createTextNode(text)" in handler and "appendData(text)" in handler
+    settle = re.search(r"\n  function settle\(pk, blocks\) \{(.*?)\n  \}\n", source, re.S)
+    assert settle, "settle moved: update this test"
+    assert settle[1].count("insertAdjacentHTML") == 1
+    assert 'insertAdjacentHTML("beforeend", block[2])' in settle[1]
+    source = source.replace(settle[0], "")
     for sink in (
         "innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser",
         "createContextualFragment", "htmx.swap", "htmx.process", "eval(", "Function(",

@@ -17,8 +17,12 @@ from conversations.models import Conversation, Message, ModelProfile
 from conversations.replies.service import conversation_create
 
 ARTICLE = re.compile(r'<article id="message-(\d+)"[^>]*data-role="(\w+)" data-status="(\w+)"', re.S)
+# A streaming reply's body: its settled blocks (formatted; their length in characters of the
+# text) and the rest of its text (the tail).
 STREAMING_BODY = re.compile(
-    r'<div id="message-(\d+)-body" class="message__body message__body--streaming"[^>]*>(.*?)</div>',
+    r'<div id="message-(\d+)-body" class="message__body message__body--streaming[^"]*"[^>]*'
+    r' data-settled="(\d+)"><div class="message__settled">(.*?)</div>'
+    r'<div id="message-\d+-tail" class="message__tail[^"]*">(.*?)</div>',
     re.S,
 )
 
@@ -66,9 +70,15 @@ class Transcript:
     status: dict[int, str] = field(default_factory=dict)  # assistant messages only
     reasoning: dict[int, str] = field(default_factory=dict)
     last_pk: dict[str, int] = field(default_factory=dict)
+    # "=" frames: each reply's settled blocks as [start, end, html], as they came.
+    blocks: dict[int, list] = field(default_factory=dict)
 
     def feed(self, frame: str) -> None:
         self.frames.append(frame)
+        if frame[:1] == "=":
+            pk, _, blocks = frame[1:].partition(":")
+            self.blocks.setdefault(int(pk), []).extend(json.loads(blocks))
+            return
         if frame[:1] in ("+", "~"):
             # `+<pk>:<text>`, or `+:<text>` for the same message as the previous `+` frame.
             marker = frame[0]
@@ -81,11 +91,15 @@ class Transcript:
         for pk, role, status in ARTICLE.findall(frame):
             if role == "assistant":
                 self.status[int(pk)] = status
-        for pk, body in STREAMING_BODY.findall(frame):
-            # A full render of a streaming message replaces what the page showed.
+        for pk, settled, _html, tail in STREAMING_BODY.findall(frame):
+            # A full render of a streaming message replaces what the page showed: the
+            # settled part's text is the text had so far (or stand-ins, if it had less).
             import html
 
-            self.text[int(pk)] = html.unescape(body)
+            pk, settled = int(pk), int(settled)
+            before = self.text.get(pk, "")
+            before = before[:settled] if len(before) >= settled else "\ufffc" * settled
+            self.text[pk] = before + html.unescape(tail)
 
 
 async def receive_until(communicator, transcript: Transcript, predicate, within: float = 10.0):

@@ -95,6 +95,9 @@ class Delta(Event):
     part: str  # "text" or "reasoning"
     offset: int
     text: str
+    # Blocks of the text that settled with this delta, rendered: [start, end, html] each
+    # (rendering.render_settled). Pages show them formatted, and the rest as text.
+    blocks: list | None = None
 
 
 @dataclass(frozen=True)

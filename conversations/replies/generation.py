@@ -40,6 +40,7 @@ from conversations.dashscope.transport import request_sent
 from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
+from conversations.rendering import render_settled
 from conversations.replies import events, liveness, prompt, tools
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class Generation:
     # which is the sequence number sockets use to drop repeats and notice gaps.
     published: int = 0
     reasoning_published: int = 0
+    # Characters of `text` whose Markdown blocks have settled and gone out rendered, once for
+    # every socket (rendering.settled_blocks): the pages show them formatted while the rest
+    # streams as text.
+    settled: int = 0
     earlier_output_tokens: int = 0  # a continued reply counts what it had written before
     usage: Usage | None = None
     finish_reason: str | None = None
@@ -100,6 +105,11 @@ class Generation:
     # save and announce nothing more.
     superseded: bool = False
     task: asyncio.Task | None = None
+
+    @property
+    def json_mode(self) -> bool:
+        """A reply in JSON mode is shown as text while it streams, as formatted JSON after."""
+        return "response_format" in self.request.parameters
 
     def __post_init__(self) -> None:
         self._dirty = asyncio.Event()
@@ -251,7 +261,7 @@ class Generation:
             "images": [],
             "tool_steps": [],
             "sources": [],
-            "json_mode": "response_format" in self.request.parameters,
+            "json_mode": self.json_mode,
             "rating": None,
             **{name: "" for name in ("error_code", "error_message")},
             "input_tokens": None,
@@ -441,6 +451,11 @@ class Generation:
                 "offset": published,
                 "text": text[published:],
             }
+            # Blocks settle only at a line's end.
+            settles = part == "text" and "\n" in event["text"] and not self.json_mode
+            if settles and (blocks := render_settled(text, self.settled)):
+                event["blocks"] = [list(block) for block in blocks]
+                self.settled = blocks[-1][1]
             await sockets.broadcast(self.conversation_id, event, remote=self.remote_readers)
 
     async def _checkpoint(self) -> None:

@@ -5,7 +5,7 @@ import re
 from django import template
 from django.utils.safestring import mark_safe
 
-from conversations.rendering import render_markdown
+from conversations.rendering import render_markdown, render_settled
 
 register = template.Library()
 
@@ -14,6 +14,24 @@ register = template.Library()
 def markdown(text: str) -> str:
     """Untrusted markdown → sanitized HTML (see conversations.rendering)."""
     return mark_safe(render_markdown(text or ""))  # noqa: S308 - sanitized by nh3
+
+
+@register.filter
+def streaming_parts(message) -> dict:
+    """A streaming reply's text as its page shows it: the blocks that have settled, formatted
+    (`html`, up to character `settled`), and the block still being written (`tail`), as text;
+    `code` when that block is an open code fence. A reply in JSON mode stays text until the
+    end (it is shown as formatted JSON then)."""
+    text = message.content or ""
+    pieces = [] if getattr(message, "json_mode", False) else render_settled(text)
+    settled = pieces[-1][1] if pieces else 0
+    tail = text[settled:]
+    return {
+        "html": mark_safe("".join(html for _start, _end, html in pieces)),  # noqa: S308 - nh3
+        "settled": settled,
+        "tail": tail,
+        "code": re.match(r" {0,3}(```|~~~)", tail) is not None,
+    }
 
 
 @register.filter

@@ -125,30 +125,60 @@
   // Lean frames "+<message pk>:<text>" carry only the new text of a streaming reply, and
   // "~<message pk>:<text>" the new text of a thinking model's reasoning; it is appended as
   // text, never parsed as HTML. A frame without a pk ("+:<text>") goes where the previous
-  // frame of its kind went. Everything else is htmx's to swap.
+  // frame of its kind went. "=<message pk>:[[start, end, html], …]" says that the reply's
+  // text from `start` to `end` has settled into blocks, rendered and sanitized on the
+  // server: the HTML joins the formatted part and that text leaves the tail. Everything
+  // else is htmx's to swap.
   var follow = false;
   var lastPk = {};
   document.addEventListener("htmx:wsOpen", function () { lastPk = {}; });
+  function settle(pk, blocks) {
+    var body = document.getElementById("message-" + pk + "-body");
+    var tail = document.getElementById("message-" + pk + "-tail");
+    var settled = body && body.querySelector(".message__settled");
+    if (!tail || !settled) return;
+    var done = parseInt(body.getAttribute("data-settled") || "0", 10);
+    blocks.forEach(function (block) {
+      if (block[1] <= done || block[0] !== done) return; // shown already, or not next
+      var text = tail.textContent;
+      if (text.length < block[1] - done) return; // its text has not arrived here
+      settled.insertAdjacentHTML("beforeend", block[2]);
+      tail.textContent = text.slice(block[1] - done);
+      done = block[1];
+    });
+    body.setAttribute("data-settled", String(done));
+    markCode(tail);
+  }
+  // An open code fence shows as a code block while it is written.
+  function markCode(tail) {
+    tail.classList.toggle("is-code", /^ {0,3}(```|~~~)/.test(tail.textContent));
+  }
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     follow = nearBottom();
     var data = event.detail.message;
     var marker = typeof data === "string" ? data.charAt(0) : "";
-    if (marker !== "+" && marker !== "~") return;
+    if (marker !== "+" && marker !== "~" && marker !== "=") return;
     event.preventDefault();
     var colon = data.indexOf(":");
-    var pk = data.slice(1, colon) || lastPk[marker];
-    lastPk[marker] = pk;
-    var body = document.getElementById("message-" + pk + (marker === "+" ? "-body" : "-reasoning"));
-    if (!body && marker === "~") body = thinkingSection(pk);
-    if (!body) return;
-    var thinking = body.previousElementSibling;
-    if (marker === "+" && !body.textContent && thinking && thinking.open) {
-      thinking.open = false; // the answer begins: fold the thinking away (once; it can reopen)
+    if (marker === "=") {
+      settle(data.slice(1, colon), JSON.parse(data.slice(colon + 1)));
+    } else {
+      var pk = data.slice(1, colon) || lastPk[marker];
+      lastPk[marker] = pk;
+      var body = document.getElementById("message-" + pk + (marker === "+" ? "-body" : "-reasoning"));
+      if (!body && marker === "~") body = thinkingSection(pk);
+      if (!body) return;
+      var thinking = body.previousElementSibling;
+      if (marker === "+" && !body.textContent && thinking && thinking.open) {
+        thinking.open = false; // the answer begins: fold the thinking away (once; it can reopen)
+      }
+      var tail = marker === "+" && document.getElementById("message-" + pk + "-tail") || body;
+      var last = tail.lastChild;
+      var text = data.slice(colon + 1);
+      if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
+      else tail.appendChild(document.createTextNode(text));
+      if (tail !== body && tail.textContent.length < 8) markCode(tail);
     }
-    var last = body.lastChild;
-    var text = data.slice(colon + 1);
-    if (last && last.nodeType === Node.TEXT_NODE) last.appendData(text);
-    else body.appendChild(document.createTextNode(text));
     if (follow) toBottom();
     else jumpButton(true);
   });
