@@ -130,12 +130,29 @@ def settled_blocks(text: str, start: int = 0) -> list[int]:
         offsets.append(offsets[-1] + len(line))
     blocks = [t for t in _markdown().parse(tail) if t.level == 0 and t.nesting >= 0 and t.map]
     found = {offsets[block.map[0]] for block in blocks[1:]}
-    found |= {
-        offsets[block.map[1]]
-        for block in blocks
-        if block.type == "fence" and _fence_closed(block, lines)
-    }
+    ends = [offsets[b.map[1]] for b in blocks if b.type == "fence" and _fence_closed(b, lines)]
+    for end in [0, *ends]:
+        found.add(end)
+        # The blank lines after a closed fence (the only cut a piece can begin with blank
+        # lines at) belong to nothing: once a line after them has begun, the text can be cut
+        # there too, so that the line shows without them above it.
+        after = _AFTER_BLANK_LINES.match(text, start + end)
+        if after:
+            found.add(after.end(1) - start)
     return [start + offset for offset in sorted(found) if offset > 0]
+
+
+_AFTER_BLANK_LINES = re.compile(r"((?:[ \t]*\n)*)[ \t]*\S")
+
+
+def may_settle(text: str, start: int, added: str) -> bool:
+    """Whether `added`, just appended to `text`, can have settled a block after `start` (a
+    cheap test, run on every frame of a reply before the parse that tells): a line ended, or
+    a line began after the blank lines a fence left at `start`."""
+    return "\n" in added or _BLANK_LINE.match(text, start) is not None
+
+
+_BLANK_LINE = re.compile(r"[ \t]*\n")
 
 
 def render_settled(text: str, start: int = 0) -> list[tuple[int, int, str]]:

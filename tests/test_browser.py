@@ -188,6 +188,61 @@ def test_reply_streams_then_renders_and_survives_reload(live_app, app_simulator,
     assert page.locator(f"{ASSISTANT} [data-action=stop]").count() == 0
 
 
+def test_a_reply_is_formatted_while_it_streams_and_its_end_moves_nothing(
+    live_app, app_simulator, alice_page
+):
+    """Blocks show formatted as soon as they are complete (a heading, a list, a table,
+    highlighted code); the block being written shows as text, an open code fence as a code
+    block; when the reply ends, nothing already shown changes or moves."""
+    token = _token()
+    code = "\n".join(f"print('line {n}')" for n in range(12))
+    reply = (
+        "# Fake report\n\nThe **numbers** are in.\n\n- one\n- two\n\n| a | b |\n|---|---|\n"
+        f"| 1 | 2 |\n\n```python\n{code}\n```\n\nStill " + _words(40, "tail")
+    )
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.04))
+    page = alice_page()
+    _start_chat(page, live_app, f"Report {token}")
+    streaming = f'{ASSISTANT}[data-status="streaming"]'
+    page.wait_for_selector(f"{streaming} .message__tail.is-code")
+    assert page.locator(f"{streaming} .message__settled table").count() == 1
+    assert "```python" in page.locator(f"{streaming} .message__tail").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "streaming-open-fence.png"))
+    page.wait_for_selector(f'{streaming} .message__settled pre[data-lang="python"] span')
+    page.wait_for_function(
+        "(s) => /tail3 /.test(document.querySelector(s + ' .message__tail').textContent)",
+        arg=streaming,
+    )
+    settled = page.locator(f"{streaming} .message__settled")
+    assert settled.locator("h1").inner_text() == "Fake report"
+    assert settled.locator("strong").inner_text() == "numbers"
+    assert settled.locator("li").count() == 2
+    assert "# Fake report" not in settled.inner_text() and "**" not in settled.inner_text()
+    tail = page.locator(f"{streaming} .message__tail")
+    assert tail.inner_text().startswith("Still tail0") and "is-code" not in tail.get_attribute(
+        "class"
+    )
+    page.screenshot(path=str(ARTIFACTS / "streaming-formatted.png"))
+    shown = settled.inner_html()
+    # Where each shown block is, from the top of the reply's text (the page may scroll).
+    where = page.evaluate(
+        "(s) => { const top = document.querySelector(s + ' .message__body')"
+        ".getBoundingClientRect().top; return [...document.querySelectorAll(s + "
+        "' .message__settled > *')].map(e => Math.round(e.getBoundingClientRect().top - top)) }",
+        streaming,
+    )
+    _wait_status(page, "complete")
+    body = _assistant(page).locator(".message__body")
+    final_html = body.inner_html()
+    assert final_html.startswith(shown)
+    after = page.evaluate(
+        "() => { const body = [...document.querySelectorAll('article[data-role=assistant] "
+        ".message__body')].pop(); const top = body.getBoundingClientRect().top; return "
+        "[...body.children].map(e => Math.round(e.getBoundingClientRect().top - top)) }"
+    )
+    assert after[: len(where)] == where, "what was shown moved when the reply ended"
+
+
 # -- 2. a reply goes on while the tab is closed, and a reopened tab catches up ---------------
 
 

@@ -103,6 +103,7 @@ STREAMED = [
     "Title\n=====\n\nSub\n---\n\n> quoted\n> lines\n\n---\n\n    indented code\n\nend",
     "你好！这是一个**测试**。\n\n- 第一\n- 第二\n\n| 列 | 值 |\n|---|---|\n| 甲 | 1 |\n",
     "```js\nunclosed fence that never ends\nconsole.log(1)\n",
+    "```\ncode\n```\n\n\n    indented after blank lines\n\n```\nagain\n```\n \n- list\n",
     "Line one\nline two\n\n\n\nafter blank lines\n* star\n* list\n\n+ plus\n",
     "Before <img src=x onerror=alert(1)> and <script>alert(2)</script>\n\n"
     "[y](javascript:alert(3))\n\n![z](https://evil.example/leak)\n\n<div hx-get='/c/new/'>h</div>\n",

@@ -40,7 +40,7 @@ from conversations.dashscope.transport import request_sent
 from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
-from conversations.rendering import render_settled
+from conversations.rendering import may_settle, render_settled
 from conversations.replies import events, liveness, prompt, tools
 
 logger = logging.getLogger(__name__)
@@ -451,9 +451,12 @@ class Generation:
                 "offset": published,
                 "text": text[published:],
             }
-            # Blocks settle only at a line's end.
-            settles = part == "text" and "\n" in event["text"] and not self.json_mode
-            if settles and (blocks := render_settled(text, self.settled)):
+            settles = part == "text" and not self.json_mode
+            if (
+                settles
+                and may_settle(text, self.settled, event["text"])
+                and (blocks := render_settled(text, self.settled))
+            ):
                 event["blocks"] = [list(block) for block in blocks]
                 self.settled = blocks[-1][1]
             await sockets.broadcast(self.conversation_id, event, remote=self.remote_readers)

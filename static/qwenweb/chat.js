@@ -148,6 +148,7 @@
     });
     body.setAttribute("data-settled", String(done));
     markCode(tail);
+    addCodeCopyButtons(settled);
   }
   // An open code fence shows as a code block while it is written.
   function markCode(tail) {
