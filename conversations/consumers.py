@@ -429,13 +429,20 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def _finished(self, event: dict) -> None:
         message_id = event["message_id"]
+        shown = self.follow.shown(message_id)
         self.follow.end(message_id)
         if "message" in event:
             message = Message.from_event(self.conversation, event["message"])
         else:
             message = await follow.message(self.conversation, message_id)
-        if message is not None:
-            await self._send_messages([message])
+        if message is None:
+            return
+        settled = event.get("settled")
+        if settled and shown == len(message.content):
+            # The page has the whole text, and the settled blocks formatted: it is sent the
+            # rest of the reply's render only, and keeps what it shows (chat.js).
+            message.kept = settled
+        await self._send_messages([message])
 
     async def user_reply_done(self, event: dict) -> None:
         """A reply of the user's ended in another chat: mark that chat in this page's list."""

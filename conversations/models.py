@@ -345,6 +345,9 @@ class Message(models.Model):
     # Where the message stands among its versions (branches.Versions), when the code that
     # read it knows; the page shows a switcher for a message with more than one.
     versions = None
+    # Set on a finished reply sent to a page that shows its first `kept` characters already,
+    # formatted as they settled while it streamed: the page is sent only the rest.
+    kept = 0
 
     def __str__(self) -> str:
         return f"{self.get_role_display()}: {self.content[:60]}"

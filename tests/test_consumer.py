@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from datetime import timedelta
 
@@ -184,6 +185,60 @@ async def test_reconnect_mid_reply_catches_up_without_gap_or_duplicate(app_simul
     assert 'data-status="streaming"' in reconnected.frames[0]
     assert reconnected.text[reply.pk] == REPLY
     await second.disconnect()
+
+
+MARKDOWN_REPLY = (
+    "# Plan\n\nFirst **this**.\n\n- one\n- two\n\n```python\nprint(1)\n```\n\n"
+    + " ".join(f"word{i}" for i in range(40))
+    + "\n\nThe end."
+)
+
+
+async def test_blocks_settle_while_streaming_and_the_end_sends_only_the_rest(app_simulator):
+    """A reply of several blocks: each goes out formatted once it settles; a tab that joins
+    mid-reply is shown the settled blocks formatted and the rest as text, and is then sent
+    the blocks that settle after; at the end both tabs are sent the render of only what they
+    lack (data-keep), and what each shows is the reply rendered whole, as a reload shows."""
+    from conversations.rendering import render_markdown
+
+    app_simulator.add_scenario(Scenario(match="blocks", reply=MARKDOWN_REPLY, token_delay=0.01))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    first, _, _ = await connect(owner, conversation)
+    await first.send_to(text_data=send_frame("blocks please"))
+    seen = Transcript()
+    await receive_until(first, seen, lambda t: len(sum(t.blocks.values(), [])) >= 3)
+    late, _, _ = await connect(owner, conversation)
+    joined = Transcript()
+    done = lambda t: "complete" in t.status.values()  # noqa: E731
+    await asyncio.gather(receive_until(first, seen, done), receive_until(late, joined, done))
+    reply = await assistant_reply(conversation)
+    assert reply.content == MARKDOWN_REPLY
+    assert seen.text[reply.pk] == MARKDOWN_REPLY
+    whole = render_markdown(MARKDOWN_REPLY)
+
+    def shown(transcript: Transcript, settled_html: str) -> str:
+        final = transcript.frames[-1]
+        keep = int(re.search(r'data-keep="(\d+)">', final)[1])
+        rest = re.search(r'data-keep="\d+">(.*?)</div>', final, re.S)[1]
+        return keep, settled_html + rest
+
+    blocks = seen.blocks[reply.pk]
+    assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]], "one after another"
+    keep, page = shown(seen, "".join(b[2] for b in blocks))
+    assert keep == blocks[-1][1] and page == whole
+    assert "<h1>Plan</h1>" not in seen.frames[-1], "settled blocks are not sent twice"
+    # The late tab: its first view has the settled blocks formatted, then it is sent the rest.
+    first_view = joined.frames[0]
+    start = int(re.search(r'data-settled="(\d+)"', first_view)[1])
+    assert start > 0 and "<h1>Plan</h1>" in first_view
+    settled_html = re.search(r'class="message__settled">(.*?)</div>', first_view, re.S)[1]
+    later = [b for b in joined.blocks.get(reply.pk, []) if b[1] > start]
+    assert not later or later[0][0] == start
+    keep, page = shown(joined, settled_html + "".join(b[2] for b in later))
+    assert page == whole
+    await first.disconnect()
+    await late.disconnect()
 
 
 async def test_two_tabs_both_stream(app_simulator):

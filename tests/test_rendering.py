@@ -98,7 +98,8 @@ STREAMED = [
     "# Fake report\n\nThe **numbers** are in.\n\n## Details\nSome *text* here\nand a second line.\n"
     "\n- one\n- two\n  - nested\n- three\n\nAfter the list.\n",
     "Steps:\n\n1. **First**: do this.\n\n2. **Second**: do that.\n\n10. Tenth.\n\nDone.",
-    "Here is code:\n```python\ndef f(x):\n    return x < 2\n```\nAnd more text\n\n~~~\nplain\n~~~\n",
+    "Here is code:\n```python\ndef f(x):\n    return x < 2\n```\nAnd more text\n\n"
+    "~~~\nplain\n~~~\n",
     "| a | b |\n|:--|--:|\n| 1 | 2 |\n| 3 | 4 |\n\ntext\nmore\n| c | d |\n|---|---|\n| 5 | 6 |\n",
     "Title\n=====\n\nSub\n---\n\n> quoted\n> lines\n\n---\n\n    indented code\n\nend",
     "你好！这是一个**测试**。\n\n- 第一\n- 第二\n\n| 列 | 值 |\n|---|---|\n| 甲 | 1 |\n",
@@ -106,7 +107,8 @@ STREAMED = [
     "```\ncode\n```\n\n\n    indented after blank lines\n\n```\nagain\n```\n \n- list\n",
     "Line one\nline two\n\n\n\nafter blank lines\n* star\n* list\n\n+ plus\n",
     "Before <img src=x onerror=alert(1)> and <script>alert(2)</script>\n\n"
-    "[y](javascript:alert(3))\n\n![z](https://evil.example/leak)\n\n<div hx-get='/c/new/'>h</div>\n",
+    "[y](javascript:alert(3))\n\n![z](https://evil.example/leak)\n\n"
+    "<div hx-get='/c/new/'>h</div>\n",
 ]
 
 

@@ -107,6 +107,9 @@ class Finished(Event):
     TYPE = "conversation.finished"
     message_id: int
     message: dict | None = None
+    # How much of the text had settled into blocks the pages were sent formatted: a page
+    # that has them all is sent only the rest (rendering.settled_blocks).
+    settled: int | None = None
 
 
 @dataclass(frozen=True)

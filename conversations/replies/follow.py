@@ -79,6 +79,10 @@ class Follow:
         self._text[message.pk] = len(message.content)
         self._reasoning[message.pk] = len(message.reasoning)
 
+    def shown(self, pk: int) -> int | None:
+        """How many characters of the reply's text the page has, if it is in step."""
+        return self._text.get(pk)
+
     def end(self, pk: int) -> None:
         """The reply ended (or is gone): its deltas are no longer shown."""
         self._text.pop(pk, None)

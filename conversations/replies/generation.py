@@ -272,7 +272,9 @@ class Generation:
         if self.created_at is not None:
             message["created_at"] = self.created_at.isoformat()
         try:
-            event = events.Finished(message_id=self.message_id, message=message)
+            event = events.Finished(
+                message_id=self.message_id, message=message, settled=self.settled or None
+            )
             await sockets.broadcast(self.conversation_id, event.as_message())
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.

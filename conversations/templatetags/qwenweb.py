@@ -73,6 +73,14 @@ def reply_body(message) -> str:
     return mark_safe(render_markdown(json_block(message.content or "")))  # noqa: S308 - nh3
 
 
+@register.filter
+def reply_rest(message) -> str:
+    """A finished reply's render after its first `message.kept` characters, which the page
+    shows already as the blocks that settled while it streamed: the two together are the
+    reply rendered whole (rendering.settled_blocks)."""
+    return markdown((message.content or "")[message.kept :])
+
+
 def json_block(text: str) -> str:
     """JSON text as a fenced Markdown code block, indented when it parses."""
     with contextlib.suppress(ValueError):

@@ -131,7 +131,28 @@
   // else is htmx's to swap.
   var follow = false;
   var lastPk = {};
-  document.addEventListener("htmx:wsOpen", function () { lastPk = {}; });
+  var socket = null;
+  document.addEventListener("htmx:wsOpen", function (event) {
+    lastPk = {};
+    socket = event.detail.socketWrapper;
+  });
+  // A finished reply whose body says data-keep="<n>" carries only its render after the
+  // first n characters, which the page shows already, formatted: they are moved into it. A
+  // page that somehow has other blocks asks for the reply whole (a hello names it).
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var fragment = event.detail.fragment;
+    var kept = fragment && fragment.querySelector && fragment.querySelector("[data-keep]");
+    if (!kept) return;
+    var old = document.getElementById(kept.id);
+    var settled = old && old.querySelector(".message__settled");
+    if (settled && old.getAttribute("data-settled") === kept.getAttribute("data-keep")) {
+      while (settled.lastChild) kept.insertBefore(settled.lastChild, kept.firstChild);
+    } else if (socket) {
+      var pk = kept.id.replace(/^message-|-body$/g, "");
+      socket.send(JSON.stringify({ type: "hello", streaming: [parseInt(pk, 10)], last: null }));
+    }
+    kept.removeAttribute("data-keep");
+  });
   function settle(pk, blocks) {
     var body = document.getElementById("message-" + pk + "-body");
     var tail = document.getElementById("message-" + pk + "-tail");
