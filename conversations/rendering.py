@@ -10,9 +10,12 @@ import re
 from functools import lru_cache
 
 import nh3
+from latex2mathml.converter import convert as latex_to_mathml
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 from markdown_it.renderer import RendererHTML
+from markdown_it.rules_inline import StateInline
+from mdit_py_plugins.dollarmath import dollarmath_plugin
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
@@ -31,6 +34,22 @@ ALLOWED_ATTRIBUTES = {
     "td": {"align"},
     "th": {"align"},
 }
+# Math, rendered on the server as MathML (Presentation MathML, which browsers draw): its
+# elements, and the attributes that say how it looks. Nothing that links (href), styles
+# (style, mathcolor) or switches content (maction, semantics, annotation-xml) is allowed.
+MATH_TAGS = {
+    "math", "mrow", "mi", "mn", "mo", "ms", "mtext", "mspace", "msub", "msup", "msubsup",
+    "munder", "mover", "munderover", "mfrac", "msqrt", "mroot", "mstyle", "mpadded",
+    "mphantom", "menclose", "mtable", "mtr", "mtd",
+}  # fmt: skip
+MATH_ATTRIBUTES = {
+    "display", "mathvariant", "stretchy", "fence", "form", "accent", "accentunder",
+    "movablelimits", "lspace", "rspace", "linethickness", "columnalign", "rowalign",
+    "columnspacing", "rowspacing", "width", "height", "depth", "separator", "largeop",
+    "symmetric", "scriptlevel", "displaystyle", "notation", "minsize", "maxsize",
+}  # fmt: skip
+ALLOWED_TAGS |= MATH_TAGS
+ALLOWED_ATTRIBUTES |= {tag: MATH_ATTRIBUTES for tag in MATH_TAGS}
 URL_SCHEMES = {"http", "https", "mailto"}
 # Pygments' token classes (static/qwenweb/pygments.css colours them): the only classes kept.
 CODE_CLASSES = {"span": {name for name in STANDARD_TYPES.values() if name}}
@@ -76,10 +95,72 @@ def _fence(self, tokens, idx, options, env) -> str:
     return f"<pre{label}><code>{code}</code></pre>\n"
 
 
+# latex2mathml copies the text of \text{…} and the like into the MathML as it is: its HTML
+# characters are escaped here first (the sanitizer would drop what they made, text and all).
+_TEXT_ARGUMENT = re.compile(r"(\\(?:text\w*|mbox|mathrm|operatorname)\s*\{)([^{}]*)(\})")
+
+
+def _math(latex: str, display: bool) -> str:
+    """TeX as MathML (sanitized with the rest of the reply); TeX it cannot read stays TeX,
+    as code."""
+    latex = _TEXT_ARGUMENT.sub(lambda m: m[1] + escapeHtml(m[2]) + m[3], latex.strip())
+    try:
+        return latex_to_mathml(latex, display="block" if display else "inline")
+    except Exception:  # latex2mathml raises many kinds on TeX it does not know
+        return f"<code>{escapeHtml(latex)}</code>"
+
+
+def _math_renderer(display: bool):
+    def render(self, tokens, idx, options, env) -> str:
+        html = _math(tokens[idx].content, display)
+        return f"{html}\n" if tokens[idx].block else html
+
+    return render
+
+
+def _bracket_math(state: StateInline, silent: bool) -> bool:
+    """`\\(…\\)` inline and `\\[…\\]` displayed, as LaTeX writes them (CommonMark would
+    read the backslashes as escapes and drop them); a display may span the lines of one
+    paragraph."""
+    start = state.pos
+    if state.src[start] != "\\" or start + 1 >= state.posMax:
+        return False
+    opening = state.src[start + 1]
+    if opening not in "([":
+        return False
+    closing = "\\)" if opening == "(" else "\\]"
+    end = state.src.find(closing, start + 2, state.posMax)
+    if end == -1 or not state.src[start + 2 : end].strip():
+        return False
+    if not silent:
+        token = state.push("math_inline" if opening == "(" else "math_inline_double", "math", 0)
+        token.content = state.src[start + 2 : end]
+        token.markup = "\\" + opening
+    state.pos = end + 2
+    return True
+
+
 @lru_cache(maxsize=1)
 def _markdown() -> MarkdownIt:
     md = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks": True})
     md.enable(["table", "strikethrough"])
+    # $…$ inline, $$…$$ displayed; "$5 and $10" stays text (no digit after an opening or
+    # before a closing dollar, no space inside either).
+    md.use(
+        dollarmath_plugin,
+        allow_labels=False,
+        allow_space=False,
+        allow_digits=False,
+        allow_blank_lines=False,
+        double_inline=True,
+    )
+    md.inline.ruler.before("escape", "math_brackets", _bracket_math)
+    for kind, display in (
+        ("math_inline", False),
+        ("math_inline_double", True),
+        ("math_block", True),
+    ):
+        md.add_render_rule(kind, _math_renderer(display).__get__(md.renderer, RendererHTML))
     md.add_render_rule("image", _image_as_link.__get__(md.renderer, RendererHTML))
     for cell in ("th_open", "td_open"):
         md.add_render_rule(cell, _cell_with_align.__get__(md.renderer, RendererHTML))
@@ -93,7 +174,11 @@ def render_markdown(text: str) -> str:
 
     A pure function of the text, and the main cost of a long chat page (about 2 ms a reply),
     so recent results are kept: a page viewed again renders its replies from memory."""
-    html = _markdown().render(text)
+    return sanitize(_markdown().render(text))
+
+
+def sanitize(html: str) -> str:
+    """HTML cut down to the allowlist: model output's elements, attributes and URLs."""
     return nh3.clean(
         html,
         tags=ALLOWED_TAGS,

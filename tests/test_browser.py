@@ -243,6 +243,31 @@ def test_a_reply_is_formatted_while_it_streams_and_its_end_moves_nothing(
     assert after[: len(where)] == where, "what was shown moved when the reply ended"
 
 
+def test_math_is_typeset_and_dollar_amounts_stay_text(live_app, app_simulator, alice_page):
+    token = _token()
+    reply = (
+        "The Fibonacci numbers: $F_n = F_{n-1} + F_{n-2}$, and in brackets \\(F_0 = 0\\).\n\n"
+        "$$\n\\sum_{i=1}^{n} i = \\frac{n(n+1)}{2}\n$$\n\n"
+        "\\[\n\\sqrt{x^2 + y^2}\n\\]\n\nA coffee costs $5 and a book $10."
+    )
+    app_simulator.add_scenario(Scenario(match=token, reply=reply, token_delay=0.01))
+    page = alice_page()
+    _start_chat(page, live_app, f"Math {token}")
+    _wait_status(page, "complete")
+    body = _assistant(page).locator(".message__body")
+    assert body.locator("math").count() == 4
+    assert body.locator('math[display="block"]').count() == 2
+    text = body.inner_text()
+    assert "costs $5 and a book $10." in text
+    assert "F_{n-1}" not in text and "\\frac" not in text and "\\(" not in text
+    sizes = page.evaluate(
+        "(s) => [...document.querySelectorAll(s)].map(m => m.getBoundingClientRect().width)",
+        f"{ASSISTANT}:last-of-type math",
+    )
+    assert all(width > 10 for width in sizes), sizes
+    page.screenshot(path=str(ARTIFACTS / "math.png"))
+
+
 # -- 2. a reply goes on while the tab is closed, and a reopened tab catches up ---------------
 
 

@@ -106,6 +106,8 @@ STREAMED = [
     "```js\nunclosed fence that never ends\nconsole.log(1)\n",
     "```\ncode\n```\n\n\n    indented after blank lines\n\n```\nagain\n```\n \n- list\n",
     "Line one\nline two\n\n\n\nafter blank lines\n* star\n* list\n\n+ plus\n",
+    "Euler: $e^{i\\pi} + 1 = 0$ costs $5 and $10.\n\n$$\n\\int_0^1 x\\,dx = \\frac12\n$$\n\n"
+    "Then \\(a\\) and\n\\[\nb^2\n\\]\nend\n\n$$\n\\text{<b>not closed}\n",
     "Before <img src=x onerror=alert(1)> and <script>alert(2)</script>\n\n"
     "[y](javascript:alert(3))\n\n![z](https://evil.example/leak)\n\n"
     "<div hx-get='/c/new/'>h</div>\n",
@@ -154,3 +156,42 @@ def test_a_block_settles_only_when_nothing_later_can_change_it():
     assert settled_blocks("```py\nx = 1\n```") == []
     assert settled_blocks("```py\nx = 1\n```\nafter") == [16]
     assert settled_blocks("one line without its end") == []
+
+
+# -- math ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "display"),
+    [
+        ("$F_n = F_{n-1} + F_{n-2}$", "inline"),
+        ("\\(F_n = F_{n-1} + F_{n-2}\\)", "inline"),
+        ("$$F_n = F_{n-1} + F_{n-2}$$", "block"),
+        ("$$\nF_n = F_{n-1} + F_{n-2}\n$$", "block"),
+        ("\\[\nF_n = F_{n-1} + F_{n-2}\n\\]", "block"),
+    ],
+)
+def test_math_in_every_delimiter_qwen_writes_becomes_mathml(source, display):
+    html = render_markdown(f"Fibonacci: {source}" if display == "inline" else source)
+    assert f'<math display="{display}">' in html
+    assert "<msub><mi>F</mi><mrow><mi>n</mi><mo>−</mo><mn>1</mn></mrow></msub>" in html
+    assert "$" not in html and "\\" not in html, "no raw dollars or backslashes left"
+
+
+def test_dollar_amounts_and_tex_that_does_not_parse_stay_text():
+    assert render_markdown("It costs $5 and $10.") == "<p>It costs $5 and $10.</p>\n"
+    assert render_markdown("Pay $ 5 $ now") == "<p>Pay $ 5 $ now</p>\n"
+    html = render_markdown("$\\begin{matrix}$")
+    assert "<math" not in html and "\\begin{matrix}" in html
+
+
+def test_math_cannot_carry_markup_links_or_styles():
+    html = render_markdown(
+        "$\\text{<img src=x onerror=alert(1)> a < b}$ $\\href{javascript:alert(2)}{x}$ "
+        "$\\style{background:url(https://evil.example/)}{y}$ $\\color{red}{z}$"
+    )
+    tags = parse(html)
+    assert {tag for tag, _attrs in tags} <= {"p", "math", "mrow", "mtext", "mi", "mstyle"}
+    for _tag, attrs in tags:
+        assert {name for name, _value in attrs} <= {"display"}, attrs
+    assert "&lt;img&nbsp;src=x&nbsp;onerror=alert(1)&gt;&nbsp;a&nbsp;&lt;&nbsp;b" in html

