@@ -24,7 +24,14 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
 from conversations.exports import conversation_data, thumbnail_src
-from conversations.models import Conversation, Message, MessageImage, ModelProfile, SystemPrompt
+from conversations.models import (
+    Conversation,
+    Message,
+    MessageImage,
+    ModelProfile,
+    Share,
+    SystemPrompt,
+)
 from conversations.templatetags.qwenweb import web_url
 
 audit_log = logging.getLogger("qwenweb.audit")
@@ -248,3 +255,29 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     @admin.display(description=_("messages"), ordering="_message_count")
     def message_count(self, obj) -> int:
         return obj._message_count
+
+
+@admin.register(Share)
+class ShareAdmin(admin.ModelAdmin):
+    """The chats shared by link: who shared which, when, and whether the link still works. An
+    admin can revoke a link; nobody can make one here (only a chat's owner shares it)."""
+
+    list_display = ["conversation", "created_by", "created_at", "updated_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["conversation__title", "created_by__username"]
+    readonly_fields = [
+        "conversation", "created_by", "last_message_id", "created_at", "updated_at",
+        "revoked_at",
+    ]  # fmt: skip
+    fields = readonly_fields
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description=_("Revoke the selected links"))
+    def revoke(self, request, queryset):
+        from django.utils import timezone
+
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, _("%(count)s links revoked.") % {"count": count})

@@ -1,5 +1,6 @@
 """Conversations, their messages, and the catalog admins curate (models, system prompts)."""
 
+import secrets
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -8,6 +9,7 @@ from django.conf import settings
 from django.core.validators import URLValidator
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -246,8 +248,6 @@ class Conversation(models.Model):
         return self.display_title
 
     def get_absolute_url(self) -> str:
-        from django.urls import reverse
-
         return reverse("conversation", args=[self.id])
 
     @property
@@ -527,6 +527,45 @@ class MessageImage(models.Model):
 
     def __str__(self) -> str:
         return self.url or str(self.upload)
+
+
+def _share_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class ShareQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(revoked_at__isnull=True)
+
+
+class Share(models.Model):
+    """A conversation shared as a read-only snapshot: the branch it showed when shared (up to
+    `last_message_id`), at /s/<token>/, for any signed-in user with the link, never for
+    anyone signed out. Sharing again updates the snapshot and keeps the link; revoking ends
+    it (the link then answers 404)."""
+
+    token = models.CharField(max_length=64, unique=True, default=_share_token, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="shares")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    last_message_id = models.PositiveBigIntegerField(_("last message"), null=True)
+    created_at = models.DateTimeField(_("shared at"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("snapshot taken at"), auto_now=True)
+    revoked_at = models.DateTimeField(_("revoked at"), null=True, blank=True)
+
+    objects = ShareQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("shared link")
+        verbose_name_plural = _("shared links")
+
+    def __str__(self) -> str:
+        return self.get_absolute_url()
+
+    def get_absolute_url(self) -> str:
+        return reverse("shared", args=[self.token])
 
 
 class Preferences(models.Model):

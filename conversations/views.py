@@ -10,6 +10,7 @@ import logging
 import os
 import uuid
 from datetime import datetime
+from urllib.parse import urlencode
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
@@ -37,6 +38,7 @@ from conversations.models import (
     Message,
     ModelProfile,
     Preferences,
+    Share,
     SystemPrompt,
     Upload,
 )
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 SIDEBAR_LIMIT = 200
 # Messages a chat page shows at first; earlier ones load on request.
 MESSAGE_PAGE = 100
+# A shared chat shows its whole snapshot, up to this many messages (the newest).
+SHARED_PAGE = 1000
 
 
 def _sidebar(user, before: tuple | None = None) -> dict:
@@ -310,6 +314,79 @@ def _message_page(conversation: Conversation, before: int | None = None) -> dict
     return page
 
 
+@require_http_methods(["GET", "POST"])
+def conversation_share(request: HttpRequest, conversation_id) -> HttpResponse:
+    """The chat's share panel. POST shares the branch shown now as a read-only snapshot at
+    /s/<token>/ (sharing again updates the snapshot and keeps the link); POST with `revoke`
+    ends the link. Only the chat's owner shares it."""
+    conversation = _owned(request, conversation_id)
+    share = conversation.shares.active().first()
+    if request.method == "POST":
+        if request.POST.get("revoke"):
+            conversation.shares.active().update(revoked_at=timezone.now())
+            share = None
+        else:
+            leaf = branches.load(conversation).leaf(conversation.current_message_id)
+            share = share or Share(conversation=conversation, created_by=request.user)
+            share.last_message_id = leaf
+            share.save()
+    return render(
+        request,
+        "conversations/partials/share.html",
+        {
+            "conversation": conversation,
+            "share": share,
+            "share_url": request.build_absolute_uri(share.get_absolute_url()) if share else "",
+            "updated": request.method == "POST",
+        },
+    )
+
+
+def _readable(request: HttpRequest, conversation_id, message_id: int | None = None):
+    """The conversation, if the user may read it (their own; a reviewer, any), or if the
+    request carries `?share=<token>` of an active share of it whose snapshot holds
+    `message_id`; else 404."""
+    found = Conversation.objects.readable_by(request.user).filter(pk=conversation_id).first()
+    if found is not None:
+        return found
+    token = request.GET.get("share", "")
+    share = Share.objects.active().filter(token=token, conversation_id=conversation_id).first()
+    if share is None or message_id is None or share.last_message_id is None:
+        raise Http404
+    tree = branches.load(share.conversation_id)
+    if message_id not in tree.path(share.last_message_id):
+        raise Http404
+    return share.conversation
+
+
+@require_GET
+def shared(request: HttpRequest, token: str) -> HttpResponse:
+    """A shared chat, read-only, to any signed-in user with its link (never to anyone signed
+    out: the login is required as for every page); 404 once revoked."""
+    share = get_object_or_404(
+        Share.objects.active().select_related("conversation", "conversation__owner"),
+        token=token,
+    )
+    conversation = share.conversation
+    if share.last_message_id is None:
+        page = {"chat_messages": [], "earlier_before": None}
+    else:
+        page = branches.page(conversation, size=SHARED_PAGE, leaf=share.last_message_id)
+    liveness.show_dead_as_interrupted(page["chat_messages"])
+    return render(
+        request,
+        "conversations/shared.html",
+        {
+            "share": share,
+            "conversation": conversation,
+            "read_only": True,
+            # Its images are served to whoever holds the link (see _readable).
+            "share_query": f"?{urlencode({'share': share.token})}",
+            **page,
+        },
+    )
+
+
 @require_POST
 def conversation_rename(request: HttpRequest, conversation_id) -> HttpResponse:
     conversation = _owned(request, conversation_id)
@@ -475,15 +552,17 @@ def conversation_images(request: HttpRequest, conversation_id) -> JsonResponse:
 
 @require_http_methods(["GET", "DELETE"])
 def conversation_image(request: HttpRequest, conversation_id, upload_id: int) -> HttpResponse:
-    """An uploaded image, to the chat's owner and to reviewers; 404 to everyone else.
-    DELETE removes one not sent yet (the composer's ×): 204, or 404 (a sent image stays with
-    its message; another user's chat)."""
+    """An uploaded image, to the chat's owner and to reviewers (and, with `?share=<token>`,
+    one in a shared snapshot to whoever holds its link); 404 to everyone else. DELETE removes
+    one not sent yet (the composer's ×): 204, or 404 (a sent image stays with its message;
+    another user's chat)."""
     if request.method == "DELETE":
         if not uploads.remove_unsent(_owned(request, conversation_id), upload_id):
             raise Http404
         return HttpResponse(status=204)
-    chats = Conversation.objects.readable_by(request.user).filter(pk=conversation_id)
-    upload = get_object_or_404(Upload, pk=upload_id, conversation__in=chats)
+    sent_in = Message.objects.filter(images__upload_id=upload_id).values_list("pk", flat=True)
+    conversation = _readable(request, conversation_id, *sent_in[:1])
+    upload = get_object_or_404(Upload, pk=upload_id, conversation=conversation)
     try:
         response = FileResponse(upload.file.open("rb"), content_type=upload.content_type)
     except OSError:
@@ -585,9 +664,7 @@ def message_image(request: HttpRequest, conversation_id, message_id: int, index:
     proxy refuses or cannot fetch is answered with a placeholder image (200, with
     `X-Qwenweb-Image: refused` and the reason in `X-Qwenweb-Image-Reason`): the upstream's
     bytes are never passed on unchecked."""
-    conversation = get_object_or_404(
-        Conversation.objects.readable_by(request.user), pk=conversation_id
-    )
+    conversation = _readable(request, conversation_id, message_id)
     message = get_object_or_404(Message, pk=message_id, conversation=conversation)
     urls = list(message.images.values_list("url", flat=True))  # "" for an upload
     if index >= len(urls) or not urls[index]:

@@ -402,6 +402,42 @@ def test_other_user_gets_404_and_no_sidebar_entry(live_app, alice_page, new_page
     assert token not in bob.content()
 
 
+def test_a_chat_shared_by_link_is_read_only_for_a_teammate(
+    live_app, app_simulator, alice_page, new_page
+):
+    token = _token()
+    app_simulator.add_scenario(
+        Scenario(
+            match=token, reply="## Shared answer\n\nWith **bold** and $x^2$.", token_delay=0.01
+        )
+    )
+    alice = alice_page()
+    _start_chat(alice, live_app, f"Share this {token}")
+    _wait_status(alice, "complete")
+    alice.click(".chat-header .menu summary")
+    alice.click("[data-action=open-share]")
+    alice.click("#share-panel [data-action=share]")
+    link = alice.locator("#share-link")
+    link.wait_for()
+    url = link.input_value()
+    assert "/s/" in url
+    alice.screenshot(path=str(ARTIFACTS / "share-panel.png"))
+
+    bob = new_page()
+    live_app.login(bob, "bob")
+    response = bob.goto(url)
+    assert response is not None and response.status == 200
+    assert bob.locator("h2").inner_text() == "Shared answer"
+    assert bob.locator("math").count() == 1
+    assert bob.locator("#composer, [data-action=regenerate], [data-action=edit]").count() == 0
+    bob.screenshot(path=str(ARTIFACTS / "shared-page.png"))
+
+    alice.click("#share-panel [data-action=unshare]")
+    alice.wait_for_selector("text=The link no longer works.")
+    response = bob.goto(url)
+    assert response is not None and response.status == 404
+
+
 # -- 5. model output never runs ---------------------------------------------------------------
 
 

@@ -117,15 +117,18 @@ def with_versions(messages: list[Message], tree: Tree) -> list[Message]:
     return messages
 
 
-def page(conversation: Conversation, *, before: int | None = None, size: int) -> dict:
+def page(
+    conversation: Conversation, *, before: int | None = None, size: int, leaf: int | None = None
+) -> dict:
     """The active branch's last `size` messages (before pk `before`), oldest first, with their
     images and versions, and where the earlier ones begin (`earlier_before`: None when there
     are none): what the chat page shows, and what a socket sends when the branch changes.
-    Three queries whatever the conversation's size."""
+    With `leaf`, the branch that ends there instead (a shared snapshot's). Three queries
+    whatever the conversation's size."""
     from conversations.models import MessageImage
 
     tree = load(conversation)
-    path = active_path(conversation, tree)
+    path = tree.path(leaf) if leaf is not None else active_path(conversation, tree)
     if before is not None:
         path = [pk for pk in path if pk < before]
     shown = path[-size:]

@@ -406,7 +406,10 @@
     var button = event.target.closest && event.target.closest("[data-action=copy]");
     if (!button) return;
     var url = button.getAttribute("data-copy-url");
-    if (url) {
+    var target = document.getElementById(button.getAttribute("data-copy-target") || "");
+    if (target) {
+      copyText(target.value).then(function () { copied(button); });
+    } else if (url) {
       fetch(url, { credentials: "same-origin" })
         .then(function (response) { return response.text(); })
         .then(copyText)
@@ -414,6 +417,20 @@
     } else {
       var code = button.parentNode.querySelector("code");
       copyText(code ? code.textContent : "").then(function () { copied(button); });
+    }
+  });
+  // The share panel: opened from the chat's menu (which then closes), closed by its button.
+  document.addEventListener("click", function (event) {
+    var open = event.target.closest && event.target.closest("[data-action=open-share]");
+    if (open) {
+      var menu = open.closest("details");
+      if (menu) menu.open = false;
+    }
+    var close = event.target.closest && event.target.closest("[data-action=close-share]");
+    if (close) {
+      var panel = document.getElementById("share-panel");
+      panel.innerHTML = "";
+      panel.hidden = true;
     }
   });
   // After a finished reply arrives (over the socket), a branch or earlier messages are swapped in.
