@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -481,3 +482,20 @@ def test_search_finds_ones_own_chats_by_title_or_message_with_the_passage_marked
     assert fragment.lstrip().startswith('<div id="search-results"')
     assert "No chat contains “nothing-like-this”." in fragment
     assert alice_client.get("/search/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_not_found_is_a_friendly_page_inside_the_app(alice_client):
+    response = alice_client.get(f"/c/{uuid.uuid4()}/")
+    assert response.status_code == 404
+    html = response.content.decode()
+    assert "This page is not here" in html and 'href="/"' in html and "Back to your chats" in html
+    assert "app.css" in html and "skip-link" in html
+
+
+def test_the_server_error_page_needs_no_request_and_leads_back():
+    from django.template.loader import render_to_string
+
+    html = render_to_string("500.html")
+    assert "Something went wrong on this server" in html and 'href="/"' in html
+    assert "<script" not in html, "no script: a 500 page has no CSP nonce to give one"
