@@ -372,8 +372,11 @@ class Reply:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# A streaming reply's body: how much of its text has settled into formatted blocks, and the
+# rest (the tail), as text.
 STREAMING_BODY = re.compile(
-    r'data-role="assistant" data-status="streaming".*?message__body--streaming"[^>]*>(.*?)</div>',
+    r'data-role="assistant" data-status="streaming".*?message__body--streaming[^"]*"[^>]*'
+    r' data-settled="(\d+)">.*?class="message__tail[^"]*">(.*?)</div>',
     re.S,
 )
 STATUS = re.compile(r'data-role="assistant" data-status="(complete|error|stopped|interrupted)"')
@@ -411,8 +414,11 @@ class Conn:
                 reply.status = match.group(1)
                 reply.done.set()
             elif (match := STREAMING_BODY.search(frame)) is not None:
-                # A placeholder or catch-up fragment: the page shows its text, then appends.
-                reply.page = html.unescape(match.group(1))
+                # A placeholder or catch-up fragment: the page shows its text, then appends
+                # (the settled part's text is what the page had, or stand-ins if it had less).
+                settled, tail = int(match.group(1)), html.unescape(match.group(2))
+                before = reply.page[:settled] if len(reply.page) >= settled else "\ufffc" * settled
+                reply.page = before + tail
                 reply.resyncs += bool(reply.page)
             elif 'role="alert"' in frame:
                 reply.notice = re.sub(r"<[^>]+>", "", frame).strip()[:120]
