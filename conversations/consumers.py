@@ -311,6 +311,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             events.Branched.TYPE: self._branched,
             events.ToolSteps.TYPE: self._tool_steps,
             events.Delta.TYPE: self._direct_delta,
+            events.Titled.TYPE: self._titled,
             events.Finished.TYPE: self._finished,
         }[event["type"]]
         await handler(event)
@@ -321,6 +322,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     conversation_branched = _from_other_processes("_branched")
     conversation_tools = _from_other_processes("_tool_steps")
     conversation_finished = _from_other_processes("_finished")
+    conversation_titled = _from_other_processes("_titled")
 
     async def _created(self, event: dict) -> None:
         messages = [
@@ -338,6 +340,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if event.get("title"):
             self.conversation.title = event["title"]
             await self._send_fragment("title", conversation=self.conversation)
+
+    async def _titled(self, event: dict) -> None:
+        self.conversation.title = event["title"]
+        await self._send_fragment("title", conversation=self.conversation, sidebar=True)
 
     async def _continued(self, event: dict) -> None:
         """A cut-off reply is being carried on: show it streaming again, from its text."""

@@ -375,6 +375,25 @@ def compose_reply(
     return text
 
 
+def _asks_for_title(messages: list[dict[str, Any]]) -> bool:
+    """A system message asking for a conversation's title, as qwenweb's title model sends."""
+    return any(
+        message.get("role") == "system"
+        and "title for this conversation" in str(message.get("content", "")).lower()
+        for message in messages
+    )
+
+
+def compose_title(last_user: str) -> str:
+    """A chat's title: the topic of the user's message (the part before the reply excerpt),
+    capitalized, at most six words (or 16 characters of text without spaces, such as Chinese)."""
+    message = last_user.split("\n\n---\n", 1)[0]
+    topic = _topic(message)
+    if " " not in topic and len(topic) > 16:
+        topic = topic[:16]
+    return f"About: {topic}" if topic.isascii() else f"关于：{topic}"
+
+
 def compose_reasoning(last_user: str) -> str:
     """A short, deterministic "thinking" text for thinking-mode requests."""
     return (
@@ -1213,7 +1232,10 @@ class Simulator:
         seed = parameters.get("seed")
 
         last_user, images, input_words = _read_messages(messages)
-        scenario = self._take_scenario(last_user)
+        # A request for a chat's title (qwenweb's title model) is answered with one and never
+        # takes a scenario meant for the chat's own replies.
+        titling = _asks_for_title(messages)
+        scenario = None if titling else self._take_scenario(last_user)
         turn = sum(1 for m in messages if m.get("role") == "user")
         tool_calls: list[dict[str, Any]] = []
         if not (scenario and scenario.reply is not None):
@@ -1238,7 +1260,9 @@ class Simulator:
                 }
                 for index, (name, arguments) in enumerate(planned)
             ]
-        if scenario and scenario.reply is not None:
+        if titling:
+            reply = compose_title(last_user)
+        elif scenario and scenario.reply is not None:
             reply = scenario.reply
         elif tool_calls:
             reply = ""

@@ -346,6 +346,9 @@ QWENWEB_MAX_UPLOAD_BYTES = 7 * 1024 * 1024  # DashScope's limit for an image sen
 QWENWEB_MAX_CONCURRENT_REPLIES = int(os.environ.get("QWENWEB_MAX_CONCURRENT_REPLIES", "2"))
 # Messages one user may send in any 60 seconds.
 QWENWEB_MESSAGES_PER_MINUTE = int(os.environ.get("QWENWEB_MESSAGES_PER_MINUTE", "20"))
+# The model that writes a chat's title after its first reply (conversations/replies/titles.py);
+# empty: chats keep the first line of their first message as their title.
+QWENWEB_TITLE_MODEL = os.environ.get("QWENWEB_TITLE_MODEL", "qwen-flash").strip()
 # New chats one user may create in any 60 seconds (an empty chat costs no tokens, but made by
 # the hundred they fill the database and bury the sidebar).
 QWENWEB_CHATS_PER_MINUTE = int(os.environ.get("QWENWEB_CHATS_PER_MINUTE", "30"))

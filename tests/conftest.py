@@ -74,6 +74,13 @@ def _dashscope_settings(request, settings):
 
 
 @pytest.fixture(autouse=True)
+def _no_title_model(settings):
+    """Chats keep their first-line titles in tests: the title model's extra request would
+    interleave with the ones a test watches. tests/test_titles.py switches it on."""
+    settings.QWENWEB_TITLE_MODEL = ""
+
+
+@pytest.fixture(autouse=True)
 def _media_root(settings, tmp_path_factory):
     """Uploaded images go to a temporary directory, never the checkout's var/."""
     settings.MEDIA_ROOT = tmp_path_factory.mktemp("media")

@@ -127,6 +127,7 @@ def app_env(data_dir: Path, simulator, **extra: str) -> dict:
         "DASHSCOPE_BASE_URL": simulator.native_base_url,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "PYTHONUNBUFFERED": "1",
+        "QWENWEB_TITLE_MODEL": "",  # as in-process tests (tests/conftest.py)
         **extra,
     }
     env.pop("REDIS_URL", None)

@@ -6,7 +6,8 @@ TYPE is its channel-layer type (Channels dispatches `conversation.delta` to a co
 packs it with msgpack). Fields left at None are not sent.
 
 To sockets (the conversation's group, or one socket's channel): Created, Continued,
-Branched, ToolSteps, Delta, Finished, Snapshot; to the user's group: SessionEnded, ReplyDone.
+Branched, ToolSteps, Delta, Titled, Finished, Snapshot; to the user's group: SessionEnded,
+ReplyDone.
 To a running generation (the conversation's control group): Stop, Sync, Watch, Retire.
 """
 
@@ -98,6 +99,14 @@ class Delta(Event):
     # Blocks of the text that settled with this delta, rendered: [start, end, html] each
     # (rendering.render_settled). Pages show them formatted, and the rest as text.
     blocks: list | None = None
+
+
+@dataclass(frozen=True)
+class Titled(Event):
+    """The chat was given a title (by the title model, after its first reply)."""
+
+    TYPE = "conversation.titled"
+    title: str
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
-from conversations.replies import events, liveness, prompt, tools
+from conversations.replies import events, liveness, prompt, titles, tools
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class Generation:
     created_at: datetime.datetime | None = None  # the reply's, for the page's timestamp
     owner_id: int | None = None  # whose sockets on other chats hear that it ended
     title: str = ""  # the chat's, for their list
+    # The chat's first reply: once it is complete, the title model may title the chat.
+    retitle: bool = False
     # Continue gave the reply to a newer generation (this one was taken for dead): stop, and
     # save and announce nothing more.
     superseded: bool = False
@@ -279,6 +281,14 @@ class Generation:
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.
             logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
+        if self.retitle and status == Message.Status.COMPLETE:
+            asked = [m.content for m in self.request.messages if m.role == "user"]
+            titles.start(
+                conversation_id=self.conversation_id,
+                message=asked[-1] if asked else "",
+                reply=self.text,
+                first_line_title=self.title,
+            )
         if self.owner_id is not None:
             done = events.ReplyDone(conversation_id=self.conversation_id, title=self.title)
             with contextlib.suppress(Exception):  # a mark in a list: nothing is lost without it

@@ -522,6 +522,7 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
         created_at=started.assistant_message.created_at,
         owner_id=started.conversation.owner_id,
         title=started.conversation.display_title,
+        retitle=started.titled,
     )
     await generation.start(announce=announce)
     return started
