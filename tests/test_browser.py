@@ -727,6 +727,9 @@ def test_what_time_is_it_in_tokyo_shows_the_tool_step_and_the_answer(live_app, a
     result = step.locator(".tool-step__result").inner_text()
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", result)
     assert result.strip() in _assistant(page).locator(".message__body").inner_text()
+    # Its arguments, formatted and highlighted as a reply's JSON is.
+    arguments = step.locator('.tool-step__call pre[data-lang="json"] code')
+    assert arguments.inner_text().strip() == "{}" and arguments.locator("span").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "tool-step.png"))
 
 

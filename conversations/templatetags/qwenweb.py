@@ -81,6 +81,13 @@ def reply_rest(message) -> str:
     return markdown((message.content or "")[message.kept :])
 
 
+@register.filter
+def json_code(text: str) -> str:
+    """JSON (a tool call's arguments, its result) as a highlighted code block, formatted when
+    it parses: the same highlighter as a reply's code."""
+    return mark_safe(render_markdown(json_block(text or "")))  # noqa: S308 - sanitized by nh3
+
+
 def json_block(text: str) -> str:
     """JSON text as a fenced Markdown code block, indented when it parses."""
     with contextlib.suppress(ValueError):
