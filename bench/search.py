@@ -116,6 +116,7 @@ def run(database_url: str, conversations: int, per_chat: int, runs: int) -> None
     os.environ["DATABASE_URL"] = database_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "qwenweb.settings")
     os.environ["QWENWEB_LOG_LEVEL"] = "WARNING"
+    os.environ["DJANGO_ALLOWED_HOSTS"] = "testserver"
     os.environ.pop("REDIS_URL", None)
     import django
 
