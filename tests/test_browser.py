@@ -912,6 +912,9 @@ def test_on_a_phone_the_menu_button_opens_the_chats_as_a_drawer(
     try:
         page = context.new_page()
         page.goto(f"{live_app.url}/")
+        # The home page's model picker fits the screen too (long model labels are cut).
+        box = page.locator("#model-select").bounding_box()
+        assert box["x"] + box["width"] <= 375, box
         token = _token()
         wide = (
             "https://example.com/" + "a-very-long-path-segment" * 8 + "\n\n"
