@@ -155,12 +155,14 @@ def search(request: HttpRequest) -> HttpResponse:
             .order_by("-updated_at")
             .only("id", "title", "updated_at")[:SEARCH_RESULTS]
         )
-        # Each chat's first matching passage, in one query.
+        # Each chat's first matching passage, in one query (sorted here: ordered by pk in
+        # SQL, SQLite would read every message in pk order rather than these chats').
         passages: dict = {}
-        for conversation_id, content in (
-            Message.objects.filter(conversation__in=chats, content__icontains=query)
-            .order_by("pk")
-            .values_list("conversation_id", "content")
+        for conversation_id, _pk, content in sorted(
+            Message.objects.filter(conversation__in=chats, content__icontains=query).values_list(
+                "conversation_id", "pk", "content"
+            ),
+            key=lambda row: row[1],
         ):
             passages.setdefault(conversation_id, content)
         results = [
