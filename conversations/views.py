@@ -352,15 +352,18 @@ def conversation_share(request: HttpRequest, conversation_id) -> HttpResponse:
     )
 
 
-def _readable(request: HttpRequest, conversation_id, message_id: int | None = None):
+def _readable(request: HttpRequest, conversation_id, message_id=None):
     """The conversation, if the user may read it (their own; a reviewer, any), or if the
     request carries `?share=<token>` of an active share of it whose snapshot holds
-    `message_id`; else 404."""
+    `message_id` (a pk, or a function that finds it, called only for a shared read); else
+    404."""
     found = Conversation.objects.readable_by(request.user).filter(pk=conversation_id).first()
     if found is not None:
         return found
     token = request.GET.get("share", "")
     share = Share.objects.active().filter(token=token, conversation_id=conversation_id).first()
+    if share is not None and callable(message_id):
+        message_id = message_id()
     if share is None or message_id is None or share.last_message_id is None:
         raise Http404
     tree = branches.load(share.conversation_id)
@@ -571,7 +574,7 @@ def conversation_image(request: HttpRequest, conversation_id, upload_id: int) ->
             raise Http404
         return HttpResponse(status=204)
     sent_in = Message.objects.filter(images__upload_id=upload_id).values_list("pk", flat=True)
-    conversation = _readable(request, conversation_id, *sent_in[:1])
+    conversation = _readable(request, conversation_id, sent_in.first)
     upload = get_object_or_404(Upload, pk=upload_id, conversation=conversation)
     try:
         response = FileResponse(upload.file.open("rb"), content_type=upload.content_type)
