@@ -64,7 +64,12 @@ class StampedSimulator(Simulator):
         except (ValueError, AttributeError, TypeError):
             pass
         chunks: list[float] = []
-        self.timings[tag or f"untagged-{len(self.timings)}"] = {
+        key = tag or f"untagged-{len(self.timings)}"
+        if key in self.timings:
+            # A later request quoting the tagged message (the chat's title, written by a cheap
+            # model once the first reply is done) must not replace the reply's stamps.
+            key = f"{key}-again-{len(self.timings)}"
+        self.timings[key] = {
             "arrival": scope["bench_arrival"],
             "chunks": chunks,
         }

@@ -163,7 +163,7 @@ async def test_continue_on_a_reply_still_alive_retires_its_generation(app_simula
 
 
 @pytest.mark.filterwarnings("ignore:async_to_sync was passed a non-async-marked callable")
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # on PostgreSQL the save runs on another connection
 def test_saves_of_a_generation_whose_reply_was_handed_on_change_nothing(conversation):
     """The fencing token: only the reply's current writer saves it; a checkpoint of a reply a
     sweep marked interrupted takes it back; any other save changes nothing."""

@@ -8,7 +8,8 @@ send queues for the one database thread, that is what ten or fifty people sendin
 for. So they are written out here, with table and column names from the models and every value
 a parameter, and what they return converted as the ORM would. The other statements of a send
 (the inserts, the limits) stay where they are: the inserts go through Model.save, the limits
-are SQL already (rules._user_load).
+are SQL already (rules.LoadQuery), and read in the statement that finds the replies in the
+way.
 """
 
 from __future__ import annotations
@@ -50,31 +51,63 @@ def read_uuid(value) -> uuid.UUID | None:
     return uuid.UUID(value)
 
 
+_conversation_fields = list(Conversation._meta.concrete_fields)
+_profile_fields = list(ModelProfile._meta.concrete_fields)
+
+
+def _columns(alias: str, fields) -> str:
+    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in fields)
+
+
+def _instances(row, *models_and_fields):
+    """Model instances from one row holding each model's concrete columns in turn, converted
+    as a queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
+    compiler = connection.ops.compiler("SQLCompiler")(
+        Conversation.objects.none().query, connection, "default"
+    )
+    columns = [f.get_col(f.model._meta.db_table) for _, fields in models_and_fields for f in fields]
+    (row,) = compiler.apply_converters([row], compiler.get_converters(columns))
+    instances, at = [], 0
+    for model, fields in models_and_fields:
+        names = [f.attname for f in fields]
+        instances.append(model.from_db("default", names, row[at : at + len(names)]))
+        at += len(names)
+    return instances
+
+
 def lock_conversation(conversation_id) -> Conversation:
     """The conversation read afresh, locked until the transaction ends, with its owner's row
-    (PostgreSQL; SQLite's transactions are serialised whole), and its model. Raises
-    Conversation.DoesNotExist if it is gone."""
-    sql = f"SELECT c.* FROM {_conversations} c WHERE c.id = %s"
+    (PostgreSQL; SQLite's transactions are serialised whole), and its model, in one
+    statement. Raises Conversation.DoesNotExist if it is gone."""
+    sql = (
+        f"SELECT {_columns('c', _conversation_fields)}, {_columns('m', _profile_fields)} "
+        f"FROM {_conversations} c JOIN {_profiles} m ON m.id = c.model_id"
+    )
     if connection.features.has_select_for_update_of:
         user_table = Conversation._meta.get_field("owner").related_model._meta.db_table
-        sql = (
-            f"SELECT c.* FROM {_conversations} c JOIN {user_table} u ON u.id = c.owner_id "
-            "WHERE c.id = %s FOR NO KEY UPDATE OF c, u"
+        sql += (
+            f" JOIN {user_table} u ON u.id = c.owner_id WHERE c.id = %s FOR NO KEY UPDATE OF c, u"
         )
-    found = list(Conversation.objects.raw(sql, [_param(Conversation, "id", conversation_id)]))
-    if not found:
+    else:
+        sql += " WHERE c.id = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_param(Conversation, "id", conversation_id)])
+        row = cursor.fetchone()
+    if row is None:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    conversation = found[0]
-    profiles = ModelProfile.objects.raw(
-        f"SELECT * FROM {_profiles} WHERE id = %s", [conversation.model_id]
+    conversation, profile = _instances(
+        row, (Conversation, _conversation_fields), (ModelProfile, _profile_fields)
     )
-    conversation.model = list(profiles)[0]
+    conversation.model = profile
     return conversation
 
 
-def in_the_way(conversation_id, client_message_id: uuid.UUID | None) -> list[tuple]:
+def in_the_way(
+    conversation_id, client_message_id: uuid.UUID | None, load: tuple[str, list] | None = None
+) -> tuple[list[tuple], tuple | None]:
     """(client_message_id, status, updated_at, pk) of the conversation's replies being written,
-    and of the message this client_message_id made, if any."""
+    and of the message this client_message_id made, if any; with `load` (rules.user_load_sql:
+    one row of the owner's load), that row too, read by the same statement."""
     sent = _column(Message, "client_message_id")
     sql = (
         f"SELECT {sent}, status, updated_at, id FROM {_messages} "
@@ -84,10 +117,21 @@ def in_the_way(conversation_id, client_message_id: uuid.UUID | None) -> list[tup
     if client_message_id is not None:
         sql += f" OR {sent} = %s"
         params.append(_param(Message, "client_message_id", client_message_id))
+    sql += ")"
+    if load is not None:
+        # A one-row subquery, joined to the replies in the way (none, usually).
+        load_sql, load_params = load
+        sql = f"SELECT w.*, l.* FROM ({load_sql}) l LEFT JOIN ({sql}) w ON 1 = 1"
+        params = [*load_params, *params]
     with connection.cursor() as cursor:
-        cursor.execute(sql + ")", params)
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
-    return [(read_uuid(sent), status, read_moment(at), pk) for sent, status, at, pk in rows]
+    found = [
+        (read_uuid(sent), status, read_moment(at), pk)
+        for sent, status, at, pk, *_load in rows
+        if pk is not None
+    ]
+    return found, (tuple(rows[0][4:]) if load is not None else None)
 
 
 def move_conversation(conversation_id, **fields) -> None:

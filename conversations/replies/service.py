@@ -143,7 +143,7 @@ def reply_start(
             # Lock the conversation so two tabs sending at once cannot both start a reply, and
             # read it afresh: the model or title may have changed since the socket opened.
             conversation = _lock(conversation)
-            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
             if existing is not None:
                 return existing
             rules.check_model(conversation)
@@ -153,7 +153,7 @@ def reply_start(
                 raise ReplyRefused(str(refusal)) from None
             rules.check_images(images, conversation.model)
             rules.check_json_mentioned(conversation, content)
-            rules.check_user_limits(conversation)
+            rules.check_user_limits(conversation, load)
             user_message, assistant_message = _new_turn(
                 conversation,
                 parent_id=_leaf_id(conversation),
@@ -192,7 +192,7 @@ def reply_regenerate(
     try:
         with transaction.atomic():
             conversation = _lock(conversation)
-            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
             if existing is not None:
                 return existing
             target = conversation.messages.filter(
@@ -202,7 +202,7 @@ def reply_regenerate(
             if target is None or target.parent_id is None:
                 raise ReplyRefused(_("There is no reply to regenerate."))
             rules.check_model(conversation)
-            rules.check_user_limits(conversation)
+            rules.check_user_limits(conversation, load)
             reply = _new_reply(
                 conversation, parent_id=target.parent_id, client_message_id=client_message_id
             )
@@ -232,7 +232,7 @@ def reply_edit(
     try:
         with transaction.atomic():
             conversation = _lock(conversation)
-            existing, interrupted = _clear_the_way(conversation, client_message_id)
+            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
             if existing is not None:
                 return existing
             original = (
@@ -243,7 +243,7 @@ def reply_edit(
             if original is None:
                 raise ReplyRefused(_("That message cannot be edited: it is not in this chat."))
             rules.check_model(conversation)
-            rules.check_user_limits(conversation)
+            rules.check_user_limits(conversation, load)
             user_message, assistant_message = _new_turn(
                 conversation,
                 parent_id=original.parent_id,
@@ -294,14 +294,19 @@ def branch_switch(*, conversation: Conversation, message_id: int, step: int) -> 
 
 def _clear_the_way(
     conversation: Conversation, client_message_id: uuid.UUID | None
-) -> tuple[StartedReply | None, list[int]]:
+) -> tuple[StartedReply | None, list[int], tuple | None]:
     """Under the conversation's lock, before a new reply: the reply this client_message_id
     started already (a resent frame), if any; else the replies found dead (their process
-    gone, now interrupted). Refused while a live reply is being written. One query."""
+    gone, now interrupted), and the owner's load for rules.check_user_limits. Refused while a
+    live reply is being written. One query."""
+    query = rules.LoadQuery.of(conversation.owner_id)
+    in_the_way, row = intake.in_the_way(
+        conversation.pk, client_message_id, (query.sql, query.params) if query else None
+    )
     streaming = []
-    for sent_id, status, updated_at, pk in intake.in_the_way(conversation.pk, client_message_id):
+    for sent_id, status, updated_at, pk in in_the_way:
         if client_message_id is not None and sent_id == client_message_id:
-            return _existing_reply(conversation, client_message_id), []
+            return _existing_reply(conversation, client_message_id), [], None
         if status == Message.Status.STREAMING:
             streaming.append((pk, updated_at))
     interrupted = _interrupt_dead(conversation, streaming)
@@ -309,7 +314,11 @@ def _clear_the_way(
         raise ReplyInProgress(
             _("A reply is still being written. Wait for it or press Stop, then send.")
         )
-    return None, interrupted
+    if query is None:
+        return None, interrupted, None
+    # Replies just found dead were counted as streaming only if their heartbeat was recent,
+    # which it was not (the load counts live replies alone).
+    return None, interrupted, (query, row)
 
 
 def _leaf_id(conversation: Conversation) -> int | None:
