@@ -254,8 +254,7 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
         }  # fmt: skip
         if obj.reasoning_tokens:
             text += " " + _("(%(count)s thinking)") % {"count": obj.reasoning_tokens}
-        cost = cost_text(obj)
-        return f"{text} · {cost}" if cost else f"{text} · {_('no price')}"
+        return "{} · {}".format(text, cost_text(obj) or _("no price"))
 
     @admin.display(description=_("sources"))
     def sources_list(self, obj) -> str:
