@@ -23,7 +23,7 @@ from django.http import HttpResponse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from conversations.exports import conversation_data, thumbnail_src
+from conversations.exports import conversation_data, decimal_text, thumbnail_src
 from conversations.models import (
     Conversation,
     Message,
@@ -32,7 +32,7 @@ from conversations.models import (
     Share,
     SystemPrompt,
 )
-from conversations.templatetags.qwenweb import web_url
+from conversations.templatetags.qwenweb import cost_text, web_url
 
 audit_log = logging.getLogger("qwenweb.audit")
 
@@ -86,7 +86,7 @@ class ReviewPermissionMixin:
 class ModelProfileAdmin(admin.ModelAdmin):
     list_display = [
         "label", "name", "endpoint", "protocol", "enabled", "is_default", "thinking", "tools",
-        "web_search", "json_output", "context_limit", "sort_order",
+        "web_search", "json_output", "context_limit", "prices", "sort_order",
     ]  # fmt: skip
     list_editable = ["enabled", "tools", "web_search", "json_output", "sort_order"]
     list_filter = ["enabled", "endpoint", "protocol", "thinking", "tools", "web_search"]
@@ -107,8 +107,33 @@ class ModelProfileAdmin(admin.ModelAdmin):
                 ),
             },
         ),
+        (
+            _("Prices"),
+            {
+                "fields": [
+                    "input_price_per_million", "output_price_per_million",
+                    "reasoning_price_per_million", "currency",
+                ],
+                "description": _(
+                    "Per million tokens, from DashScope's price list for your region (it "
+                    "changes: none is filled in for you). Each reply keeps its cost at the "
+                    "prices of the moment it was written; changing them here changes only "
+                    "later replies. Without prices, replies show their tokens and no cost."
+                ),
+            },
+        ),
     ]  # fmt: skip
     search_fields = ["name", "label"]
+
+    @admin.display(description=_("prices per million tokens"))
+    def prices(self, obj) -> str:
+        """Input / output (/ reasoning) and the currency, or "-" for a model without."""
+        if not obj.priced:
+            return "-"
+        prices = [obj.input_price_per_million, obj.output_price_per_million]
+        if obj.reasoning_price_per_million is not None:
+            prices.append(obj.reasoning_price_per_million)
+        return "{} {}".format(" / ".join(decimal_text(price) for price in prices), obj.currency)
 
 
 @admin.register(SystemPrompt)
@@ -161,13 +186,21 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     """Messages, including image-URL (multimodal) ones, which admins may add for testing."""
 
     list_display = [
-        "id", "conversation", "role", "status", "model", "output_tokens", "rating", "created_at",
+        "id", "conversation", "role", "status", "model", "output_tokens", "cost_shown",
+        "rating", "created_at",
     ]  # fmt: skip
     list_filter = ["role", "status", "model", "rating"]
     search_fields = ["content", "request_id", "conversation__title"]
     raw_id_fields = ["conversation"]
     inlines = [MessageImageInline]
-    readonly_fields = ["created_at", "updated_at", "completed_at", "request_id"]
+    # The cost is a snapshot of the prices when the reply was written: not edited after.
+    readonly_fields = [
+        "created_at", "updated_at", "completed_at", "request_id", "cost", "cost_currency",
+    ]  # fmt: skip
+
+    @admin.display(description=_("cost"), ordering="cost")
+    def cost_shown(self, obj) -> str:
+        return cost_text(obj) or "-"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         response = super().change_view(request, object_id, form_url, extra_context)
@@ -184,7 +217,7 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
     model = Message
     extra = 0
     fields = [
-        "role", "status", "content", "images", "thinking", "sources_list", "model",
+        "role", "status", "content", "images", "thinking", "sources_list", "model", "usage",
         "finish_reason", "error_message", "request_id", "rating", "rating_comment",
     ]  # fmt: skip
     readonly_fields = fields
@@ -209,6 +242,19 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
             _("Thinking (%(count)s characters)") % {"count": len(obj.reasoning)},
             obj.reasoning,
         )
+
+    @admin.display(description=_("usage"))
+    def usage(self, obj) -> str:
+        """Tokens in and out (the thinking among them), and the cost at the prices of the
+        moment the reply was written."""
+        if obj.input_tokens is None and obj.output_tokens is None:
+            return "-"
+        text = _("%(input)s tokens in · %(output)s out") % {
+            "input": obj.input_tokens or 0, "output": obj.output_tokens or 0,
+        }  # fmt: skip
+        if obj.reasoning_tokens:
+            text += " " + _("(%(count)s thinking)") % {"count": obj.reasoning_tokens}
+        return "{} · {}".format(text, cost_text(obj) or _("no price"))
 
     @admin.display(description=_("sources"))
     def sources_list(self, obj) -> str:

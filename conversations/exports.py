@@ -1,5 +1,7 @@
 """A conversation as plain data, for the JSON export (users' own, and the admin's)."""
 
+from decimal import Decimal
+
 from django.urls import reverse
 
 from conversations.models import Conversation, Message, MessageImage
@@ -43,7 +45,13 @@ def _message_data(m: Message) -> dict:
         "status": m.status,
         "model": m.model,
         "finish_reason": m.finish_reason,
-        "usage": {"input_tokens": m.input_tokens, "output_tokens": m.output_tokens},
+        "usage": {
+            "input_tokens": m.input_tokens,
+            "output_tokens": m.output_tokens,
+            "reasoning_tokens": m.reasoning_tokens,  # the thinking part of output_tokens
+        },
+        # At the model's prices when the reply was saved; None without prices (or usage).
+        "cost": cost_data(m),
         "request_id": m.request_id,
         "error": {"code": m.error_code, "message": m.error_message} if m.error_code else None,
         # An uploaded image as the URL the app serves it from (to its owner and reviewers).
@@ -56,6 +64,20 @@ def _message_data(m: Message) -> dict:
         ],
         "created_at": m.created_at.isoformat(),
     }
+
+
+def cost_data(message: Message) -> dict | None:
+    """A reply's cost as {"amount": "<decimal>", "currency": "CNY"}: the amount as a string,
+    exact, without trailing zeros (a float would round it)."""
+    if message.cost is None:
+        return None
+    return {"amount": decimal_text(message.cost), "currency": message.cost_currency}
+
+
+def decimal_text(value: Decimal) -> str:
+    """1.2300 -> "1.23", 0E-10 -> "0": plain notation, never an exponent."""
+    text = format(Decimal(value), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _image_url(message: Message, image: MessageImage) -> str:

@@ -3,15 +3,35 @@
 import secrets
 import uuid
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from django.conf import settings
-from django.core.validators import URLValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator, URLValidator
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+MILLION = Decimal(1_000_000)
+# A reply's cost is kept to 10 decimal places (Message.cost): a token at a price of 0.000001
+# per million still counts.
+COST_QUANTUM = Decimal("1e-10")
+
+
+def _price_field(verbose_name, **options) -> models.DecimalField:
+    """A price per million tokens: blank for none, never negative."""
+    return models.DecimalField(
+        verbose_name,
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+        **options,
+    )
 
 
 class ModelProfileQuerySet(models.QuerySet):
@@ -103,6 +123,31 @@ class ModelProfile(models.Model):
         help_text=_("The model answers only streamed requests (QwQ, QVQ, open-source Qwen3)."),
     )
     sort_order = models.IntegerField(_("sort order"), default=0)
+    # Prices, as the admin reads them off DashScope's price list (it differs by region and
+    # changes, so none is seeded). A reply's cost is computed with the prices of the moment
+    # it is saved, and kept with it (Message.cost): a later edit here rewrites no history.
+    input_price_per_million = _price_field(
+        _("input price per million tokens"),
+        help_text=_("What a million input tokens cost. Leave blank: replies show no cost."),
+    )
+    output_price_per_million = _price_field(
+        _("output price per million tokens"),
+        help_text=_("What a million output tokens cost. Leave blank: replies show no cost."),
+    )
+    reasoning_price_per_million = _price_field(
+        _("reasoning price per million tokens"),
+        help_text=_(
+            "For a model whose thinking is priced apart. Leave blank: reasoning tokens are "
+            "billed as output."
+        ),
+    )
+    currency = models.CharField(
+        _("currency"),
+        max_length=3,
+        default="CNY",
+        validators=[RegexValidator(r"^[A-Z]{3}$", _("Three capital letters, e.g. CNY or USD."))],
+        help_text=_("The prices' currency, as an ISO 4217 code: CNY, USD…"),
+    )
 
     objects = ModelProfileQuerySet.as_manager()
 
@@ -118,6 +163,48 @@ class ModelProfile(models.Model):
 
     def __str__(self) -> str:
         return self.label
+
+    def clean(self) -> None:
+        super().clean()
+        given = {
+            name: getattr(self, name) is not None
+            for name in ("input_price_per_million", "output_price_per_million")
+        }
+        if any(given.values()) and not all(given.values()):
+            missing = next(name for name, there in given.items() if not there)
+            raise ValidationError(
+                {missing: _("Give both the input and the output price, or neither.")}
+            )
+        if self.reasoning_price_per_million is not None and not all(given.values()):
+            raise ValidationError(
+                {"reasoning_price_per_million": _("Give the input and output prices too.")}
+            )
+
+    @property
+    def priced(self) -> bool:
+        """The admin gave its prices: its replies have a cost."""
+        return self.input_price_per_million is not None and (
+            self.output_price_per_million is not None
+        )
+
+    def cost_of(
+        self, *, input_tokens: int, output_tokens: int, reasoning_tokens: int = 0
+    ) -> Decimal | None:
+        """What these tokens cost at the model's prices now (in `currency`), or None for a
+        model without prices. DashScope counts reasoning tokens among the output tokens: they
+        are billed at the reasoning price when there is one, else as the rest of the output."""
+        if not self.priced:
+            return None
+        reasoning = min(reasoning_tokens or 0, output_tokens)
+        reasoning_price = self.reasoning_price_per_million
+        if reasoning_price is None:
+            reasoning_price = self.output_price_per_million
+        total = (
+            input_tokens * self.input_price_per_million
+            + (output_tokens - reasoning) * self.output_price_per_million
+            + reasoning * reasoning_price
+        )
+        return (total / MILLION).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
 
     @property
     def accepts_images(self) -> bool:
@@ -320,6 +407,13 @@ class Message(models.Model):
     request_id = models.CharField(_("request id"), max_length=100, blank=True)
     input_tokens = models.PositiveIntegerField(_("input tokens"), null=True, blank=True)
     output_tokens = models.PositiveIntegerField(_("output tokens"), null=True, blank=True)
+    # The thinking part of output_tokens, as DashScope reports it.
+    reasoning_tokens = models.PositiveIntegerField(_("reasoning tokens"), null=True, blank=True)
+    # What the reply cost, at its model's prices when its usage was saved (a continued reply:
+    # what it had cost, plus the new part at the prices then): None when the model had no
+    # prices, or DashScope reported no usage.
+    cost = models.DecimalField(_("cost"), max_digits=20, decimal_places=10, null=True, blank=True)
+    cost_currency = models.CharField(_("cost currency"), max_length=3, blank=True)
     error_code = models.CharField(_("error code"), max_length=100, blank=True)
     error_message = models.TextField(_("error message"), blank=True)
     client_message_id = models.UUIDField(null=True, blank=True, editable=False)
@@ -384,16 +478,17 @@ class Message(models.Model):
     # reaching many sockets costs no database read per socket.
     EVENT_FIELDS = (
         "role", "content", "reasoning", "status", "model", "finish_reason", "request_id",
-        "input_tokens", "output_tokens", "error_code", "error_message", "tool_steps",
-        "sources", "json_mode", "rating",
+        "input_tokens", "output_tokens", "reasoning_tokens", "cost", "cost_currency",
+        "error_code", "error_message", "tool_steps", "sources", "json_mode", "rating",
     )  # fmt: skip
 
     def as_event(self) -> dict:
-        # Plain values (not TextChoices members): the Redis layer packs them with msgpack.
+        # Plain values (not TextChoices members, nor Decimals): the Redis layer packs them
+        # with msgpack.
         data = {}
         for name in self.EVENT_FIELDS:
             value = getattr(self, name)
-            data[name] = str(value) if isinstance(value, str) else value
+            data[name] = str(value) if isinstance(value, str | Decimal) else value
         data["pk"] = self.pk
         # An uploaded image as "upload:<id>" (an event of an earlier release has URLs only).
         data["images"] = [
@@ -414,6 +509,8 @@ class Message(models.Model):
             # (Events from a process of an earlier release lack the newer fields.)
             **{name: data[name] for name in cls.EVENT_FIELDS if name in data},
         )
+        if message.cost is not None:
+            message.cost = Decimal(message.cost)
         message.image_list = [
             MessageImage(upload_id=int(image[7:]))
             if image.startswith("upload:")

@@ -63,6 +63,12 @@ Request parameters (native: under ``parameters``; compatible: at the top level) 
   makes the second source hostile: a title with ``<script>alert(1)</script>``, a
   ``javascript:`` URL and icon, and a control character in its site name.
 
+Usage counts simulator tokens (words; a tool call's argument piece is one). Output tokens
+include the reasoning; a reply with reasoning also reports that part apart, as the reference
+says thinking models do: native ``usage.output_tokens_details.reasoning_tokens`` (cumulative in
+every chunk, like the rest), compatible ``usage.completion_tokens_details.reasoning_tokens`` (in
+the usage chunk, and in a whole body).
+
 Run it in the foreground::
 
     python -m dashscope_simulator --host 127.0.0.1 --port 8765
@@ -1403,7 +1409,7 @@ class Simulator:
                 message["tool_calls"] = tool_calls
             payload: dict[str, Any] = {
                 "output": {"choices": [{"finish_reason": finish or "null", "message": message}]},
-                "usage": _native_usage(plan.input_tokens, output_tokens),
+                "usage": _native_usage(plan.input_tokens, output_tokens, _reasoning_count(plan)),
                 "request_id": plan.request_id,
             }
             if plan.search_results is not None:
@@ -1419,7 +1425,7 @@ class Simulator:
                     {"message": message, "finish_reason": finish, "index": 0, "logprobs": None}
                 ],
                 "object": "chat.completion",
-                "usage": _compat_usage(plan.input_tokens, output_tokens),
+                "usage": _compat_usage(plan.input_tokens, output_tokens, _reasoning_count(plan)),
                 "created": int(time.time()),
                 "system_fingerprint": None,
                 "model": plan.model,
@@ -1582,7 +1588,9 @@ class Simulator:
                 if plan.include_usage:
                     usage_chunk = _compat_chunk(plan, {}, None)
                     usage_chunk["choices"] = []
-                    usage_chunk["usage"] = _compat_usage(plan.input_tokens, emitted_tokens)
+                    usage_chunk["usage"] = _compat_usage(
+                        plan.input_tokens, emitted_tokens, _reasoning_count(plan, emitted_tokens)
+                    )
                     await emit(compat_frame(usage_chunk))
         if not native and plan.finish_reason is not None:
             await emit("data: [DONE]\n\n")
@@ -1599,7 +1607,9 @@ class Simulator:
             message["reasoning_content"] = reasoning
         return {
             "output": {"choices": [{"message": message, "finish_reason": "null"}]},
-            "usage": _native_usage(plan.input_tokens, output_tokens),
+            "usage": _native_usage(
+                plan.input_tokens, output_tokens, _reasoning_count(plan, output_tokens)
+            ),
             "request_id": plan.request_id,
         }
 
@@ -1678,22 +1688,46 @@ def _compat_chunk(plan: _Plan, delta: dict[str, Any], finish: str | None) -> dic
     }
 
 
-def _native_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {
+def _reasoning_count(plan: _Plan, emitted: int | None = None) -> int | None:
+    """The reasoning tokens among the first `emitted` output tokens (all of them when None):
+    reasoning streams first. None for a reply without thinking, whose usage has no field."""
+    if not plan.reasoning_tokens:
+        return None
+    total = len(plan.reasoning_tokens)
+    return total if emitted is None else min(emitted, total)
+
+
+def _native_usage(
+    input_tokens: int, output_tokens: int, reasoning_tokens: int | None = None
+) -> dict[str, Any]:
+    """Native usage. Reasoning tokens are part of output_tokens, and a thinking reply's usage
+    also counts them apart (``output_tokens_details.reasoning_tokens``, cumulative like the
+    rest in a stream)."""
+    usage: dict[str, Any] = {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
+    if reasoning_tokens is not None:
+        usage["output_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
-def _compat_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {
+def _compat_usage(
+    input_tokens: int, output_tokens: int, reasoning_tokens: int | None = None
+) -> dict[str, Any]:
+    """Compatible-mode usage; a thinking reply's adds
+    ``completion_tokens_details.reasoning_tokens`` (part of completion_tokens)."""
+    usage: dict[str, Any] = {
         "prompt_tokens": input_tokens,
         "completion_tokens": output_tokens,
         "total_tokens": input_tokens + output_tokens,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 def _read_messages(messages: list[Any]) -> tuple[str, int, int]:

@@ -1,12 +1,14 @@
 """The admin: catalog and prompts for admins, read-only review for reviewers."""
 
 import json
+from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.forms.models import model_to_dict
 
-from conversations.models import Conversation, Message, MessageImage
+from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from conversations.replies.service import conversation_create
 
 pytestmark = pytest.mark.django_db
@@ -79,3 +81,62 @@ def test_admin_says_when_replies_are_simulated(admin_client, settings):
     assert b"Offline demo" in admin_client.get("/admin/").content
     settings.DASHSCOPE_API_KEY = "sk-real"
     assert b"Offline demo" not in admin_client.get("/admin/").content
+
+
+def _model_form(model, **changes) -> dict:
+    """The model's change form as the admin would post it, with `changes`."""
+    data = {**model_to_dict(model), **changes}
+    form = {}
+    for name, value in data.items():
+        if value is None or value is False or name == "id":
+            continue
+        form[name] = json.dumps(value) if name == "parameters" else value
+    return form
+
+
+def test_an_admin_prices_a_model_and_the_catalog_shows_it(admin_client):
+    model = ModelProfile.objects.get(name="qwen-plus")
+    url = f"/admin/conversations/modelprofile/{model.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert "Prices" in page and 'name="reasoning_price_per_million"' in page
+    form = _model_form(
+        model, input_price_per_million="0.8", output_price_per_million="2", currency="CNY"
+    )
+    assert admin_client.post(url, form).status_code == 302
+    model.refresh_from_db()
+    assert (model.input_price_per_million, model.output_price_per_million) == (
+        Decimal("0.8"), Decimal("2"),
+    )  # fmt: skip
+    catalog = admin_client.get("/admin/conversations/modelprofile/").content.decode()
+    assert "0.8 / 2 CNY" in catalog
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [
+        {"input_price_per_million": "-1", "output_price_per_million": "2"},
+        {"input_price_per_million": "0.8"},
+        {"reasoning_price_per_million": "4"},
+        {"input_price_per_million": "0.8", "output_price_per_million": "2", "currency": "rmb"},
+    ],
+)
+def test_a_negative_or_half_given_price_is_refused(admin_client, prices):
+    model = ModelProfile.objects.get(name="qwen-plus")
+    url = f"/admin/conversations/modelprofile/{model.pk}/change/"
+    response = admin_client.post(url, _model_form(model, **prices))
+    assert response.status_code == 200 and b"errorlist" in response.content
+    model.refresh_from_db()
+    assert not model.priced and model.reasoning_price_per_million is None
+
+
+def test_reviewers_see_each_replys_tokens_and_cost(admin_client, conversation):
+    Message.objects.filter(role="assistant").update(
+        model="qwen-plus", input_tokens=1200, output_tokens=300, reasoning_tokens=120,
+        cost=Decimal("0.00156"), cost_currency="CNY",
+    )  # fmt: skip
+    page = admin_client.get(
+        f"/admin/conversations/conversation/{conversation.pk}/change/"
+    ).content.decode()
+    assert "1200 tokens in · 300 out (120 thinking) · ¥0.0016" in page
+    listing = admin_client.get("/admin/conversations/message/").content.decode()
+    assert "¥0.0016" in listing

@@ -219,6 +219,28 @@ async def test_reasoning_arrives_before_the_answer(simulator, dashscope_client, 
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", ["native", "compatible"])
+async def test_usage_counts_the_reasoning_tokens_apart(simulator, dashscope_client, protocol):
+    """Reasoning tokens are part of output_tokens; usage also reports them apart, in both
+    protocols, streamed or not."""
+    simulator.add_scenario(Scenario(reasoning="one two three", reply="Four five.", times=2))
+
+    events = await collect(dashscope_client, ask(protocol=protocol))
+    completion = await dashscope_client.chat(ask(protocol=protocol))
+
+    [usage] = [e for e in events if isinstance(e, Usage)]
+    assert (usage.output_tokens, usage.reasoning_tokens) == (5, 3)
+    assert completion.usage is not None and completion.usage.reasoning_tokens == 3
+
+
+@pytest.mark.asyncio
+async def test_usage_without_thinking_has_no_reasoning_tokens(simulator, dashscope_client):
+    simulator.add_scenario(Scenario(reply="Plain."))
+    [usage] = [e for e in await collect(dashscope_client, ask()) if isinstance(e, Usage)]
+    assert usage.reasoning_tokens == 0
+
+
+@pytest.mark.asyncio
 async def test_thinking_mode_streams_reasoning(simulator, dashscope_client):
     events = await collect(dashscope_client, ask(parameters={"enable_thinking": True}))
     assert "I should answer briefly" in reasoning_of(events)

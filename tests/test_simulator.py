@@ -153,7 +153,44 @@ def test_thinking_streams_reasoning_content_first(simulator):
     ]
 
 
+def test_a_thinking_stream_counts_its_reasoning_tokens_in_every_chunk(simulator):
+    """Native usage is cumulative in every chunk; reasoning is part of output_tokens and is
+    also counted apart (usage.output_tokens_details.reasoning_tokens)."""
+    simulator.add_scenario(Scenario(reasoning="Hmm ok", reply="Yes."))
+    body = native_body(enable_thinking=True, incremental_output=True)
+
+    payloads = data_payloads(post(simulator, TEXT_PATH, body, SSE).text)
+
+    assert [p["usage"]["output_tokens"] for p in payloads] == [1, 2, 3, 3]
+    assert [p["usage"]["output_tokens_details"]["reasoning_tokens"] for p in payloads] == [
+        1, 2, 2, 2,
+    ]  # fmt: skip
+
+
+def test_a_reply_without_thinking_reports_no_reasoning_tokens(simulator):
+    simulator.add_scenario(Scenario(reply="Yes."))
+    payloads = data_payloads(post(simulator, TEXT_PATH, native_body(), SSE).text)
+    assert all("output_tokens_details" not in p["usage"] for p in payloads)
+
+
 # -- compatible wire format --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_compatible_usage_counts_reasoning_tokens(simulator, stream):
+    simulator.add_scenario(Scenario(reasoning="Let me see", reply="Yes, that."))
+    body = {
+        "model": "qwen-plus",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": stream,
+        # (Thinking without streaming is refused for qwen-plus; the scenario's reasoning is
+        # written either way.)
+        **({"enable_thinking": True, "stream_options": {"include_usage": True}} if stream else {}),
+    }
+    response = post(simulator, COMPAT_PATH, body, AUTH)
+    usage = data_payloads(response.text)[-1]["usage"] if stream else response.json()["usage"]
+    assert usage["completion_tokens"] == 5
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 3}
 
 
 def test_compatible_stream_ends_with_usage_and_done(simulator):

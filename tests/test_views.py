@@ -194,7 +194,8 @@ def test_export_json(alice_client, alice):
         "status": "complete",
         "model": "qwen-plus",
         "finish_reason": "stop",
-        "usage": {"input_tokens": 5, "output_tokens": 2},
+        "usage": {"input_tokens": 5, "output_tokens": 2, "reasoning_tokens": None},
+        "cost": None,
         "request_id": "req-1",
     }
     assert "created_at" in data["messages"][0]

@@ -539,8 +539,13 @@ def _usage(raw: Any) -> Usage | None:
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
     total = _int(raw.get("total_tokens"))
+    details = raw.get("output_tokens_details", raw.get("completion_tokens_details"))
+    reasoning = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
     return Usage(
-        input_tokens, output_tokens, total if total is not None else input_tokens + output_tokens
+        input_tokens,
+        output_tokens,
+        total if total is not None else input_tokens + output_tokens,
+        reasoning_tokens=reasoning or 0,
     )
 
 

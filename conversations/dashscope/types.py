@@ -85,11 +85,17 @@ class SearchResults:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts for the whole request (final figures)."""
+    """Token counts for the whole request (final figures).
+
+    ``reasoning_tokens`` are the thinking part of ``output_tokens`` (DashScope counts them
+    in it): native ``usage.output_tokens_details.reasoning_tokens``, compatible
+    ``usage.completion_tokens_details.reasoning_tokens``; 0 when not reported.
+    """
 
     input_tokens: int
     output_tokens: int
     total_tokens: int
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -41,7 +42,7 @@ from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
-from conversations.replies import events, liveness, prompt, titles, tools
+from conversations.replies import costs, events, liveness, prompt, titles, tools
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,19 @@ class Generation:
     # every socket (rendering.settled_blocks): the pages show them formatted while the rest
     # streams as text.
     settled: int = 0
-    earlier_output_tokens: int = 0  # a continued reply counts what it had written before
+    # A continued reply adds to what it had used and cost before (conversations/replies/costs.py).
+    earlier_input_tokens: int = 0
+    earlier_output_tokens: int = 0
+    earlier_reasoning_tokens: int = 0
+    earlier_cost: Decimal | None = None
+    earlier_cost_currency: str = ""
     usage: Usage | None = None
     finish_reason: str | None = None
     request_id: str | None = None
     # Tokens of the finished rounds of a reply that called tools (each round is a request).
     spent_input: int = 0
     spent_output: int = 0
+    spent_reasoning: int = 0
     tool_steps: list = field(default_factory=list)
     # The web pages the reply's search drew on (SearchResults from the client), cleaned.
     sources: list = field(default_factory=list)
@@ -233,9 +240,21 @@ class Generation:
             "completed_at": timezone.now(),
         }
         self._count_round()
+        spend = None
         if self.spent_input or self.spent_output:
-            fields["input_tokens"] = self.spent_input
+            fields["input_tokens"] = self.earlier_input_tokens + self.spent_input
             fields["output_tokens"] = self.earlier_output_tokens + self.spent_output
+            fields["reasoning_tokens"] = self.earlier_reasoning_tokens + self.spent_reasoning
+            # Priced when saved, at the prices of that moment (finish_reply).
+            spend = costs.Spend(
+                model=self.request.model,
+                input_tokens=self.spent_input,
+                output_tokens=self.spent_output,
+                reasoning_tokens=self.spent_reasoning,
+                earlier_tokens=self.earlier_input_tokens + self.earlier_output_tokens,
+                earlier_cost=self.earlier_cost,
+                earlier_currency=self.earlier_cost_currency,
+            )
         if self.tool_steps:
             fields["tool_steps"] = self.tool_steps
         if self.sources:
@@ -245,7 +264,7 @@ class Generation:
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
         for attempt in range(FINISH_ATTEMPTS):
             try:
-                saved = await save_reply(self.message_id, self.writer, final=True, **fields)
+                saved, fields = await finish_reply(self.message_id, self.writer, spend, fields)
                 break
             except Exception:
                 logger.warning(
@@ -266,10 +285,16 @@ class Generation:
             "json_mode": self.json_mode,
             "rating": None,
             **{name: "" for name in ("error_code", "error_message")},
-            "input_tokens": None,
-            "output_tokens": None,
+            # A continued reply that reported no usage this time keeps what it had.
+            "input_tokens": self.earlier_input_tokens or None,
+            "output_tokens": self.earlier_output_tokens or None,
+            "reasoning_tokens": self.earlier_reasoning_tokens or None,
+            "cost": self.earlier_cost,
+            "cost_currency": self.earlier_cost_currency,
             **fields,
         }
+        if message["cost"] is not None:
+            message["cost"] = str(message["cost"])  # events carry plain values (msgpack)
         message = {name: message[name] for name in ("pk", "images", *Message.EVENT_FIELDS)}
         if self.created_at is not None:
             message["created_at"] = self.created_at.isoformat()
@@ -363,6 +388,7 @@ class Generation:
         if self.usage is not None:
             self.spent_input += self.usage.input_tokens
             self.spent_output += self.usage.output_tokens
+            self.spent_reasoning += self.usage.reasoning_tokens
             self.usage = None
 
     async def _publish_steps(self) -> None:
@@ -539,7 +565,18 @@ def _resolve(future: asyncio.Future) -> None:
 
 
 @db_async
-def save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = False, **fields) -> str:
+def finish_reply(
+    message_id: int, writer: uuid.UUID | None, spend: costs.Spend | None, fields: dict
+) -> tuple[str, dict]:
+    """Save a reply's end (save_reply), with its cost at its model's prices now when it
+    reported usage (`spend`), in the same trip to the database thread. Returns what
+    save_reply does, and the fields written."""
+    if spend is not None:
+        fields = {**fields, **costs.reply_cost(spend)}
+    return _save_reply(message_id, writer, final=True, **fields), fields
+
+
+def _save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = False, **fields) -> str:
     """Save a reply's text, or its end (`final`), if the reply is still this generation's
     (see conversations/db.py for where it runs). One UPDATE as a rule; returns SAVED, RESUMED
     (a checkpoint of a reply a sweep had marked interrupted: streaming again) or "" (the
@@ -556,3 +593,6 @@ def save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = False
         status=Message.Status.STREAMING, completed_at=None, updated_at=now, **fields
     )
     return RESUMED if resumed else ""
+
+
+save_reply = db_async(_save_reply)

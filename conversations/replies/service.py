@@ -564,7 +564,8 @@ def reply_continue(*, conversation: Conversation, message_id: int | None = None)
         # since): otherwise written again from the start.
         if not (reply.can_continue and conversation.model.partial_mode):
             fields = {"content": "", "reasoning": "", "request_id": "", "tool_steps": [],
-                      "input_tokens": None, "output_tokens": None}  # fmt: skip
+                      "input_tokens": None, "output_tokens": None, "reasoning_tokens": None,
+                      "cost": None, "cost_currency": ""}  # fmt: skip
         conversation.messages.filter(pk=reply.pk).update(
             status=Message.Status.STREAMING,
             writer=uuid.uuid4(),  # an earlier generation of this reply can write no more
@@ -620,7 +621,11 @@ async def areply_continue(
         reasoning=reply.reasoning,
         published=len(reply.content),
         reasoning_published=len(reply.reasoning),
+        earlier_input_tokens=reply.input_tokens or 0,
         earlier_output_tokens=reply.output_tokens or 0,
+        earlier_reasoning_tokens=reply.reasoning_tokens or 0,
+        earlier_cost=reply.cost,
+        earlier_cost_currency=reply.cost_currency,
         created_at=reply.created_at,
         owner_id=continued.conversation.owner_id,
         title=continued.conversation.display_title,

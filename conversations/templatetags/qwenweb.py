@@ -1,6 +1,7 @@
 import contextlib
 import json
 import re
+from decimal import ROUND_HALF_UP, Decimal
 
 from django import template
 from django.utils.safestring import mark_safe
@@ -62,6 +63,29 @@ def tokens_short(count: int | None) -> str:
     if count >= 1_000_000:
         return f"{count / 1_000_000:g}M"
     return f"{round(count / 1024)}K" if count >= 1024 else str(count)
+
+
+# Currencies whose sign people read at a glance; any other is written after the amount.
+CURRENCY_SIGNS = {"CNY": "¥", "USD": "$", "EUR": "€", "GBP": "£", "HKD": "HK$", "SGD": "S$"}
+
+
+@register.filter
+def cost_text(message) -> str:
+    """A reply's cost as people read it: "¥0.0031", "$1.20", "0.05 EUR"; "" without one.
+    Two significant digits for a fraction of a cent, else cents: a short reply costs far less
+    than one."""
+    amount = getattr(message, "cost", None)
+    if amount is None:
+        return ""
+    amount = Decimal(amount)
+    places = 2 if amount >= 1 or amount == 0 else min(10, max(2, 1 - amount.adjusted()))
+    text = f"{amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):,f}"
+    if places > 2:
+        text = text.rstrip("0")
+        text += "0" * max(0, 2 - len(text.partition(".")[2]))
+    currency = getattr(message, "cost_currency", "") or ""
+    sign = CURRENCY_SIGNS.get(currency)
+    return f"{sign}{text}" if sign else f"{text} {currency}".rstrip()
 
 
 @register.filter
