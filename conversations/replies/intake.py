@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from functools import cache
 
 from django.db import connection
 from django.utils import timezone
@@ -55,34 +56,16 @@ _conversation_fields = list(Conversation._meta.concrete_fields)
 _profile_fields = list(ModelProfile._meta.concrete_fields)
 
 
-def _columns(alias: str, fields) -> str:
-    return ", ".join(f"{alias}.{connection.ops.quote_name(f.column)}" for f in fields)
-
-
-def _instances(row, *models_and_fields):
-    """Model instances from one row holding each model's concrete columns in turn, converted
-    as a queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
-    compiler = connection.ops.compiler("SQLCompiler")(
-        Conversation.objects.none().query, connection, "default"
+@cache
+def _lock_statement(vendor: str) -> tuple[str, list]:
+    """The lock's SQL and the converters of its columns, made once per database kind: built
+    per send, they cost more than the statement's round trip."""
+    ops = connection.ops
+    columns = ", ".join(
+        [f"c.{ops.quote_name(f.column)}" for f in _conversation_fields]
+        + [f"m.{ops.quote_name(f.column)}" for f in _profile_fields]
     )
-    columns = [f.get_col(f.model._meta.db_table) for _, fields in models_and_fields for f in fields]
-    (row,) = compiler.apply_converters([row], compiler.get_converters(columns))
-    instances, at = [], 0
-    for model, fields in models_and_fields:
-        names = [f.attname for f in fields]
-        instances.append(model.from_db("default", names, row[at : at + len(names)]))
-        at += len(names)
-    return instances
-
-
-def lock_conversation(conversation_id) -> Conversation:
-    """The conversation read afresh, locked until the transaction ends, with its owner's row
-    (PostgreSQL; SQLite's transactions are serialised whole), and its model, in one
-    statement. Raises Conversation.DoesNotExist if it is gone."""
-    sql = (
-        f"SELECT {_columns('c', _conversation_fields)}, {_columns('m', _profile_fields)} "
-        f"FROM {_conversations} c JOIN {_profiles} m ON m.id = c.model_id"
-    )
+    sql = f"SELECT {columns} FROM {_conversations} c JOIN {_profiles} m ON m.id = c.model_id"
     if connection.features.has_select_for_update_of:
         user_table = Conversation._meta.get_field("owner").related_model._meta.db_table
         sql += (
@@ -90,15 +73,34 @@ def lock_conversation(conversation_id) -> Conversation:
         )
     else:
         sql += " WHERE c.id = %s"
+    compiler = ops.compiler("SQLCompiler")(Conversation.objects.none().query, connection, None)
+    fields = _conversation_fields + _profile_fields
+    converters = compiler.get_converters([f.get_col(f.model._meta.db_table) for f in fields])
+    return sql, converters
+
+
+def lock_conversation(conversation_id) -> Conversation:
+    """The conversation read afresh, locked until the transaction ends, with its owner's row
+    (PostgreSQL; SQLite's transactions are serialised whole), and its model, in one
+    statement. Raises Conversation.DoesNotExist if it is gone."""
+    sql, converters = _lock_statement(connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(sql, [_param(Conversation, "id", conversation_id)])
         row = cursor.fetchone()
     if row is None:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    conversation, profile = _instances(
-        row, (Conversation, _conversation_fields), (ModelProfile, _profile_fields)
+    # Converted as a queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…).
+    row = list(row)
+    for at, (converter_list, expression) in converters.items():
+        for converter in converter_list:
+            row[at] = converter(row[at], expression, connection)
+    split = len(_conversation_fields)
+    conversation = Conversation.from_db(
+        connection.alias, [f.attname for f in _conversation_fields], row[:split]
     )
-    conversation.model = profile
+    conversation.model = ModelProfile.from_db(
+        connection.alias, [f.attname for f in _profile_fields], row[split:]
+    )
     return conversation
 
 
