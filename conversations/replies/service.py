@@ -294,14 +294,18 @@ def branch_switch(*, conversation: Conversation, message_id: int, step: int) -> 
 
 def _clear_the_way(
     conversation: Conversation, client_message_id: uuid.UUID | None
-) -> tuple[StartedReply | None, list[int], tuple | None]:
+) -> tuple[StartedReply | None, list[int], tuple]:
     """Under the conversation's lock, before a new reply: the reply this client_message_id
     started already (a resent frame), if any; else the replies found dead (their process
     gone, now interrupted), and the owner's load for rules.check_user_limits. Refused while a
     live reply is being written. One query."""
-    query = rules.LoadQuery.of(conversation.owner_id)
+    query = rules.LoadQuery.of(
+        conversation.owner_id,
+        model_id=conversation.model_id,
+        prompt_id=conversation.system_prompt_id,
+    )
     in_the_way, row = intake.in_the_way(
-        conversation.pk, client_message_id, (query.sql, query.params) if query else None
+        conversation.pk, client_message_id, (query.sql, query.params)
     )
     streaming = []
     for sent_id, status, updated_at, pk in in_the_way:
@@ -314,8 +318,6 @@ def _clear_the_way(
         raise ReplyInProgress(
             _("A reply is still being written. Wait for it or press Stop, then send.")
         )
-    if query is None:
-        return None, interrupted, None
     # Replies just found dead were counted as streaming only if their heartbeat was recent,
     # which it was not (the load counts live replies alone).
     return None, interrupted, (query, row)
