@@ -41,7 +41,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.utils import timezone
 
-from conversations.models import GroupPolicy, ModelProfile, SystemPrompt, UserQuota
+from conversations.models import GroupPolicy, ModelProfile, Preferences, SystemPrompt, UserQuota
 
 
 def site_limits() -> dict:
@@ -144,7 +144,9 @@ def allowed_prompts(user):
 
 
 def may_use_model(user, model: ModelProfile) -> bool:
-    return allowed_models(user).filter(pk=model.pk).exists()
+    """Whether no group of the user's keeps them from `model` (enabled or not)."""
+    allowed = _restricting(user, GroupPolicy.allowed_models.through, "modelprofile_id")
+    return not allowed or model.pk in allowed
 
 
 def may_use_prompt(user, prompt: SystemPrompt | None) -> bool:
@@ -168,4 +170,34 @@ def group_defaults(user) -> tuple[ModelProfile | None, SystemPrompt | None]:
             model = policy.default_model
         if prompt is None and policy.default_system_prompt:
             prompt = policy.default_system_prompt
+    return model, prompt
+
+
+def new_chat_defaults(user) -> tuple[ModelProfile | None, SystemPrompt | None]:
+    """The model and system prompt a new chat of `user`'s starts with: their own defaults
+    (/settings/), else their groups', else the catalog's and the library's; each only if they
+    may use it. A user restricted to some prompts gets the first of them rather than none.
+    The model is None when no model is theirs to use."""
+    preferences = Preferences.objects.filter(user=user.pk).first()
+    group_model, group_prompt = group_defaults(user)
+    models = allowed_models(user)
+    model = None
+    for candidate in (
+        preferences.default_model_id if preferences is not None else None,
+        group_model.pk if group_model is not None else None,
+    ):
+        if candidate is not None and (model := models.filter(pk=candidate).first()):
+            break
+    model = model or models.default()
+    prompts, none_allowed = allowed_prompts(user)
+    prompt = None
+    for candidate in (
+        preferences.default_system_prompt_id if preferences is not None else None,
+        group_prompt.pk if group_prompt is not None else None,
+        SystemPrompt.objects.filter(is_default=True).values_list("pk", flat=True).first(),
+    ):
+        if candidate is not None and (prompt := prompts.filter(pk=candidate).first()):
+            break
+    if prompt is None and not none_allowed:
+        prompt = prompts.first()
     return model, prompt
