@@ -139,6 +139,8 @@ class SettingsForm(forms.Form):
 
     def clean_system_prompt(self):
         value = (self.cleaned_data.get("system_prompt") or "").strip()
+        if "system_prompt" not in self.posted:
+            return None
         prompts, none_allowed = quotas.allowed_prompts(self.conversation.owner)
         if not value and none_allowed:
             return None
