@@ -8,6 +8,7 @@ across server processes.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from dataclasses import dataclass
@@ -214,104 +215,22 @@ class LoadQuery:
         # A reply whose heartbeat stopped has no process behind it: it takes no place.
         alive_since = now - timedelta(seconds=Message.STALE_AFTER)
         recent_since = now - RATE_WINDOW
-        t = _tables()
         moment = connection.ops.adapt_datetimefield_value
         assistant = Message.Role.ASSISTANT.value
 
-        # `lim`: the limits in force. Of the user's groups' policies, MIN tells whether one
-        # lifts the limit (0) and MAX is otherwise the most generous; the user's own value,
-        # if set, comes first and the site's last.
-        group_values = ", ".join(
-            f"MIN(p.{name}) AS {name}_min, MAX(p.{name}) AS {name}_max"
-            for name in (*_INTEGER_LIMITS, "cost_per_month")
-        )
-        resolved = ", ".join(
-            f"COALESCE(q.{name}, CASE WHEN g.{name}_min = 0 THEN 0 ELSE g.{name}_max END, %s) "
-            f"AS {name}"
-            for name in _INTEGER_LIMITS
-        )
-        # The cost limit's site default stays out of SQL (a decimal parameter is text on
-        # SQLite): the user's and the groups' values are read, and Python adds the site's.
-        limits = f"""
-            SELECT {resolved},
-              q.cost_per_month AS cost_user,
-              CASE WHEN g.cost_per_month_min = 0 THEN 0 ELSE g.cost_per_month_max END
-                AS cost_group
-            FROM (SELECT {group_values} FROM {t["policies"]} p JOIN {t["members"]} u
-                    ON u.{t["member_group"]} = p.group_id WHERE u.{t["member"]} = %s) g
-            LEFT JOIN {t["quotas"]} q ON q.user_id = %s
-        """
-        limit_params = [site[name] for name in _INTEGER_LIMITS] + [owner_id, owner_id]
-        cost_on = (
-            "1 = 1"
-            if site["cost_per_month"] > 0
-            else "COALESCE(lim.cost_user, lim.cost_group, 0) > 0"
-        )
+        def in_window(since) -> list:
+            return [owner_id, moment(since), assistant, moment(since)]
 
-        def in_window(since) -> tuple[str, list]:
-            return (
-                f"FROM {t['messages']} m JOIN {t['chats']} c ON c.id = m.conversation_id "
-                "WHERE c.owner_id = %s AND c.updated_at >= %s AND m.role = %s "
-                "AND m.created_at >= %s",
-                [owner_id, moment(since), assistant, moment(since)],
-            )
-
-        today, today_params = in_window(windows.day_start)
-        month, month_params = in_window(windows.month_start)
-        tokens = "COALESCE(SUM(COALESCE(m.input_tokens, 0) + COALESCE(m.output_tokens, 0)), 0)"
-
-        def allowed(through: str, column: str) -> str:
-            listed = (
-                f"SELECT 1 FROM {through} a JOIN {t['policies']} p ON p.id = a.grouppolicy_id "
-                f"JOIN {t['members']} u ON u.{t['member_group']} = p.group_id "
-                f"WHERE u.{t['member']} = %s"
-            )
-            return (
-                f"CASE WHEN NOT EXISTS ({listed}) THEN 1 "
-                f"WHEN EXISTS ({listed} AND a.{column} = %s) THEN 1 ELSE 0 END"
-            )
-
-        # `load_streaming`: the user's replies being written (heartbeat since alive_since);
-        # `load_nth_recent`: when their nth newest reply since recent_since was started (None:
-        # fewer than n), n the limit a minute (a send, a regenerate and an edit each start
-        # one); the tokens and cost of the replies started today and this month. SQL rather
-        # than the ORM: the same statement built from querysets cost about 1 ms of Python per
-        # send, on SQLite and PostgreSQL alike. Table names from the models; every value goes
-        # as a parameter.
-        sql = f"""
-            SELECT lim.*,
-              CASE WHEN lim.max_concurrent_replies > 0 THEN
-                (SELECT COUNT(*) FROM {t["messages"]} m JOIN {t["chats"]} c
-                  ON c.id = m.conversation_id
-                  WHERE c.owner_id = %s AND m.status = %s AND m.role = %s
-                  AND m.updated_at >= %s) END AS load_streaming,
-              CASE WHEN lim.messages_per_minute > 0 THEN
-                (SELECT r.created_at FROM (
-                  SELECT m.created_at, ROW_NUMBER() OVER (ORDER BY m.created_at DESC) AS n
-                  FROM {t["messages"]} m JOIN {t["chats"]} c ON c.id = m.conversation_id
-                  WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s
-                  AND m.created_at > %s) r
-                 WHERE r.n = lim.messages_per_minute) END AS load_nth_recent,
-              CASE WHEN lim.tokens_per_day > 0 THEN (SELECT {tokens} {today}) END
-                AS load_tokens_today,
-              CASE WHEN lim.tokens_per_month > 0 THEN (SELECT {tokens} {month}) END
-                AS load_tokens_month,
-              CASE WHEN {cost_on} THEN
-                (SELECT COALESCE(SUM(m.cost), 0) {month} AND m.cost_currency = %s) END
-                AS load_cost_month,
-              {allowed(t["allowed_models"], "modelprofile_id")} AS load_model_allowed,
-              {allowed(t["allowed_prompts"], "systemprompt_id")} AS load_prompt_allowed
-            FROM ({limits}) lim
-        """
         params = [  # in the order they appear in the text: `lim`'s last
             owner_id, Message.Status.STREAMING.value, assistant, moment(alive_since),
             owner_id, moment(recent_since), assistant, moment(recent_since),
-            *today_params, *month_params, *month_params, settings.QWENWEB_CURRENCY,
-            owner_id, owner_id, model_id,
-            owner_id, owner_id, prompt_id,
-            *limit_params,
+            *in_window(windows.day_start), *in_window(windows.month_start),
+            *in_window(windows.month_start), settings.QWENWEB_CURRENCY,
+            model_id, owner_id,
+            prompt_id, owner_id,
+            *[site[name] for name in _INTEGER_LIMITS], owner_id, owner_id,
         ]  # fmt: skip
-        return cls(sql, params, now, windows)
+        return cls(_load_sql(site["cost_per_month"] > 0), params, now, windows)
 
     def read(self) -> tuple:
         with connection.cursor() as cursor:
@@ -336,6 +255,88 @@ class LoadQuery:
             model_allowed=bool(model_allowed),
             prompt_allowed=bool(prompt_allowed),
         )
+
+
+@functools.cache
+def _load_sql(site_cost_limit: bool) -> str:
+    """LoadQuery's statement (its text depends only on whether the site limits cost), written
+    once a process: a send pays only for its parameters."""
+    t = _tables()
+
+    # `lim`: the limits in force. Of the user's groups' policies, MIN tells whether one
+    # lifts the limit (0) and MAX is otherwise the most generous; the user's own value,
+    # if set, comes first and the site's last.
+    group_values = ", ".join(
+        f"MIN(p.{name}) AS {name}_min, MAX(p.{name}) AS {name}_max"
+        for name in (*_INTEGER_LIMITS, "cost_per_month")
+    )
+    resolved = ", ".join(
+        f"COALESCE(q.{name}, CASE WHEN g.{name}_min = 0 THEN 0 ELSE g.{name}_max END, %s) AS {name}"
+        for name in _INTEGER_LIMITS
+    )
+    # The cost limit's site default stays out of SQL (a decimal parameter is text on
+    # SQLite): the user's and the groups' values are read, and Python adds the site's.
+    limits = f"""
+        SELECT {resolved},
+          q.cost_per_month AS cost_user,
+          CASE WHEN g.cost_per_month_min = 0 THEN 0 ELSE g.cost_per_month_max END
+            AS cost_group
+        FROM (SELECT {group_values} FROM {t["policies"]} p JOIN {t["members"]} u
+                ON u.{t["member_group"]} = p.group_id WHERE u.{t["member"]} = %s) g
+        LEFT JOIN {t["quotas"]} q ON q.user_id = %s
+    """
+    cost_on = "1 = 1" if site_cost_limit else "COALESCE(lim.cost_user, lim.cost_group, 0) > 0"
+
+    # A user's replies since a moment (the start of the day or month: a parameter).
+    window = (
+        f"FROM {t['messages']} m JOIN {t['chats']} c ON c.id = m.conversation_id "
+        "WHERE c.owner_id = %s AND c.updated_at >= %s AND m.role = %s AND m.created_at >= %s"
+    )
+    tokens = "COALESCE(SUM(COALESCE(m.input_tokens, 0) + COALESCE(m.output_tokens, 0)), 0)"
+
+    def allowed(through: str, column: str) -> str:
+        # 1 when no group of the user's lists any (no restriction), or one lists this.
+        return (
+            f"(SELECT CASE WHEN COUNT(*) = 0 THEN 1 "
+            f"ELSE MAX(CASE WHEN a.{column} = %s THEN 1 ELSE 0 END) END "
+            f"FROM {through} a JOIN {t['policies']} p ON p.id = a.grouppolicy_id "
+            f"JOIN {t['members']} u ON u.{t['member_group']} = p.group_id "
+            f"WHERE u.{t['member']} = %s)"
+        )
+
+    # `load_streaming`: the user's replies being written (heartbeat since alive_since);
+    # `load_nth_recent`: when their nth newest reply since recent_since was started (None:
+    # fewer than n), n the limit a minute (a send, a regenerate and an edit each start
+    # one); the tokens and cost of the replies started today and this month. SQL rather
+    # than the ORM: the same statement built from querysets cost about 1 ms of Python per
+    # send, on SQLite and PostgreSQL alike. Table names from the models; every value goes
+    # as a parameter.
+    sql = f"""
+        SELECT lim.*,
+          CASE WHEN lim.max_concurrent_replies > 0 THEN
+            (SELECT COUNT(*) FROM {t["messages"]} m JOIN {t["chats"]} c
+              ON c.id = m.conversation_id
+              WHERE c.owner_id = %s AND m.status = %s AND m.role = %s
+              AND m.updated_at >= %s) END AS load_streaming,
+          CASE WHEN lim.messages_per_minute > 0 THEN
+            (SELECT r.created_at FROM (
+              SELECT m.created_at, ROW_NUMBER() OVER (ORDER BY m.created_at DESC) AS n
+              FROM {t["messages"]} m JOIN {t["chats"]} c ON c.id = m.conversation_id
+              WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s
+              AND m.created_at > %s) r
+             WHERE r.n = lim.messages_per_minute) END AS load_nth_recent,
+          CASE WHEN lim.tokens_per_day > 0 THEN (SELECT {tokens} {window}) END
+            AS load_tokens_today,
+          CASE WHEN lim.tokens_per_month > 0 THEN (SELECT {tokens} {window}) END
+            AS load_tokens_month,
+          CASE WHEN {cost_on} THEN
+            (SELECT COALESCE(SUM(m.cost), 0) {window} AND m.cost_currency = %s) END
+            AS load_cost_month,
+          {allowed(t["allowed_models"], "modelprofile_id")} AS load_model_allowed,
+          {allowed(t["allowed_prompts"], "systemprompt_id")} AS load_prompt_allowed
+        FROM ({limits}) lim
+    """
+    return sql
 
 
 def _decimal(value) -> Decimal | None:
