@@ -31,6 +31,8 @@ from conversations.models import (
     UserQuota,
 )
 from conversations.replies import quotas, service
+from dashscope_simulator import Scenario
+from tests.test_team_deployment import team  # noqa: F401 (a fixture)
 from tests.ws_support import Transcript, connect, open_chat, receive_until, send_frame
 
 pytestmark = pytest.mark.django_db
@@ -516,3 +518,96 @@ def test_an_admin_limits_the_interns_to_two_models_and_200000_tokens_a_day(admin
     # And a user's own quota, on their page.
     page = admin_client.get(f"/admin/auth/user/{get_user_model().objects.get().pk}/change/")
     assert "quota-0-tokens_per_day" in page.content.decode()
+
+
+# -- across two server processes, on PostgreSQL -----------------------------------------------
+
+
+def _in_the_team(deployment, code: str) -> None:
+    """Run Python against the team's database, as `manage.py shell` does."""
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=ROOT, env=deployment.env, check=True, capture_output=True,
+    )  # fmt: skip
+
+
+@pytest.mark.services
+def test_a_groups_limits_hold_across_two_processes(team, app_simulator):  # noqa: F811
+    """tess is an intern; the interns' policy (set as an admin would, in the database the two
+    processes share) allows 3 messages a minute and no limit on replies at once. Six of her
+    tabs, three on each process, send at the same moment: three replies start, three tabs are
+    told why. Then the interns get 1,000 tokens a day, which her replies have used: every tab,
+    on either process, is refused, and DashScope hears nothing more."""
+    import asyncio
+
+    from tests.test_faults import LONG_REPLY, Tab, open_team_chat, sent, until
+
+    _in_the_team(
+        team,
+        "from django.contrib.auth.models import Group, User\n"
+        "from conversations.models import GroupPolicy\n"
+        "interns = Group.objects.create(name='interns')\n"
+        "interns.user_set.add(User.objects.get(username='tess'))\n"
+        "GroupPolicy.objects.create(group=interns, messages_per_minute=3,"
+        " max_concurrent_replies=0)\n",
+    )
+    app_simulator.add_scenario(Scenario(match="at once", reply=LONG_REPLY, token_delay=0.02))
+    url_a, url_b = team
+    client, path, cookie = open_team_chat(url_a)
+    paths = [path]
+    for _ in range(5):
+        response = client.post(
+            "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
+            headers={"Referer": f"{url_a}/"},
+        )  # fmt: skip
+        paths.append(response.headers["Location"])
+
+    def alerts(tab: Tab) -> list[str]:
+        return [html.unescape(f) for f in tab.page.frames if 'role="alert"' in f]
+
+    async def scenario() -> tuple[list[Tab], int]:
+        tabs = [await Tab((url_a, url_b)[i % 2], p, cookie).open() for i, p in enumerate(paths)]
+        await asyncio.gather(*(tab.send(**sent("all at once")) for tab in tabs))
+        await until(
+            lambda: sum(bool(tab.newest_reply()) or bool(alerts(tab)) for tab in tabs) == 6,
+            "every tab's answer", tuple(tabs),
+        )  # fmt: skip
+        for tab in tabs:
+            if tab.newest_reply():
+                await tab.send(type="stop")
+        started = [tab for tab in tabs if tab.newest_reply()]
+        await until(
+            lambda: all(tab.statuses(tab.newest_reply())[-1] == "stopped" for tab in started),
+            "the stops", tuple(tabs),
+        )  # fmt: skip
+        asked = len(app_simulator.requests)
+        await asyncio.to_thread(
+            _in_the_team, team,
+            "from conversations.models import GroupPolicy, Message\n"
+            "GroupPolicy.objects.update(messages_per_minute=0, tokens_per_day=1000)\n"
+            "Message.objects.filter(role='assistant')"
+            ".update(input_tokens=300, output_tokens=300)\n",
+        )  # fmt: skip
+        before = [len(alerts(tab)) for tab in tabs]
+        await asyncio.gather(*(tab.send(**sent("once more")) for tab in tabs))
+        await until(
+            lambda: all(len(alerts(t)) > n for t, n in zip(tabs, before, strict=True)),
+            "every tab's refusal", tuple(tabs),
+        )  # fmt: skip
+        for tab in tabs:
+            await tab.close()
+        return tabs, asked
+
+    tabs, asked = asyncio.run(scenario())
+    app_simulator.clear_scenarios()
+    started = [tab for tab in tabs if tab.newest_reply()]
+    assert len(started) == 3
+    told = [tab for tab in tabs if not tab.newest_reply()]
+    for tab in told:
+        assert "Messages are limited to 3 a minute." in alerts(tab)[0]
+    for tab in tabs:
+        assert (
+            "You have used your 1,000 tokens for today. The limit resets at 00:00"
+            in alerts(tab)[-1]
+        )
+    assert len(app_simulator.requests) == asked
