@@ -13,6 +13,7 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.text import format_lazy
 from django.utils.translation import gettext_lazy as _
 
 MILLION = Decimal(1_000_000)
@@ -712,7 +713,10 @@ def _limit_field(verbose_name, help_text) -> models.PositiveBigIntegerField:
     return models.PositiveBigIntegerField(verbose_name, null=True, blank=True, help_text=help_text)
 
 
-_INHERIT = _("Blank: as the groups or the site say. 0: no limit.")
+_INHERIT = _(
+    "Blank: inherited (a user's from their groups, else from the site; a group's from the "
+    "site). 0: no limit."
+)
 
 
 class Limits(models.Model):
@@ -722,14 +726,17 @@ class Limits(models.Model):
 
     tokens_per_day = _limit_field(
         _("tokens per day"),
-        _("Input and output tokens (thinking included) of replies started since 00:00, in the "
-          "server's time zone. Blank: as the groups or the site say. 0: no limit."),
+        format_lazy(
+            "{} {}",
+            _("Input and output tokens (thinking included) of the replies started since "
+              "00:00, in the server's time zone."),
+            _INHERIT,
+        ),
     )  # fmt: skip
     tokens_per_month = _limit_field(
         _("tokens per month"),
-        _("The same, since the 1st of the month at 00:00. Blank: as the groups or the site "
-          "say. 0: no limit."),
-    )  # fmt: skip
+        format_lazy("{} {}", _("The same, since the 1st of the month at 00:00."), _INHERIT),
+    )
     cost_per_month = models.DecimalField(
         _("cost per month"),
         max_digits=14,
@@ -737,14 +744,23 @@ class Limits(models.Model):
         null=True,
         blank=True,
         validators=[MinValueValidator(Decimal(0))],
-        help_text=_(
-            "In the site's currency (QWENWEB_CURRENCY): the cost of replies of models priced "
-            "in it, since the 1st of the month. Blank: as the groups or the site say. 0: no "
-            "limit."
+        help_text=format_lazy(
+            "{} {}",
+            _("In the site's currency (QWENWEB_CURRENCY): what this month's replies of models "
+              "priced in it cost."),
+            _INHERIT,
+        ),
+    )  # fmt: skip
+    max_concurrent_replies = _limit_field(
+        _("replies at once"),
+        format_lazy("{} {}", _("Replies being written at once, across all chats."), _INHERIT),
+    )
+    messages_per_minute = _limit_field(
+        _("messages per minute"),
+        format_lazy(
+            "{} {}", _("Replies started in any 60 seconds (sends, edits, regenerations)."), _INHERIT
         ),
     )
-    max_concurrent_replies = _limit_field(_("replies at once"), _INHERIT)
-    messages_per_minute = _limit_field(_("messages per minute"), _INHERIT)
 
     LIMITS = (
         "tokens_per_day", "tokens_per_month", "cost_per_month", "max_concurrent_replies",

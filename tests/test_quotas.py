@@ -30,7 +30,7 @@ from conversations.models import (
     SystemPrompt,
     UserQuota,
 )
-from conversations.replies import quotas, service
+from conversations.replies import quotas, rules, service
 from dashscope_simulator import Scenario
 from tests.test_team_deployment import team  # noqa: F401 (a fixture)
 from tests.ws_support import Transcript, connect, open_chat, receive_until, send_frame
@@ -245,6 +245,10 @@ def test_a_group_may_lift_or_set_the_other_limits_for_its_members(user, settings
     assert send(conversation).created
     spend(user, cost="0.01")
     assert "have cost the ¥0.01 allowed" in refusal(lambda: send(conversation))
+    # What a settings page would show: the limits in force and what is used of them.
+    load = rules.user_load(user)
+    assert load.limits == quotas.user_limits(user)
+    assert (load.cost_this_month, load.tokens_today) == (Decimal("0.01"), 0)
 
 
 def test_the_quotas_read_only_the_windows_rows_in_the_sends_one_statement(user, settings):

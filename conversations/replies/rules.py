@@ -185,6 +185,7 @@ class Load:
     cost_this_month: Decimal
     model_allowed: bool
     prompt_allowed: bool
+    windows: quotas.Windows  # the day and month counted, and when they end
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,16 @@ class LoadQuery:
             cost_this_month=_decimal(cost) or Decimal(0),
             model_allowed=bool(model_allowed),
             prompt_allowed=bool(prompt_allowed),
+            windows=self.windows,
         )
+
+
+def user_load(user) -> Load:
+    """A user's limits in force and what they have used of them (today's and this month's
+    tokens and cost: read only where that limit is on), for a page that shows what is left.
+    Its model_allowed and prompt_allowed say nothing here (no chat was named)."""
+    query = LoadQuery.of(user.pk)
+    return query.load(query.read())
 
 
 @functools.cache
