@@ -1,6 +1,8 @@
 """The rules a reply must pass before anything is saved or sent: what a valid message, title
-and image list are, and the limits (the model still enabled, replies at once, messages and new
-chats a minute). Each refusal is a ReplyRefused whose text is a sentence for the user.
+and image list are, and the limits (the model still enabled, and the user's to use; replies at
+once, messages and new chats a minute; tokens a day and a month, cost a month: quotas.py says
+whose limits are in force). Each refusal is a ReplyRefused whose text is a sentence for the
+user.
 
 Limits are counted in the database under the owner's row lock (service._lock), so they hold
 across server processes.
