@@ -13,9 +13,13 @@ logger, for log shipping.
 import json
 import logging
 
+from django import forms
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.db.models import Count
@@ -26,11 +30,13 @@ from django.utils.translation import gettext_lazy as _
 from conversations.exports import conversation_data, decimal_text, thumbnail_src
 from conversations.models import (
     Conversation,
+    GroupPolicy,
     Message,
     MessageImage,
     ModelProfile,
     Share,
     SystemPrompt,
+    UserQuota,
 )
 from conversations.templatetags.qwenweb import cost_text, web_url
 
@@ -327,3 +333,80 @@ class ShareAdmin(admin.ModelAdmin):
 
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, _("%(count)s links revoked.") % {"count": count})
+
+
+# -- Quotas and who may use what (conversations/replies/quotas.py), on the user and group pages
+
+
+_LIMITS_DESCRIPTION = _(
+    "Blank: inherit (a user's groups, then the site's default from the environment). 0: no "
+    "limit. A user's own value wins over their groups'; of several groups, the most generous "
+    "wins. Days and months begin at 00:00 in the server's time zone."
+)
+
+
+class UserQuotaInline(admin.StackedInline):
+    model = UserQuota
+    can_delete = False
+    verbose_name_plural = _("quota")
+    fieldsets = [(None, {"fields": UserQuota.LIMITS, "description": _LIMITS_DESCRIPTION})]
+
+
+class GroupPolicyForm(forms.ModelForm):
+    class Meta:
+        model = GroupPolicy
+        fields = [
+            *GroupPolicy.LIMITS, "allowed_models", "default_model", "allowed_prompts",
+            "default_system_prompt",
+        ]  # fmt: skip
+
+    def clean(self):
+        data = super().clean()
+        for default, allowed in [
+            ("default_model", "allowed_models"),
+            ("default_system_prompt", "allowed_prompts"),
+        ]:
+            chosen, listed = data.get(default), data.get(allowed)
+            if chosen is not None and listed and chosen not in listed:
+                self.add_error(default, _("Choose one of the allowed ones, or allow it."))
+        return data
+
+
+class GroupPolicyInline(admin.StackedInline):
+    model = GroupPolicy
+    form = GroupPolicyForm
+    can_delete = False
+    verbose_name_plural = _("policy: limits, models and prompts")
+    filter_horizontal = ["allowed_models", "allowed_prompts"]
+    fieldsets = [
+        (_("Limits"), {"fields": GroupPolicy.LIMITS, "description": _LIMITS_DESCRIPTION}),
+        (
+            _("Models and system prompts"),
+            {
+                "fields": [
+                    "allowed_models", "default_model", "allowed_prompts",
+                    "default_system_prompt",
+                ],
+                "description": _(
+                    "Members may use only the models and prompts chosen here (none chosen: "
+                    "all). A member of several groups may use what any of them allows. The "
+                    "defaults start members' new chats unless they chose their own."
+                ),
+            },
+        ),
+    ]  # fmt: skip
+
+
+# The user and group pages of django.contrib.auth, with the quota and the policy inline.
+admin.site.unregister(get_user_model())
+admin.site.unregister(Group)
+
+
+@admin.register(get_user_model())
+class QuotaUserAdmin(UserAdmin):
+    inlines = [*UserAdmin.inlines, UserQuotaInline]
+
+
+@admin.register(Group)
+class PolicyGroupAdmin(GroupAdmin):
+    inlines = [*GroupAdmin.inlines, GroupPolicyInline]

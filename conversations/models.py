@@ -13,6 +13,7 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.text import format_lazy
 from django.utils.translation import gettext_lazy as _
 
 MILLION = Decimal(1_000_000)
@@ -435,6 +436,11 @@ class Message(models.Model):
                 name="unique_client_message_id",
             )
         ]
+        # A user's replies since the start of the day or month, chat by chat (the quotas,
+        # conversations/replies/quotas.py): a range of this index per chat active since.
+        indexes = [
+            models.Index(fields=["conversation", "created_at"], name="message_conv_created_idx")
+        ]
 
     # Where the message stands among its versions (branches.Versions), when the code that
     # read it knows; the page shows a switcher for a message with more than one.
@@ -698,3 +704,142 @@ class Preferences(models.Model):
 
     def __str__(self) -> str:
         return str(self.user)
+
+
+# -- Quotas and who may use what (conversations/replies/quotas.py) -----------------------------
+
+
+def _limit_field(verbose_name, help_text) -> models.PositiveBigIntegerField:
+    return models.PositiveBigIntegerField(verbose_name, null=True, blank=True, help_text=help_text)
+
+
+_INHERIT = _(
+    "Blank: inherited (a user's from their groups, else from the site; a group's from the "
+    "site). 0: no limit."
+)
+
+
+class Limits(models.Model):
+    """A user's or a group's own limits, each overriding the site's default (the environment's
+    QWENWEB_TOKENS_PER_DAY, …): blank inherits, 0 is no limit. How a user's, their groups' and
+    the site's combine is in conversations/replies/quotas.py."""
+
+    tokens_per_day = _limit_field(
+        _("tokens per day"),
+        format_lazy(
+            "{} {}",
+            _("Input and output tokens (thinking included) of the replies started since "
+              "00:00, in the server's time zone."),
+            _INHERIT,
+        ),
+    )  # fmt: skip
+    tokens_per_month = _limit_field(
+        _("tokens per month"),
+        format_lazy("{} {}", _("The same, since the 1st of the month at 00:00."), _INHERIT),
+    )
+    cost_per_month = models.DecimalField(
+        _("cost per month"),
+        max_digits=14,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+        help_text=format_lazy(
+            "{} {}",
+            _("In the site's currency (QWENWEB_CURRENCY): what this month's replies of models "
+              "priced in it cost."),
+            _INHERIT,
+        ),
+    )  # fmt: skip
+    max_concurrent_replies = _limit_field(
+        _("replies at once"),
+        format_lazy("{} {}", _("Replies being written at once, across all chats."), _INHERIT),
+    )
+    messages_per_minute = _limit_field(
+        _("messages per minute"),
+        format_lazy(
+            "{} {}", _("Replies started in any 60 seconds (sends, edits, regenerations)."), _INHERIT
+        ),
+    )
+
+    LIMITS = (
+        "tokens_per_day", "tokens_per_month", "cost_per_month", "max_concurrent_replies",
+        "messages_per_minute",
+    )  # fmt: skip
+
+    class Meta:
+        abstract = True
+
+
+class UserQuota(Limits):
+    """One user's limits: where one is set, it wins over their groups' and the site's."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="quota",
+        verbose_name=_("user"),
+    )
+
+    class Meta:
+        verbose_name = _("quota")
+        verbose_name_plural = _("quotas")
+
+    def __str__(self) -> str:
+        return str(self.user)
+
+
+class GroupPolicy(Limits):
+    """What a group's members may use: their limits (where the user sets none; of several
+    groups, the most generous wins), the models and system prompts they may choose (none
+    chosen: any; of several groups, any of their lists), and the model and prompt their new
+    chats start with."""
+
+    group = models.OneToOneField(
+        "auth.Group", on_delete=models.CASCADE, related_name="policy", verbose_name=_("group")
+    )
+    allowed_models = models.ManyToManyField(
+        ModelProfile,
+        blank=True,
+        related_name="+",
+        verbose_name=_("allowed models"),
+        help_text=_(
+            "The models members may chat with. None chosen: this group restricts no model. A "
+            "member of several groups may use the models any of them allows."
+        ),
+    )
+    allowed_prompts = models.ManyToManyField(
+        SystemPrompt,
+        blank=True,
+        related_name="+",
+        verbose_name=_("allowed system prompts"),
+        help_text=_(
+            "The system prompts members may choose (then a chat must have one of them). None "
+            "chosen: this group restricts no prompt."
+        ),
+    )
+    default_model = models.ForeignKey(
+        ModelProfile,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("default model"),
+        help_text=_("New chats of members start with it, unless they chose their own default."),
+    )
+    default_system_prompt = models.ForeignKey(
+        SystemPrompt,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("default system prompt"),
+        help_text=_("New chats of members start with it, unless they chose their own default."),
+    )
+
+    class Meta:
+        verbose_name = _("group policy")
+        verbose_name_plural = _("group policies")
+
+    def __str__(self) -> str:
+        return str(self.group)

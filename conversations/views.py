@@ -39,10 +39,9 @@ from conversations.models import (
     ModelProfile,
     Preferences,
     Share,
-    SystemPrompt,
     Upload,
 )
-from conversations.replies import branches, events, liveness, options, rules, service
+from conversations.replies import branches, events, liveness, options, quotas, rules, service
 from qwenweb.cache_control import keep_in_readers_cache
 
 logger = logging.getLogger(__name__)
@@ -87,10 +86,12 @@ def conversation_list(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _model_choices(current: ModelProfile | None = None) -> list[ModelProfile]:
-    """The enabled models, plus the conversation's own if an admin has since disabled it."""
-    models = list(ModelProfile.objects.enabled())
+def _model_choices(user, current: ModelProfile | None = None) -> list[ModelProfile]:
+    """The enabled models the user may use (quotas.py), plus the conversation's own if an
+    admin has since disabled it or taken it from them (shown, not to be picked again)."""
+    models = list(quotas.allowed_models(user))
     if current is not None and current not in models:
+        current.unavailable = True
         models.insert(0, current)
     return models
 
@@ -120,18 +121,16 @@ def home(request: HttpRequest) -> HttpResponse:
         {
             **_sidebar(request.user),
             "conversation": None,
-            "models": ModelProfile.objects.enabled(),
+            "models": _model_choices(request.user),
             "selected_model": _users_default_model(request.user),
         },
     )
 
 
 def _users_default_model(user) -> ModelProfile | None:
-    """The model a new chat of `user`'s gets: theirs (/settings/), else the catalog's."""
-    preferences = Preferences.objects.filter(user=user).select_related("default_model").first()
-    if preferences and preferences.default_model and preferences.default_model.enabled:
-        return preferences.default_model
-    return ModelProfile.objects.default()
+    """The model a new chat of `user`'s gets: theirs (/settings/), else their groups', else
+    the catalog's, of the models they may use."""
+    return quotas.new_chat_defaults(user)[0]
 
 
 SEARCH_RESULTS = 50
@@ -235,8 +234,9 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     content = request.POST.get("content", "")
     model = None
     if model_id := request.POST.get("model"):
+        # (One the user may not use is refused by conversation_create, below.)
         model = await _enabled_model(model_id).afirst()
-    form = rules.MessageForm(request.POST, model=model or await _default_model())
+    form = rules.MessageForm(request.POST, model=model or await _default_model(user))
     valid = await sync_to_async(form.is_valid)()
     client_message_id = form.cleaned_data.get("client_message_id")
     if client_message_id is not None:
@@ -268,8 +268,8 @@ async def conversation_new(request: HttpRequest) -> HttpResponse:
     return redirect(conversation)
 
 
-async def _default_model() -> ModelProfile | None:
-    return await sync_to_async(ModelProfile.objects.default)()
+async def _default_model(user) -> ModelProfile | None:
+    return await sync_to_async(_users_default_model)(user)
 
 
 async def _home_with_error(request, user, content, error, model) -> HttpResponse:
@@ -277,7 +277,7 @@ async def _home_with_error(request, user, content, error, model) -> HttpResponse
         lambda: {
             **_sidebar(user),
             "conversation": None,
-            "models": list(ModelProfile.objects.enabled()),
+            "models": _model_choices(user),
             "selected_model": model or _users_default_model(user),
             "draft": content,
             "draft_images": request.POST.get("image_urls", ""),
@@ -478,14 +478,16 @@ def _settings_context(conversation: Conversation, form=None) -> dict:
         values["enable_thinking"] = options.thinks(current, model)
     prompt = conversation.system_prompt
     values["system_prompt"] = str(prompt.pk) if prompt else ""
+    prompts, no_prompt_allowed = quotas.allowed_prompts(conversation.owner)
     if form is not None and "system_prompt" in form.posted:
         values["system_prompt"] = form.data.get("system_prompt", "")
     return {
         "conversation": conversation,
         "model": model,
         "selected_model": model,
-        "models": _model_choices(model),
-        "prompts": SystemPrompt.objects.all(),
+        "models": _model_choices(conversation.owner, model),
+        "prompts": prompts,
+        "no_prompt_allowed": no_prompt_allowed,
         "presets": [(key, label) for key, (label, _values) in options.PRESETS.items()],
         "current_preset": options.preset_of(current),
         "in_effect": options.in_effect(current, model),

@@ -7,6 +7,7 @@ on one machine with SQLite, the in-memory channel layer and the offline DashScop
 import os
 import secrets
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
@@ -352,6 +353,20 @@ QWENWEB_TITLE_MODEL = os.environ.get("QWENWEB_TITLE_MODEL", "qwen-flash").strip(
 # New chats one user may create in any 60 seconds (an empty chat costs no tokens, but made by
 # the hundred they fill the database and bury the sidebar).
 QWENWEB_CHATS_PER_MINUTE = int(os.environ.get("QWENWEB_CHATS_PER_MINUTE", "30"))
+# Quotas (conversations/replies/quotas.py): tokens (input and output, thinking included) of the
+# replies one user started since 00:00 today and since the 1st of the month, in TIME_ZONE (the
+# TZ variable), and the cost of this month's replies, in QWENWEB_CURRENCY (replies of models
+# priced in another currency are not counted against it: there is no exchange rate). 0 or
+# unset: no limit. Users and groups override these in the admin.
+QWENWEB_TOKENS_PER_DAY = int(os.environ.get("QWENWEB_TOKENS_PER_DAY", "0") or "0")
+QWENWEB_TOKENS_PER_MONTH = int(os.environ.get("QWENWEB_TOKENS_PER_MONTH", "0") or "0")
+QWENWEB_COST_PER_MONTH = Decimal(os.environ.get("QWENWEB_COST_PER_MONTH", "0") or "0")
+QWENWEB_CURRENCY = (os.environ.get("QWENWEB_CURRENCY", "CNY") or "CNY").strip().upper()
+if min(QWENWEB_TOKENS_PER_DAY, QWENWEB_TOKENS_PER_MONTH, QWENWEB_COST_PER_MONTH) < 0:
+    raise ImproperlyConfigured(
+        "QWENWEB_TOKENS_PER_DAY, QWENWEB_TOKENS_PER_MONTH and QWENWEB_COST_PER_MONTH must be 0 "
+        "(no limit) or more."
+    )
 # What one websocket may have waiting to be sent to a client that does not read (a stalled
 # or hostile client) before the server drops it (qwenweb/daphne_guard.py). Well above the
 # largest catch-up a page asks for on reconnect, so a slow phone is never cut off.

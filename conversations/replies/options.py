@@ -19,6 +19,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from conversations.models import ModelProfile, Preferences, SystemPrompt
+from conversations.replies import quotas, rules
 
 # The docs' scenarios (../shared/reference/product-notes.md): sampling per task.
 PRESETS = {
@@ -131,13 +132,19 @@ class SettingsForm(forms.Form):
         found = model_named(value)
         if found is None:
             raise ValidationError(_("Pick one of the models in the list."))
+        owner = self.conversation.owner
+        if not quotas.may_use_model(owner, found):
+            raise ValidationError(rules.model_not_allowed(owner.pk, found))
         return found
 
     def clean_system_prompt(self):
         value = (self.cleaned_data.get("system_prompt") or "").strip()
-        if not value:
+        if "system_prompt" not in self.posted:
             return None
-        prompt = SystemPrompt.objects.filter(pk=int(value)).first() if value.isdecimal() else None
+        prompts, none_allowed = quotas.allowed_prompts(self.conversation.owner)
+        if not value and none_allowed:
+            return None
+        prompt = prompts.filter(pk=int(value)).first() if value.isdecimal() else None
         if prompt is None:
             raise ValidationError(_("Pick one of the system prompts in the list."))
         return prompt
@@ -291,8 +298,12 @@ class PreferencesForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["default_model"].queryset = ModelProfile.objects.enabled()
+        # Only what the user may use (their groups may restrict it: quotas.py); a value
+        # posted from outside the list is an error beside its field.
+        user = self.instance.user
+        self.fields["default_model"].queryset = quotas.allowed_models(user)
         self.fields["default_model"].empty_label = _("The catalog's default")
+        self.fields["default_system_prompt"].queryset = quotas.allowed_prompts(user)[0]
         self.fields["default_system_prompt"].empty_label = _("The library's default")
         self.fields["default_preset"] = forms.ChoiceField(
             label=_("Default preset"),

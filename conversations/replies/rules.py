@@ -1,6 +1,8 @@
 """The rules a reply must pass before anything is saved or sent: what a valid message, title
-and image list are, and the limits (the model still enabled, replies at once, messages and new
-chats a minute). Each refusal is a ReplyRefused whose text is a sentence for the user.
+and image list are, and the limits (the model still enabled, and the user's to use; replies at
+once, messages and new chats a minute; tokens a day and a month, cost a month: quotas.py says
+whose limits are in force). Each refusal is a ReplyRefused whose text is a sentence for the
+user.
 
 Limits are counted in the database under the owner's row lock (service._lock), so they hold
 across server processes.
@@ -8,22 +10,27 @@ across server processes.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import SimpleNamespace
 
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection
-from django.utils import timezone
+from django.utils import formats, timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from conversations.dashscope.sanitize import strip_controls
-from conversations.models import Conversation, Message, ModelProfile
+from conversations.models import Conversation, GroupPolicy, Message, ModelProfile, UserQuota
+from conversations.replies import quotas
+from conversations.templatetags.qwenweb import cost_text
 
 # The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
 RATE_WINDOW = timedelta(seconds=60)
@@ -145,83 +152,245 @@ def check_chats_per_minute(owner, per_minute: int) -> None:
     )
 
 
+def _tables() -> dict:
+    from django.contrib.auth import get_user_model
+
+    members = get_user_model().groups.through
+    return {
+        "messages": Message._meta.db_table,
+        "chats": Conversation._meta.db_table,
+        "quotas": UserQuota._meta.db_table,
+        "policies": GroupPolicy._meta.db_table,
+        "members": members._meta.db_table,
+        "member": members._meta.get_field("user").column,
+        "member_group": members._meta.get_field("group").column,
+        "allowed_models": GroupPolicy.allowed_models.through._meta.db_table,
+        "allowed_prompts": GroupPolicy.allowed_prompts.through._meta.db_table,
+    }
+
+
+# The limits counted by LoadQuery, in the order its row gives them.
+_INTEGER_LIMITS = (
+    "max_concurrent_replies", "messages_per_minute", "tokens_per_day", "tokens_per_month",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Load:
+    """One user's load and limits as LoadQuery read them (limits: 0 is none)."""
+
+    limits: dict
+    streaming: int
+    nth_recent: datetime | None
+    tokens_today: int
+    tokens_this_month: int
+    cost_this_month: Decimal
+    model_allowed: bool
+    prompt_allowed: bool
+    windows: quotas.Windows  # the day and month counted, and when they end
+
+
 @dataclass(frozen=True)
 class LoadQuery:
-    """The statement that reads one user's load for the per-user limits (see check_user_limits),
-    made at `now`. The send path reads it together with the replies in the way
-    (intake.in_the_way): one round trip fewer on every send."""
+    """The statement that reads one user's limits and load (see check_user_limits), made at
+    `now`, and whether the chat's model and system prompt are theirs to use. The send path
+    reads it together with the replies in the way (intake.in_the_way): one round trip fewer on
+    every send.
+
+    The limits in force are resolved in the statement as quotas.py says (the user's own, else
+    the most generous of their groups', else the site's), and each count is read only when its
+    limit is on. No count reads the user's whole history: replies streaming now go through
+    the status index; the others through the (owner, updated_at) index of conversations to the
+    chats active within the window (every reply started moves its chat's updated_at on), and
+    the (conversation, created_at) index of messages to the window's replies in each.
+    """
 
     sql: str
     params: list
     now: datetime
+    windows: quotas.Windows
 
     @classmethod
-    def of(cls, owner_id) -> LoadQuery | None:
-        """None when no per-user limit is set: nothing to read."""
-        per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
-        if settings.QWENWEB_MAX_CONCURRENT_REPLIES <= 0 and per_minute <= 0:
-            return None
+    def of(cls, owner_id, *, model_id=None, prompt_id=None) -> LoadQuery:
         now = timezone.now()
+        windows = quotas.Windows.at(now)
+        site = quotas.site_limits()
         # A reply whose heartbeat stopped has no process behind it: it takes no place.
         alive_since = now - timedelta(seconds=Message.STALE_AFTER)
         recent_since = now - RATE_WINDOW
-        # The newest reply but (limit - 1): while it is in the window the limit is reached,
-        # and one more may start when it leaves.
-        nth = max(per_minute, 1)
-        # `streaming`, the user's replies being written (heartbeat since alive_since), and
-        # `nth_recent`, when their nth newest reply since recent_since was started (None:
-        # fewer than n): a send, a regenerate and an edit each start one. Neither reads the
-        # user's whole history: the first goes through the status index (replies streaming
-        # now), the second through the (owner, updated_at) index of conversations to the chats
-        # active within the window (every reply started moves its chat's updated_at on), whose
-        # messages it reads. SQL rather than the ORM: the same statement built from querysets
-        # cost about 1 ms of Python per send, on SQLite and PostgreSQL alike. Table names from
-        # the models; every value goes as a parameter.
-        messages, chats = Message._meta.db_table, Conversation._meta.db_table
-        sql = f"""
-            SELECT
-              (SELECT COUNT(*) FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
-                WHERE c.owner_id = %s AND m.status = %s AND m.role = %s AND m.updated_at >= %s)
-                AS load_streaming,
-              (SELECT m.created_at FROM {messages} m JOIN {chats} c ON c.id = m.conversation_id
-                WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s AND m.created_at > %s
-                ORDER BY m.created_at DESC LIMIT 1 OFFSET %s) AS load_nth_recent
-        """
         moment = connection.ops.adapt_datetimefield_value
-        params = [
-            owner_id, Message.Status.STREAMING.value, Message.Role.ASSISTANT.value,
-            moment(alive_since),
-            owner_id, moment(recent_since), Message.Role.ASSISTANT.value, moment(recent_since),
-            nth - 1,
+        assistant = Message.Role.ASSISTANT.value
+
+        def in_window(since) -> list:
+            return [owner_id, moment(since), assistant, moment(since)]
+
+        params = [  # in the order they appear in the text: `lim`'s last
+            owner_id, Message.Status.STREAMING.value, assistant, moment(alive_since),
+            owner_id, moment(recent_since), assistant, moment(recent_since),
+            *in_window(windows.day_start), *in_window(windows.month_start),
+            *in_window(windows.month_start), settings.QWENWEB_CURRENCY,
+            model_id, owner_id,
+            prompt_id, owner_id,
+            *[site[name] for name in _INTEGER_LIMITS], owner_id, owner_id,
         ]  # fmt: skip
-        return cls(sql, params, now)
+        return cls(_load_sql(site["cost_per_month"] > 0), params, now, windows)
 
     def read(self) -> tuple:
         with connection.cursor() as cursor:
             cursor.execute(self.sql, self.params)
             return cursor.fetchone()
 
+    def load(self, row: tuple) -> Load:
+        """The row this statement read, as a Load."""
+        (*integers, cost_user, cost_group, streaming, nth_recent, today, month, cost,
+         model_allowed, prompt_allowed) = row  # fmt: skip
+        limits = dict(zip(_INTEGER_LIMITS, (int(value) for value in integers), strict=True))
+        limits["cost_per_month"] = quotas.resolve(
+            _decimal(cost_user), _decimal(cost_group), settings.QWENWEB_COST_PER_MONTH
+        )
+        return Load(
+            limits=limits,
+            streaming=streaming or 0,
+            nth_recent=_moment(nth_recent),
+            tokens_today=int(today or 0),
+            tokens_this_month=int(month or 0),
+            cost_this_month=_decimal(cost) or Decimal(0),
+            model_allowed=bool(model_allowed),
+            prompt_allowed=bool(prompt_allowed),
+            windows=self.windows,
+        )
+
+
+def user_load(user) -> Load:
+    """A user's limits in force and what they have used of them (today's and this month's
+    tokens and cost: read only where that limit is on), for a page that shows what is left.
+    Its model_allowed and prompt_allowed say nothing here (no chat was named)."""
+    query = LoadQuery.of(user.pk)
+    return query.load(query.read())
+
+
+@functools.cache
+def _load_sql(site_cost_limit: bool) -> str:
+    """LoadQuery's statement (its text depends only on whether the site limits cost), written
+    once a process: a send pays only for its parameters."""
+    t = _tables()
+
+    # `lim`: the limits in force. Of the user's groups' policies, MIN tells whether one
+    # lifts the limit (0) and MAX is otherwise the most generous; the user's own value,
+    # if set, comes first and the site's last.
+    group_values = ", ".join(
+        f"MIN(p.{name}) AS {name}_min, MAX(p.{name}) AS {name}_max"
+        for name in (*_INTEGER_LIMITS, "cost_per_month")
+    )
+    resolved = ", ".join(
+        f"COALESCE(q.{name}, CASE WHEN g.{name}_min = 0 THEN 0 ELSE g.{name}_max END, %s) AS {name}"
+        for name in _INTEGER_LIMITS
+    )
+    # The cost limit's site default stays out of SQL (a decimal parameter is text on
+    # SQLite): the user's and the groups' values are read, and Python adds the site's.
+    limits = f"""
+        SELECT {resolved},
+          q.cost_per_month AS cost_user,
+          CASE WHEN g.cost_per_month_min = 0 THEN 0 ELSE g.cost_per_month_max END
+            AS cost_group
+        FROM (SELECT {group_values} FROM {t["policies"]} p JOIN {t["members"]} u
+                ON u.{t["member_group"]} = p.group_id WHERE u.{t["member"]} = %s) g
+        LEFT JOIN {t["quotas"]} q ON q.user_id = %s
+    """
+    cost_on = "1 = 1" if site_cost_limit else "COALESCE(lim.cost_user, lim.cost_group, 0) > 0"
+
+    # A user's replies since a moment (the start of the day or month: a parameter).
+    window = (
+        f"FROM {t['messages']} m JOIN {t['chats']} c ON c.id = m.conversation_id "
+        "WHERE c.owner_id = %s AND c.updated_at >= %s AND m.role = %s AND m.created_at >= %s"
+    )
+    tokens = "COALESCE(SUM(COALESCE(m.input_tokens, 0) + COALESCE(m.output_tokens, 0)), 0)"
+
+    def allowed(through: str, column: str) -> str:
+        # 1 when no group of the user's lists any (no restriction), or one lists this.
+        return (
+            f"(SELECT CASE WHEN COUNT(*) = 0 THEN 1 "
+            f"ELSE MAX(CASE WHEN a.{column} = %s THEN 1 ELSE 0 END) END "
+            f"FROM {through} a JOIN {t['policies']} p ON p.id = a.grouppolicy_id "
+            f"JOIN {t['members']} u ON u.{t['member_group']} = p.group_id "
+            f"WHERE u.{t['member']} = %s)"
+        )
+
+    # `load_streaming`: the user's replies being written (heartbeat since alive_since);
+    # `load_nth_recent`: when their nth newest reply since recent_since was started (None:
+    # fewer than n), n the limit a minute (a send, a regenerate and an edit each start
+    # one); the tokens and cost of the replies started today and this month. SQL rather
+    # than the ORM: the same statement built from querysets cost about 1 ms of Python per
+    # send, on SQLite and PostgreSQL alike. Table names from the models; every value goes
+    # as a parameter.
+    sql = f"""
+        SELECT lim.*,
+          CASE WHEN lim.max_concurrent_replies > 0 THEN
+            (SELECT COUNT(*) FROM {t["messages"]} m JOIN {t["chats"]} c
+              ON c.id = m.conversation_id
+              WHERE c.owner_id = %s AND m.status = %s AND m.role = %s
+              AND m.updated_at >= %s) END AS load_streaming,
+          CASE WHEN lim.messages_per_minute > 0 THEN
+            (SELECT r.created_at FROM (
+              SELECT m.created_at, ROW_NUMBER() OVER (ORDER BY m.created_at DESC) AS n
+              FROM {t["messages"]} m JOIN {t["chats"]} c ON c.id = m.conversation_id
+              WHERE c.owner_id = %s AND c.updated_at > %s AND m.role = %s
+              AND m.created_at > %s) r
+             WHERE r.n = lim.messages_per_minute) END AS load_nth_recent,
+          CASE WHEN lim.tokens_per_day > 0 THEN (SELECT {tokens} {window}) END
+            AS load_tokens_today,
+          CASE WHEN lim.tokens_per_month > 0 THEN (SELECT {tokens} {window}) END
+            AS load_tokens_month,
+          CASE WHEN {cost_on} THEN
+            (SELECT COALESCE(SUM(m.cost), 0) {window} AND m.cost_currency = %s) END
+            AS load_cost_month,
+          {allowed(t["allowed_models"], "modelprofile_id")} AS load_model_allowed,
+          {allowed(t["allowed_prompts"], "systemprompt_id")} AS load_prompt_allowed
+        FROM ({limits}) lim
+    """
+    return sql
+
+
+def _decimal(value) -> Decimal | None:
+    """A decimal column or sum as read (a float or text on SQLite)."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    return Decimal(str(value))
+
+
+def _moment(value) -> datetime | None:
+    if isinstance(value, str):  # SQLite: the text Django stores, in UTC
+        value = datetime.fromisoformat(value)
+    if value is not None and timezone.is_naive(value):
+        value = value.replace(tzinfo=UTC)
+    return value
+
 
 def check_user_limits(
     conversation: Conversation, load: tuple[LoadQuery, tuple] | None = None
 ) -> None:
-    """Refuse a new reply beyond its owner's limits: replies being written at once across
-    their chats (QWENWEB_MAX_CONCURRENT_REPLIES) and messages sent in the last minute
-    (QWENWEB_MESSAGES_PER_MINUTE: each reply started counts, so a regenerate or an edit costs
-    one as a send does). Counted in the database, so they hold across server processes, in one
-    query; `load` is that query and the row it read already, if the caller read it."""
+    """Refuse a new reply beyond its owner's limits, or with a model or system prompt that is
+    not theirs to use (quotas.py: their own limits, their groups', the site's): replies being
+    written at once across their chats, messages sent in the last minute (each reply started
+    counts, so a regenerate or an edit costs one as a send does), tokens today and this month,
+    and cost this month, each refusal saying when the limit resets. Counted in the database, so
+    they hold across server processes, in one query; `load` is that query and the row it read
+    already, if the caller read it."""
     if load is None:
-        query = LoadQuery.of(conversation.owner_id)
-        if query is None:
-            return
+        query = LoadQuery.of(
+            conversation.owner_id,
+            model_id=conversation.model_id,
+            prompt_id=conversation.system_prompt_id,
+        )
         load = query, query.read()
-    query, (streaming, nth_recent) = load
-    max_replies = settings.QWENWEB_MAX_CONCURRENT_REPLIES
-    per_minute = settings.QWENWEB_MESSAGES_PER_MINUTE
-    if isinstance(nth_recent, str):  # SQLite: the text Django stores, in UTC
-        nth_recent = datetime.fromisoformat(nth_recent)
-    if nth_recent is not None and timezone.is_naive(nth_recent):
-        nth_recent = nth_recent.replace(tzinfo=UTC)
+    query, row = load
+    found = query.load(row)
+    limits = found.limits
+    if not found.model_allowed:
+        raise ReplyRefused(model_not_allowed(conversation.owner_id, conversation.model))
+    if not found.prompt_allowed:
+        raise ReplyRefused(prompt_not_allowed(conversation.owner_id))
+    streaming, max_replies = found.streaming, limits["max_concurrent_replies"]
     if max_replies > 0 and streaming >= max_replies:
         raise ReplyRefused(
             ngettext(
@@ -233,8 +402,9 @@ def check_user_limits(
             )
             % {"count": streaming}
         )
-    if per_minute > 0 and nth_recent is not None:
-        wait = nth_recent + RATE_WINDOW - query.now
+    per_minute = limits["messages_per_minute"]
+    if per_minute > 0 and found.nth_recent is not None:
+        wait = found.nth_recent + RATE_WINDOW - query.now
         seconds = min(60, max(1, math.ceil(wait.total_seconds())))
         raise ReplyRefused(
             ngettext(
@@ -244,6 +414,57 @@ def check_user_limits(
             )
             % {"limit": per_minute, "seconds": seconds}
         )
+    windows, zone = query.windows, quotas.zone_name()
+    per_day = limits["tokens_per_day"]
+    if per_day > 0 and found.tokens_today >= per_day:
+        raise ReplyRefused(
+            _("You have used your %(limit)s tokens for today. The limit resets at 00:00 "
+              "(%(zone)s).")
+            % {"limit": f"{per_day:,}", "zone": zone}
+        )  # fmt: skip
+    resets = formats.date_format(
+        timezone.localtime(windows.next_month, timezone.get_default_timezone()), "MONTH_DAY_FORMAT"
+    )
+    per_month = limits["tokens_per_month"]
+    if per_month > 0 and found.tokens_this_month >= per_month:
+        raise ReplyRefused(
+            _("You have used your %(limit)s tokens for this month. The limit resets on "
+              "%(date)s at 00:00 (%(zone)s).")
+            % {"limit": f"{per_month:,}", "date": resets, "zone": zone}
+        )  # fmt: skip
+    cost_limit = limits["cost_per_month"]
+    if cost_limit > 0 and found.cost_this_month >= cost_limit:
+        amount = cost_text(
+            SimpleNamespace(cost=cost_limit, cost_currency=settings.QWENWEB_CURRENCY)
+        )
+        raise ReplyRefused(
+            _("Your replies have cost the %(limit)s allowed for this month. The limit resets "
+              "on %(date)s at 00:00 (%(zone)s).")
+            % {"limit": amount, "date": resets, "zone": zone}
+        )  # fmt: skip
+
+
+def model_not_allowed(user_id, model: ModelProfile) -> str:
+    """The refusal of a model the user may not use, naming the ones they may."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model()(pk=user_id)
+    labels = [m.label for m in quotas.allowed_models(user)]
+    if not labels:
+        return _("No model is available to you. Ask an administrator.")
+    return _("%(model)s is not available to you. Pick one of these at the top of the chat: "
+             "%(models)s.") % {"model": model.label, "models": ", ".join(labels)}  # fmt: skip
+
+
+def prompt_not_allowed(user_id) -> str:
+    """The refusal of a chat whose system prompt the user may not use."""
+    from django.contrib.auth import get_user_model
+
+    prompts, _none = quotas.allowed_prompts(get_user_model()(pk=user_id))
+    return _("This chat's system prompt is not available to you. Pick one of these in the "
+             "chat's settings: %(prompts)s.") % {
+        "prompts": ", ".join(p.name for p in prompts)
+    }  # fmt: skip
 
 
 def check_json_mentioned(conversation: Conversation, content: str) -> None:

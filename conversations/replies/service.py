@@ -32,7 +32,16 @@ from conversations.models import (
     SystemPrompt,
     Upload,
 )
-from conversations.replies import branches, events, intake, liveness, options, prompt, rules
+from conversations.replies import (
+    branches,
+    events,
+    intake,
+    liveness,
+    options,
+    prompt,
+    quotas,
+    rules,
+)
 from conversations.replies.rules import ReplyInProgress, ReplyRefused, StopUndelivered
 
 __all__ = [  # the rules' refusals, where the use cases that raise them are
@@ -84,20 +93,22 @@ def conversation_create(
     *, owner, model: ModelProfile | None = None, system_prompt: SystemPrompt | None = None
 ) -> Conversation:
     """A new, empty chat of `owner`'s with `model`, else the owner's default model (the
-    /settings/ page), else the catalog's; the owner's default system prompt, else the
-    library's; and the settings of the owner's default preset. Refused (nothing created) when
-    no model is enabled, or when the owner has created QWENWEB_CHATS_PER_MINUTE chats in the
-    last minute."""
-    preferences = Preferences.objects.filter(user=owner.pk).first()
-    if model is None and preferences is not None and preferences.default_model_id:
-        model = ModelProfile.objects.enabled().filter(pk=preferences.default_model_id).first()
-    model = model or ModelProfile.objects.default()
+    /settings/ page), else their groups' (GroupPolicy), else the catalog's; the owner's
+    default system prompt, else their groups', else the library's; and the settings of the
+    owner's default preset. Each default only if the owner may use it (quotas.py: a group may
+    restrict its members' models and prompts; a restricted owner's chat gets one of theirs).
+    Refused (nothing created) when `model` is not the owner's to use, when no model is, or
+    when the owner has created QWENWEB_CHATS_PER_MINUTE chats in the last minute."""
+    if model is not None and not quotas.may_use_model(owner, model):
+        raise ReplyRefused(rules.model_not_allowed(owner.pk, model))
+    default_model, default_prompt = quotas.new_chat_defaults(owner)
+    model = model or default_model
     if model is None:
+        if ModelProfile.objects.enabled().exists():
+            raise ReplyRefused(_("No model is available to you. Ask an administrator."))
         raise ReplyRefused(_("No model is enabled. Ask an administrator to enable one."))
-    if system_prompt is None and preferences is not None:
-        system_prompt = preferences.default_system_prompt
-    if system_prompt is None:
-        system_prompt = SystemPrompt.objects.filter(is_default=True).first()
+    system_prompt = system_prompt or default_prompt
+    preferences = Preferences.objects.filter(user=owner.pk).first()
     chosen = {}
     if preferences is not None and preferences.default_preset in options.PRESETS:
         chosen = dict(options.PRESETS[preferences.default_preset][1])
@@ -294,14 +305,18 @@ def branch_switch(*, conversation: Conversation, message_id: int, step: int) -> 
 
 def _clear_the_way(
     conversation: Conversation, client_message_id: uuid.UUID | None
-) -> tuple[StartedReply | None, list[int], tuple | None]:
+) -> tuple[StartedReply | None, list[int], tuple]:
     """Under the conversation's lock, before a new reply: the reply this client_message_id
     started already (a resent frame), if any; else the replies found dead (their process
     gone, now interrupted), and the owner's load for rules.check_user_limits. Refused while a
     live reply is being written. One query."""
-    query = rules.LoadQuery.of(conversation.owner_id)
+    query = rules.LoadQuery.of(
+        conversation.owner_id,
+        model_id=conversation.model_id,
+        prompt_id=conversation.system_prompt_id,
+    )
     in_the_way, row = intake.in_the_way(
-        conversation.pk, client_message_id, (query.sql, query.params) if query else None
+        conversation.pk, client_message_id, (query.sql, query.params)
     )
     streaming = []
     for sent_id, status, updated_at, pk in in_the_way:
@@ -314,8 +329,6 @@ def _clear_the_way(
         raise ReplyInProgress(
             _("A reply is still being written. Wait for it or press Stop, then send.")
         )
-    if query is None:
-        return None, interrupted, None
     # Replies just found dead were counted as streaming only if their heartbeat was recent,
     # which it was not (the load counts live replies alone).
     return None, interrupted, (query, row)
