@@ -10,6 +10,7 @@ reachable; under CI it must be)."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def chat(owner, *contents: str, title: str = "", age_days: float = 0) -> Convers
     Conversation.objects.filter(pk=conversation.pk).update(
         title=title or conversation.title, updated_at=updated_at
     )
+    conversation.refresh_from_db()
     return conversation
 
 
@@ -200,6 +202,56 @@ def _indexed(text: str) -> list[int]:
             [" AND ".join(f'"{text[i : i + 3]}"' for i in range(len(text) - 2))],
         )
         return [rowid for (rowid,) in cursor.fetchall()]
+
+
+def test_both_ways_find_what_a_substring_search_finds(alice, django_user_model, monkeypatch):
+    """Random texts and queries over a small alphabet full of what SQL or FTS5 could read as
+    syntax: each way finds exactly the chats a plain substring test (any case) picks."""
+    rng = random.Random(13)
+    alphabet = "aAbBcC %_\\\"'()*:^-请假ß"
+    bob = django_user_model.objects.create_user("bob", password="pw")
+    chats = []
+    for n in range(40):
+        owner = alice if n % 4 else bob
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        title = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        chats.append((chat(owner, text, title=title.strip() or "t", age_days=n), text))
+    matched = 0
+    for _ in range(80):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5)))
+        if rng.random() < 0.7:  # a piece of a text, its case changed here and there
+            text = rng.choice(chats)[1]
+            start = rng.randint(0, len(text))
+            piece = text[start : start + rng.randint(1, 8)]
+            query = "".join(c.swapcase() if rng.random() < 0.3 else c for c in piece)
+        query = " ".join(query.split())  # as the view has it
+        if not query:
+            continue
+        expected = [
+            c
+            for c, text in chats
+            if c.owner_id == alice.pk and (_holds(text, query) or _holds(c.title, query))
+        ]
+        for recent in (0, 5, 1000):
+            monkeypatch.setattr(chat_search, "RECENT_CHATS", recent)
+            got = chat_search.chats_matching(user=alice, query=query, limit=50)
+            assert got == expected, (query, recent)
+        matched += bool(expected) and len(query) >= 3
+    assert matched >= 20, "enough queries for the index find something"
+
+
+def _holds(text: str, query: str) -> bool:
+    # SQLite's LIKE folds ASCII letters only; PostgreSQL's UPPER folds every letter (none
+    # of the alphabet above but ß, whose UPPER is itself there).
+    return (
+        query.lower() in text.lower()
+        if connection.vendor == "postgresql"
+        else (_ascii_lower(query) in _ascii_lower(text))
+    )
+
+
+def _ascii_lower(text: str) -> str:
+    return "".join(c.lower() if c.isascii() else c for c in text)
 
 
 @pytest.mark.services
