@@ -25,8 +25,8 @@ RECENT_CHATS = 500
 
 SQLITE_INDEX = "conversations_message_search"
 
-# An external-content FTS5 table: it keeps trigrams and rowids only (detail=none: 20% of the
-# text's size, where positions cost 130%), so a match is a candidate that LIKE then confirms.
+# An external-content FTS5 table: it keeps trigrams and rowids only (detail=none: 30% of the
+# text's size, where positions would cost 200%), so a match is a candidate that LIKE confirms.
 # Triggers keep it in step with every insert, edit and delete of a message, whoever makes it
 # (the app, the admin, a cascade). A delete must name the text the index holds for the row, so
 # an edit removes the old text before adding the new; only an edit of the text re-indexes (a
