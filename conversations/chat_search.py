@@ -2,13 +2,13 @@
 the text, in any case, and each one's first message holding it.
 
 No single plan is fast for every query (bench/search.py times them over 10,000 chats). A word
-in many chats is found among the newest ones at once, and any index would first have to list
-every message holding it, everyone's, only to keep 50 chats: so the newest RECENT_CHATS are
-read row by row first. Only when they hold fewer than a page of matches (a rare text, which
-then has few messages to list) does the search ask the index: PostgreSQL's trigram indexes
-(migration 0010) or SQLite's FTS5 trigram table (migration 0011, created by
-`sqlite_index_create`). Without an index, or for a text too short for trigrams, the database
-reads the user's messages one by one, which is correct, only slower.
+in many chats is found among the newest ones at once, where any index would first have to list
+every message holding it, everyone's, only to keep 50 chats: so the newest chats are read row
+by row first, SCAN_CHUNK at a time, up to RECENT_CHATS. As soon as the matches come too slowly
+for those to fill a page (a rarer text, which then has fewer messages to list), the search asks
+the index instead: PostgreSQL's trigram indexes (migration 0010) or SQLite's FTS5 trigram table
+(migration 0011, created by `sqlite_index_create`). Without an index, or for a text too short
+for trigrams, the database reads the user's messages one by one: correct, only slower.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from django.db.models.lookups import GreaterThan
 from conversations.models import Conversation, Message
 
 RECENT_CHATS = 500
+SCAN_CHUNK = 100
 
 SQLITE_INDEX = "conversations_message_search"
 
@@ -60,9 +61,18 @@ def chats_matching(*, user, query: str, limit: int) -> list[Conversation]:
     `query`, in any case."""
     owned = Conversation.objects.owned_by(user)
     recent = list(owned.order_by("-updated_at").values_list("pk", flat=True)[:RECENT_CHATS])
-    chats = _newest_holding(owned.filter(pk__in=recent), query, limit, indexed=False)
-    if len(chats) == limit or len(recent) < RECENT_CHATS:
-        return chats
+    chats: list[Conversation] = []
+    for start in range(0, len(recent), SCAN_CHUNK):
+        chunk = owned.filter(pk__in=recent[start : start + SCAN_CHUNK])
+        chats += _newest_holding(chunk, query, limit - len(chats), indexed=False)
+        if len(chats) == limit:
+            return chats
+        read = start + SCAN_CHUNK
+        if len(recent) == RECENT_CHATS and len(chats) * RECENT_CHATS < limit * read:
+            break  # at this rate the newest chats would not fill a page
+    else:
+        if len(recent) < RECENT_CHATS:
+            return chats  # every chat was read
     return _newest_holding(owned, query, limit, indexed=True)
 
 
