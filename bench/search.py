@@ -5,8 +5,10 @@ Builds one user's 10,000 conversations of 10 messages each (user questions and 0
 replies, English and Chinese), plus another user's as many, in a temporary SQLite file and in a
 temporary PostgreSQL database (dropped at the end; skipped when PostgreSQL is not reachable).
 Then it times the search view through Django's test Client, signed in, for: a phrase a few
-chats hold, a Chinese phrase, a word in every other chat, one in no chat (every message read),
-and a title word. Median and p95 of `--runs` each, beside the target.
+chats hold, a Chinese phrase, a word in every other chat, a word in 1 chat of 12 (too few for
+the newest 500 chats to fill a page: conversations/chat_search.py then asks the index), one in
+no chat (every message read), and a title word. Median and p95 of `--runs` each, beside the
+target.
 
     .venv/bin/python bench/search.py [--runs 15] [--conversations 10000] [--per-chat 10]
 """
@@ -33,6 +35,7 @@ QUERIES = {
     "rare phrase (20 chats)": "sourdough starter",
     "Chinese phrase": "请假邮件",
     "common word (half the chats)": "transactions",
+    "word in 1 chat of 12": "rotate the logs",
     "no match (reads everything)": "zyzzyva",
     "title word": "Kyoto",
 }
@@ -72,6 +75,8 @@ def build(conversations: int, per_chat: int) -> None:
                     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 200)))
                     if m % 2 == 1 and n % 2 == 0:
                         words += " Keep transactions short."
+                    if m == 7 and n % 12 == 5:
+                        words += " Rotate the logs weekly."
                     if m == 3 and n % 500 == 7:
                         words += " Feed the sourdough starter twice a day."
                     if m == 5 and n % 1000 == 3:

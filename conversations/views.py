@@ -18,7 +18,7 @@ from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.staticfiles import finders
 from django.db import connection
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -30,7 +30,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from conversations import accounts, images, sockets, uploads
+from conversations import accounts, chat_search, images, sockets, uploads
 from conversations.dashscope.sanitize import strip_controls
 from conversations.exports import active_messages, conversation_data
 from conversations.models import (
@@ -143,27 +143,8 @@ def search(request: HttpRequest) -> HttpResponse:
     query = " ".join(request.GET.get("q", "").split())[:200]
     results = []
     if query:
-        # The newest chats whose title or messages hold the text: an EXISTS per chat, which
-        # the database answers by walking the user's chats newest first and stopping at
-        # SEARCH_RESULTS (a common word, on SQLite), or, on PostgreSQL, from the trigram
-        # index of migration 0010 (a rare one). bench/search.py times both kinds.
-        holding = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=query)
-        chats = list(
-            Conversation.objects.owned_by(request.user)
-            .filter(Q(title__icontains=query) | Exists(holding))
-            .order_by("-updated_at")
-            .only("id", "title", "updated_at")[:SEARCH_RESULTS]
-        )
-        # Each chat's first matching passage, in one query (sorted here: ordered by pk in
-        # SQL, SQLite would read every message in pk order rather than these chats').
-        passages: dict = {}
-        for conversation_id, _pk, content in sorted(
-            Message.objects.filter(conversation__in=chats, content__icontains=query).values_list(
-                "conversation_id", "pk", "content"
-            ),
-            key=lambda row: row[1],
-        ):
-            passages.setdefault(conversation_id, content)
+        chats = chat_search.chats_matching(user=request.user, query=query, limit=SEARCH_RESULTS)
+        passages = chat_search.first_matches(chats=chats, query=query)
         results = [
             {"conversation": chat, "passage": _passage(passages.get(chat.pk, ""), query)}
             for chat in chats
