@@ -30,6 +30,6 @@ def drop(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("conversations", "0010_search_trigram_index")]
+    dependencies = [("conversations", "0012_quotas_and_policies")]
 
     operations = [migrations.RunPython(create, drop)]
