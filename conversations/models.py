@@ -435,6 +435,9 @@ class Message(models.Model):
                 name="unique_client_message_id",
             )
         ]
+        # The usage page and the settings page's totals read the replies of a range of days
+        # (conversations/usage.py): a year of a team's history without reading every message.
+        indexes = [models.Index(fields=["role", "created_at"], name="message_role_created_idx")]
 
     # Where the message stands among its versions (branches.Versions), when the code that
     # read it knows; the page shows a switcher for a message with more than one.
@@ -569,6 +572,18 @@ class Message(models.Model):
             self.finish_reason == "length"
             or (self.status == self.Status.COMPLETE and self.finish_reason == "")
         )
+
+
+class Usage(Message):
+    """The replies seen as usage: the admin's usage page (conversations/admin.py) hangs on
+    this proxy, so it has a place in the admin index and a permission of its own, "Can view
+    usage" (conversations.view_usage), given to staff who may see what the team spent."""
+
+    class Meta:
+        proxy = True
+        default_permissions = ["view"]
+        verbose_name = _("usage")
+        verbose_name_plural = _("usage")
 
 
 def _upload_path(upload: "Upload", filename: str) -> str:
