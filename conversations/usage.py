@@ -13,11 +13,12 @@ import math
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db import connection
+from django.db.models import Case, Count, DateField, F, Func, Q, QuerySet, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -102,6 +103,55 @@ def _start_of(day: date) -> datetime:
     return datetime.combine(day, time.min, tzinfo=site_timezone())
 
 
+def _offsets(start: datetime, end: datetime) -> list:
+    """[(until, offset)]: the site time zone's UTC offsets from `start` to `end` (UTC), each
+    with the instant it ends (None for the last), found day by day, then to the minute."""
+    tz = site_timezone()
+
+    def offset(at: datetime) -> timedelta:
+        return at.astimezone(tz).utcoffset()
+
+    found, at, current = [], start, offset(start)
+    while at < end:
+        following = min(at + timedelta(days=1), end)
+        if offset(following) != current:
+            low, high = at, following  # the change is after low, at or before high
+            while high - low > timedelta(minutes=1):
+                middle = low + (high - low) / 2
+                low, high = (middle, high) if offset(middle) == current else (low, middle)
+            found.append((high, current))
+            current = offset(high)
+        at = following
+    return [*found, (None, current)]
+
+
+def site_day(start: date, end: date):
+    """An expression for the site's day on which a reply in the range was started.
+
+    PostgreSQL converts time zones itself (TruncDate). SQLite has no time zones, and Django's
+    TruncDate there calls back into Python for every row (most of a year's page time), so
+    there the day is SQLite's own date() of the UTC time shifted by the site's offset, the
+    offset chosen by a CASE on the instants the offset changes (daylight saving time)."""
+    if connection.vendor != "sqlite":
+        return TruncDate("created_at", tzinfo=site_timezone())
+    periods = _offsets(
+        _start_of(start).astimezone(UTC), _start_of(end + timedelta(days=1)).astimezone(UTC)
+    )
+
+    def shifted(offset: timedelta):
+        minutes = f"{int(offset.total_seconds() // 60):+d} minutes"
+        return Func(F("created_at"), Value(minutes), function="date", output_field=DateField())
+
+    *changes, (_, last) = periods
+    if not changes:
+        return shifted(last)
+    return Case(
+        *(When(created_at__lt=until, then=shifted(offset)) for until, offset in changes),
+        default=shifted(last),
+        output_field=DateField(),
+    )
+
+
 def replies_between(start: date, end: date, *, currency: str = "") -> QuerySet:
     """The replies started from the beginning of `start` to the end of `end` (site days);
     with `currency`, only those priced in it."""
@@ -135,7 +185,7 @@ def usage_per_day(start: date, end: date, *, currency: str = "") -> list:
     """[(day, Totals)] for every day of the range, days without replies included."""
     rows = (
         replies_between(start, end, currency=currency)
-        .annotate(day=TruncDate("created_at", tzinfo=site_timezone()))
+        .annotate(day=site_day(start, end))
         .values("day", "cost_currency")
         .annotate(**_sums())
         .order_by()
@@ -153,7 +203,7 @@ def usage_per_day_by(group_by: str, start: date, end: date, *, currency: str = "
     key = GROUP_BY[group_by]
     rows = (
         replies_between(start, end, currency=currency)
-        .annotate(day=TruncDate("created_at", tzinfo=site_timezone()))
+        .annotate(day=site_day(start, end))
         .values("day", key, "cost_currency")
         .annotate(**_sums())
         .order_by("day", key, "cost_currency")

@@ -226,3 +226,26 @@ def test_usage_summary_counts_today_and_this_month(settings):
         reply(alice, model="qwen-plus", tokens_in=100, tokens_out=0, at=earlier)
         summary = usage_summary(alice)
         assert (summary.today.tokens, summary.month.tokens) == (15, 115)
+
+
+def test_days_follow_daylight_saving_time(admin_client, settings):
+    """Berlin: UTC+2 until 2026-10-25 01:00 UTC, then UTC+1."""
+    settings.TIME_ZONE = "Europe/Berlin"
+    alice = get_user_model().objects.create_user("alice")
+    for at, tokens in [
+        (datetime(2026, 10, 24, 22, 30, tzinfo=UTC), 1),  # 10-25 00:30 CEST
+        (datetime(2026, 10, 25, 22, 30, tzinfo=UTC), 10),  # 10-25 23:30 CET
+        (datetime(2026, 10, 25, 23, 30, tzinfo=UTC), 100),  # 10-26 00:30 CET
+        (datetime(2026, 10, 23, 21, 59, tzinfo=UTC), 1000),  # 10-23 23:59 CEST
+    ]:
+        reply(alice, model="qwen-plus", tokens_in=tokens, tokens_out=0, at=at)
+    html = admin_client.get(URL, {"start": "2026-10-23", "end": "2026-10-26"}).content.decode()
+    days = dict(re.findall(r'data-day="([\d-]+)">\s*<title>[^<]*, ([\d,]+) tokens in', html))
+    assert days == {"2026-10-23": "1,000", "2026-10-24": "0", "2026-10-25": "11",
+                    "2026-10-26": "100"}  # fmt: skip
+    lines = admin_client.get(URL + "csv/", {"start": "2026-10-23", "end": "2026-10-26"})
+    assert [line[:4] for line in csv.reader(io.StringIO(lines.content.decode()))][1:] == [
+        ["2026-10-23", "alice", "1", "1000"],
+        ["2026-10-25", "alice", "2", "11"],
+        ["2026-10-26", "alice", "1", "100"],
+    ]
