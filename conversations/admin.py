@@ -458,7 +458,13 @@ class UsageAdmin(admin.ModelAdmin):
     def _filters(self, request) -> UsageFilterForm:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        return UsageFilterForm(request.GET)
+        data = request.GET.copy()
+        if not data.get("start") and not data.get("end"):
+            # The form shows the range it shows: the last 30 days.
+            end = site_today()
+            data["start"], data["end"] = str(end - timedelta(days=29)), str(end)
+        data.setdefault("group_by", "user")
+        return UsageFilterForm(data)
 
     def usage_view(self, request):
         form = self._filters(request)
