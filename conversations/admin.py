@@ -44,7 +44,6 @@ from conversations.models import (
 from conversations.templatetags.qwenweb import cost_text, web_url
 from conversations.usage import (
     Totals,
-    money,
     replies_between,
     site_today,
     usage_by,
@@ -490,20 +489,16 @@ class UsageAdmin(admin.ModelAdmin):
                 end=end,
                 currencies=currencies,
                 rows=[
-                    (usage_key_text(group_by, key), totals, self._costs(totals, currencies))
+                    (usage_key_text(group_by, key), totals.cells(currencies))
                     for key, totals in usage_by(group_by, start, end, currency=currency)
                 ],
                 total=total,
-                total_costs=self._costs(total, currencies),
-                days=[(day, totals, self._costs(totals, currencies)) for day, totals in days],
+                total_cells=total.cells(currencies),
+                days=[(day, totals.cells(currencies)) for day, totals in days],
                 chart=usage_chart(days),
                 csv_url=reverse("admin:conversations_usage_csv") + "?" + request.GET.urlencode(),
             )
         return TemplateResponse(request, "admin/conversations/usage/usage.html", context)
-
-    @staticmethod
-    def _costs(totals: Totals, currencies: list[str]) -> list[str]:
-        return [money(totals.costs.get(currency), currency) for currency in currencies]
 
     def usage_csv(self, request):
         """The page's aggregation per day and user, group or model, one cost column per

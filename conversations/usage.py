@@ -20,7 +20,8 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Case, Count, DateField, F, Func, Q, QuerySet, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDate
-from django.utils import timezone
+from django.utils import formats, timezone
+from django.utils.translation import gettext as _
 
 from conversations.models import Message
 from conversations.templatetags.qwenweb import cost_text
@@ -48,6 +49,14 @@ class Totals:
         """Input and output (the reasoning is part of the output)."""
         return self.input_tokens + self.output_tokens
 
+    def cells(self, currencies: list[str]) -> list[str]:
+        """A table's cells: replies, input, output and reasoning tokens, then the cost in each
+        of `currencies` ("" for none), formatted here (a year's page has thousands)."""
+        counts = [self.replies, self.input_tokens, self.output_tokens, self.reasoning_tokens]
+        return [grouped(count) for count in counts] + [
+            money(self.costs.get(currency), currency) for currency in currencies
+        ]
+
     @property
     def costs_shown(self) -> list[str]:
         """Each currency's cost as people read it ("¥1.20"), in the currencies' order."""
@@ -70,6 +79,11 @@ class Totals:
         self.reasoning_tokens += other.reasoning_tokens
         for currency, amount in other.costs.items():
             self.costs[currency] = self.costs.get(currency, Decimal(0)) + amount
+
+
+def grouped(count: int) -> str:
+    """12345 -> "12,345", with the active language's thousands separator."""
+    return f"{count:,}".replace(",", formats.get_format("THOUSAND_SEPARATOR"))
 
 
 def money(amount: Decimal | None, currency: str) -> str:
@@ -259,7 +273,7 @@ def usage_summary(user) -> UsageSummary:
 @dataclass
 class Bar:
     day: date
-    totals: Totals
+    title: str
     x: str
     width: str
     center: str
@@ -267,7 +281,7 @@ class Bar:
     input_height: str
     output_y: str
     output_height: str
-    label: bool
+    label: str
 
 
 @dataclass
@@ -319,7 +333,13 @@ def usage_chart(days: list, *, width: int = 960, height: int = 240) -> Chart:
         bars.append(
             Bar(
                 day=day,
-                totals=totals,
+                title=_("%(day)s: %(replies)s replies, %(input)s tokens in, %(output)s out")
+                % {
+                    "day": formats.date_format(day, "DATE_FORMAT"),
+                    "replies": grouped(totals.replies),
+                    "input": grouped(totals.input_tokens),
+                    "output": grouped(totals.output_tokens),
+                },
                 x=f"{left + n * slot + gap / 2:.2f}",
                 width=f"{max(slot - gap, 0.5):.2f}",
                 center=f"{left + (n + 0.5) * slot:.2f}",
@@ -327,7 +347,7 @@ def usage_chart(days: list, *, width: int = 960, height: int = 240) -> Chart:
                 input_height=f"{input_height:.2f}",
                 output_y=f"{base - input_height - output_height:.2f}",
                 output_height=f"{output_height:.2f}",
-                label=(len(days) - 1 - n) % every == 0,
+                label=(formats.date_format(day, "M j") if (len(days) - 1 - n) % every == 0 else ""),
             )
         )
     ticks = [
