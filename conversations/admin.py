@@ -19,6 +19,7 @@ from django import forms
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.db import models
@@ -315,19 +316,19 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
 
     def get_search_results(self, request, queryset, search_term):
         """Each word in a title, an owner's username or a message's text, as the admin's own
-        search would, but the messages through a subquery (IN, which PostgreSQL answers from
-        the trigram index): a join would make Django add DISTINCT to each of the list's
-        queries (seconds with a few hundred thousand messages)."""
+        search would, but the owners and messages through subqueries (IN; PostgreSQL answers
+        the messages' from the trigram index): a join to the messages would make Django add
+        DISTINCT to each of the list's queries (seconds with a few hundred thousand
+        messages), and one to the owners led PostgreSQL to a nested loop over both tables."""
         if not search_term:
             return queryset, False
         for word in smart_split(search_term):
             if word[:1] in {'"', "'"} and word[-1:] == word[:1]:
                 word = unescape_string_literal(word)
             in_messages = Message.objects.filter(content__icontains=word).values("conversation")
+            owners = get_user_model().objects.filter(username__icontains=word).values("pk")
             queryset = queryset.filter(
-                Q(title__icontains=word)
-                | Q(owner__username__icontains=word)
-                | Q(pk__in=in_messages)
+                Q(title__icontains=word) | Q(owner__in=owners) | Q(pk__in=in_messages)
             )
         return queryset, False
 
