@@ -72,3 +72,12 @@ def test_the_usage_page_draws_its_chart_within_the_csp(usage_app, new_page, colo
     if color_scheme == "light":
         page.screenshot(path=str(ARTIFACTS / "admin-usage-by-group.png"), full_page=True)
     assert refused == []
+
+
+def test_a_users_settings_page_shows_their_own_usage(usage_app, new_page):
+    page = new_page()
+    usage_app.login(page, "bob")
+    page.goto(f"{usage_app.url}/settings/")
+    usage = page.locator("#usage")
+    assert usage.locator('[data-usage="month-replies"]').inner_text() != "0"
+    usage.screenshot(path=str(ARTIFACTS / "settings-usage.png"))
