@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick]
 
-Runs on loopback only and starts and stops everything it uses; about 8 minutes (3 with
+Runs on loopback only and starts and stops everything it uses; about 11 minutes (3 with
 --quick). Tests never assert timings; CI does not run this.
 """
 
