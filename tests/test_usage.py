@@ -100,6 +100,13 @@ def test_staff_without_the_permission_are_refused(client):
     assert b"/admin/conversations/usage/" not in client.get("/admin/").content
 
 
+def test_reviewers_do_not_see_usage_by_being_reviewers(client):
+    reviewer = get_user_model().objects.create_user("rita", password="pw", is_staff=True)
+    reviewer.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    client.force_login(reviewer)
+    assert client.get(URL).status_code == 403
+
+
 def test_staff_with_the_permission_see_it_linked_from_the_index(client):
     staff = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
     staff.user_permissions.add(Permission.objects.get(codename="view_usage"))
