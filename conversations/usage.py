@@ -277,6 +277,7 @@ class Bar:
     x: str
     width: str
     center: str
+    anchor: str
     input_y: str
     input_height: str
     output_y: str
@@ -324,7 +325,10 @@ def usage_chart(days: list, *, width: int = 960, height: int = 240) -> Chart:
     maximum = step * max(1, math.ceil(max((t.tokens for _, t in days), default=0) / step))
     slot = plot_width / max(len(days), 1)
     gap = slot * 0.2 if slot >= 4 else 0
-    every = max(1, math.ceil(len(days) / 8))
+    # A range across New Year says the years on its axis, in fewer (longer) labels.
+    across_years = bool(days) and days[0][0].year != days[-1][0].year
+    label_format = "M j, Y" if across_years else "M j"
+    every = max(1, math.ceil(len(days) / (6 if across_years else 8)))
     base = top + plot_height
     bars = []
     for n, (day, totals) in enumerate(days):
@@ -342,12 +346,16 @@ def usage_chart(days: list, *, width: int = 960, height: int = 240) -> Chart:
                 },
                 x=f"{left + n * slot + gap / 2:.2f}",
                 width=f"{max(slot - gap, 0.5):.2f}",
-                center=f"{left + (n + 0.5) * slot:.2f}",
+                # The last day's label ends at the plot's edge rather than run past it.
+                center=f"{left + (n + 0.5) * slot if n < len(days) - 1 else width - right:.2f}",
+                anchor="middle" if n < len(days) - 1 else "end",
                 input_y=f"{base - input_height:.2f}",
                 input_height=f"{input_height:.2f}",
                 output_y=f"{base - input_height - output_height:.2f}",
                 output_height=f"{output_height:.2f}",
-                label=(formats.date_format(day, "M j") if (len(days) - 1 - n) % every == 0 else ""),
+                label=formats.date_format(day, label_format)
+                if (len(days) - 1 - n) % every == 0
+                else "",
             )
         )
     ticks = [
