@@ -21,9 +21,9 @@ URL = "/admin/conversations/usage/"
 NOVEMBER = {"start": "2026-11-01", "end": "2026-11-30"}
 
 
-def reply(owner, *, model, tokens_in, tokens_out, reasoning=0, cost=None, at):
-    """An assistant reply of `owner`'s, written at `at` (UTC)."""
-    conversation = conversation_create(owner=owner)
+def reply(owner, *, model, tokens_in, tokens_out, reasoning=0, cost=None, at, chat=None):
+    """An assistant reply of `owner`'s, written at `at` (UTC), in a new chat or in `chat`."""
+    conversation = chat or conversation_create(owner=owner)
     message = Message.objects.create(
         conversation=conversation,
         role="assistant",
@@ -256,3 +256,34 @@ def test_days_follow_daylight_saving_time(admin_client, settings):
         ["2026-10-25", "alice", "2", "11"],
         ["2026-10-26", "alice", "1", "100"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "end"),
+    [
+        ("America/New_York", "2026-03-06", "2026-03-10"),  # spring forward, 2026-03-08
+        ("America/New_York", "2026-10-30", "2026-11-03"),  # fall back, 2026-11-01
+        ("Australia/Lord_Howe", "2026-04-03", "2026-04-07"),  # half an hour back, 04-05
+        ("Asia/Kolkata", "2026-03-06", "2026-03-10"),  # +05:30 all year
+    ],
+)
+def test_each_reply_is_counted_on_its_day_in_the_sites_time_zone(settings, zone, start, end):
+    from datetime import date, timedelta
+    from zoneinfo import ZoneInfo
+
+    from conversations.usage import usage_per_day
+
+    settings.TIME_ZONE = zone
+    alice = get_user_model().objects.create_user("alice")
+    chat = conversation_create(owner=alice)
+    first, last = date.fromisoformat(start), date.fromisoformat(end)
+    expected = {first + timedelta(days=n): 0 for n in range((last - first).days + 1)}
+    at = datetime(first.year, first.month, first.day, tzinfo=UTC) - timedelta(days=1)
+    while at < datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=2):
+        reply(alice, model="qwen-plus", tokens_in=1, tokens_out=0, at=at, chat=chat)
+        day = at.astimezone(ZoneInfo(zone)).date()
+        if day in expected:
+            expected[day] += 1
+        at += timedelta(minutes=97)
+    counted = {day: totals.replies for day, totals in usage_per_day(first, last)}
+    assert counted == expected
