@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick]
 
-Runs on loopback only and starts and stops everything it uses; about 8 minutes (3 with
+Runs on loopback only and starts and stops everything it uses; about 11 minutes (3 with
 --quick). Tests never assert timings; CI does not run this.
 """
 
@@ -16,12 +16,14 @@ SCRIPTS = [
     ("P3, P4: one streamed reply's frames, bytes and database writes", ["reply_cost.py"]),
     ("P5: page render times", ["pages.py"]),
     ("Search over 10,000 chats / 100,000 messages, SQLite and PostgreSQL", ["search.py"]),
+    ("Admin pages over a year of 100 users' history (issue 14)", ["admin_pages.py"]),
     ("P6: memory and start time", ["memory.py"]),
     ("P1, P2: first-token latency and concurrent replies", ["load.py"]),
 ]
 QUICK = {
     "pages.py": ["--runs", "5"],
     "search.py": ["--runs", "5", "--conversations", "2000"],
+    "admin_pages.py": ["--runs", "5", "--chats", "20"],
     "memory.py": ["--sockets", "200", "--starts", "3"],
     "load.py": ["--quick"],
 }

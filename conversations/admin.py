@@ -10,8 +10,10 @@ nothing and must not be counted as a change. Each record also goes to the `qwenw
 logger, for log shipping.
 """
 
+import csv
 import json
 import logging
+from datetime import timedelta
 
 from django import forms
 from django.contrib import admin
@@ -21,10 +23,15 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
 
 from conversations.exports import conversation_data, decimal_text, thumbnail_src
@@ -37,8 +44,18 @@ from conversations.models import (
     Share,
     SystemPrompt,
     UserQuota,
+    Usage,
 )
 from conversations.templatetags.qwenweb import cost_text, web_url
+from conversations.usage import (
+    Totals,
+    replies_between,
+    site_today,
+    usage_by,
+    usage_chart,
+    usage_per_day,
+    usage_per_day_by,
+)
 
 audit_log = logging.getLogger("qwenweb.audit")
 
@@ -301,8 +318,38 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
                 audit_review(request, [conversation], "Viewed for review")
         return response
 
+    def get_search_results(self, request, queryset, search_term):
+        """Each word in a title, an owner's username or a message's text, as the admin's own
+        search would, but the owners and messages through subqueries (IN; PostgreSQL answers
+        the messages' from the trigram index): a join to the messages would make Django add
+        DISTINCT to each of the list's queries (seconds with a few hundred thousand
+        messages), and one to the owners led PostgreSQL to a nested loop over both tables."""
+        if not search_term:
+            return queryset, False
+        for word in smart_split(search_term):
+            if word[:1] in {'"', "'"} and word[-1:] == word[:1]:
+                word = unescape_string_literal(word)
+            in_messages = Message.objects.filter(content__icontains=word).values("conversation")
+            owners = get_user_model().objects.filter(username__icontains=word).values("pk")
+            queryset = queryset.filter(
+                Q(title__icontains=word) | Q(owner__in=owners) | Q(pk__in=in_messages)
+            )
+        return queryset, False
+
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(_message_count=Count("messages"))
+        # A subquery, not Count() over a join: the count runs for the page's rows only, and
+        # the list's other queries (its count, the date hierarchy's years) stay on the
+        # conversations table, where GROUP BY over every message made them take seconds.
+        messages = (
+            Message.objects.filter(conversation=OuterRef("pk"))
+            .order_by()
+            .values("conversation")
+            .annotate(count=Count("pk"))
+            .values("count")
+        )
+        return (
+            super().get_queryset(request).annotate(_message_count=Coalesce(Subquery(messages), 0))
+        )
 
     @admin.display(description=_("messages"), ordering="_message_count")
     def message_count(self, obj) -> int:
@@ -410,3 +457,164 @@ class QuotaUserAdmin(UserAdmin):
 @admin.register(Group)
 class PolicyGroupAdmin(GroupAdmin):
     inlines = [*GroupAdmin.inlines, GroupPolicyInline]
+class UsageFilterForm(forms.Form):
+    """The usage page's choices: a range of days (the last 30 by default), what to group the
+    replies by, and optionally one currency (only the replies priced in it)."""
+
+    # Longer ranges make a chart of bars thinner than a pixel.
+    MAX_DAYS = 2 * 366
+
+    start = forms.DateField(
+        label=_("From"),
+        required=False,
+        widget=forms.DateInput(format="%Y-%m-%d", attrs={"type": "date"}),
+    )
+    end = forms.DateField(
+        label=_("To"),
+        required=False,
+        widget=forms.DateInput(format="%Y-%m-%d", attrs={"type": "date"}),
+    )
+    group_by = forms.ChoiceField(
+        label=_("Group by"),
+        required=False,
+        choices=[("user", _("user")), ("group", _("group")), ("model", _("model"))],
+    )
+    currency = forms.ChoiceField(label=_("Currency"), required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        currencies = ModelProfile.objects.order_by("currency").values_list("currency", flat=True)
+        self.fields["currency"].choices = [("", _("all replies"))] + [
+            (currency, currency) for currency in currencies.distinct()
+        ]
+
+    def clean(self):
+        data = super().clean()
+        data["end"] = data.get("end") or site_today()
+        data["start"] = data.get("start") or data["end"] - timedelta(days=29)
+        data["group_by"] = data.get("group_by") or "user"
+        if data["start"] > data["end"]:
+            raise forms.ValidationError(_("The range starts after it ends."))
+        if (data["end"] - data["start"]).days >= self.MAX_DAYS:
+            raise forms.ValidationError(
+                _("Choose at most %(days)s days.") % {"days": self.MAX_DAYS}
+            )
+        return data
+
+
+def usage_key_text(group_by: str, key) -> str:
+    """A row's name: a username, group or model, or what stands for none."""
+    if key:
+        return str(key)
+    return str({"group": _("(in no group)"), "model": _("(unknown model)")}.get(group_by, "-"))
+
+
+@admin.register(Usage)
+class UsageAdmin(admin.ModelAdmin):
+    """The usage page (/admin/conversations/usage/): replies, tokens and cost by user, group or
+    model over a range of days, a chart of the days, and the same as CSV. Staff see it with
+    "Can view usage" (conversations.view_usage); superusers always do."""
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("conversations.view_usage")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path("", view(self.usage_view), name="conversations_usage_changelist"),
+            path("csv/", view(self.usage_csv), name="conversations_usage_csv"),
+        ]
+
+    def _filters(self, request) -> UsageFilterForm:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        data = request.GET.copy()
+        if not data.get("start") and not data.get("end"):
+            # The form shows the range it shows: the last 30 days.
+            end = site_today()
+            data["start"], data["end"] = str(end - timedelta(days=29)), str(end)
+        data.setdefault("group_by", "user")
+        return UsageFilterForm(data)
+
+    def usage_view(self, request):
+        form = self._filters(request)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Usage"),
+            "opts": self.opts,
+            "form": form,
+        }
+        if form.is_valid():
+            choice = form.cleaned_data
+            group_by, currency = choice["group_by"], choice["currency"]
+            start, end = choice["start"], choice["end"]
+            days = usage_per_day(start, end, currency=currency)
+            total = Totals()
+            for _day, totals in days:
+                total.merge(totals)
+            currencies = sorted(total.costs)
+            context.update(
+                group_by=group_by,
+                group_by_label=dict(form.fields["group_by"].choices)[group_by],
+                start=start,
+                end=end,
+                currencies=currencies,
+                rows=[
+                    (usage_key_text(group_by, key), totals.cells(currencies))
+                    for key, totals in usage_by(group_by, start, end, currency=currency)
+                ],
+                total=total,
+                total_cells=total.cells(currencies),
+                days=[(day, totals.cells(currencies)) for day, totals in days],
+                chart=usage_chart(days),
+                csv_url=reverse("admin:conversations_usage_csv") + "?" + request.GET.urlencode(),
+            )
+        return TemplateResponse(request, "admin/conversations/usage/usage.html", context)
+
+    def usage_csv(self, request):
+        """The page's aggregation per day and user, group or model, one cost column per
+        currency."""
+        form = self._filters(request)
+        if not form.is_valid():
+            return HttpResponse(form.errors.as_text(), status=400, content_type="text/plain")
+        choice = form.cleaned_data
+        group_by, currency = choice["group_by"], choice["currency"]
+        start, end = choice["start"], choice["end"]
+        currencies = [currency] if currency else self._currencies(start, end)
+        filename = f"qwenweb-usage-by-{group_by}-{start:%Y-%m-%d}-to-{end:%Y-%m-%d}.csv"
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        writer = csv.writer(response)
+        writer.writerow(
+            ["date", group_by, "replies", "input_tokens", "output_tokens", "reasoning_tokens"]
+            + [f"cost_{code}" for code in currencies]
+        )
+        for day, key, totals in usage_per_day_by(group_by, start, end, currency=currency):
+            writer.writerow(
+                [
+                    day.isoformat(), key if key is not None else "", totals.replies,
+                    totals.input_tokens, totals.output_tokens, totals.reasoning_tokens,
+                ]
+                + [decimal_text(totals.costs[code]) if code in totals.costs else ""
+                   for code in currencies]
+            )  # fmt: skip
+        return response
+
+    @staticmethod
+    def _currencies(start, end) -> list[str]:
+        return sorted(
+            replies_between(start, end)
+            .exclude(cost_currency="")
+            .order_by()
+            .values_list("cost_currency", flat=True)
+            .distinct()
+        )

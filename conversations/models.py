@@ -438,8 +438,11 @@ class Message(models.Model):
         ]
         # A user's replies since the start of the day or month, chat by chat (the quotas,
         # conversations/replies/quotas.py): a range of this index per chat active since.
+        # The usage page and the settings page's totals read the replies of a range of days
+        # (conversations/usage.py): a year of a team's history without reading every message.
         indexes = [
-            models.Index(fields=["conversation", "created_at"], name="message_conv_created_idx")
+            models.Index(fields=["conversation", "created_at"], name="message_conv_created_idx"),
+            models.Index(fields=["role", "created_at"], name="message_role_created_idx"),
         ]
 
     # Where the message stands among its versions (branches.Versions), when the code that
@@ -575,6 +578,18 @@ class Message(models.Model):
             self.finish_reason == "length"
             or (self.status == self.Status.COMPLETE and self.finish_reason == "")
         )
+
+
+class Usage(Message):
+    """The replies seen as usage: the admin's usage page (conversations/admin.py) hangs on
+    this proxy, so it has a place in the admin index and a permission of its own, "Can view
+    usage" (conversations.view_usage), given to staff who may see what the team spent."""
+
+    class Meta:
+        proxy = True
+        default_permissions = ["view"]
+        verbose_name = _("usage")
+        verbose_name_plural = _("usage")
 
 
 def _upload_path(upload: "Upload", filename: str) -> str:

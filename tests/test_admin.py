@@ -140,3 +140,28 @@ def test_reviewers_see_each_replys_tokens_and_cost(admin_client, conversation):
     assert "1200 tokens in · 300 out (120 thinking) · ¥0.0016" in page
     listing = admin_client.get("/admin/conversations/message/").content.decode()
     assert "¥0.0016" in listing
+
+
+def test_conversation_list_search_finds_titles_owners_and_message_text(admin_client, conversation):
+    conversation.title = "Pets"
+    conversation.save()
+    other = conversation_create(owner=get_user_model().objects.create_user("bob"))
+    Message.objects.create(conversation=other, role="user", content="A dog?")
+    url = "/admin/conversations/conversation/"
+
+    def found(query):
+        html = admin_client.get(url, {"q": query}).content.decode()
+        return [f"/{pk}/change/" in html for pk in (conversation.pk, other.pk)]
+
+    assert found("pets") == [True, False]  # the title
+    assert found("bob") == [False, True]  # the owner
+    assert found("a cat") == [True, False]  # a message's text, each word
+    assert found('"a dog?"') == [False, True]  # a quoted phrase
+    assert found("zyzzyva") == [False, False]
+
+
+def test_conversation_list_counts_each_chats_messages(admin_client, conversation):
+    html = admin_client.get("/admin/conversations/conversation/").content.decode()
+    assert '<td class="field-message_count">2</td>' in html
+    ordered = admin_client.get("/admin/conversations/conversation/", {"o": "-4"})
+    assert ordered.status_code == 200
