@@ -43,8 +43,8 @@ from conversations.models import (
     ModelProfile,
     Share,
     SystemPrompt,
-    UserQuota,
     Usage,
+    UserQuota,
 )
 from conversations.templatetags.qwenweb import cost_text, web_url
 from conversations.usage import (
@@ -457,6 +457,8 @@ class QuotaUserAdmin(UserAdmin):
 @admin.register(Group)
 class PolicyGroupAdmin(GroupAdmin):
     inlines = [*GroupAdmin.inlines, GroupPolicyInline]
+
+
 class UsageFilterForm(forms.Form):
     """The usage page's choices: a range of days (the last 30 by default), what to group the
     replies by, and optionally one currency (only the replies priced in it)."""
