@@ -11,20 +11,32 @@ logger, for log shipping.
 """
 
 import json
-import logging
 
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import SEARCH_VAR
+from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import Count
-from django.http import HttpResponse
+from django.db.models import Count, Exists, OuterRef, Q, Subquery
+from django.http import Http404, HttpResponse
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from conversations.exports import conversation_data, decimal_text, thumbnail_src
+from conversations.audit import audit_record
+from conversations.exports import (
+    active_messages,
+    conversation_data,
+    decimal_text,
+    thumbnail_src,
+)
 from conversations.models import (
+    AuditEntry,
     Conversation,
     Message,
     MessageImage,
@@ -32,19 +44,22 @@ from conversations.models import (
     Share,
     SystemPrompt,
 )
+from conversations.replies import branches
 from conversations.templatetags.qwenweb import cost_text, web_url
-
-audit_log = logging.getLogger("qwenweb.audit")
 
 # LogEntry.action_flag for "read for review": after Django's ADDITION (1), CHANGE (2) and
 # DELETION (3), none of which is true of a review.
 REVIEWED = 4
 
 
-def audit_review(request, conversations, action: str) -> None:
+def audit_review(
+    request, conversations, action: str, *, kind: str = AuditEntry.Action.VIEW, format: str = ""
+) -> None:
     """Record that request.user read these conversations (`action`, e.g. "Viewed for review")
-    in the admin; nothing is recorded for a user's own conversations."""
+    in the admin: on each conversation's History page (a LogEntry) and in the audit log (one
+    AuditEntry, `kind` view or export). Nothing is recorded for a user's own conversations."""
     reviewer = request.user
+    conversations = list(conversations)
     others = [c for c in conversations if c.owner_id != reviewer.pk]
     if not others:
         return
@@ -60,11 +75,8 @@ def audit_review(request, conversations, action: str) -> None:
         )
         for conversation in others
     )
-    for conversation in others:
-        audit_log.info(
-            "%s: %s, conversation %s of user %s",
-            reviewer.get_username(), action, conversation.pk, conversation.owner_id,
-        )  # fmt: skip
+    # The audit entry names every conversation read, the reviewer's own among them.
+    audit_record(request, action=kind, conversations=conversations, detail=action, format=format)
 
 
 class ReviewPermissionMixin:
@@ -202,6 +214,13 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     def cost_shown(self, obj) -> str:
         return cost_text(obj) or "-"
 
+    list_select_related = ["conversation__owner"]
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        _audit_search(request, response, lambda found: [m.conversation for m in found])
+        return response
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         response = super().change_view(request, object_id, form_url, extra_context)
         if request.method in ("GET", "HEAD") and response.status_code == 200:
@@ -266,28 +285,201 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
         )  # fmt: skip
 
 
+class _ExistsFilter(admin.SimpleListFilter):
+    """Yes / No: whether the conversation has a message matching `condition`."""
+
+    condition: Q
+
+    def lookups(self, request, model_admin):
+        return [("yes", _("Yes")), ("no", _("No"))]
+
+    def queryset(self, request, queryset):
+        if self.value() not in ("yes", "no"):
+            return queryset
+        holding = Exists(Message.objects.filter(self.condition, conversation=OuterRef("pk")))
+        return queryset.filter(holding if self.value() == "yes" else ~holding)
+
+
+class HasImagesFilter(_ExistsFilter):
+    title = _("has images")
+    parameter_name = "has_images"
+    condition = Q(images__isnull=False)
+
+
+class HasErrorsFilter(_ExistsFilter):
+    title = _("has errors")
+    parameter_name = "has_errors"
+    condition = Q(status=Message.Status.ERROR)
+
+
+class RatedDownFilter(_ExistsFilter):
+    title = _("rated down")
+    parameter_name = "rated_down"
+    condition = Q(rating=-1)
+
+
+class LastReplyStatusFilter(admin.SimpleListFilter):
+    """The status of the conversation's newest reply (complete, error, stopped, …): what the
+    owner last saw. "Has errors" asks about any reply."""
+
+    title = _("status of the last reply")
+    parameter_name = "last_status"
+
+    def lookups(self, request, model_admin):
+        return Message.Status.choices
+
+    def queryset(self, request, queryset):
+        if self.value() not in Message.Status.values:
+            return queryset
+        last = Message.objects.filter(
+            conversation=OuterRef("pk"), role=Message.Role.ASSISTANT
+        ).order_by("-pk")
+        return queryset.annotate(_last_status=Subquery(last.values("status")[:1])).filter(
+            _last_status=self.value()
+        )
+
+
+class OwnerGroupFilter(admin.SimpleListFilter):
+    title = _("owner's group")
+    parameter_name = "group"
+
+    def lookups(self, request, model_admin):
+        return [(str(group.pk), group.name) for group in Group.objects.order_by("name")]
+
+    def queryset(self, request, queryset):
+        if not (self.value() or "").isdigit():
+            return queryset
+        return queryset.filter(owner__groups=int(self.value()))
+
+
+# A reviewed conversation is shown whole, up to this many messages of its active branch.
+TRANSCRIPT_MESSAGES = 2000
+
+
 @admin.register(Conversation)
 class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
+    """Every conversation, for reviewers read-only: filters, search over titles and message
+    text, the transcript as the chat shows it, exports. Every read of someone else's
+    conversation and every search is in the audit log."""
+
     list_display = ["display_title", "owner", "model", "message_count", "updated_at"]
-    list_filter = ["model", "created_at"]
-    search_fields = ["title", "owner__username", "messages__content"]
+    list_filter = [
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        OwnerGroupFilter,
+        "model",
+        LastReplyStatusFilter,
+        HasImagesFilter,
+        HasErrorsFilter,
+        RatedDownFilter,
+        "created_at",
+        "updated_at",
+    ]
+    list_select_related = ["owner", "model"]
+    search_fields = ["title", "owner__username"]
+    search_help_text = _("Searches titles, usernames and the text of every message.")
     date_hierarchy = "created_at"
     readonly_fields = ["id", "created_at", "updated_at", "system_prompt_text", "settings"]
     inlines = [MessageInline]
-    actions = ["export_json"]
+    actions = ["export_json", "export_markdown"]
+
+    def get_search_results(self, request, queryset, search_term):
+        """The whole phrase (not word by word: Chinese has no spaces) in the title, the
+        owner's username or any message, as the chat's own search does (an EXISTS per
+        conversation, no duplicates; on PostgreSQL the trigram indexes of migration 0010)."""
+        term = " ".join(search_term.split())
+        if not term:
+            return queryset, False
+        holding = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=term)
+        found = queryset.filter(
+            Q(title__icontains=term) | Q(owner__username__icontains=term) | Exists(holding)
+        )
+        return found, False
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        _audit_search(request, response, lambda found: found)
+        return response
 
     @admin.action(description=_("Export selected conversations as JSON"))
     def export_json(self, request, queryset):
         conversations = list(queryset.select_related("owner", "model", "system_prompt"))
-        data = [conversation_data(conversation) for conversation in conversations]
-        audit_review(request, conversations, "Exported as JSON for review")
-        response = HttpResponse(
-            json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
+        audit_review(
+            request, conversations, "Exported as JSON for review",
+            kind=AuditEntry.Action.EXPORT, format="json",
+        )  # fmt: skip
+        return _json_download(conversations, "conversations.json")
+
+    @admin.action(description=_("Export selected conversations as Markdown"))
+    def export_markdown(self, request, queryset):
+        conversations = list(queryset.select_related("owner", "model", "system_prompt"))
+        audit_review(
+            request, conversations, "Exported as Markdown for review",
+            kind=AuditEntry.Action.EXPORT, format="markdown",
+        )  # fmt: skip
+        return _markdown_download(conversations, "conversations.md")
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/transcript/", view(self.transcript_view),
+                 name="conversations_conversation_transcript"),
+            path("<path:object_id>/export.json", view(self.export_one_view),
+                 {"format": "json"}, name="conversations_conversation_export_json"),
+            path("<path:object_id>/export.md", view(self.export_one_view),
+                 {"format": "markdown"}, name="conversations_conversation_export_md"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def _readable(self, request, object_id) -> Conversation:
+        conversation = self.get_object(request, unquote(object_id))
+        if conversation is None:
+            raise Http404
+        if not self.has_view_permission(request, conversation):
+            raise PermissionDenied
+        return conversation
+
+    def transcript_view(self, request, object_id):
+        """The conversation as its owner sees it in the chat (the chat's own message partial:
+        sanitized Markdown, folded thinking, tool steps, images through the image proxy,
+        tokens and cost), read-only."""
+        conversation = self._readable(request, object_id)
+        page = branches.page(conversation, size=TRANSCRIPT_MESSAGES)
+        audit_review(request, [conversation], "Viewed the transcript for review")
+        return TemplateResponse(
+            request,
+            "admin/conversations/conversation/transcript.html",
+            {
+                "conversation": conversation,
+                "read_only": True,
+                "change_url": reverse(
+                    "admin:conversations_conversation_change", args=[conversation.pk]
+                ),
+                **page,
+            },
         )
-        response["Content-Disposition"] = 'attachment; filename="conversations.json"'
-        return response
+
+    def export_one_view(self, request, object_id, format: str):
+        conversation = self._readable(request, object_id)
+        name = f"conversation-{conversation.pk}"
+        if format == "json":
+            audit_review(
+                request, [conversation], "Exported as JSON for review",
+                kind=AuditEntry.Action.EXPORT, format="json",
+            )  # fmt: skip
+            return _json_download([conversation], f"{name}.json", single=True)
+        audit_review(
+            request, [conversation], "Exported as Markdown for review",
+            kind=AuditEntry.Action.EXPORT, format="markdown",
+        )  # fmt: skip
+        return _markdown_download([conversation], f"{name}.md")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "transcript_url": reverse(
+                "admin:conversations_conversation_transcript", args=[object_id]
+            ),
+        }
         response = super().change_view(request, object_id, form_url, extra_context)
         if request.method in ("GET", "HEAD") and response.status_code == 200:
             conversation = self.get_object(request, unquote(object_id))
@@ -301,6 +493,108 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     @admin.display(description=_("messages"), ordering="_message_count")
     def message_count(self, obj) -> int:
         return obj._message_count
+
+
+def _audit_search(request, response, conversations_of) -> None:
+    """A changelist answered with a search term: record the search and the conversations
+    whose rows the page showed (`conversations_of` maps the page's objects to them)."""
+    term = request.GET.get(SEARCH_VAR, "").strip()
+    changelist = getattr(response, "context_data", {}).get("cl")
+    if not term or response.status_code != 200 or changelist is None:
+        return
+    shown = {}
+    for conversation in conversations_of(list(changelist.result_list)):
+        shown.setdefault(conversation.pk, conversation)
+    audit_record(
+        request,
+        action=AuditEntry.Action.SEARCH,
+        conversations=shown.values(),
+        detail=f"Searched {changelist.opts.verbose_name_plural}",
+        query=term,
+    )
+
+
+def _json_download(conversations, filename: str, *, single: bool = False) -> HttpResponse:
+    """One conversation as an object (as the chat's own export), several as a list."""
+    data = [conversation_data(conversation) for conversation in conversations]
+    response = HttpResponse(
+        json.dumps(data[0] if single else data, ensure_ascii=False, indent=2),
+        content_type="application/json",
+    )
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _markdown_download(conversations, filename: str) -> HttpResponse:
+    """The conversations in the chat's Markdown export, each naming its owner, one after the
+    other, separated by a rule."""
+    text = "\n\n---\n\n".join(
+        render_to_string(
+            "conversations/export.md",
+            {
+                "conversation": conversation,
+                "chat_messages": active_messages(conversation),
+                "show_owner": True,
+            },
+        )
+        for conversation in conversations
+    )
+    response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """The audit log: who read which conversations in review, how, when and from where.
+
+    Read by superusers and by whoever a superuser grants "Can view audit entry" (reviewers do
+    not see it by default: the log is about them). Nobody adds, changes or deletes an entry
+    here, superusers included; the model has no such permissions to grant."""
+
+    list_display = [
+        "created_at", "actor_name", "action", "detail", "conversation_count", "owner_names",
+        "query", "format", "ip_address",
+    ]  # fmt: skip
+    list_filter = ["action", ("actor", admin.RelatedOnlyFieldListFilter), "created_at"]
+    search_fields = ["actor_name", "query", "detail", "conversation_ids", "owners"]
+    date_hierarchy = "created_at"
+    fields = [
+        "created_at", "actor", "actor_name", "action", "detail", "conversation_links", "owners",
+        "query", "format", "ip_address", "user_agent",
+    ]  # fmt: skip
+    readonly_fields = fields
+    actions = None
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description=_("conversations"))
+    def conversation_count(self, obj) -> int:
+        return len(obj.conversation_ids)
+
+    @admin.display(description=_("owners"))
+    def owner_names(self, obj) -> str:
+        return ", ".join(obj.owners[:5]) + (" …" if len(obj.owners) > 5 else "")
+
+    @admin.display(description=_("conversations"))
+    def conversation_links(self, obj) -> str:
+        if not obj.conversation_ids:
+            return "-"
+        return format_html_join(
+            "",
+            '<div><a href="{}">{}</a></div>',
+            (
+                (reverse("admin:conversations_conversation_change", args=[pk]), pk)
+                for pk in obj.conversation_ids
+            ),
+        )
 
 
 @admin.register(Share)
