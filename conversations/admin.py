@@ -12,10 +12,13 @@ logger, for log shipping.
 
 import json
 
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import SEARCH_VAR
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
@@ -28,6 +31,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from conversations.accounts import invitation_create
 from conversations.audit import audit_record
 from conversations.exports import (
     active_messages,
@@ -38,6 +42,7 @@ from conversations.exports import (
 from conversations.models import (
     AuditEntry,
     Conversation,
+    Invitation,
     Message,
     MessageImage,
     ModelProfile,
@@ -621,3 +626,95 @@ class ShareAdmin(admin.ModelAdmin):
 
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, _("%(count)s links revoked.") % {"count": count})
+
+
+# -- users: invitations, and the invitations made ------------------------------------------------
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class InvitingUserAdmin(UserAdmin):
+    """Django's user admin, plus invitations: "Invite" on a user's page (or the action for
+    several) makes a one-time link at which the person sets their own password. A user added
+    with password-based authentication disabled is invited at once."""
+
+    actions = ["invite"]
+    change_form_template = "admin/auth/user/change_form_with_invite.html"
+
+    def get_urls(self):
+        return [
+            path("<path:object_id>/invite/", self.admin_site.admin_view(self.invite_view),
+                 name="auth_user_invite"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def invite_view(self, request, object_id):
+        user = self.get_object(request, unquote(object_id))
+        if user is None:
+            raise Http404
+        if not self.has_change_permission(request, user):
+            raise PermissionDenied
+        if request.method != "POST":
+            return TemplateResponse(
+                request,
+                "admin/auth/user/invite_confirm.html",
+                {**self.admin_site.each_context(request), "opts": self.opts, "invited": user,
+                 "title": _("Invite %(username)s") % {"username": user.get_username()}},
+            )  # fmt: skip
+        return self._show_links(request, [user])
+
+    @admin.action(
+        description=_("Invite the selected users (one-time links)"), permissions=["change"]
+    )
+    def invite(self, request, queryset):
+        return self._show_links(request, list(queryset.filter(is_active=True)))
+
+    def response_add(self, request, obj, post_url_continue=None):
+        if not obj.has_usable_password() and "_addanother" not in request.POST:
+            return self._show_links(request, [obj])
+        return super().response_add(request, obj, post_url_continue)
+
+    def _show_links(self, request, users):
+        """Make a link for each user and show them, this once (only their hashes are kept)."""
+        links = [
+            {
+                "user": user,
+                "url": request.build_absolute_uri(
+                    reverse(
+                        "invitation", args=[invitation_create(user=user, created_by=request.user)]
+                    )
+                ),
+            }
+            for user in users
+        ]
+        return TemplateResponse(
+            request,
+            "admin/auth/user/invitation_links.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": _("Invitation links"),
+                "links": links,
+                "days": settings.QWENWEB_INVITE_DAYS,
+            },
+        )
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """The invitations made: for whom, by whom, until when, and whether they were used. Made
+    from the Users page only; the link itself is never shown again."""
+
+    list_display = ["user", "created_by", "created_at", "expires_at", "used_at"]
+    list_filter = [("used_at", admin.EmptyFieldListFilter), "created_at"]
+    search_fields = ["user__username", "created_by__username"]
+    fields = ["user", "created_by", "created_at", "expires_at", "used_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
