@@ -13,7 +13,7 @@ logger, for log shipping.
 import json
 
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.views.main import SEARCH_VAR
@@ -24,15 +24,20 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.db.models import Count, Exists, OuterRef, Q, Subquery
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, HttpResponseNotAllowed
+from django.shortcuts import redirect
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from conversations.accounts import invitation_create
 from conversations.audit import audit_record
+from conversations.catalog import catalog_sync
+from conversations.dashscope import DashScopeError
+from conversations.errors import describe_error
 from conversations.exports import (
     active_messages,
     conversation_data,
@@ -141,6 +146,50 @@ class ModelProfileAdmin(admin.ModelAdmin):
         ),
     ]  # fmt: skip
     search_fields = ["name", "label"]
+    change_list_template = "admin/conversations/modelprofile/change_list.html"
+
+    def get_urls(self):
+        return [
+            path("sync/", self.admin_site.admin_view(self.sync_view),
+                 name="conversations_modelprofile_sync"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def sync_view(self, request):
+        """ "Sync from DashScope": add the account's models the catalog lacks, disabled."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        try:
+            added = catalog_sync()
+        except DashScopeError as error:
+            _code, sentence = describe_error(error)
+            self.message_user(
+                request,
+                _("Could not read the model list from DashScope: %(reason)s")
+                % {"reason": sentence},
+                messages.ERROR,
+            )
+        else:
+            if added:
+                self.message_user(
+                    request,
+                    ngettext(
+                        "Added %(count)s model: %(names)s. It is disabled: describe it, price "
+                        "it and enable it.",
+                        "Added %(count)s models: %(names)s. They are disabled: describe them, "
+                        "price them and enable them.",
+                        len(added),
+                    )
+                    % {"count": len(added), "names": ", ".join(m.name for m in added)},
+                    messages.SUCCESS,
+                )
+            else:
+                self.message_user(
+                    request, _("The catalog already has every model DashScope lists.")
+                )
+        return redirect("admin:conversations_modelprofile_changelist")
 
     @admin.display(description=_("prices per million tokens"))
     def prices(self, obj) -> str:

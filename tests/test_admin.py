@@ -313,3 +313,51 @@ def test_permission_matrix(client, conversation, kind):
         )
         exported = response.status_code == 200 and b"A cat." in response.content
         assert exported == (kind in ("reviewer", "superuser")), (kind, action)
+
+
+# -- catalog upkeep: "Sync from DashScope" -------------------------------------------------------
+
+
+def test_sync_adds_the_missing_models_disabled(admin_client, app_simulator):
+    known = list(ModelProfile.objects.values_list("name", flat=True))
+    app_simulator.listed_models = [*known, "qwen3-coder-plus", "qwen3-vl-32b-instruct"]
+    catalog = admin_client.get("/admin/conversations/modelprofile/").content.decode()
+    assert "Sync from DashScope" in catalog
+    response = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    page = response.content.decode()
+    assert "Added 2 models: qwen3-coder-plus, qwen3-vl-32b-instruct" in page
+    new = ["qwen3-coder-plus", "qwen3-vl-32b-instruct"]
+    added = {m.name: m for m in ModelProfile.objects.filter(name__in=new)}
+    assert len(added) == 2 and not any(m.enabled for m in added.values())
+    assert added["qwen3-vl-32b-instruct"].endpoint == "multimodal"
+    assert added["qwen3-coder-plus"].endpoint == "text"
+    assert ModelProfile.objects.count() == len(known) + 2
+    # The request went through the project's client to the models endpoint.
+    assert any(r.path == "/api/v1/models" for r in app_simulator.requests)
+    # Synced again: nothing more, and the admin's edits are kept.
+    ModelProfile.objects.filter(name="qwen3-coder-plus").update(label="Qwen3 Coder", enabled=True)
+    again = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    assert "already has every model" in again.content.decode()
+    assert ModelProfile.objects.get(name="qwen3-coder-plus").label == "Qwen3 Coder"
+
+
+def test_sync_says_why_when_dashscope_refuses(admin_client, app_simulator, settings):
+    from conversations.upstream import reset_clients
+
+    settings.DASHSCOPE_API_KEY = "sk-wrong-key"
+    reset_clients()
+    count = ModelProfile.objects.count()
+    page = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    text = page.content.decode()
+    assert page.status_code == 200 and "Could not read the model list from DashScope" in text
+    assert "sk-wrong-key" not in text and ModelProfile.objects.count() == count
+
+
+def test_only_those_who_may_add_models_sync(client, app_simulator):
+    rita = get_user_model().objects.create_user("rita", password="pw", is_staff=True)
+    rita.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    client.force_login(rita)
+    app_simulator.listed_models = ["brand-new-model"]
+    assert client.post("/admin/conversations/modelprofile/sync/").status_code == 403
+    assert not ModelProfile.objects.filter(name="brand-new-model").exists()
+    assert app_simulator.requests == []
