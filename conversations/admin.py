@@ -607,8 +607,7 @@ class AuditEntryAdmin(admin.ModelAdmin):
     here, superusers included; the model has no such permissions to grant."""
 
     list_display = [
-        "created_at", "actor_name", "action", "detail", "conversation_count", "owner_names",
-        "query", "format", "ip_address",
+        "created_at", "actor_name", "action", "owner_names", "query", "ip_address", "detail",
     ]  # fmt: skip
     list_filter = ["action", ("actor", admin.RelatedOnlyFieldListFilter), "created_at"]
     search_fields = ["actor_name", "query", "detail", "conversation_ids", "owners"]
@@ -629,13 +628,13 @@ class AuditEntryAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
-    @admin.display(description=_("conversations"))
-    def conversation_count(self, obj) -> int:
-        return len(obj.conversation_ids)
-
-    @admin.display(description=_("owners"))
+    @admin.display(description=_("whose"))
     def owner_names(self, obj) -> str:
-        return ", ".join(obj.owners[:5]) + (" …" if len(obj.owners) > 5 else "")
+        """The owners of the conversations read (a few, and how many in all)."""
+        shown = ", ".join(obj.owners[:3])
+        if len(obj.conversation_ids) > 1:
+            shown += " " + _("(%(count)s conversations)") % {"count": len(obj.conversation_ids)}
+        return shown or "-"
 
     @admin.display(description=_("conversations"))
     def conversation_links(self, obj) -> str:

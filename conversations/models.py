@@ -723,7 +723,7 @@ class AuditEntry(models.Model):
         related_name="+",
         verbose_name=_("who"),
     )
-    actor_name = models.CharField(_("username"), max_length=150)
+    actor_name = models.CharField(_("reviewer"), max_length=150)
     action = models.CharField(_("action"), max_length=10, choices=Action)
     # Ids (not foreign keys): the record outlives a deleted conversation.
     conversation_ids = models.JSONField(_("conversations"), default=list, blank=True)
