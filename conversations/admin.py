@@ -12,32 +12,47 @@ logger, for log shipping.
 
 import csv
 import json
-import logging
 from datetime import timedelta
 
 from django import forms
-from django.contrib import admin
+from django.conf import settings
+from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
 from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import SEARCH_VAR
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models import Count, Exists, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse, HttpResponseNotAllowed
+from django.shortcuts import redirect
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
-from conversations.exports import conversation_data, decimal_text, thumbnail_src
+from conversations.accounts import invitation_create
+from conversations.audit import audit_record
+from conversations.catalog import catalog_sync
+from conversations.dashscope import DashScopeError
+from conversations.errors import describe_error
+from conversations.exports import (
+    active_messages,
+    conversation_data,
+    decimal_text,
+    thumbnail_src,
+)
 from conversations.models import (
+    AuditEntry,
     Conversation,
     GroupPolicy,
+    Invitation,
     Message,
     MessageImage,
     ModelProfile,
@@ -46,6 +61,7 @@ from conversations.models import (
     Usage,
     UserQuota,
 )
+from conversations.replies import branches
 from conversations.templatetags.qwenweb import cost_text, web_url
 from conversations.usage import (
     Totals,
@@ -57,17 +73,19 @@ from conversations.usage import (
     usage_per_day_by,
 )
 
-audit_log = logging.getLogger("qwenweb.audit")
-
 # LogEntry.action_flag for "read for review": after Django's ADDITION (1), CHANGE (2) and
 # DELETION (3), none of which is true of a review.
 REVIEWED = 4
 
 
-def audit_review(request, conversations, action: str) -> None:
+def audit_review(
+    request, conversations, action: str, *, kind: str = AuditEntry.Action.VIEW, format: str = ""
+) -> None:
     """Record that request.user read these conversations (`action`, e.g. "Viewed for review")
-    in the admin; nothing is recorded for a user's own conversations."""
+    in the admin: on each conversation's History page (a LogEntry) and in the audit log (one
+    AuditEntry, `kind` view or export). Nothing is recorded for a user's own conversations."""
     reviewer = request.user
+    conversations = list(conversations)
     others = [c for c in conversations if c.owner_id != reviewer.pk]
     if not others:
         return
@@ -83,11 +101,8 @@ def audit_review(request, conversations, action: str) -> None:
         )
         for conversation in others
     )
-    for conversation in others:
-        audit_log.info(
-            "%s: %s, conversation %s of user %s",
-            reviewer.get_username(), action, conversation.pk, conversation.owner_id,
-        )  # fmt: skip
+    # The audit entry names every conversation read, the reviewer's own among them.
+    audit_record(request, action=kind, conversations=conversations, detail=action, format=format)
 
 
 class ReviewPermissionMixin:
@@ -147,6 +162,50 @@ class ModelProfileAdmin(admin.ModelAdmin):
         ),
     ]  # fmt: skip
     search_fields = ["name", "label"]
+    change_list_template = "admin/conversations/modelprofile/change_list.html"
+
+    def get_urls(self):
+        return [
+            path("sync/", self.admin_site.admin_view(self.sync_view),
+                 name="conversations_modelprofile_sync"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def sync_view(self, request):
+        """ "Sync from DashScope": add the account's models the catalog lacks, disabled."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        try:
+            added = catalog_sync()
+        except DashScopeError as error:
+            _code, sentence = describe_error(error)
+            self.message_user(
+                request,
+                _("Could not read the model list from DashScope: %(reason)s")
+                % {"reason": sentence},
+                messages.ERROR,
+            )
+        else:
+            if added:
+                self.message_user(
+                    request,
+                    ngettext(
+                        "Added %(count)s model: %(names)s. It is disabled: describe it, price "
+                        "it and enable it.",
+                        "Added %(count)s models: %(names)s. They are disabled: describe them, "
+                        "price them and enable them.",
+                        len(added),
+                    )
+                    % {"count": len(added), "names": ", ".join(m.name for m in added)},
+                    messages.SUCCESS,
+                )
+            else:
+                self.message_user(
+                    request, _("The catalog already has every model DashScope lists.")
+                )
+        return redirect("admin:conversations_modelprofile_changelist")
 
     @admin.display(description=_("prices per million tokens"))
     def prices(self, obj) -> str:
@@ -225,6 +284,13 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     def cost_shown(self, obj) -> str:
         return cost_text(obj) or "-"
 
+    list_select_related = ["conversation__owner"]
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        _audit_search(request, response, lambda found: [m.conversation for m in found])
+        return response
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         response = super().change_view(request, object_id, form_url, extra_context)
         if request.method in ("GET", "HEAD") and response.status_code == 200:
@@ -289,28 +355,188 @@ class MessageInline(ReviewPermissionMixin, admin.StackedInline):
         )  # fmt: skip
 
 
+class _ExistsFilter(admin.SimpleListFilter):
+    """Yes / No: whether the conversation has a message matching `condition`."""
+
+    condition: Q
+
+    def lookups(self, request, model_admin):
+        return [("yes", _("Yes")), ("no", _("No"))]
+
+    def queryset(self, request, queryset):
+        if self.value() not in ("yes", "no"):
+            return queryset
+        holding = Exists(Message.objects.filter(self.condition, conversation=OuterRef("pk")))
+        return queryset.filter(holding if self.value() == "yes" else ~holding)
+
+
+class HasImagesFilter(_ExistsFilter):
+    title = _("has images")
+    parameter_name = "has_images"
+    condition = Q(images__isnull=False)
+
+
+class HasErrorsFilter(_ExistsFilter):
+    title = _("has errors")
+    parameter_name = "has_errors"
+    condition = Q(status=Message.Status.ERROR)
+
+
+class RatedDownFilter(_ExistsFilter):
+    title = _("rated down")
+    parameter_name = "rated_down"
+    condition = Q(rating=-1)
+
+
+class LastReplyStatusFilter(admin.SimpleListFilter):
+    """The status of the conversation's newest reply (complete, error, stopped, …): what the
+    owner last saw. "Has errors" asks about any reply."""
+
+    title = _("status of the last reply")
+    parameter_name = "last_status"
+
+    def lookups(self, request, model_admin):
+        return Message.Status.choices
+
+    def queryset(self, request, queryset):
+        if self.value() not in Message.Status.values:
+            return queryset
+        last = Message.objects.filter(
+            conversation=OuterRef("pk"), role=Message.Role.ASSISTANT
+        ).order_by("-pk")
+        return queryset.annotate(_last_status=Subquery(last.values("status")[:1])).filter(
+            _last_status=self.value()
+        )
+
+
+class OwnerGroupFilter(admin.SimpleListFilter):
+    title = _("owner's group")
+    parameter_name = "group"
+
+    def lookups(self, request, model_admin):
+        return [(str(group.pk), group.name) for group in Group.objects.order_by("name")]
+
+    def queryset(self, request, queryset):
+        if not (self.value() or "").isdigit():
+            return queryset
+        return queryset.filter(owner__groups=int(self.value()))
+
+
+# A reviewed conversation is shown whole, up to this many messages of its active branch.
+TRANSCRIPT_MESSAGES = 2000
+
+
 @admin.register(Conversation)
 class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
+    """Every conversation, for reviewers read-only: filters, search over titles and message
+    text, the transcript as the chat shows it, exports. Every read of someone else's
+    conversation and every search is in the audit log."""
+
     list_display = ["display_title", "owner", "model", "message_count", "updated_at"]
-    list_filter = ["model", "created_at"]
-    search_fields = ["title", "owner__username", "messages__content"]
+    list_filter = [
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        OwnerGroupFilter,
+        "model",
+        LastReplyStatusFilter,
+        HasImagesFilter,
+        HasErrorsFilter,
+        RatedDownFilter,
+        "created_at",
+        "updated_at",
+    ]
+    list_select_related = ["owner", "model"]
+    search_fields = ["title", "owner__username"]
+    search_help_text = _("Searches titles, usernames and the text of every message.")
     date_hierarchy = "created_at"
     readonly_fields = ["id", "created_at", "updated_at", "system_prompt_text", "settings"]
     inlines = [MessageInline]
-    actions = ["export_json"]
+    actions = ["export_json", "export_markdown"]
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        _audit_search(request, response, lambda found: found)
+        return response
 
     @admin.action(description=_("Export selected conversations as JSON"))
     def export_json(self, request, queryset):
         conversations = list(queryset.select_related("owner", "model", "system_prompt"))
-        data = [conversation_data(conversation) for conversation in conversations]
-        audit_review(request, conversations, "Exported as JSON for review")
-        response = HttpResponse(
-            json.dumps(data, ensure_ascii=False, indent=2), content_type="application/json"
+        audit_review(
+            request, conversations, "Exported as JSON for review",
+            kind=AuditEntry.Action.EXPORT, format="json",
+        )  # fmt: skip
+        return _json_download(conversations, "conversations.json")
+
+    @admin.action(description=_("Export selected conversations as Markdown"))
+    def export_markdown(self, request, queryset):
+        conversations = list(queryset.select_related("owner", "model", "system_prompt"))
+        audit_review(
+            request, conversations, "Exported as Markdown for review",
+            kind=AuditEntry.Action.EXPORT, format="markdown",
+        )  # fmt: skip
+        return _markdown_download(conversations, "conversations.md")
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/transcript/", view(self.transcript_view),
+                 name="conversations_conversation_transcript"),
+            path("<path:object_id>/export.json", view(self.export_one_view),
+                 {"format": "json"}, name="conversations_conversation_export_json"),
+            path("<path:object_id>/export.md", view(self.export_one_view),
+                 {"format": "markdown"}, name="conversations_conversation_export_md"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def _readable(self, request, object_id) -> Conversation:
+        conversation = self.get_object(request, unquote(object_id))
+        if conversation is None:
+            raise Http404
+        if not self.has_view_permission(request, conversation):
+            raise PermissionDenied
+        return conversation
+
+    def transcript_view(self, request, object_id):
+        """The conversation as its owner sees it in the chat (the chat's own message partial:
+        sanitized Markdown, folded thinking, tool steps, images through the image proxy,
+        tokens and cost), read-only."""
+        conversation = self._readable(request, object_id)
+        page = branches.page(conversation, size=TRANSCRIPT_MESSAGES)
+        audit_review(request, [conversation], "Viewed the transcript for review")
+        return TemplateResponse(
+            request,
+            "admin/conversations/conversation/transcript.html",
+            {
+                "conversation": conversation,
+                "read_only": True,
+                "change_url": reverse(
+                    "admin:conversations_conversation_change", args=[conversation.pk]
+                ),
+                **page,
+            },
         )
-        response["Content-Disposition"] = 'attachment; filename="conversations.json"'
-        return response
+
+    def export_one_view(self, request, object_id, format: str):
+        conversation = self._readable(request, object_id)
+        name = f"conversation-{conversation.pk}"
+        if format == "json":
+            audit_review(
+                request, [conversation], "Exported as JSON for review",
+                kind=AuditEntry.Action.EXPORT, format="json",
+            )  # fmt: skip
+            return _json_download([conversation], f"{name}.json", single=True)
+        audit_review(
+            request, [conversation], "Exported as Markdown for review",
+            kind=AuditEntry.Action.EXPORT, format="markdown",
+        )  # fmt: skip
+        return _markdown_download([conversation], f"{name}.md")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = {
+            **(extra_context or {}),
+            "transcript_url": reverse(
+                "admin:conversations_conversation_transcript", args=[object_id]
+            ),
+        }
         response = super().change_view(request, object_id, form_url, extra_context)
         if request.method in ("GET", "HEAD") and response.status_code == 200:
             conversation = self.get_object(request, unquote(object_id))
@@ -319,22 +545,23 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
         return response
 
     def get_search_results(self, request, queryset, search_term):
-        """Each word in a title, an owner's username or a message's text, as the admin's own
-        search would, but the owners and messages through subqueries (IN; PostgreSQL answers
-        the messages' from the trigram index): a join to the messages would make Django add
-        DISTINCT to each of the list's queries (seconds with a few hundred thousand
+        """The whole phrase (not word by word: Chinese has no spaces; quotes around it are
+        dropped) in the title, the owner's username or any message, as the chat's own search
+        does. The owners and messages go through subqueries (IN; PostgreSQL answers the
+        messages' from the trigram index of migration 0010): a join to the messages would make
+        Django add DISTINCT to each of the list's queries (seconds with a few hundred thousand
         messages), and one to the owners led PostgreSQL to a nested loop over both tables."""
-        if not search_term:
+        term = " ".join(search_term.split())
+        if term[:1] in {'"', "'"} and term[-1:] == term[:1] and len(term) > 1:
+            term = " ".join(term[1:-1].split())
+        if not term:
             return queryset, False
-        for word in smart_split(search_term):
-            if word[:1] in {'"', "'"} and word[-1:] == word[:1]:
-                word = unescape_string_literal(word)
-            in_messages = Message.objects.filter(content__icontains=word).values("conversation")
-            owners = get_user_model().objects.filter(username__icontains=word).values("pk")
-            queryset = queryset.filter(
-                Q(title__icontains=word) | Q(owner__in=owners) | Q(pk__in=in_messages)
-            )
-        return queryset, False
+        in_messages = Message.objects.filter(content__icontains=term).values("conversation")
+        owners = get_user_model().objects.filter(username__icontains=term).values("pk")
+        found = queryset.filter(
+            Q(title__icontains=term) | Q(owner__in=owners) | Q(pk__in=in_messages)
+        )
+        return found, False
 
     def get_queryset(self, request):
         # A subquery, not Count() over a join: the count runs for the page's rows only, and
@@ -354,6 +581,107 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     @admin.display(description=_("messages"), ordering="_message_count")
     def message_count(self, obj) -> int:
         return obj._message_count
+
+
+def _audit_search(request, response, conversations_of) -> None:
+    """A changelist answered with a search term: record the search and the conversations
+    whose rows the page showed (`conversations_of` maps the page's objects to them)."""
+    term = request.GET.get(SEARCH_VAR, "").strip()
+    changelist = getattr(response, "context_data", {}).get("cl")
+    if not term or response.status_code != 200 or changelist is None:
+        return
+    shown = {}
+    for conversation in conversations_of(list(changelist.result_list)):
+        shown.setdefault(conversation.pk, conversation)
+    audit_record(
+        request,
+        action=AuditEntry.Action.SEARCH,
+        conversations=shown.values(),
+        detail=f"Searched {changelist.opts.verbose_name_plural}",
+        query=term,
+    )
+
+
+def _json_download(conversations, filename: str, *, single: bool = False) -> HttpResponse:
+    """One conversation as an object (as the chat's own export), several as a list."""
+    data = [conversation_data(conversation) for conversation in conversations]
+    response = HttpResponse(
+        json.dumps(data[0] if single else data, ensure_ascii=False, indent=2),
+        content_type="application/json",
+    )
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _markdown_download(conversations, filename: str) -> HttpResponse:
+    """The conversations in the chat's Markdown export, each naming its owner, one after the
+    other, separated by a rule."""
+    text = "\n\n---\n\n".join(
+        render_to_string(
+            "conversations/export.md",
+            {
+                "conversation": conversation,
+                "chat_messages": active_messages(conversation),
+                "show_owner": True,
+            },
+        )
+        for conversation in conversations
+    )
+    response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """The audit log: who read which conversations in review, how, when and from where.
+
+    Read by superusers and by whoever a superuser grants "Can view audit entry" (reviewers do
+    not see it by default: the log is about them). Nobody adds, changes or deletes an entry
+    here, superusers included; the model has no such permissions to grant."""
+
+    list_display = [
+        "created_at", "actor_name", "action", "owner_names", "query", "ip_address", "detail",
+    ]  # fmt: skip
+    list_filter = ["action", ("actor", admin.RelatedOnlyFieldListFilter), "created_at"]
+    search_fields = ["actor_name", "query", "detail", "conversation_ids", "owners"]
+    date_hierarchy = "created_at"
+    fields = [
+        "created_at", "actor", "actor_name", "action", "detail", "conversation_links", "owners",
+        "query", "format", "ip_address", "user_agent",
+    ]  # fmt: skip
+    readonly_fields = fields
+    actions = None
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description=_("whose"))
+    def owner_names(self, obj) -> str:
+        """The owners of the conversations read (a few, and how many in all)."""
+        shown = ", ".join(obj.owners[:3])
+        if len(obj.conversation_ids) > 1:
+            shown += " " + _("(%(count)s conversations)") % {"count": len(obj.conversation_ids)}
+        return shown or "-"
+
+    @admin.display(description=_("conversations"))
+    def conversation_links(self, obj) -> str:
+        if not obj.conversation_ids:
+            return "-"
+        return format_html_join(
+            "",
+            '<div><a href="{}">{}</a></div>',
+            (
+                (reverse("admin:conversations_conversation_change", args=[pk]), pk)
+                for pk in obj.conversation_ids
+            ),
+        )
 
 
 @admin.register(Share)
@@ -444,14 +772,9 @@ class GroupPolicyInline(admin.StackedInline):
     ]  # fmt: skip
 
 
-# The user and group pages of django.contrib.auth, with the quota and the policy inline.
-admin.site.unregister(get_user_model())
+# The group page of django.contrib.auth, with the policy inline (the user page, with the quota
+# inline, is InvitingUserAdmin below).
 admin.site.unregister(Group)
-
-
-@admin.register(get_user_model())
-class QuotaUserAdmin(UserAdmin):
-    inlines = [*UserAdmin.inlines, UserQuotaInline]
 
 
 @admin.register(Group)
@@ -620,3 +943,98 @@ class UsageAdmin(admin.ModelAdmin):
             .values_list("cost_currency", flat=True)
             .distinct()
         )
+
+
+# -- users: invitations, and the invitations made ------------------------------------------------
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class InvitingUserAdmin(UserAdmin):
+    """Django's user admin, plus invitations: "Invite" on a user's page (or the action for
+    several) makes a one-time link at which the person sets their own password. A user added
+    with password-based authentication disabled is invited at once. The user's quota is
+    inline."""
+
+    inlines = [*UserAdmin.inlines, UserQuotaInline]
+
+    actions = ["invite"]
+    change_form_template = "admin/auth/user/change_form_with_invite.html"
+
+    def get_urls(self):
+        return [
+            path("<path:object_id>/invite/", self.admin_site.admin_view(self.invite_view),
+                 name="auth_user_invite"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def invite_view(self, request, object_id):
+        user = self.get_object(request, unquote(object_id))
+        if user is None:
+            raise Http404
+        if not self.has_change_permission(request, user):
+            raise PermissionDenied
+        if request.method != "POST":
+            return TemplateResponse(
+                request,
+                "admin/auth/user/invite_confirm.html",
+                {**self.admin_site.each_context(request), "opts": self.opts, "invited": user,
+                 "title": _("Invite %(username)s") % {"username": user.get_username()}},
+            )  # fmt: skip
+        return self._show_links(request, [user])
+
+    @admin.action(
+        description=_("Invite the selected users (one-time links)"), permissions=["change"]
+    )
+    def invite(self, request, queryset):
+        return self._show_links(request, list(queryset.filter(is_active=True)))
+
+    def response_add(self, request, obj, post_url_continue=None):
+        if not obj.has_usable_password() and "_addanother" not in request.POST:
+            return self._show_links(request, [obj])
+        return super().response_add(request, obj, post_url_continue)
+
+    def _show_links(self, request, users):
+        """Make a link for each user and show them, this once (only their hashes are kept)."""
+        links = [
+            {
+                "user": user,
+                "url": request.build_absolute_uri(
+                    reverse(
+                        "invitation", args=[invitation_create(user=user, created_by=request.user)]
+                    )
+                ),
+            }
+            for user in users
+        ]
+        return TemplateResponse(
+            request,
+            "admin/auth/user/invitation_links.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": _("Invitation links"),
+                "links": links,
+                "days": settings.QWENWEB_INVITE_DAYS,
+            },
+        )
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """The invitations made: for whom, by whom, until when, and whether they were used. Made
+    from the Users page only; the link itself is never shown again."""
+
+    list_display = ["user", "created_by", "created_at", "expires_at", "used_at"]
+    list_filter = [("used_at", admin.EmptyFieldListFilter), "created_at"]
+    search_fields = ["user__username", "created_by__username"]
+    fields = ["user", "created_by", "created_at", "expires_at", "used_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

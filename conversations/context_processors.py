@@ -13,5 +13,6 @@ def qwenweb(request) -> dict:
     return {
         "demo_mode": demo_mode(),
         "max_message_chars": settings.QWENWEB_MAX_MESSAGE_CHARS,
+        "review_notice": settings.QWENWEB_REVIEW_NOTICE,
         "theme": theme if theme in THEMES else "system",
     }

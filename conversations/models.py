@@ -858,3 +858,93 @@ class GroupPolicy(Limits):
 
     def __str__(self) -> str:
         return str(self.group)
+
+
+class AuditEntry(models.Model):
+    """One review read: who read which conversations, how, when and from where.
+
+    Written by conversations/audit.py when a reviewer opens a transcript that is not their own,
+    searches message text in the admin, or exports conversations. The admin shows these and
+    nothing else may change them: no add, change or delete permission exists for the model
+    (`default_permissions`), and its ModelAdmin refuses all three even to superusers.
+    """
+
+    class Action(models.TextChoices):
+        VIEW = "view", _("view")
+        SEARCH = "search", _("search")
+        EXPORT = "export", _("export")
+
+    # SET_NULL with the name copied: deleting a reviewer's account must not delete what they
+    # read, nor may it be refused because they once read something.
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="+",
+        verbose_name=_("who"),
+    )
+    actor_name = models.CharField(_("reviewer"), max_length=150)
+    action = models.CharField(_("action"), max_length=10, choices=Action)
+    # Ids (not foreign keys): the record outlives a deleted conversation.
+    conversation_ids = models.JSONField(_("conversations"), default=list, blank=True)
+    owners = models.JSONField(_("owners"), default=list, blank=True)
+    detail = models.CharField(_("what"), max_length=200, blank=True)
+    query = models.CharField(_("search text"), max_length=200, blank=True)
+    format = models.CharField(_("format"), max_length=20, blank=True)
+    ip_address = models.GenericIPAddressField(_("address"), null=True, blank=True)
+    user_agent = models.CharField(_("browser"), max_length=300, blank=True)
+    created_at = models.DateTimeField(_("when"), default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        default_permissions = ["view"]
+        verbose_name = _("audit entry")
+        verbose_name_plural = _("audit log")
+        indexes = [
+            models.Index(fields=["-created_at"], name="conv_audit_time_idx"),
+            models.Index(fields=["actor", "-created_at"], name="conv_audit_actor_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name} · {self.get_action_display()} · {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class InvitationQuerySet(models.QuerySet):
+    def usable(self):
+        return self.filter(used_at__isnull=True, expires_at__gt=timezone.now())
+
+
+class Invitation(models.Model):
+    """A one-time link at which an invited person sets their own password.
+
+    Only a hash of the token is kept: the link is shown once, to the admin who made it, and
+    whoever reads the database cannot use it. It works until `expires_at`, once.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="invitations",
+        verbose_name=_("user"),
+    )
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="+",
+        verbose_name=_("invited by"),
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    expires_at = models.DateTimeField(_("expires"))
+    used_at = models.DateTimeField(_("used"), null=True, blank=True)
+
+    objects = InvitationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("invitation")
+        verbose_name_plural = _("invitations")
+
+    def __str__(self) -> str:
+        return str(self.user)

@@ -47,6 +47,7 @@ urlpatterns = [
     ),
     path("c/<uuid:conversation_id>/share/", views.conversation_share, name="conversation_share"),
     path("s/<str:token>/", views.shared, name="shared"),
+    path("invite/<str:token>/", views.invitation, name="invitation"),
     path("c/<uuid:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<uuid:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path(

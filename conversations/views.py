@@ -14,8 +14,9 @@ from urllib.parse import urlencode
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
-from django.contrib.auth import update_session_auth_hash
+from django.contrib.auth import login, update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.forms import SetPasswordForm
 from django.contrib.staticfiles import finders
 from django.db import connection
 from django.db.models import Q
@@ -771,3 +772,35 @@ def _process_figures() -> dict:
 def _ping_database() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
+
+
+@login_not_required
+@never_cache
+@require_http_methods(["GET", "POST"])
+def invitation(request: HttpRequest, token: str) -> HttpResponse:
+    """The one-time link an admin made (admin: Users → Invite): the person sets their own
+    password with Django's validators, once, and is signed in. A used, expired or unknown
+    link says so."""
+    try:
+        found = accounts.invitation_find(token)
+    except accounts.InvitationUnusable as unusable:
+        return render(
+            request,
+            "registration/invitation.html",
+            {"unusable": unusable.message},
+            status=unusable.status,
+        )
+    form = SetPasswordForm(found.user, request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            accounts.invitation_accept(invitation=found, form=form)
+        except accounts.InvitationUnusable as unusable:
+            return render(
+                request,
+                "registration/invitation.html",
+                {"unusable": unusable.message},
+                status=unusable.status,
+            )
+        login(request, found.user, backend="django.contrib.auth.backends.ModelBackend")
+        return redirect("home")
+    return render(request, "registration/invitation.html", {"form": form, "invited": found.user})

@@ -133,6 +133,13 @@ _FRAMINGS = ("standard", "no_blank_lines", "partial_response")
 log = logging.getLogger(__name__)
 
 
+def _int_param(query: dict[str, list[str]], name: str, default: int) -> int:
+    try:
+        return int(query.get(name, [default])[0])
+    except ValueError:
+        return default
+
+
 def is_known_model(model: str) -> bool:
     """Models the simulator serves: the catalogue above plus anything named ``sim-...``."""
     return model in KNOWN_MODELS or model.startswith("sim-")
@@ -899,6 +906,8 @@ class Simulator:
         self._requests: deque[RecordedRequest] = deque(maxlen=max_recorded)
         self.disconnected_streams = 0
         self.completed_streams = 0
+        # What the model-list endpoints answer (tests list models the catalog lacks).
+        self.listed_models: list[str] = list(KNOWN_MODELS)
         _install_drop_filter()
 
     # -- control ----------------------------------------------------------------------------
@@ -934,6 +943,7 @@ class Simulator:
             self._requests.clear()
             self.disconnected_streams = 0
             self.completed_streams = 0
+            self.listed_models = list(KNOWN_MODELS)
 
     def wait_for_outcome(self, request_id: str | None = None, timeout: float = 5.0) -> str | None:
         """Block until the request (default: the latest) has an outcome; return it."""
@@ -1069,22 +1079,28 @@ class Simulator:
             payload = _error_body(protocol, "InvalidApiKey", _bad_key_message(), record.request_id)
             await _send_json(send, 401, payload, headers)
             return
+        listed = list(self.listed_models)
         if compatible:
-            data = [{"id": m, "object": "model", "owned_by": "simulator"} for m in KNOWN_MODELS]
+            data = [{"id": m, "object": "model", "owned_by": "simulator"} for m in listed]
             payload = {"object": "list", "data": data}
         else:
+            # Paged as the SDK asks (page_no from 1, page_size 10 unless given); `model`
+            # filters server-side.
             query = parse_qs(record.query)
-            names = [m for m in KNOWN_MODELS if m in query.get("model", [m])]
+            names = [m for m in listed if m in query.get("model", [m])]
+            page_no = max(1, _int_param(query, "page_no", 1))
+            page_size = max(1, min(100, _int_param(query, "page_size", 10)))
+            page = names[(page_no - 1) * page_size : page_no * page_size]
             models = [
                 {"model": m, "provider": "simulator", "source": "simulator", "opensource": False}
-                for m in names
+                for m in page
             ]
             payload = {
                 "output": {
                     "models": models,
-                    "page_no": 1,
-                    "page_size": len(models),
-                    "total": len(models),
+                    "page_no": page_no,
+                    "page_size": page_size,
+                    "total": len(names),
                 },
                 "request_id": record.request_id,
             }
@@ -1990,6 +2006,14 @@ class SimulatorServer:
 
     def clear_scenarios(self) -> None:
         self.simulator.clear_scenarios()
+
+    @property
+    def listed_models(self) -> list[str]:
+        return self.simulator.listed_models
+
+    @listed_models.setter
+    def listed_models(self, names: list[str]) -> None:
+        self.simulator.listed_models = list(names)
 
     @property
     def requests(self) -> list[RecordedRequest]:

@@ -367,6 +367,20 @@ if min(QWENWEB_TOKENS_PER_DAY, QWENWEB_TOKENS_PER_MONTH, QWENWEB_COST_PER_MONTH)
         "QWENWEB_TOKENS_PER_DAY, QWENWEB_TOKENS_PER_MONTH and QWENWEB_COST_PER_MONTH must be 0 "
         "(no limit) or more."
     )
+# Told to users on the sign-in page and under the chat: their conversations may be reviewed
+# (the admin's review permission). Unset: this sentence, in the page's language; set: the
+# text as written; empty: no notice.
+_review_notice = os.environ.get("QWENWEB_REVIEW_NOTICE")
+QWENWEB_REVIEW_NOTICE = (
+    _(
+        "Conversations on this site may be read by its administrators for review; each such "
+        "read is recorded."
+    )
+    if _review_notice is None
+    else _review_notice.strip()
+)
+# How long an invitation link (made in the admin's Users page) lets its person set a password.
+QWENWEB_INVITE_DAYS = float(os.environ.get("QWENWEB_INVITE_DAYS", "3"))
 # What one websocket may have waiting to be sent to a client that does not read (a stalled
 # or hostile client) before the server drops it (qwenweb/daphne_guard.py). Well above the
 # largest catch-up a page asks for on reconnect, so a slow phone is never cut off.

@@ -165,3 +165,224 @@ def test_conversation_list_counts_each_chats_messages(admin_client, conversation
     assert '<td class="field-message_count">2</td>' in html
     ordered = admin_client.get("/admin/conversations/conversation/", {"o": "-4"})
     assert ordered.status_code == 200
+
+
+# -- review: filters, search, the transcript, exports ---------------------------------------------
+
+
+@pytest.fixture
+def reviewer():
+    rita = get_user_model().objects.create_user("rita", password="pw", is_staff=True)
+    rita.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    return rita
+
+
+def _listed(client, **params) -> set[str]:
+    response = client.get("/admin/conversations/conversation/", params)
+    assert response.status_code == 200, params
+    return {str(c.pk) for c in response.context["cl"].result_list}
+
+
+def test_reviewers_filter_conversations(client, reviewer, conversation):
+    from django.contrib.auth.models import Group
+
+    bob = get_user_model().objects.create_user("bob", password="pw")
+    interns = Group.objects.create(name="interns")
+    bob.groups.add(interns)
+    plain = conversation_create(owner=bob)
+    Message.objects.create(conversation=plain, role="user", content="hi")
+    Message.objects.create(
+        conversation=plain, role="assistant", status="error", error_code="Throttling",
+        content="", rating=-1,
+    )  # fmt: skip
+    client.force_login(reviewer)
+    a, b = str(conversation.pk), str(plain.pk)
+    assert _listed(client) == {a, b}
+    assert _listed(client, owner__id__exact=bob.pk) == {b}
+    assert _listed(client, group=interns.pk) == {b}
+    assert _listed(client, has_images="yes") == {a}
+    assert _listed(client, has_images="no") == {b}
+    assert _listed(client, has_errors="yes") == {b}
+    assert _listed(client, rated_down="yes") == {b}
+    assert _listed(client, last_status="error") == {b}
+    assert _listed(client, last_status="complete") == {a}
+    assert _listed(client, model__id__exact=conversation.model_id) == {a, b}
+    assert _listed(client, created_at__gte="2000-01-01 00:00:00+00:00") == {a, b}
+
+
+def test_search_finds_titles_and_message_text_in_chinese_too(client, reviewer, conversation):
+    Message.objects.create(conversation=conversation, role="user", content="帮我翻译这段话")
+    other = conversation_create(owner=conversation.owner)
+    other.title = "周报 draft"
+    other.save()
+    client.force_login(reviewer)
+    assert _listed(client, q="翻译") == {str(conversation.pk)}
+    assert _listed(client, q="周报") == {str(other.pk)}
+    assert _listed(client, q="A CAT") == {str(conversation.pk)}  # any case
+    assert _listed(client, q="alice") == {str(conversation.pk), str(other.pk)}
+    assert _listed(client, q="nowhere") == set()
+
+
+def test_the_transcript_is_the_chats_message_partial_read_only(client, reviewer, conversation):
+    Message.objects.filter(role="assistant").update(
+        content="**bold** <script>alert(1)</script>", reasoning="Let me think.",
+        tool_steps=[{
+            "calls": [{"id": "c1", "function": {"name": "get_time", "arguments": "{}"}}],
+            "results": [{"tool_call_id": "c1", "content": "12:00"}],
+        }],
+        model="qwen-plus", input_tokens=12, output_tokens=3, cost=Decimal("0.01"),
+        cost_currency="CNY",
+    )  # fmt: skip
+    client.force_login(reviewer)
+    page = client.get(
+        f"/admin/conversations/conversation/{conversation.pk}/transcript/"
+    ).content.decode()
+    question = conversation.messages.get(role="user")
+    assert f'id="message-{question.pk}"' in page
+    assert "<strong>bold</strong>" in page and "<script>alert(1)" not in page  # sanitized
+    assert '<details class="message__reasoning">' in page  # thinking folded
+    assert 'data-tool-call="get_time"' in page
+    assert f"/c/{conversation.pk}/messages/{question.pk}/images/0/" in page  # the image proxy
+    assert "12 tokens in · 3 out" in page and "¥0.01" in page
+    assert 'data-action="regenerate"' not in page and "ws-send" not in page  # read-only
+    # The reviewer may load the image through the app's proxy (its route admits reviewers).
+    change = client.get(f"/admin/conversations/conversation/{conversation.pk}/change/")
+    assert f"/admin/conversations/conversation/{conversation.pk}/transcript/" in (
+        change.content.decode()
+    )
+
+
+def test_exports_one_or_many_as_json_or_markdown(client, reviewer, conversation):
+    client.force_login(reviewer)
+    base = f"/admin/conversations/conversation/{conversation.pk}"
+    one = json.loads(client.get(f"{base}/export.json").content)
+    assert one["owner"] == "alice" and [m["content"] for m in one["messages"]] == [
+        "A cat?", "A cat.",
+    ]  # fmt: skip
+    markdown = client.get(f"{base}/export.md").content.decode()
+    assert "Owner: alice" in markdown and "A cat." in markdown
+    other = conversation_create(owner=conversation.owner)
+    Message.objects.create(conversation=other, role="user", content="Second chat")
+    bulk = client.post(
+        "/admin/conversations/conversation/",
+        {"action": "export_markdown", "_selected_action": [str(conversation.pk), str(other.pk)]},
+    ).content.decode()
+    assert "A cat." in bulk and "Second chat" in bulk and "\n---\n" in bulk
+
+
+# -- the permission matrix ---------------------------------------------------------------------
+
+
+def _user(kind: str):
+    users = get_user_model().objects
+    if kind == "anonymous":
+        return None
+    if kind == "superuser":
+        return users.create_superuser("root", password="pw")
+    user = users.create_user(kind, password="pw", is_staff=kind != "user")
+    if kind == "reviewer":
+        user.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    return user
+
+
+def _pages(conversation) -> dict[str, str]:
+    c = f"/admin/conversations/conversation/{conversation.pk}"
+    return {
+        "conversation list": "/admin/conversations/conversation/",
+        "conversation search": "/admin/conversations/conversation/?q=cat",
+        "conversation": f"{c}/change/",
+        "transcript": f"{c}/transcript/",
+        "export json": f"{c}/export.json",
+        "export markdown": f"{c}/export.md",
+        "audit log": "/admin/conversations/auditentry/",
+        "catalog": "/admin/conversations/modelprofile/",
+        "users": "/admin/auth/user/",
+    }
+
+
+# What each kind of user may open (200); everything else is refused (a redirect to the
+# admin's login for those not staff, 403 for staff).
+ALLOWED = {
+    "anonymous": set(),
+    "user": set(),
+    "staff": set(),
+    "reviewer": {
+        "conversation list", "conversation search", "conversation", "transcript",
+        "export json", "export markdown",
+    },
+    "superuser": {
+        "conversation list", "conversation search", "conversation", "transcript",
+        "export json", "export markdown", "audit log", "catalog", "users",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(ALLOWED))
+def test_permission_matrix(client, conversation, kind):
+    user = _user(kind)
+    if user is not None:
+        client.force_login(user)
+    for page, url in _pages(conversation).items():
+        response = client.get(url)
+        if page in ALLOWED[kind]:
+            assert response.status_code == 200, (kind, page)
+        else:
+            assert response.status_code in (302, 403), (kind, page, response.status_code)
+            assert b"A cat." not in response.content, (kind, page)
+            if response.status_code == 302:
+                assert "/login/" in response["Location"], (kind, page)
+    for action in ("export_json", "export_markdown"):
+        response = client.post(
+            "/admin/conversations/conversation/",
+            {"action": action, "_selected_action": [str(conversation.pk)]},
+        )
+        exported = response.status_code == 200 and b"A cat." in response.content
+        assert exported == (kind in ("reviewer", "superuser")), (kind, action)
+
+
+# -- catalog upkeep: "Sync from DashScope" -------------------------------------------------------
+
+
+def test_sync_adds_the_missing_models_disabled(admin_client, app_simulator):
+    known = list(ModelProfile.objects.values_list("name", flat=True))
+    app_simulator.listed_models = [*known, "qwen3-coder-plus", "qwen3-vl-32b-instruct"]
+    catalog = admin_client.get("/admin/conversations/modelprofile/").content.decode()
+    assert "Sync from DashScope" in catalog
+    response = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    page = response.content.decode()
+    assert "Added 2 models: qwen3-coder-plus, qwen3-vl-32b-instruct" in page
+    new = ["qwen3-coder-plus", "qwen3-vl-32b-instruct"]
+    added = {m.name: m for m in ModelProfile.objects.filter(name__in=new)}
+    assert len(added) == 2 and not any(m.enabled for m in added.values())
+    assert added["qwen3-vl-32b-instruct"].endpoint == "multimodal"
+    assert added["qwen3-coder-plus"].endpoint == "text"
+    assert ModelProfile.objects.count() == len(known) + 2
+    # The request went through the project's client to the models endpoint.
+    assert any(r.path == "/api/v1/models" for r in app_simulator.requests)
+    # Synced again: nothing more, and the admin's edits are kept.
+    ModelProfile.objects.filter(name="qwen3-coder-plus").update(label="Qwen3 Coder", enabled=True)
+    again = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    assert "already has every model" in again.content.decode()
+    assert ModelProfile.objects.get(name="qwen3-coder-plus").label == "Qwen3 Coder"
+
+
+def test_sync_says_why_when_dashscope_refuses(admin_client, app_simulator, settings):
+    from conversations.upstream import reset_clients
+
+    settings.DASHSCOPE_API_KEY = "sk-wrong-key"
+    reset_clients()
+    count = ModelProfile.objects.count()
+    page = admin_client.post("/admin/conversations/modelprofile/sync/", follow=True)
+    text = page.content.decode()
+    assert page.status_code == 200 and "Could not read the model list from DashScope" in text
+    assert "sk-wrong-key" not in text and ModelProfile.objects.count() == count
+
+
+def test_only_those_who_may_add_models_sync(client, app_simulator):
+    rita = get_user_model().objects.create_user("rita", password="pw", is_staff=True)
+    rita.user_permissions.add(Permission.objects.get(codename="review_conversation"))
+    client.force_login(rita)
+    app_simulator.listed_models = ["brand-new-model"]
+    assert client.post("/admin/conversations/modelprofile/sync/").status_code == 403
+    assert not ModelProfile.objects.filter(name="brand-new-model").exists()
+    assert app_simulator.requests == []

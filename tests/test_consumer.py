@@ -802,6 +802,43 @@ async def test_a_password_change_or_a_disabled_or_deleted_account_closes_all_its
     await unrelated.disconnect()
 
 
+async def test_disabling_an_account_in_the_admin_closes_its_sockets_and_stops_its_replies(
+    app_simulator,
+):
+    """An admin unticks "active" on the user's page: the open tab is closed, and the reply
+    being written stops where it is (no more tokens spent on a disabled account)."""
+    app_simulator.add_scenario(Scenario(match="long", reply=REPLY, token_delay=0.03))
+    owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("a long one"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: sum(f.startswith("+") for f in t.frames) >= 3)
+
+    def disable_in_the_admin() -> int:
+        from django.contrib.auth import get_user_model
+
+        root = get_user_model().objects.create_superuser("root", password="pw")
+        admin = Client()
+        admin.force_login(root)
+        form = admin.get(f"/admin/auth/user/{owner.pk}/change/").context["adminform"].form
+        data = {name: value for name, value in form.initial.items() if value is not None}
+        data.update(
+            is_active="",
+            date_joined_0=form["date_joined"].value().strftime("%Y-%m-%d"),
+            date_joined_1=form["date_joined"].value().strftime("%H:%M:%S"),
+        )
+        data.pop("date_joined", None)
+        data.pop("last_login", None)
+        data["groups"] = []
+        data["user_permissions"] = []
+        return admin.post(f"/admin/auth/user/{owner.pk}/change/", data).status_code
+
+    assert await sync_to_async(disable_in_the_admin)() == 302
+    assert not (await sync_to_async(type(owner).objects.get)(pk=owner.pk)).is_active
+    assert await close_code(ws, within=2) == 4403
+    reply = await wait_for_status((await assistant_reply(conversation)).pk, {"stopped"})
+    assert reply.content and reply.content != REPLY
+
+
 async def test_saving_a_user_otherwise_closes_nothing():
     owner = await make_user("alice")
     conversation = await make_conversation(owner)

@@ -1309,3 +1309,47 @@ def test_sse_parser_tolerates_dashscope_quirks():
         ("", None, [{"d": 4}]),
         ("", None, ["[DONE]"]),
     ]
+
+
+# -- the model list ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_list_models_reads_every_page_of_the_native_list(simulator, dashscope_client):
+    many = [f"sim-model-{n:03}" for n in range(230)]
+    simulator.listed_models = many
+    assert await dashscope_client.list_models() == many
+    pages = [r for r in simulator.requests if r.path == "/api/v1/models"]
+    assert [dict(p.split("=") for p in r.query.split("&"))["page_no"] for r in pages] == [
+        "1", "2", "3",
+    ]  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_list_models_of_the_simulator(simulator, dashscope_client):
+    names = await dashscope_client.list_models()
+    assert "qwen-plus" in names and "qwen3-vl-plus" in names
+
+
+@pytest.mark.asyncio
+async def test_list_models_with_a_wrong_key_raises_an_auth_error(simulator, dashscope_config):
+    async with DashScopeClient(replace(dashscope_config, api_key="sk-wrong")) as client:
+        with pytest.raises(AuthError) as raised:
+            await client.list_models()
+    assert raised.value.status == 401 and "sk-wrong" not in str(raised.value)
+
+
+@pytest.mark.asyncio
+async def test_list_models_when_dashscope_cannot_be_reached(dashscope_config, recorded_sleep):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = replace(
+        dashscope_config,
+        native_base_url=f"http://127.0.0.1:{port}/api/v1",
+        max_retries=1,
+    )
+    async with DashScopeClient(config, sleep=recorded_sleep) as client:
+        with pytest.raises(TransportError):
+            await client.list_models()
+    assert len(recorded_sleep.delays) == 1  # retried once, like any request

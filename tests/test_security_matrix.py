@@ -1726,7 +1726,8 @@ def test_own_conversations_are_not_audited(client, django_user_model, alices_cha
 
 # Anyone may use these: signing in, the health check, and choosing the language of the sign-in
 # page (a cookie and a redirect; it shows and changes no one's data, and CSRF applies).
-PUBLIC_URL_NAMES = {"login", "admin:login", "healthz", "set_language"}
+# An invitation link (made by an admin, used once) is opened by someone who has no password yet.
+PUBLIC_URL_NAMES = {"login", "admin:login", "healthz", "set_language", "invitation"}
 
 
 @pytest.mark.django_db

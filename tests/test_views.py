@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.test import AsyncClient
+from django.test import AsyncClient, Client
 
 from conversations.models import Conversation, Message, MessageImage, ModelProfile
 from conversations.replies import branches
@@ -500,3 +500,34 @@ def test_the_server_error_page_needs_no_request_and_leads_back():
     html = render_to_string("500.html")
     assert "Something went wrong on this server" in html and 'href="/"' in html
     assert "<script" not in html, "no script: a 500 page has no CSP nonce to give one"
+
+
+# -- the notice that conversations may be reviewed ----------------------------------------------
+
+
+@pytest.mark.django_db
+def test_users_are_told_their_conversations_may_be_reviewed(client, alice_client, alice):
+    sign_in = Client().get("/accounts/login/").content.decode()
+    assert 'id="review-notice"' in sign_in and "may be read by its administrators" in sign_in
+    assert 'id="review-notice"' in alice_client.get("/").content.decode()
+    chat = conversation_create(owner=alice)
+    assert 'id="review-notice"' in alice_client.get(chat.get_absolute_url()).content.decode()
+
+
+@pytest.mark.django_db
+def test_the_review_notice_is_a_setting_and_empty_turns_it_off(alice_client, settings):
+    settings.QWENWEB_REVIEW_NOTICE = "Chats here are reviewed by the IT team."
+    assert "Chats here are reviewed by the IT team." in alice_client.get("/").content.decode()
+    assert "reviewed by the IT team" in Client().get("/accounts/login/").content.decode()
+    settings.QWENWEB_REVIEW_NOTICE = ""
+    assert 'id="review-notice"' not in alice_client.get("/").content.decode()
+    assert 'id="review-notice"' not in Client().get("/accounts/login/").content.decode()
+
+
+def test_the_default_review_notice_is_translated_on_each_page():
+    from django.utils.functional import Promise
+
+    from qwenweb import settings as project_settings
+
+    # Lazy: rendered in each page's language (gettext), not in the language of start-up.
+    assert isinstance(project_settings.QWENWEB_REVIEW_NOTICE, Promise)

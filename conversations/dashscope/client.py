@@ -53,6 +53,10 @@ _NATIVE_PATHS = {
 }
 _USER_AGENT = "qwenweb-dashscope/1.0 (httpx)"
 _MAX_ERROR_BODY = 64 * 1024
+# The model list is read 100 at a time, at most this many pages (a runaway `total` must not
+# keep the admin waiting).
+_MODEL_PAGE_SIZE = 100
+_MAX_MODEL_PAGES = 20
 
 
 class DashScopeClient:
@@ -127,6 +131,74 @@ class DashScopeClient:
                 delay = self._retry_delay(attempt, error.retry_after)
             await self._sleep(delay)
             attempt += 1
+
+    async def list_models(self) -> list[str]:
+        """The ids of the models the account may call: the native model list, every page
+        (``GET /api/v1/models?page_no=N&page_size=100``), in the order DashScope gives them.
+        Retried like a non-streaming call; a failure raises a ``DashScopeError``."""
+        names: list[str] = []
+        for page_no in range(1, _MAX_MODEL_PAGES + 1):
+            payload = await self._get_json(
+                f"{self._config.native_base_url}/models",
+                {"page_no": page_no, "page_size": _MODEL_PAGE_SIZE},
+            )
+            output = payload.get("output") if isinstance(payload.get("output"), dict) else {}
+            listed = output.get("models") if isinstance(output.get("models"), list) else []
+            for item in listed:
+                name = item.get("model") if isinstance(item, dict) else None
+                if isinstance(name, str) and name.strip() and name not in names:
+                    names.append(strip_controls(name.strip())[:100])
+            total = _int(output.get("total"))
+            if not listed or total is None or page_no * _MODEL_PAGE_SIZE >= total:
+                break
+        return names
+
+    async def _get_json(self, url: str, params: dict[str, Any]) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            try:
+                return await self._get_json_once(url, params)
+            except DashScopeError as error:
+                if not self._may_retry(error, attempt):
+                    raise
+                delay = self._retry_delay(attempt, error.retry_after)
+            await self._sleep(delay)
+            attempt += 1
+
+    async def _get_json_once(self, url: str, params: dict[str, Any]) -> dict[str, Any]:
+        headers = {
+            "Authorization": f"Bearer {self._config.api_key}",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        timeout = httpx.Timeout(
+            connect=self._config.connect_timeout,
+            read=self._config.stall_timeout,
+            write=self._config.stall_timeout,
+            pool=self._config.stall_timeout,
+        )
+        errors = _ErrorFactory(self._config.api_key)
+        try:
+            response = await self._http.get(url, params=params, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise errors.timeout(exc, self._config) from exc
+        except httpx.RequestError as exc:
+            raise errors.transport(exc) from exc
+        errors.observe(response)
+        text = response.text
+        if not response.is_success:
+            raise errors.from_body(response.status_code, text)
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise errors.from_body(502, text)
+        parts = _payload_error(payload, "", None, response.status_code)
+        if parts is not None:
+            code, message, request_id, status = parts
+            raise errors.build(status or 400, code, message, request_id)
+        return payload
 
     # -- one attempt ------------------------------------------------------------------------
 
