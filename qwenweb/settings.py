@@ -360,7 +360,12 @@ QWENWEB_CHATS_PER_MINUTE = int(os.environ.get("QWENWEB_CHATS_PER_MINUTE", "30"))
 # unset: no limit. Users and groups override these in the admin.
 QWENWEB_TOKENS_PER_DAY = int(os.environ.get("QWENWEB_TOKENS_PER_DAY", "0") or "0")
 QWENWEB_TOKENS_PER_MONTH = int(os.environ.get("QWENWEB_TOKENS_PER_MONTH", "0") or "0")
-QWENWEB_COST_PER_MONTH = Decimal(os.environ.get("QWENWEB_COST_PER_MONTH", "0") or "0")
+try:
+    QWENWEB_COST_PER_MONTH = Decimal(os.environ.get("QWENWEB_COST_PER_MONTH", "0") or "0")
+except ArithmeticError:
+    raise ImproperlyConfigured(
+        "QWENWEB_COST_PER_MONTH must be a decimal number, e.g. 50 or 12.5 (0: no limit)."
+    ) from None
 QWENWEB_CURRENCY = (os.environ.get("QWENWEB_CURRENCY", "CNY") or "CNY").strip().upper()
 if min(QWENWEB_TOKENS_PER_DAY, QWENWEB_TOKENS_PER_MONTH, QWENWEB_COST_PER_MONTH) < 0:
     raise ImproperlyConfigured(

@@ -114,6 +114,8 @@ def test_the_sites_defaults_come_from_the_environment_and_unset_means_no_limit()
     assert (code, values) == (0, ["200000", "3000000", "50.5", "USD"])
     code, _values, err = _settings_in_a_process({"QWENWEB_TOKENS_PER_DAY": "-1"})
     assert code != 0 and "must be 0 (no limit) or more" in err
+    code, _values, err = _settings_in_a_process({"QWENWEB_COST_PER_MONTH": "fifty"})
+    assert code != 0 and "QWENWEB_COST_PER_MONTH must be a decimal number" in err
 
 
 # -- tokens and cost, refused and reset -------------------------------------------------------
