@@ -960,6 +960,11 @@ class InvitingUserAdmin(UserAdmin):
 
     inlines = [*UserAdmin.inlines, UserQuotaInline]
 
+    def get_inline_instances(self, request, obj=None):
+        # The add page stays Django's two-step one (username and password, then the rest):
+        # the quota is set on the user's page, once they exist.
+        return super().get_inline_instances(request, obj) if obj is not None else []
+
     actions = ["invite"]
     change_form_template = "admin/auth/user/change_form_with_invite.html"
 
