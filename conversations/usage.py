@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 
 from django.conf import settings
 from django.db import connection
@@ -384,3 +385,46 @@ def compact_number(value: int) -> str:
         if value >= size:
             return f"{value / size:.1f}".removesuffix(".0") + suffix
     return str(value)
+
+
+@dataclass(frozen=True)
+class QuotaLeft:
+    """One of a user's quotas in force, for their settings page: what it allows, what is left
+    of it, and when it resets."""
+
+    name: str  # tokens_per_day, tokens_per_month, cost_per_month (the data-quota attribute)
+    label: str
+    limit: str
+    left: str
+    resets: datetime
+    exhausted: bool
+
+
+def quotas_left(user) -> list[QuotaLeft]:
+    """The user's token and cost quotas that are on (the most specific limit: their own,
+    their groups', the site's), each with what is left of it now, read by the statement the
+    send path reads them with (rules.LoadQuery), so the page says what a send would find."""
+    from conversations.replies.rules import user_load  # rules imports this module's app
+
+    load = user_load(user)
+    windows, limits, rows = load.windows, load.limits, []
+    for name, label, used, resets in [
+        ("tokens_per_day", _("Tokens today"), load.tokens_today, windows.next_day),
+        ("tokens_per_month", _("Tokens this month"), load.tokens_this_month,
+         windows.next_month),
+    ]:  # fmt: skip
+        if limits[name] > 0:
+            left = max(limits[name] - used, 0)
+            rows.append(QuotaLeft(name, label, f"{limits[name]:,}", f"{left:,}", resets, left == 0))
+    if limits["cost_per_month"] > 0:
+        currency = settings.QWENWEB_CURRENCY
+        left = max(limits["cost_per_month"] - load.cost_this_month, Decimal(0))
+
+        def money(amount):
+            return cost_text(SimpleNamespace(cost=amount, cost_currency=currency))
+
+        rows.append(
+            QuotaLeft("cost_per_month", _("Cost this month"), money(limits["cost_per_month"]),
+                      money(left), windows.next_month, left == 0)
+        )  # fmt: skip
+    return rows

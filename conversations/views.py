@@ -43,7 +43,7 @@ from conversations.models import (
     Upload,
 )
 from conversations.replies import branches, events, liveness, options, quotas, rules, service
-from conversations.usage import usage_summary
+from conversations.usage import quotas_left, usage_summary
 from qwenweb.cache_control import keep_in_readers_cache
 
 logger = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def user_settings(request: HttpRequest) -> HttpResponse:
             "password_form": password_form,
             "saved": request.GET.get("saved"),
             "usage": usage_summary(request.user),
+            "quotas": quotas_left(request.user),
         },
         status=400 if invalid else 200,
     )

@@ -617,3 +617,24 @@ def test_a_groups_limits_hold_across_two_processes(team, app_simulator):  # noqa
             in alerts(tab)[-1]
         )
     assert len(app_simulator.requests) == asked
+
+
+def test_the_settings_page_shows_what_is_left_of_each_quota_and_when_it_resets(user, client):
+    client.force_login(user)
+    page = client.get("/settings/").content.decode()
+    assert 'id="quotas"' not in page  # no limit is on: nothing to show
+    group("interns", user, tokens_per_day=200_000, cost_per_month=Decimal("5"))
+    spend(user, tokens=(150_000, 50_000), cost="5.10")
+    spend(get_user_model().objects.create_user("other"), tokens=(9, 9))  # not theirs
+    page = client.get("/settings/").content.decode()
+    day = page[page.index('data-quota="tokens_per_day"') :].split("</tr>")[0]
+    assert "200,000" in day and "data-exhausted" in day and "<td data-quota-left>0</td>" in day
+    resets = quotas.Windows.at(timezone.now()).next_day.isoformat()
+    assert f'datetime="{resets}"' in day
+    cost = page[page.index('data-quota="cost_per_month"') :].split("</tr>")[0]
+    assert "¥5.00" in cost and "<td data-quota-left>¥0.00</td>" in cost
+    assert 'data-quota="tokens_per_month"' not in page  # that limit is off
+    GroupPolicy.objects.filter(group__name="interns").update(tokens_per_day=500_000)
+    page = client.get("/settings/").content.decode()
+    day = page[page.index('data-quota="tokens_per_day"') :].split("</tr>")[0]
+    assert "<td data-quota-left>300,000</td>" in day and "data-exhausted" not in day
