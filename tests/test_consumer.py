@@ -819,8 +819,13 @@ async def test_disabling_an_account_in_the_admin_closes_its_sockets_and_stops_it
         root = get_user_model().objects.create_superuser("root", password="pw")
         admin = Client()
         admin.force_login(root)
-        form = admin.get(f"/admin/auth/user/{owner.pk}/change/").context["adminform"].form
+        page = admin.get(f"/admin/auth/user/{owner.pk}/change/")
+        form = page.context["adminform"].form
         data = {name: value for name, value in form.initial.items() if value is not None}
+        for inline in page.context["inline_admin_formsets"]:  # the quota: left as it is
+            management = inline.formset.management_form
+            data |= {management.add_prefix(name): value
+                     for name, value in management.initial.items()}  # fmt: skip
         data.update(
             is_active="",
             date_joined_0=form["date_joined"].value().strftime("%Y-%m-%d"),
