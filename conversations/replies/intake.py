@@ -125,15 +125,36 @@ def in_the_way(
         load_sql, load_params = load
         sql = f"SELECT w.*, l.* FROM ({load_sql}) l LEFT JOIN ({sql}) w ON 1 = 1"
         params = [*load_params, *params]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    rows = _prepared(sql, params) if load is not None else None
+    if rows is None:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
     found = [
         (read_uuid(sent), status, read_moment(at), pk)
         for sent, status, at, pk, *_load in rows
         if pk is not None
     ]
     return found, (tuple(rows[0][4:]) if load is not None else None)
+
+
+def _prepared(sql: str, params: list) -> list | None:
+    """The rows of `sql` run as a prepared statement, on PostgreSQL (None elsewhere: run it as
+    any other). The limits' statement (rules.LoadQuery) resolves every limit and allowlist of
+    the user's groups: PostgreSQL took 1–3 ms to plan it and 0.1–0.3 ms to run it, on every send
+    (prepared: 3.3 -> 1.7–2.0 ms a send, bench/README.md).
+    Its text is made once a process, so it is planned once a connection. Django's cursors
+    bind parameters on the client (the text differs with every value), so this one goes
+    through a server-binding cursor on the same connection, inside the same transaction; it
+    does not show in Django's query log."""
+    if connection.vendor != "postgresql":
+        return None
+    import psycopg
+
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall()
 
 
 def move_conversation(conversation_id, **fields) -> None:
