@@ -171,23 +171,11 @@ class DashScopeClient:
             "Accept": "application/json",
             "User-Agent": _USER_AGENT,
         }
-        timeout = httpx.Timeout(
-            connect=self._config.connect_timeout,
-            read=self._config.stall_timeout,
-            write=self._config.stall_timeout,
-            pool=self._config.stall_timeout,
-        )
         errors = _ErrorFactory(self._config.api_key)
-        try:
-            response = await self._http.get(url, params=params, headers=headers, timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise errors.timeout(exc, self._config) from exc
-        except httpx.RequestError as exc:
-            raise errors.transport(exc) from exc
-        errors.observe(response)
-        text = response.text
-        if not response.is_success:
-            raise errors.from_body(response.status_code, text)
+        response, text = await self._exchange(
+            "GET", url, errors, read_timeout=self._config.stall_timeout, params=params,
+            headers=headers,
+        )  # fmt: skip
         try:
             payload = json.loads(text)
         except ValueError:
@@ -201,6 +189,29 @@ class DashScopeClient:
         return payload
 
     # -- one attempt ------------------------------------------------------------------------
+
+    async def _exchange(
+        self, method: str, url: str, errors: _ErrorFactory, *, read_timeout: float, **kwargs
+    ) -> tuple[httpx.Response, str]:
+        """One request that is not streamed, and its body as text; a failure (the transport,
+        a timeout, an error status) raised as the DashScopeError a person can act on."""
+        timeout = httpx.Timeout(
+            connect=self._config.connect_timeout,
+            read=read_timeout,
+            write=self._config.stall_timeout,
+            pool=self._config.stall_timeout,
+        )
+        try:
+            response = await self._http.request(method, url, timeout=timeout, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise errors.timeout(exc, self._config) from exc
+        except httpx.RequestError as exc:
+            raise errors.transport(exc) from exc
+        errors.observe(response)
+        text = response.text
+        if not response.is_success:
+            raise errors.from_body(response.status_code, text)
+        return response, text
 
     async def _stream_once(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         url, body, headers = self._build(request, stream=True)
@@ -247,23 +258,11 @@ class DashScopeClient:
 
     async def _chat_once(self, request: ChatRequest) -> Completion:
         url, body, headers = self._build(request, stream=False)
-        timeout = httpx.Timeout(
-            connect=self._config.connect_timeout,
-            read=self._config.request_timeout,
-            write=self._config.stall_timeout,
-            pool=self._config.stall_timeout,
-        )
         errors = _ErrorFactory(self._config.api_key)
-        try:
-            response = await self._http.post(url, json=body, headers=headers, timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise errors.timeout(exc, self._config) from exc
-        except httpx.RequestError as exc:
-            raise errors.transport(exc) from exc
-        errors.observe(response)
-        text = response.text
-        if not response.is_success:
-            raise errors.from_body(response.status_code, text)
+        response, text = await self._exchange(
+            "POST", url, errors, read_timeout=self._config.request_timeout, json=body,
+            headers=headers,
+        )  # fmt: skip
         state = _StreamState(
             errors=errors,
             api_key=self._config.api_key,
