@@ -1,6 +1,10 @@
 """What the benchmarks share: a free loopback port, and a logged-in HTTP client."""
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 
 import httpx
 
@@ -38,3 +42,38 @@ def print_table(rows: list[tuple]) -> None:
         )
         if n == 0:
             print("  ".join("-" * width for width in widths))
+
+
+def run_child_on_both(
+    script: str, name: str, child_args: list[str], pg: str, sqlite_only: bool = False
+) -> None:
+    """Run `script --child <database url> …` on a fresh SQLite file, then on a PostgreSQL
+    database made for the run (and dropped after it) on the server `pg` names; PostgreSQL is
+    skipped, saying why, when it cannot be reached."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        print("SQLite:", flush=True)
+        env = {**os.environ, "QWENWEB_DATA_DIR": data_dir}
+        url = f"sqlite:///{data_dir}/{name}.sqlite3"
+        subprocess.run([sys.executable, script, "--child", url, *child_args], env=env,
+                       check=True)  # fmt: skip
+    if sqlite_only:
+        return
+    try:
+        import psycopg
+
+        database = f"qwenweb_bench_{name}_{os.getpid()}"
+        with psycopg.connect(pg, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'CREATE DATABASE "{database}"')
+    except Exception as exc:
+        print(f"PostgreSQL: skipped ({type(exc).__name__}: {exc})")
+        return
+    try:
+        print("PostgreSQL:", flush=True)
+        with tempfile.TemporaryDirectory() as data_dir:
+            env = {**os.environ, "QWENWEB_DATA_DIR": data_dir}
+            url = pg.rsplit("/", 1)[0] + "/" + database
+            subprocess.run([sys.executable, script, "--child", url, *child_args], env=env,
+                           check=True)  # fmt: skip
+    finally:
+        with psycopg.connect(pg, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

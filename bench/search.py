@@ -19,15 +19,15 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import run_child_on_both  # noqa: E402
 
 TARGET_MS = 150
 PG = os.environ.get("QWENWEB_BENCH_POSTGRES", "postgres://root@127.0.0.1:5432/test")
@@ -157,29 +157,7 @@ def main() -> None:
         return
     common = ["--runs", str(args.runs), "--conversations", str(args.conversations),
               "--per-chat", str(args.per_chat)]  # fmt: skip
-    with tempfile.TemporaryDirectory() as data_dir:
-        print("SQLite:", flush=True)
-        env = {**os.environ, "QWENWEB_DATA_DIR": data_dir}
-        url = f"sqlite:///{data_dir}/search.sqlite3"
-        subprocess.run([sys.executable, __file__, "--child", url, *common], env=env, check=True)
-    try:
-        import psycopg
-
-        database = f"qwenweb_bench_search_{os.getpid()}"
-        with psycopg.connect(PG, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'CREATE DATABASE "{database}"')
-    except Exception as exc:
-        print(f"PostgreSQL: skipped ({type(exc).__name__}: {exc})")
-        return
-    try:
-        print("PostgreSQL:", flush=True)
-        with tempfile.TemporaryDirectory() as data_dir:
-            env = {**os.environ, "QWENWEB_DATA_DIR": data_dir}
-            url = PG.rsplit("/", 1)[0] + "/" + database
-            subprocess.run([sys.executable, __file__, "--child", url, *common], env=env, check=True)
-    finally:
-        with psycopg.connect(PG, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    run_child_on_both(__file__, "search", common, PG)
 
 
 if __name__ == "__main__":
