@@ -12,6 +12,13 @@
    catches up from the database when htmx reconnects.
 2. **Close reasons.** ASGI's `websocket.close` may carry a `reason`; daphne drops it. It is
    passed on here, so a client sees why its socket was closed, not only a number.
+3. **A close handshake that has time to finish.** autobahn waits `closeHandshakeTimeout` (1 s)
+   for the client's answer to the server's close frame, then aborts the connection; but its
+   timers are quantized down to whole seconds (txaio's batched timer, `int(now + delay)`), so
+   the wait was anywhere from 0 to 1 s: most server-side closes ended in a reset instead of a
+   clean close, and when the abort came before Twisted had flushed its buffer, the close frame
+   (code and reason) never left and the client saw a bare reset (1006 in a browser). The wait
+   is CLOSE_HANDSHAKE_SECONDS here (so at least that less one second).
 
 Installed by qwenweb/asgi.py. Under another ASGI server nothing here runs (uvicorn's
 websockets library applies backpressure of its own).
@@ -27,6 +34,10 @@ logger = logging.getLogger("qwenweb.sockets")
 
 # A close frame's reason is at most 123 bytes (RFC 6455, 5.5: 125 less the code's two).
 MAX_REASON_BYTES = 123
+
+# How long the server waits for the client's answer to its close frame before dropping the
+# connection (see 3. above; autobahn's own is 1 s, which its timers make 0-1 s).
+CLOSE_HANDSHAKE_SECONDS = 5
 
 
 def close_reason(text: str) -> str:
@@ -76,6 +87,7 @@ def install(backlog_limit: int) -> bool:
 
     def onOpen(self) -> None:
         original_on_open(self)
+        self.closeHandshakeTimeout = CLOSE_HANDSHAKE_SECONDS
         transport = self.transport
         backlog = Backlog(self)
         # daphne's HTTP channel registered itself on this transport before the upgrade and

@@ -177,6 +177,7 @@ import html as html_module
 import io
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -2020,6 +2021,47 @@ def test_bad_frames_close_with_a_reason_and_leave_nothing_behind(own_server):
     assert grown_bad < grown_clean + 8 * 2**20, (grown_clean, grown_bad)
     log = _log_since(own_server, log_offset)
     assert "Traceback" not in log and "Exception inside application" not in log, log[-3000:]
+
+
+def test_the_server_waits_for_the_clients_answer_to_its_close(own_server):
+    """A client that takes two seconds to answer the server's close frame still gets the
+    frame and a connection to answer it on. (Before: autobahn's 1 s close-handshake timeout,
+    quantized down to whole seconds by its timers, aborted the connection 0-1 s after the
+    close frame was queued; under load the abort sometimes came before the frame had left,
+    and the client saw a bare reset with no code and no reason, about one full CI run in
+    three.)"""
+    import websockets
+
+    mallory = signed_in_client(own_server.url, "mallory", USERS["mallory"])
+    ws_url, options = _socket_options(mallory, new_chat(mallory))
+
+    async def slow_to_answer() -> tuple[bytes, str]:
+        async with websockets.connect(ws_url, **options) as ws:
+            ws.transport.pause_reading()  # from here on the test reads the socket itself
+            raw = socket.socket(fileno=os.dup(ws.transport.get_extra_info("socket").fileno()))
+            try:
+                await ws.send(b"\x00\x01binary")
+                await asyncio.sleep(2.0)  # a client busy elsewhere: nothing is read
+                raw.setblocking(False)
+                received, state = b"", "open"  # open: still waiting for this client's answer
+                try:
+                    while chunk := raw.recv(65536):
+                        received += chunk
+                    state = "closed"
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    state = "reset"
+                return received, state
+            finally:
+                raw.close()
+
+    received, state = asyncio.run(slow_to_answer())
+    close = received.rfind(b"\x88")
+    assert close >= 0, received[-200:]
+    code = int.from_bytes(received[close + 2 : close + 4], "big")
+    assert code == 4003 and received.endswith(b"This connection takes text messages only.")
+    assert state == "open", state
 
 
 def test_a_client_that_stops_reading_is_dropped_and_costs_bounded_memory(own_server):
