@@ -10,12 +10,8 @@ reachable; under CI it must be)."""
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
-import subprocess
-import sys
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -27,8 +23,7 @@ from django.utils import timezone
 from conversations import chat_search
 from conversations.models import Conversation, Message
 from conversations.replies.service import conversation_create
-from tests.live_server import ROOT
-from tests.test_team_deployment import PG, _reachable
+from tests.postgres import rerun_on_postgresql
 
 pytestmark = pytest.mark.django_db
 
@@ -263,20 +258,5 @@ def _ascii_lower(text: str) -> str:
 
 
 @pytest.mark.services
-def test_the_same_holds_on_postgresql():
-    if connection.vendor == "postgresql":
-        pytest.skip("this run is on PostgreSQL")
-    if not _reachable(PG, 5432):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the search tests on PostgreSQL: {PG} not reachable")
-        pytest.skip(f"PostgreSQL not reachable ({PG})")
-    # pytest-django creates (and drops) test_<name> for the run.
-    database_url = PG.rsplit("/", 1)[0] + f"/qwenweb_search_{uuid.uuid4().hex[:10]}"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not test_the_same_holds_on_postgresql"],
-        cwd=ROOT, env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " failed" not in run.stdout and " passed" in run.stdout, run.stdout[-2000:]
+def test_the_same_holds_on_postgresql(tmp_path):
+    rerun_on_postgresql(__file__, "test_the_same_holds_on_postgresql", tmp_path, may_skip=True)

@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import socket
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -27,7 +21,7 @@ from conversations.models import Conversation, Message, MessageImage, ModelProfi
 from conversations.replies import rules, service
 from conversations.replies.service import conversation_create
 from dashscope_simulator import Scenario
-from tests.conftest import IN_CI
+from tests.postgres import rerun_on_postgresql
 from tests.ws_support import (
     Transcript,
     assistant_reply,
@@ -37,8 +31,6 @@ from tests.ws_support import (
     wait_for_status,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-PG = os.environ.get("QWENWEB_TEST_POSTGRES", "postgres://root@127.0.0.1:5432/test")
 # Set by test_the_same_on_postgresql for the run it starts: that run must really be on it.
 EXPECTED_VENDOR = os.environ.get("QWENWEB_TEST_EXPECT_VENDOR")
 # Every C0 control that is not tab, newline or carriage return, and those three.
@@ -187,36 +179,7 @@ async def test_a_reply_with_nul_from_the_upstream_is_checkpointed_and_saved(
 # -- the same on PostgreSQL ------------------------------------------------------------------
 
 
-def _reachable(url: str) -> bool:
-    host_port = re.match(r"\w+://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", url)
-    host, port = host_port.group(1), int(host_port.group(2) or 5432)
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def test_the_same_on_postgresql(tmp_path):
     """This module's other tests, again, in a pytest run of their own on a fresh PostgreSQL
-    database (pytest-django creates and drops it): NUL is what PostgreSQL refuses."""
-    if connection.vendor == "postgresql":
-        pytest.skip("this run is on PostgreSQL already")
-    if not _reachable(PG):
-        reason = f"needs PostgreSQL: not reachable at {PG} (set QWENWEB_TEST_POSTGRES)"
-        if IN_CI:
-            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
-        pytest.skip(reason)
-    database = f"qwenweb_controls_{uuid.uuid4().hex[:10]}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": PG.rsplit("/", 1)[0] + "/" + database,
-        "QWENWEB_DATA_DIR": str(tmp_path),
-        "QWENWEB_TEST_EXPECT_VENDOR": "postgresql",
-    }
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-               "-k", "not test_the_same_on_postgresql"]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    summary = result.stdout.strip().splitlines()[-1:] or [result.stderr[-2000:]]
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "skipped" not in summary[0], summary[0]
+    database: NUL is what PostgreSQL refuses."""
+    rerun_on_postgresql(__file__, "test_the_same_on_postgresql", tmp_path)

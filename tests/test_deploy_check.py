@@ -14,7 +14,8 @@ import subprocess
 import pytest
 
 from tests.live_server import ROOT
-from tests.test_team_deployment import PG, REDIS, _reachable
+from tests.postgres import PG, reachable
+from tests.test_team_deployment import REDIS
 
 pytestmark = pytest.mark.services
 
@@ -23,9 +24,9 @@ def test_the_team_section_of_the_readme_works_as_written():
     missing = [tool for tool in ("nginx", "psql") if shutil.which(tool) is None]
     if os.geteuid() != 0:
         missing.append("root (nginx is started as root, as on a server)")
-    if not _reachable(PG, 5432):
+    if not reachable(PG, 5432):
         missing.append(f"PostgreSQL ({PG})")
-    if not _reachable(REDIS, 6379):
+    if not reachable(REDIS, 6379):
         missing.append(f"Redis ({REDIS})")
     if missing:
         if os.environ.get("CI"):

@@ -45,11 +45,10 @@ from conversations.upstream import reset_clients
 from dashscope_simulator import Scenario, ScenarioError, tokenize
 from tests.conftest import APP_API_KEY
 from tests.live_server import ROOT, free_port
+from tests.postgres import PG, reachable
 from tests.test_team_deployment import (
-    PG,
     Team,
     _login,
-    _reachable,
     team,  # noqa: F401 (a fixture)
 )
 from tests.ws_support import Transcript, open_chat, receive_until, send_frame
@@ -499,7 +498,7 @@ class RedisServer:
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + 10
-        while not _reachable(self.url, self.port):
+        while not reachable(self.url, self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start: {self.log_path.read_text()}")
@@ -517,7 +516,7 @@ def own_redis_team(app_simulator, tmp_path):
     """Two daphne processes on a fresh PostgreSQL database and a redis-server of their own (as
     the team fixture sets them up), and that redis-server."""
     problems = []
-    if not _reachable(PG, 5432):
+    if not reachable(PG, 5432):
         problems.append(f"PostgreSQL not reachable ({PG})")
     if shutil.which("redis-server") is None:
         problems.append("redis-server is not installed")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,22 +18,12 @@ import httpx
 import pytest
 
 from tests.live_server import ROOT, _start_daphne, new_chat, signed_in_client
+from tests.postgres import PG, reachable
 from tests.ws_support import Transcript
 
 pytestmark = pytest.mark.services
 
-PG = os.environ.get("QWENWEB_TEST_POSTGRES", "postgres://root@127.0.0.1:5432/test")
 REDIS = os.environ.get("QWENWEB_TEST_REDIS", "redis://127.0.0.1:6379/9")
-
-
-def _reachable(url: str, default_port: int) -> bool:
-    host_port = re.match(r"\w+://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", url)
-    host, port = host_port.group(1), int(host_port.group(2) or default_port)
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class Team(list):
@@ -62,7 +50,7 @@ def team(app_simulator, tmp_path_factory):
     missing = [
         name
         for name, url, port in [("PostgreSQL", PG, 5432), ("Redis", REDIS, 6379)]
-        if not _reachable(url, port)
+        if not reachable(url, port)
     ]
     if missing:
         reason = f"{' and '.join(missing)} not reachable ({PG}, {REDIS})"

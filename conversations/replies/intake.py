@@ -6,10 +6,14 @@ the request is built from. Built from querysets, each cost 0.1–0.4 ms of Pytho
 to compile and convert, several times its round trip to the database; on SQLite, where every
 send queues for the one database thread, that is what ten or fifty people sending at once wait
 for. So they are written out here, with table and column names from the models and every value
-a parameter, and what they return converted as the ORM would. The other statements of a send
-(the inserts, the limits) stay where they are: the inserts go through Model.save, the limits
-are SQL already (rules.LoadQuery), and read in the statement that finds the replies in the
-way.
+a parameter, and what they return converted as the ORM would.
+
+On PostgreSQL each statement is a round trip to another process (0.2–0.5 ms on this 2-CPU
+machine, more than its work), so a send makes as few as the checks allow: BEGIN; one statement
+reading the conversation under its lock with its model and prompt, the replies in the way and
+the owner's limits and load (`read_under_lock`, prepared); one statement writing the message,
+its reply and the conversation's move and reading the tree back (`insert_turn`); COMMIT.
+SQLite runs in this process: there the inserts stay Model.save.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from functools import cache
 from django.db import connection
 from django.utils import timezone
 
-from conversations.models import Conversation, Message, ModelProfile
+from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
 
 _conversations = Conversation._meta.db_table
 _messages = Message._meta.db_table
 _profiles = ModelProfile._meta.db_table
+_prompts = SystemPrompt._meta.db_table
 
 
 def _column(model, name: str) -> str:
@@ -54,107 +59,152 @@ def read_uuid(value) -> uuid.UUID | None:
 
 _conversation_fields = list(Conversation._meta.concrete_fields)
 _profile_fields = list(ModelProfile._meta.concrete_fields)
+_prompt_fields = list(SystemPrompt._meta.concrete_fields)
 
 
 @cache
-def _lock_statement(vendor: str) -> tuple[str, list]:
+def _lock_statement(vendor: str) -> tuple[str, dict]:
     """The lock's SQL and the converters of its columns, made once per database kind: built
     per send, they cost more than the statement's round trip."""
     ops = connection.ops
     columns = ", ".join(
         [f"c.{ops.quote_name(f.column)}" for f in _conversation_fields]
         + [f"m.{ops.quote_name(f.column)}" for f in _profile_fields]
+        + [f"sp.{ops.quote_name(f.column)}" for f in _prompt_fields]
     )
     sql = f"SELECT {columns} FROM {_conversations} c JOIN {_profiles} m ON m.id = c.model_id"
-    if connection.features.has_select_for_update_of:
+    locking = connection.features.has_select_for_update_of
+    if locking:
         user_table = Conversation._meta.get_field("owner").related_model._meta.db_table
-        sql += (
-            f" JOIN {user_table} u ON u.id = c.owner_id WHERE c.id = %s FOR NO KEY UPDATE OF c, u"
-        )
-    else:
-        sql += " WHERE c.id = %s"
+        sql += f" JOIN {user_table} u ON u.id = c.owner_id"
+    sql += f" LEFT JOIN {_prompts} sp ON sp.id = c.system_prompt_id WHERE c.id = %s"
+    if locking:
+        sql += " FOR NO KEY UPDATE OF c, u"
     compiler = ops.compiler("SQLCompiler")(Conversation.objects.none().query, connection, None)
-    fields = _conversation_fields + _profile_fields
+    fields = _conversation_fields + _profile_fields + _prompt_fields
     converters = compiler.get_converters([f.get_col(f.model._meta.db_table) for f in fields])
     return sql, converters
 
 
-def lock_conversation(conversation_id) -> Conversation:
-    """The conversation read afresh, locked until the transaction ends, with its owner's row
-    (PostgreSQL; SQLite's transactions are serialised whole), and its model, in one
-    statement. Raises Conversation.DoesNotExist if it is gone."""
-    sql, converters = _lock_statement(connection.vendor)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [_param(Conversation, "id", conversation_id)])
-        row = cursor.fetchone()
-    if row is None:
+def _locked(conversation_id, rows: list) -> Conversation:
+    """The lock statement's row as a Conversation with its model and prompt, converted as a
+    queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
+    if not rows:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    # Converted as a queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…).
-    row = list(row)
+    _sql, converters = _lock_statement(connection.vendor)
+    row = list(rows[0])
     for at, (converter_list, expression) in converters.items():
         for converter in converter_list:
             row[at] = converter(row[at], expression, connection)
-    split = len(_conversation_fields)
+    split, prompt_at = len(_conversation_fields), len(_conversation_fields) + len(_profile_fields)
     conversation = Conversation.from_db(
         connection.alias, [f.attname for f in _conversation_fields], row[:split]
     )
     conversation.model = ModelProfile.from_db(
-        connection.alias, [f.attname for f in _profile_fields], row[split:]
+        connection.alias, [f.attname for f in _profile_fields], row[split:prompt_at]
+    )
+    conversation.system_prompt = (
+        SystemPrompt.from_db(connection.alias, [f.attname for f in _prompt_fields], row[prompt_at:])
+        if conversation.system_prompt_id is not None
+        else None
     )
     return conversation
 
 
-def in_the_way(
-    conversation_id, client_message_id: uuid.UUID | None, load: tuple[str, list] | None = None
-) -> tuple[list[tuple], tuple | None]:
-    """(client_message_id, status, updated_at, pk) of the conversation's replies being written,
-    and of the message this client_message_id made, if any; with `load` (rules.user_load_sql:
-    one row of the owner's load), that row too, read by the same statement."""
+def lock_conversation(conversation_id) -> Conversation:
+    """The conversation read afresh, locked until the transaction ends, with its owner's row
+    (PostgreSQL; SQLite's transactions are serialised whole), its model and its system
+    prompt, in one statement. Raises Conversation.DoesNotExist if it is gone."""
+    sql, _converters = _lock_statement(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_param(Conversation, "id", conversation_id)])
+        return _locked(conversation_id, cursor.fetchall())
+
+
+@cache
+def _way_statement(load_sql: str) -> str:
+    """The replies in the way (being written, or made by this client_message_id: a resent
+    frame; NULL matches nothing), none usually, joined to the one row of the owner's load
+    (rules._load_sql: two texts)."""
     sent = _column(Message, "client_message_id")
-    sql = (
-        f"SELECT {sent}, status, updated_at, id FROM {_messages} "
-        "WHERE conversation_id = %s AND (status = %s"
+    way = (
+        f"SELECT {sent} AS way_sent, status AS way_status, updated_at AS way_at, id AS way_id "
+        f"FROM {_messages} WHERE conversation_id = %s AND (status = %s OR {sent} = %s)"
     )
-    params = [_param(Message, "conversation", conversation_id), Message.Status.STREAMING.value]
-    if client_message_id is not None:
-        sql += f" OR {sent} = %s"
-        params.append(_param(Message, "client_message_id", client_message_id))
-    sql += ")"
-    if load is not None:
-        # A one-row subquery, joined to the replies in the way (none, usually).
-        load_sql, load_params = load
-        sql = f"SELECT w.*, l.* FROM ({load_sql}) l LEFT JOIN ({sql}) w ON 1 = 1"
-        params = [*load_params, *params]
-    rows = _prepared(sql, params) if load is not None else None
-    if rows is None:
+    return f"SELECT w.*, l.* FROM ({load_sql}) l LEFT JOIN ({way}) w ON 1 = 1"
+
+
+def read_under_lock(
+    conversation_id, client_message_id: uuid.UUID | None, load: tuple[str, list]
+) -> tuple[Conversation, list[tuple], tuple]:
+    """What a new reply is checked against: the conversation read afresh and locked until the
+    transaction ends, with its owner's row (PostgreSQL; SQLite's transactions are serialised
+    whole), its model and its system prompt; the replies in the way ((client_message_id,
+    status, updated_at, pk) of those being written, and of the message this client_message_id
+    made, if any); and the row of `load` (rules.LoadQuery: the owner's limits and load).
+    Raises Conversation.DoesNotExist if the chat is gone.
+
+    Two statements, the second read after the lock is held (on PostgreSQL a statement sees
+    what was committed when it began: one statement waiting for the lock would count the
+    owner's replies as they were before the send it waited for). On PostgreSQL they go out
+    together with the transaction's BEGIN, in one round trip (psycopg's pipeline mode), the
+    second prepared."""
+    lock_sql, _converters = _lock_statement(connection.vendor)
+    lock_params = [_param(Conversation, "id", conversation_id)]
+    load_sql, load_params = load
+    way_sql = _way_statement(load_sql)
+    way_params = [
+        *load_params,
+        _param(Message, "conversation", conversation_id),
+        Message.Status.STREAMING.value,
+        _param(Message, "client_message_id", client_message_id),
+    ]
+    if connection.vendor == "postgresql":
+        locked_rows, rows = _pipelined((lock_sql, lock_params, True), (way_sql, way_params, True))
+    else:
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(lock_sql, lock_params)
+            locked_rows = cursor.fetchall()
+            cursor.execute(way_sql, way_params)
             rows = cursor.fetchall()
+    conversation = _locked(conversation_id, locked_rows)
     found = [
         (read_uuid(sent), status, read_moment(at), pk)
         for sent, status, at, pk, *_load in rows
         if pk is not None
     ]
-    return found, (tuple(rows[0][4:]) if load is not None else None)
+    return conversation, found, tuple(rows[0][4:])
 
 
-def _prepared(sql: str, params: list) -> list | None:
-    """The rows of `sql` run as a prepared statement, on PostgreSQL (None elsewhere: run it as
-    any other). The limits' statement (rules.LoadQuery) resolves every limit and allowlist of
-    the user's groups: PostgreSQL took 1–3 ms to plan it and 0.1–0.3 ms to run it, on every send
-    (prepared: 3.3 -> 1.7–2.0 ms a send, bench/README.md).
-    Its text is made once a process, so it is planned once a connection. Django's cursors
-    bind parameters on the client (the text differs with every value), so this one goes
-    through a server-binding cursor on the same connection, inside the same transaction; it
-    does not show in Django's query log."""
-    if connection.vendor != "postgresql":
-        return None
+def _raw_postgresql():
+    """The psycopg connection under Django's, with statement preparation on for those that
+    ask: Django sets psycopg's threshold to None (never prepare), and psycopg then ignores
+    prepare=True as well. A threshold no statement reaches prepares only those that ask
+    (Django's own cursors bind on the client and cannot prepare)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = 2**31 - 1
+    return raw
+
+
+def _pipelined(*statements: tuple[str, list, bool]) -> list[list]:
+    """The rows of each (sql, params, prepare) statement, sent together in one round trip
+    (psycopg's pipeline mode; with the transaction's BEGIN when one is pending), run one after
+    the other by the server. Server-binding cursors on Django's connection, inside its
+    transaction; they do not show in Django's query log."""
     import psycopg
 
-    connection.ensure_connection()
-    with psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, params, prepare=True)
-        return cursor.fetchall()
+    raw = _raw_postgresql()
+    cursors = [psycopg.Cursor(raw) for _ in statements]
+    try:
+        with raw.pipeline():
+            for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
+                cursor.execute(sql, params, prepare=prepare)
+        return [cursor.fetchall() for cursor in cursors]
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 def move_conversation(conversation_id, **fields) -> None:
@@ -166,6 +216,75 @@ def move_conversation(conversation_id, **fields) -> None:
             f"UPDATE {_conversations} SET {assignments} WHERE id = %s",
             [*params, _param(Conversation, "id", conversation_id)],
         )
+
+
+_insert_fields = [f for f in Message._meta.local_concrete_fields if f is not Message._meta.pk]
+_tree_columns = f"id, parent_id, role, content, {_column(Message, 'tool_steps')}"
+
+
+def insert_turn(
+    user_message: Message, reply: Message, conversation_id, **fields
+) -> dict[int, tuple]:
+    """Insert a user's message and its reply (unsaved Messages; the reply's parent is the
+    message), make the reply the conversation's current message with `fields` set too, and
+    return the conversation's tree as message_tree does, new messages included: on
+    PostgreSQL one statement (two inserts and an update as data-modifying CTEs, and the tree
+    read back), where Model.save and move_conversation make three round trips and the
+    request's history a fourth. The values are those Django's insert would write (each
+    field's pre_save and database form). Elsewhere, Model.save and a read."""
+    if connection.vendor != "postgresql":
+        for message in (user_message, reply):
+            if message is reply:
+                reply.parent_id = user_message.pk
+            message.placed = True  # its parent is chosen (Message.save)
+            message.save(force_insert=True)
+        move_conversation(conversation_id, current_message_id=reply.pk, **fields)
+        return message_tree(conversation_id)
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in _insert_fields)
+
+    def values(message: Message, parent: str | None = None) -> tuple[str, list]:
+        placeholders, params = [], []
+        for field in _insert_fields:
+            if parent and field.attname == "parent_id":
+                placeholders.append(parent)
+                continue
+            placeholders.append("%s")
+            params.append(field.get_db_prep_save(field.pre_save(message, True), connection))
+        return ", ".join(placeholders), params
+
+    user_values, user_params = values(user_message)
+    reply_values, reply_params = values(reply, parent="(SELECT id FROM u)")
+    assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
+    sql = (
+        f"WITH u AS (INSERT INTO {_messages} ({columns}) VALUES ({user_values}) "
+        f"RETURNING {_tree_columns}), "
+        f"a AS (INSERT INTO {_messages} ({columns}) VALUES ({reply_values}) "
+        f"RETURNING {_tree_columns}), "
+        f"c AS (UPDATE {_conversations} SET current_message_id = (SELECT id FROM a)"
+        f"{assignments} WHERE id = %s) "
+        f"SELECT 1, * FROM u UNION ALL SELECT 2, * FROM a "
+        f"UNION ALL SELECT 0, {_tree_columns} FROM {_messages} WHERE conversation_id = %s"
+    )
+    params = [
+        *user_params,
+        *reply_params,
+        *[_param(Conversation, name, value) for name, value in fields.items()],
+        _param(Conversation, "id", conversation_id),
+        _param(Message, "conversation", conversation_id),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    tree = {}
+    for new, pk, *row in rows:
+        tree[pk] = row
+        message = user_message if new == 1 else reply if new == 2 else None
+        if message is not None:
+            message.pk = pk
+            message._state.adding = False
+            message._state.db = connection.alias
+    reply.parent_id = user_message.pk
+    return tree
 
 
 def message_tree(conversation_id) -> dict[int, tuple]:

@@ -24,17 +24,22 @@ def estimate_tokens(text: str) -> int:
 
 
 def build_request(
-    *, conversation: Conversation, reply_to: Message, partial: bool = False
+    *,
+    conversation: Conversation,
+    reply_to: Message,
+    partial: bool = False,
+    tree: dict[int, tuple] | None = None,
 ) -> ChatRequest:
     """The DashScope request for the reply `reply_to`: system prompt, then the history before
     it, trimmed from the oldest turn to fit the model's context window. With `partial`, the
     reply's text so far goes last, marked for DashScope's partial mode: the model carries on
-    from it."""
+    from it. `tree` is the chat's messages as intake.message_tree reads them, if the caller
+    read them already."""
     profile = conversation.model
     # One read of the whole tree, as plain values (a long chat costs its rows, not a model
     # instance per message), then the reply's own branch only: other versions are not part
     # of what it answers.
-    rows = intake.message_tree(conversation.pk)
+    rows = tree if tree is not None else intake.message_tree(conversation.pk)
     path = branches.Tree({pk: row[0] for pk, row in rows.items()}).path(reply_to.parent_id)
     history = [
         (pk, role, content, intake.tool_steps(steps))

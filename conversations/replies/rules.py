@@ -194,8 +194,8 @@ class Load:
 class LoadQuery:
     """The statement that reads one user's limits and load (see check_user_limits), made at
     `now`, and whether the chat's model and system prompt are theirs to use. The send path
-    reads it together with the replies in the way (intake.in_the_way): one round trip fewer on
-    every send.
+    reads it together with the conversation under its lock (intake.read_under_lock): one
+    round trip fewer on every send.
 
     The limits in force are resolved in the statement as quotas.py says (the user's own, else
     the most generous of their groups', else the site's), and each count is read only when its

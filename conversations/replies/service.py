@@ -59,6 +59,7 @@ class StartedReply:
     created: bool  # False when the client_message_id was seen before: no second call
     titled: bool = False  # this message gave the conversation its title
     interrupted: tuple[int, ...] = ()  # replies found dead (their process gone) on the way
+    tree: dict[int, tuple] | None = None  # the chat's messages, if read with the new ones
 
 
 def conversation_configure(
@@ -151,10 +152,9 @@ def reply_start(
     content, images = message["content"], message["image_urls"]
     try:
         with transaction.atomic():
-            # Lock the conversation so two tabs sending at once cannot both start a reply, and
-            # read it afresh: the model or title may have changed since the socket opened.
-            conversation = _lock(conversation)
-            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
+            conversation, existing, interrupted, load = _lock_and_clear(
+                conversation, client_message_id
+            )
             if existing is not None:
                 return existing
             rules.check_model(conversation)
@@ -165,17 +165,24 @@ def reply_start(
             rules.check_images(images, conversation.model)
             rules.check_json_mentioned(conversation, content)
             rules.check_user_limits(conversation, load)
-            user_message, assistant_message = _new_turn(
-                conversation,
+            user_message = Message(
+                conversation=conversation,
                 parent_id=_leaf_id(conversation),
+                role=Message.Role.USER,
                 content=content,
-                images=images,
                 client_message_id=client_message_id,
             )
+            assistant_message = _reply_to_be(conversation)
             titled = not conversation.title
-            _move_to(
-                conversation, assistant_message, title=rules.title_from(content) if titled else ""
-            )
+            # The message, its reply and the chat's move in one statement, the history the
+            # request is built from read back with them (intake.insert_turn).
+            moved = _moved_fields(conversation, title=rules.title_from(content) if titled else "")
+            tree = intake.insert_turn(user_message, assistant_message, conversation.pk, **moved)
+            for name, value in moved.items():
+                setattr(conversation, name, value)
+            conversation.current_message_id = assistant_message.pk
+            user_message.image_list = _attach_images(user_message, images)
+            assistant_message.image_list = []
     except IntegrityError:
         existing = client_message_id and _existing_reply(conversation, client_message_id)
         if not existing:
@@ -188,6 +195,7 @@ def reply_start(
         created=True,
         titled=titled,
         interrupted=tuple(interrupted),
+        tree=tree,
     )
 
 
@@ -202,8 +210,9 @@ def reply_regenerate(
     finished reply may be regenerated: complete, stopped, interrupted or failed (the retry)."""
     try:
         with transaction.atomic():
-            conversation = _lock(conversation)
-            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
+            conversation, existing, interrupted, load = _lock_and_clear(
+                conversation, client_message_id
+            )
             if existing is not None:
                 return existing
             target = conversation.messages.filter(
@@ -242,8 +251,9 @@ def reply_edit(
     content = rules.MessageForm({"content": content}, with_images=False).valid()["content"]
     try:
         with transaction.atomic():
-            conversation = _lock(conversation)
-            existing, interrupted, load = _clear_the_way(conversation, client_message_id)
+            conversation, existing, interrupted, load = _lock_and_clear(
+                conversation, client_message_id
+            )
             if existing is not None:
                 return existing
             original = (
@@ -303,25 +313,37 @@ def branch_switch(*, conversation: Conversation, message_id: int, step: int) -> 
     return leaf
 
 
-def _clear_the_way(
+def _lock_and_clear(
     conversation: Conversation, client_message_id: uuid.UUID | None
-) -> tuple[StartedReply | None, list[int], tuple]:
-    """Under the conversation's lock, before a new reply: the reply this client_message_id
-    started already (a resent frame), if any; else the replies found dead (their process
-    gone, now interrupted), and the owner's load for rules.check_user_limits. Refused while a
-    live reply is being written. One query."""
+) -> tuple[Conversation, StartedReply | None, list[int], tuple]:
+    """Lock the conversation and read it afresh (two tabs sending at once cannot both start a
+    reply; the model or title may have changed since the socket opened), then, before a new
+    reply: the reply this client_message_id started already (a resent frame), if any; else
+    the replies found dead (their process gone, now interrupted), and the owner's load for
+    rules.check_user_limits. Refused while a live reply is being written. One statement
+    (intake.read_under_lock), two when the chat's model or prompt changed since `conversation`
+    was read (whether the owner may use them is part of the load)."""
     query = rules.LoadQuery.of(
         conversation.owner_id,
         model_id=conversation.model_id,
         prompt_id=conversation.system_prompt_id,
     )
-    in_the_way, row = intake.in_the_way(
+    locked, in_the_way, row = intake.read_under_lock(
         conversation.pk, client_message_id, (query.sql, query.params)
     )
+    if (locked.model_id, locked.system_prompt_id) != (
+        conversation.model_id,
+        conversation.system_prompt_id,
+    ):
+        query = rules.LoadQuery.of(
+            locked.owner_id, model_id=locked.model_id, prompt_id=locked.system_prompt_id
+        )
+        row = query.read()
+    conversation = locked
     streaming = []
     for sent_id, status, updated_at, pk in in_the_way:
         if client_message_id is not None and sent_id == client_message_id:
-            return _existing_reply(conversation, client_message_id), [], None
+            return conversation, _existing_reply(conversation, client_message_id), [], None
         if status == Message.Status.STREAMING:
             streaming.append((pk, updated_at))
     interrupted = _interrupt_dead(conversation, streaming)
@@ -331,7 +353,7 @@ def _clear_the_way(
         )
     # Replies just found dead were counted as streaming only if their heartbeat was recent,
     # which it was not (the load counts live replies alone).
-    return None, interrupted, (query, row)
+    return conversation, None, interrupted, (query, row)
 
 
 def _leaf_id(conversation: Conversation) -> int | None:
@@ -356,21 +378,31 @@ def _new_turn(
         content=content,
         client_message_id=client_message_id,
     )
-    user_message.image_list = MessageImage.objects.bulk_create(
-        [
-            MessageImage(message=user_message, upload=image)
-            if isinstance(image, Upload)
-            else MessageImage(message=user_message, url=image)
-            for image in images
-        ]
-    )
+    user_message.image_list = _attach_images(user_message, images)
     return user_message, _new_reply(conversation, parent_id=user_message.pk)
 
 
-def _new_reply(
-    conversation: Conversation, *, parent_id: int, client_message_id: uuid.UUID | None = None
+def _attach_images(message: Message, images: list[str | Upload]) -> list[MessageImage]:
+    if not images:
+        return []
+    return MessageImage.objects.bulk_create(
+        [
+            MessageImage(message=message, upload=image)
+            if isinstance(image, Upload)
+            else MessageImage(message=message, url=image)
+            for image in images
+        ]
+    )
+
+
+def _reply_to_be(
+    conversation: Conversation,
+    *,
+    parent_id: int | None = None,
+    client_message_id: uuid.UUID | None = None,
 ) -> Message:
-    reply = _create_message(
+    """A reply to be written by a new generation (not saved yet)."""
+    return Message(
         conversation=conversation,
         parent_id=parent_id,
         role=Message.Role.ASSISTANT,
@@ -380,6 +412,14 @@ def _new_reply(
         client_message_id=client_message_id,
         json_mode=options.json_mode(conversation.settings or {}, conversation.model),
     )
+
+
+def _new_reply(
+    conversation: Conversation, *, parent_id: int, client_message_id: uuid.UUID | None = None
+) -> Message:
+    reply = _reply_to_be(conversation, parent_id=parent_id, client_message_id=client_message_id)
+    reply.placed = True  # its parent is chosen (Message.save)
+    reply.save(force_insert=True)
     reply.image_list = []
     return reply
 
@@ -391,23 +431,31 @@ def _create_message(**fields) -> Message:
     return message
 
 
+def _moved_fields(conversation: Conversation, *, title: str = "") -> dict:
+    """What a new end of the active branch changes in its conversation, but the end itself
+    (current_message_id) and the versions shown: the chat becomes the user's latest, takes
+    its prompt's text with its first message, and its title, if given."""
+    fields = {"updated_at": timezone.now()}
+    if conversation.system_prompt_text is None:
+        # The chat's first message: its prompt's text is the chat's from now on (editing
+        # the library rewrites no history).
+        prompt = conversation.system_prompt
+        fields["system_prompt_text"] = prompt.text if prompt else ""
+    if title:
+        fields["title"] = title
+    return fields
+
+
 def _move_to(
     conversation: Conversation, leaf: Message, *, title: str = "", forked: bool = False
 ) -> None:
     """Make `leaf` the end of the active branch (and the chat the user's latest). After a
     fork (a regenerate, an edit), the versions it shows are remembered (branch_choices), so
     that switching away and back shows them again."""
-    fields = {"current_message_id": leaf.pk, "updated_at": timezone.now()}
-    if conversation.system_prompt_text is None:
-        # The chat's first message: its prompt's text is the chat's from now on (editing
-        # the library rewrites no history).
-        prompt = conversation.system_prompt
-        fields["system_prompt_text"] = prompt.text if prompt else ""
+    fields = {"current_message_id": leaf.pk, **_moved_fields(conversation, title=title)}
     if forked:
         tree = branches.load(conversation)
         fields["branch_choices"] = tree.remember(leaf.pk, conversation.branch_choices)
-    if title:
-        fields["title"] = title
     intake.move_conversation(conversation.pk, **fields)
     for name, value in fields.items():
         setattr(conversation, name, value)
@@ -514,7 +562,9 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
         if not started.created:
             return started, None, []
         request = prompt.build_request(
-            conversation=started.conversation, reply_to=started.assistant_message
+            conversation=started.conversation,
+            reply_to=started.assistant_message,
+            tree=started.tree,
         )
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages

@@ -1,0 +1,187 @@
+"""The send path's statements (conversations/replies/intake.py): what they read under the
+conversation's lock, and what they write, must be what the ORM would read and write; on
+PostgreSQL they are written out (a pipeline of two reads, one statement of data-modifying CTEs),
+so test_the_same_on_postgresql runs this module there too."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
+from conversations.replies import intake, rules, service
+from tests.postgres import rerun_on_postgresql
+
+pytestmark = pytest.mark.django_db
+
+# Set by test_the_same_on_postgresql for the run it starts: that run must really be on it.
+EXPECTED_VENDOR = os.environ.get("QWENWEB_TEST_EXPECT_VENDOR")
+
+
+@pytest.fixture(autouse=True)
+def _on_the_expected_database():
+    if EXPECTED_VENDOR:
+        assert connection.vendor == EXPECTED_VENDOR
+
+
+@pytest.fixture
+def chat():
+    owner = get_user_model().objects.create_user("ivy", password="pw")
+    prompt = SystemPrompt.objects.create(name="Terse", text="Answer in one line.")
+    return service.conversation_create(owner=owner, system_prompt=prompt)
+
+
+def _read(conversation, client_message_id=None):
+    query = rules.LoadQuery.of(
+        conversation.owner_id,
+        model_id=conversation.model_id,
+        prompt_id=conversation.system_prompt_id,
+    )
+    with transaction.atomic():
+        locked, way, row = intake.read_under_lock(
+            conversation.pk, client_message_id, (query.sql, query.params)
+        )
+    return locked, way, query.load(row)
+
+
+def test_the_locked_read_brings_the_chat_its_model_and_prompt(chat):
+    locked, way, load = _read(chat)
+    assert locked == chat and locked.model == chat.model
+    assert locked.title == chat.title and locked.settings == chat.settings
+    assert locked.created_at == Conversation.objects.get(pk=chat.pk).created_at
+    default = ModelProfile.objects.default().name
+    with CaptureQueriesContext(connection) as queries:
+        assert locked.model.name == default
+        assert locked.system_prompt.text == "Answer in one line."
+    assert len(queries) == 0
+    assert way == []
+    assert load.model_allowed and load.prompt_allowed and load.streaming == 0
+
+
+def test_the_locked_read_finds_the_replies_in_the_way_and_a_resent_message(chat):
+    sent = uuid.uuid4()
+    service.reply_start(conversation=chat, content="hello", client_message_id=sent)
+    streaming = Message.objects.get(conversation=chat, role="assistant")
+    _locked, way, load = _read(chat, client_message_id=sent)
+    assert len(way) == 2
+    found = {pk: (s, status, at) for s, status, at, pk in way}
+    assert found[streaming.pk][1] == "streaming"
+    assert found[streaming.pk][2] == Message.objects.get(pk=streaming.pk).updated_at
+    assert found[streaming.parent_id][0] == sent
+    assert load.streaming == 1
+
+
+def test_a_chat_without_prompt_and_a_gone_chat(chat):
+    Conversation.objects.filter(pk=chat.pk).update(system_prompt=None)
+    locked, _way, _load = _read(chat)
+    assert locked.system_prompt is None
+    with pytest.raises(Conversation.DoesNotExist):
+        _read(Conversation(pk=uuid.uuid4(), owner=chat.owner, model=chat.model))
+
+
+def _fields(message: Message) -> dict:
+    return {
+        f.attname: getattr(message, f.attname)
+        for f in Message._meta.concrete_fields
+        if f.attname
+        not in {
+            "id",
+            "parent_id",
+            "created_at",
+            "updated_at",
+            "writer",
+            "client_message_id",
+        }  # fmt: skip
+    }
+
+
+def test_insert_turn_writes_what_model_save_writes(chat):
+    """The statement written out on PostgreSQL leaves the rows Model.save would (defaults,
+    JSON, booleans), returns the tree as message_tree reads it, and moves the chat."""
+    earlier = service.reply_start(conversation=chat, content="first")
+    Message.objects.filter(pk=earlier.assistant_message.pk).update(
+        status="complete", content="one", tool_steps=[{"name": "get_current_time"}]
+    )
+    before = timezone.now()
+    conversation = Conversation.objects.get(pk=chat.pk)
+    user_message = Message(
+        conversation=conversation,
+        parent_id=conversation.current_message_id,
+        role="user",
+        content="second 第二",
+        client_message_id=uuid.uuid4(),
+    )
+    reply = service._reply_to_be(conversation)
+    with transaction.atomic():
+        tree = intake.insert_turn(
+            user_message, reply, conversation.pk, updated_at=before, title="Renamed"
+        )
+    saved_user, saved_reply = (Message.objects.get(pk=m.pk) for m in (user_message, reply))
+    assert saved_reply.parent_id == saved_user.pk == reply.parent_id
+    assert saved_user.parent_id == earlier.assistant_message.pk
+    assert saved_user.client_message_id == user_message.client_message_id
+    assert saved_reply.writer == reply.writer and saved_reply.status == "streaming"
+    assert not user_message._state.adding and not reply._state.adding
+    # The same messages saved by the ORM, field by field.
+    by_orm = [
+        Message(**{**_fields(m), "conversation_id": conversation.pk, "parent_id": None})
+        for m in (user_message, reply)
+    ]
+    for message in by_orm:
+        message.placed = True
+        message.save()
+    for written, expected in zip((saved_user, saved_reply), by_orm, strict=True):
+        assert _fields(written) == _fields(Message.objects.get(pk=expected.pk))
+        assert written.created_at >= before - timedelta(seconds=1)
+    assert set(tree) == {
+        earlier.user_message.pk, earlier.assistant_message.pk, saved_user.pk, saved_reply.pk
+    }  # fmt: skip
+    assert tree == {
+        pk: row for pk, row in intake.message_tree(conversation.pk).items() if pk in set(tree)
+    }
+    assert intake.tool_steps(tree[earlier.assistant_message.pk][3]) == [
+        {"name": "get_current_time"}
+    ]
+    moved = Conversation.objects.get(pk=chat.pk)
+    assert moved.current_message_id == saved_reply.pk
+    assert moved.title == "Renamed" and moved.updated_at == before
+
+
+def test_insert_turn_refuses_a_client_message_id_twice(chat):
+    sent = uuid.uuid4()
+    service.reply_start(conversation=chat, content="once", client_message_id=sent)
+    conversation = Conversation.objects.get(pk=chat.pk)
+    again = Message(conversation=conversation, role="user", content="twice", client_message_id=sent)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        intake.insert_turn(again, service._reply_to_be(conversation), conversation.pk)
+    assert Message.objects.filter(conversation=chat).count() == 2
+
+
+def test_a_send_reads_the_limits_of_the_chats_current_model(chat):
+    """The socket's copy of the chat may name a model the chat no longer has: the allowlist
+    is checked for the one read under the lock."""
+    from django.contrib.auth.models import Group
+
+    from conversations.models import GroupPolicy
+
+    other = ModelProfile.objects.create(name="qwen-turbo-test")
+    group = Group.objects.create(name="interns")
+    chat.owner.groups.add(group)
+    policy = GroupPolicy.objects.create(group=group)
+    policy.allowed_models.add(chat.model)
+    stale = Conversation.objects.get(pk=chat.pk)
+    Conversation.objects.filter(pk=chat.pk).update(model=other)
+    with pytest.raises(service.ReplyRefused):
+        service.reply_start(conversation=stale, content="hello")
+    assert not Message.objects.filter(conversation=chat).exists()
+
+
+def test_the_same_on_postgresql(tmp_path):
+    rerun_on_postgresql(__file__, "test_the_same_on_postgresql", tmp_path)
