@@ -782,7 +782,9 @@ def p2_table(name: str, results: list[dict]) -> list[str]:
     return rows
 
 
-async def run_p1(stack: Stack, clients: Clients, levels: list[tuple[int, int]]) -> list:
+async def run_p1(
+    stack: Stack, clients: Clients, levels: list[tuple[int, int]], profile_at: int | None = None
+) -> list:
     # Warm up: the first reply of a process creates its DashScope client and connections.
     await p1_app(clients, 1, 2, "p1-warm")
     await p1_bare(stack.sim_url, 1, 2)
@@ -796,6 +798,27 @@ async def run_p1(stack: Stack, clients: Clients, levels: list[tuple[int, int]]) 
         print(f"  P1 {level:>3} sends: app added p50 {ms(pct(app['added'], .5))} ms, p95 "
               f"{ms(pct(app['added'], .95))} ms; bare p50 {ms(pct(bare['added'], .5))} ms",
               flush=True)  # fmt: skip
+    if profile_at and PYSPY:
+        # After the measured levels (py-spy's sampling would slow them): rounds of
+        # `profile_at` sends under py-spy, to see where a send's time goes.
+        PROFILES.mkdir(exist_ok=True)
+        raw = PROFILES / f"p1-{stack.name}-{profile_at}.txt"
+        seconds = PROFILE_SECONDS * 2
+        profiler = subprocess.Popen(  # noqa: ASYNC220 (starts at once, waited for below)
+            [PYSPY, "record", "--pid", str(stack.daphnes[0].pid), "--duration", str(seconds),
+             "--rate", str(PROFILE_RATE), "--nonblocking", "--format", "raw", "-o", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        began = time.monotonic()
+        while time.monotonic() - began < seconds - 1:
+            await p1_app(clients, profile_at, 1, f"p1-profile-{uuid.uuid4().hex[:6]}")
+        _out, errors = await asyncio.to_thread(profiler.communicate)
+        if not raw.exists():
+            print(f"  P1 profile: py-spy failed: {errors.decode()[-500:]}", flush=True)
+        else:
+            print(f"  P1 profile, {profile_at} sends a round, daphne0 -> {raw}", flush=True)
+            for line in summarize_profile(raw, seconds, PROFILE_RATE, top=25):
+                print("  " + line, flush=True)
     return results
 
 
@@ -868,19 +891,20 @@ async def run_soak(
 
 
 async def run_stack(name: str, processes: int, sim, sim_url: str, p1_levels, p2_levels,
-                    profile_at, deadline, floor: bool = False, soak=None) -> dict:  # fmt: skip
+                    profile_at, deadline, floor: bool = False, soak=None,
+                    p1_profile: int | None = None) -> dict:  # fmt: skip
     print(f"== {name}: starting {processes} daphne process(es)", flush=True)
     stack = (build_floor_stack if floor else build_stack)(name, processes, sim, sim_url)
     out = {"stack": stack}
     try:
         needed = max([*p2_levels, *(lvl for lvl, _ in p1_levels), profile_at or 0,
-                      soak[0] if soak else 0])  # fmt: skip
+                      soak[0] if soak else 0, p1_profile or 0])  # fmt: skip
         clients = Clients(stack, users=needed, conversations=needed)
         try:
             if soak:
                 out["soak"] = await run_soak(stack, clients, *soak)
             if p1_levels:
-                out["p1"] = await run_p1(stack, clients, p1_levels)
+                out["p1"] = await run_p1(stack, clients, p1_levels, p1_profile)
             out["p2"] = await run_p2(stack, clients, p2_levels, profile_at, deadline)
         finally:
             await clients.close()
@@ -911,6 +935,12 @@ def main() -> None:
         type=int,
         default=None,
         help="concurrency of the extra profiled 1-process level (default 100)",
+    )
+    parser.add_argument(
+        "--profile-p1",
+        type=int,
+        default=None,
+        help="after P1's levels, profile daphne0 (py-spy) over rounds of this many sends",
     )
     parser.add_argument(
         "--conn-max-age",
@@ -998,7 +1028,8 @@ def main() -> None:
         for key, processes, title, p2_levels, profile, floor in runs:
             outputs[title] = asyncio.run(run_stack(
                 key, processes, sim, sim_url, p1_levels, p2_levels, profile,
-                deadline=time.monotonic() + budget, floor=floor))  # fmt: skip
+                deadline=time.monotonic() + budget, floor=floor,
+                p1_profile=args.profile_p1))  # fmt: skip
     finally:
         sim.terminate()
         sim.wait(timeout=10)
