@@ -193,6 +193,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 )
                 return
             await getattr(self, f"_on_{kind}")(data)
+            if self.session_check.due(now := self._now()):
+                self._spawn(self.session_check.refresh(now))
 
     async def _on_send(self, data: dict) -> None:
         client_message_id = rules.clean_client_message_id(data.get("client_message_id"))

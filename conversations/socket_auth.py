@@ -42,14 +42,40 @@ def owned_conversation(user, conversation_id) -> Conversation | None:
 class SessionCheck:
     """Whether the session that opened a socket still signs its user in, checked against the
     session store and the user's row (a change made anywhere counts), and trusted for
-    SESSION_CHECK_INTERVAL after a check that passed."""
+    SESSION_CHECK_INTERVAL after a check that passed.
+
+    A socket in use keeps its check fresh in the background (`due`, `refresh`: once half the
+    interval has passed, after a frame was handled), so that a send does not wait for a check
+    on the way to DashScope (P1 in bench/README.md); a frame after a quiet spell still waits
+    for one (`still_valid`)."""
 
     def __init__(self, session_key: str | None, user_id, checked_at: float) -> None:
         self.session_key = session_key
         self.user_id = user_id
         self.checked_at = checked_at  # the auth middleware checked it as the socket opened
+        self.refreshing = False
+        self.ended = False  # a check in the background found the session gone
+
+    def due(self, now: float) -> bool:
+        return not self.refreshing and now - self.checked_at >= SESSION_CHECK_INTERVAL / 2
+
+    async def refresh(self, now: float) -> None:
+        """Check again, in the background; the next frame is refused if the session is gone."""
+        self.refreshing = True
+        try:
+            valid = await session_signs_in(self.session_key, self.user_id)
+        except Exception:
+            return  # the next frame past the interval checks again, and says why
+        finally:
+            self.refreshing = False
+        if valid:
+            self.checked_at = max(self.checked_at, now)
+        else:
+            self.ended = True
 
     async def still_valid(self, now: float) -> bool:
+        if self.ended:
+            return False
         if now - self.checked_at < SESSION_CHECK_INTERVAL:
             return True
         try:

@@ -911,6 +911,31 @@ async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(s
     assert not await _session_signs_in("no-such-session", owner.pk)
 
 
+async def test_a_socket_in_use_checks_its_session_in_the_background():
+    """A frame past the interval waits for a check; once half of it has passed a check runs in
+    the background, so the next frames need none; a session found gone that way refuses the
+    next frame without asking again."""
+    from django.contrib.sessions.models import Session
+
+    from conversations.socket_auth import SESSION_CHECK_INTERVAL, SessionCheck
+
+    owner = await make_user("alice")
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    key = client.cookies["sessionid"].value
+    check = SessionCheck(key, owner.pk, checked_at=0.0)
+    assert await check.still_valid(SESSION_CHECK_INTERVAL - 0.1)  # trusted: no query
+    assert not check.due(SESSION_CHECK_INTERVAL / 2 - 0.1) and check.due(SESSION_CHECK_INTERVAL / 2)
+    await check.refresh(SESSION_CHECK_INTERVAL / 2)
+    assert check.checked_at == SESSION_CHECK_INTERVAL / 2 and not check.ended
+    # Trusted past the first check's interval, thanks to the background one.
+    assert await check.still_valid(SESSION_CHECK_INTERVAL + 0.5)
+    await Session.objects.filter(session_key=key).adelete()
+    assert await check.still_valid(SESSION_CHECK_INTERVAL + 0.6)  # not asked again yet
+    await check.refresh(SESSION_CHECK_INTERVAL + 0.7)
+    assert check.ended and not await check.still_valid(SESSION_CHECK_INTERVAL + 0.8)
+
+
 async def test_a_finished_reply_keeps_its_timestamp_on_the_page(app_simulator):
     """The reply's end comes from its generation, which renders it from an event: the time it
     was written is carried along, so it does not vanish when the reply finishes."""
