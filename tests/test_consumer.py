@@ -936,6 +936,24 @@ async def test_a_socket_in_use_checks_its_session_in_the_background():
     assert check.ended and not await check.still_valid(SESSION_CHECK_INTERVAL + 0.8)
 
 
+async def test_a_send_is_announced_as_soon_as_its_request_has_gone_out(app_simulator, monkeypatch):
+    """The announcement waits for the request to be written, not for the reply: with the
+    head start's cap at 30 s and the first token 5 s away, the user's message is on the page
+    at once. (Before: the wait took the first of "written and upstream ended" or the cap, so
+    every send was announced 50 ms late, and its socket read no frame meanwhile.)"""
+    from conversations.replies import generation
+
+    monkeypatch.setattr(generation, "REQUEST_HEAD_START", 30)
+    app_simulator.add_scenario(Scenario(match="slow to think", tokens=2, first_token_delay=5))
+    _owner, _conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("You are slow to think"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "streaming" in t.status.values(), within=3)
+    assert not any(frame.startswith("+") for frame in transcript.frames), "before any token"
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
+    await ws.disconnect()
+
+
 async def test_a_finished_reply_keeps_its_timestamp_on_the_page(app_simulator):
     """The reply's end comes from its generation, which renders it from an event: the time it
     was written is carried along, so it does not vanish when the reply finishes."""
