@@ -227,9 +227,9 @@ def new_page(browser):
     """Pages in fresh browser contexts (separate cookies), closed after the test."""
     contexts = []
 
-    def make(color_scheme: str = "light", locale: str = "en-US"):
+    def make(color_scheme: str = "light", locale: str = "en-US", width: int = 1200):
         context = browser.new_context(
-            viewport={"width": 1200, "height": 800}, color_scheme=color_scheme, locale=locale
+            viewport={"width": width, "height": 800}, color_scheme=color_scheme, locale=locale
         )
         contexts.append(context)
         return context.new_page()

@@ -41,7 +41,13 @@ for day in range(30):
 
 @pytest.fixture(scope="module")
 def usage_app(app_simulator):
-    with running_app(app_simulator, QWENWEB_CHATS_PER_MINUTE="0") as app:
+    with running_app(
+        app_simulator,
+        QWENWEB_CHATS_PER_MINUTE="0",
+        QWENWEB_TOKENS_PER_DAY="200000",
+        QWENWEB_TOKENS_PER_MONTH="5000000",
+        QWENWEB_COST_PER_MONTH="50",
+    ) as app:
         app.manage("shell", "-c", SEED)
         yield app
 
@@ -74,10 +80,32 @@ def test_the_usage_page_draws_its_chart_within_the_csp(usage_app, new_page, colo
     assert refused == []
 
 
-def test_a_users_settings_page_shows_their_own_usage(usage_app, new_page):
-    page = new_page()
+@pytest.mark.parametrize(
+    ("color_scheme", "width"), [("light", 1200), ("dark", 375), ("light", 375)]
+)
+def test_a_users_settings_page_shows_their_own_usage(usage_app, new_page, color_scheme, width):
+    """Their usage, and each quota in force with what is left, on a desktop and on a phone
+    (nothing wider than the screen), light and dark."""
+    page = new_page(color_scheme=color_scheme, width=width)
     usage_app.login(page, "bob")
     page.goto(f"{usage_app.url}/settings/")
     usage = page.locator("#usage")
     assert usage.locator('[data-usage="month-replies"]').inner_text() != "0"
-    usage.screenshot(path=str(ARTIFACTS / "settings-usage.png"))
+    quotas = page.locator("#quotas")
+    assert sorted(quotas.locator("tr[data-quota]").evaluate_all(
+        "rows => rows.map(row => row.dataset.quota)"
+    )) == ["cost_per_month", "tokens_per_day", "tokens_per_month"]  # fmt: skip
+    too_wide = page.evaluate(
+        """width => [...document.querySelectorAll("body *")]
+            .filter(element => element.getBoundingClientRect().right > width + 0.5)
+            .map(element => element.tagName + "#" + element.id + "." + element.className)
+            .slice(0, 8)""",
+        width,
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, too_wide
+    box = quotas.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= width
+    name = "settings-usage" + ("" if width > 720 else f"-phone-{color_scheme}")
+    page.locator("#usage").screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    if width <= 720:
+        page.screenshot(path=str(ARTIFACTS / f"{name}-page.png"), full_page=True)
