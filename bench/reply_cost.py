@@ -126,10 +126,11 @@ async def one_reply(tokens: int) -> dict:
 
 def intake_database_work(rounds: int = 200) -> dict:
     """The save-first part of P1's intake, alone: what reply_start and build_request cost
-    per send on this machine's SQLite (the limits query, 2 inserts, the conversation's update
-    and the history read, in one transaction), median of `rounds` sends to fresh chats, with
-    nothing else running. No design that saves the message before calling DashScope avoids
-    this; bench/load.py's floor (daphne + the client) does not include it."""
+    per send on this machine's SQLite (the lock, the limits and the replies in the way, two
+    inserts, the conversation's update and the history read, in one transaction), median of
+    `rounds` sends to fresh chats, with nothing else running. No design that saves the
+    message before calling DashScope avoids this; bench/load.py's floor (daphne + the
+    client) does not include it."""
     import statistics
     import uuid
 
@@ -145,7 +146,9 @@ def intake_database_work(rounds: int = 200) -> dict:
         for n, chat in enumerate(chats):
             started = time.perf_counter()
             reply = reply_start(conversation=chat, content="hello", client_message_id=uuid.uuid4())
-            build_request(conversation=reply.conversation, reply_to=reply.assistant_message)
+            build_request(
+                conversation=reply.conversation, reply_to=reply.assistant_message, tree=reply.tree
+            )
             if n >= 20:  # the first ones warm the caches
                 times.append(time.perf_counter() - started)
     median_ms = statistics.median(times) * 1000
