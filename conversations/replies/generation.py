@@ -188,7 +188,6 @@ class Generation:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 wrote.cancel()
-                __import__('builtins').open(f"/tmp/trace-{__import__('os').getpid()}.txt", 'a').write(f"f_request_sent {self.conversation_id} {__import__('time').time():.6f}\n")
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))
