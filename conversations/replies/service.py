@@ -320,7 +320,7 @@ def _lock_and_clear(
     reply; the model or title may have changed since the socket opened), then, before a new
     reply: the reply this client_message_id started already (a resent frame), if any; else
     the replies found dead (their process gone, now interrupted), and the owner's load for
-    rules.check_user_limits. Refused while a live reply is being written. One statement
+    rules.check_user_limits. Refused while a live reply is being written. One round trip
     (intake.read_under_lock), two when the chat's model or prompt changed since `conversation`
     was read (whether the owner may use them is part of the load)."""
     query = rules.LoadQuery.of(
