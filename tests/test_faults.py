@@ -407,12 +407,18 @@ def sent(content: str) -> dict:
 def open_team_chat(url: str) -> tuple[httpx.Client, str, str]:
     """tess logged in on `url`, a new chat of hers, and the cookie for its sockets."""
     client = _login(url)
+    path = new_team_chat(client, url)
+    cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+    return client, path, cookie
+
+
+def new_team_chat(client: httpx.Client, url: str) -> str:
+    """The path of a new chat made by `client` (signed in on `url`)."""
     response = client.post(
         "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
         headers={"Referer": f"{url}/"},
     )  # fmt: skip
-    cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
-    return client, response.headers["Location"], cookie
+    return response.headers["Location"]
 
 
 @pytest.mark.services

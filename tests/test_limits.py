@@ -420,18 +420,12 @@ def test_one_persons_sends_through_two_processes_at_once_start_only_their_limit(
     only where the test database is PostgreSQL)."""
     import asyncio
 
-    from tests.test_faults import LONG_REPLY, Tab, open_team_chat, sent, until
+    from tests.test_faults import LONG_REPLY, Tab, new_team_chat, open_team_chat, sent, until
 
     app_simulator.add_scenario(Scenario(match="at once", reply=LONG_REPLY, token_delay=0.02))
     url_a, url_b = team
     client, path, cookie = open_team_chat(url_a)
-    paths = [path]
-    for _ in range(5):
-        response = client.post(
-            "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
-            headers={"Referer": f"{url_a}/"},
-        )  # fmt: skip
-        paths.append(response.headers["Location"])
+    paths = [path, *(new_team_chat(client, url_a) for _ in range(5))]
 
     def refused(tab: Tab) -> bool:
         return any('role="alert"' in frame for frame in tab.page.frames)

@@ -546,7 +546,7 @@ def test_a_groups_limits_hold_across_two_processes(team, app_simulator):  # noqa
     on either process, is refused, and DashScope hears nothing more."""
     import asyncio
 
-    from tests.test_faults import LONG_REPLY, Tab, open_team_chat, sent, until
+    from tests.test_faults import LONG_REPLY, Tab, new_team_chat, open_team_chat, sent, until
 
     _in_the_team(
         team,
@@ -560,13 +560,7 @@ def test_a_groups_limits_hold_across_two_processes(team, app_simulator):  # noqa
     app_simulator.add_scenario(Scenario(match="at once", reply=LONG_REPLY, token_delay=0.02))
     url_a, url_b = team
     client, path, cookie = open_team_chat(url_a)
-    paths = [path]
-    for _ in range(5):
-        response = client.post(
-            "/c/new/", data={"csrfmiddlewaretoken": client.cookies["csrftoken"]},
-            headers={"Referer": f"{url_a}/"},
-        )  # fmt: skip
-        paths.append(response.headers["Location"])
+    paths = [path, *(new_team_chat(client, url_a) for _ in range(5))]
 
     def alerts(tab: Tab) -> list[str]:
         return [html.unescape(f) for f in tab.page.frames if 'role="alert"' in f]
