@@ -226,7 +226,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def _start(self, use_case, **arguments) -> bool:
         """Start a reply (a send, a regenerate, an edit); a refusal becomes a notice."""
         try:
-            await use_case(conversation=self.conversation, **arguments)
+            # Outside any request: the trip to the database thread may be shared.
+            await use_case(conversation=self.conversation, together=True, **arguments)
         except service.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
             return False

@@ -1,10 +1,14 @@
 """Running ORM code from async code."""
 
+import asyncio
+import contextvars
+import weakref
 from functools import cache
 
 from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import connections
+from django.utils import translation
 
 
 @cache
@@ -46,3 +50,81 @@ def db_async(function):
         return run(function, *args, **kwargs)
 
     return call
+
+
+class _Trips:
+    """The calls waiting for the one database thread of this event loop (SQLite)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple] = []
+        self.running = False
+        self.task: asyncio.Task | None = None  # held: the loop keeps only weak references
+
+
+_trips: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Trips] = weakref.WeakKeyDictionary()
+
+
+def _run_each(calls: list[tuple]) -> list[tuple[bool, object]]:
+    """Run each call in its caller's language (the sentences of its refusals): (True, result)
+    or (False, the exception it raised), one call's failure being its own."""
+    outcomes = []
+    for function, language, _future in calls:
+        try:
+            with translation.override(language):
+                outcomes.append((True, _with_kept_connection(function)))
+        except Exception as error:
+            outcomes.append((False, error))
+    return outcomes
+
+
+async def _take_trips(trips: _Trips) -> None:
+    try:
+        while trips.waiting:
+            calls, trips.waiting = trips.waiting, []
+            try:
+                outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls)
+            except asyncio.CancelledError:  # the loop is shutting down
+                for *_, future in calls + trips.waiting:
+                    future.cancel()
+                raise
+            except Exception as error:  # the trip itself failed
+                outcomes = [(False, error)] * len(calls)
+            for (_function, _language, future), (ok, value) in zip(calls, outcomes, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+    finally:
+        trips.running = False
+
+
+async def db_together(function):
+    """`function()` on the database thread, like db_async; on SQLite, the calls that arrive
+    while the thread is busy go together in its next trip.
+
+    When many people send at once, each send's trip to the one SQLite thread and back cost
+    more than its statements: the thread hand-offs, and the thread and the event loop taking
+    the interpreter's lock from each other at every statement while the loop started the
+    replies already saved. In one trip the thread runs the queued sends one after the other
+    (each in its own transaction, as before), and the loop then starts them all
+    (bench/README.md, eighth pass). A lone call goes at once, as before.
+
+    For callers outside any request (the websocket consumer): the trips run on the one
+    thread asgiref gives code with no request around it. A view must use db_async, which
+    finds its request's thread (a sync middleware may be holding it, waiting for the view).
+    """
+    if not _one_thread():
+        return await db_async(function)()
+    loop = asyncio.get_running_loop()
+    trips = _trips.get(loop)
+    if trips is None:
+        trips = _trips[loop] = _Trips()
+    future = loop.create_future()
+    trips.waiting.append((function, translation.get_language(), future))
+    if not trips.running:
+        trips.running = True
+        # A context of its own: the trips serve every caller, not the first one's.
+        trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
+    return await future

@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Protocol
 
 from autobahn.exception import Disconnected
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 from conversations.replies import events
 
@@ -38,7 +38,8 @@ _open: defaultdict[str, set[Reader]] = defaultdict(set)
 async def broadcast(conversation_id, event: dict, *, remote: bool = True) -> None:
     """Hand `event` to this process's sockets on the conversation, then (unless `remote` is
     False) to the other processes' over the channel layer; sockets skip a layer event that
-    came from their own process, having had it already."""
+    came from their own process, having had it already. An in-memory layer reaches no other
+    process: nothing goes over it (every socket of its group would only skip the copy)."""
     event["process"] = PROCESS_ID
     for socket in open_on(conversation_id):
         try:
@@ -52,8 +53,8 @@ async def broadcast(conversation_id, event: dict, *, remote: bool = True) -> Non
             logger.debug("A socket on %s closed while a frame was on its way", conversation_id)
         except Exception:
             logger.warning("A socket on %s failed", conversation_id, exc_info=True)
-    if remote:
-        await get_channel_layer().group_send(events.group(conversation_id), event)
+    if remote and not isinstance(layer := get_channel_layer(), InMemoryChannelLayer):
+        await layer.group_send(events.group(conversation_id), event)
 
 
 def add(conversation_id, socket: Reader) -> None:

@@ -13,7 +13,7 @@ machine, more than its work), so a send makes as few as the checks allow: BEGIN;
 reading the conversation under its lock with its model and prompt, the replies in the way and
 the owner's limits and load (`read_under_lock`, prepared); one statement writing the message,
 its reply and the conversation's move and reading the tree back (`insert_turn`); COMMIT.
-SQLite runs in this process: there the inserts stay Model.save.
+SQLite runs in this process: there the same statements go one after the other.
 """
 
 from __future__ import annotations
@@ -219,6 +219,7 @@ def move_conversation(conversation_id, **fields) -> None:
 
 
 _insert_fields = [f for f in Message._meta.local_concrete_fields if f is not Message._meta.pk]
+_parent_at = [f.attname for f in _insert_fields].index("parent_id")
 _tree_columns = f"id, parent_id, role, content, {_column(Message, 'tool_steps')}"
 
 
@@ -227,19 +228,12 @@ def insert_turn(
 ) -> dict[int, tuple]:
     """Insert a user's message and its reply (unsaved Messages; the reply's parent is the
     message), make the reply the conversation's current message with `fields` set too, and
-    return the conversation's tree as message_tree does, new messages included: on
-    PostgreSQL one statement (two inserts and an update as data-modifying CTEs, and the tree
-    read back), where Model.save and move_conversation make three round trips and the
-    request's history a fourth. The values are those Django's insert would write (each
-    field's pre_save and database form). Elsewhere, Model.save and a read."""
-    if connection.vendor != "postgresql":
-        for message in (user_message, reply):
-            if message is reply:
-                reply.parent_id = user_message.pk
-            message.placed = True  # its parent is chosen (Message.save)
-            message.save(force_insert=True)
-        move_conversation(conversation_id, current_message_id=reply.pk, **fields)
-        return message_tree(conversation_id)
+    return the conversation's tree as message_tree does, new messages included. The values
+    are those Django's insert would write (each field's pre_save and database form), without
+    Model.save's machinery, which cost more than the statements. On PostgreSQL one statement
+    (two inserts and an update as data-modifying CTEs, and the tree read back), where
+    Model.save and move_conversation make three round trips and the request's history a
+    fourth; on SQLite, in this process, the same four statements one after the other."""
     columns = ", ".join(connection.ops.quote_name(f.column) for f in _insert_fields)
 
     def values(message: Message, parent: str | None = None) -> tuple[str, list]:
@@ -252,9 +246,37 @@ def insert_turn(
             params.append(field.get_db_prep_save(field.pre_save(message, True), connection))
         return ", ".join(placeholders), params
 
+    assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
+    moved = [_param(Conversation, name, value) for name, value in fields.items()]
+    chat = _param(Conversation, "id", conversation_id)
+    if connection.vendor != "postgresql":
+        tree = {}
+        with connection.cursor() as cursor:
+            for message, parent in ((user_message, None), (reply, "%s")):
+                placeholders, params = values(message, parent)
+                if parent:
+                    params.insert(_parent_at, user_message.pk)
+                cursor.execute(
+                    f"INSERT INTO {_messages} ({columns}) VALUES ({placeholders}) RETURNING id",
+                    params,
+                )
+                message.pk = cursor.fetchone()[0]
+                message._state.adding = False
+                message._state.db = connection.alias
+            reply.parent_id = user_message.pk
+            cursor.execute(
+                f"UPDATE {_conversations} SET current_message_id = %s{assignments} WHERE id = %s",
+                [reply.pk, *moved, chat],
+            )
+            cursor.execute(
+                f"SELECT {_tree_columns} FROM {_messages} WHERE conversation_id = %s",
+                [_param(Message, "conversation", conversation_id)],
+            )
+            for pk, *row in cursor.fetchall():
+                tree[pk] = row
+        return tree
     user_values, user_params = values(user_message)
     reply_values, reply_params = values(reply, parent="(SELECT id FROM u)")
-    assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
     sql = (
         f"WITH u AS (INSERT INTO {_messages} ({columns}) VALUES ({user_values}) "
         f"RETURNING {_tree_columns}), "
@@ -268,8 +290,8 @@ def insert_turn(
     params = [
         *user_params,
         *reply_params,
-        *[_param(Conversation, name, value) for name, value in fields.items()],
-        _param(Conversation, "id", conversation_id),
+        *moved,
+        chat,
         _param(Message, "conversation", conversation_id),
     ]
     with connection.cursor() as cursor:

@@ -22,7 +22,7 @@ from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
-from conversations.db import db_async
+from conversations.db import db_async, db_together
 from conversations.models import (
     Conversation,
     Message,
@@ -498,6 +498,7 @@ async def areply_start(
     client_message_id: uuid.UUID | None = None,
     image_urls: object = None,
     image_ids: object = None,
+    together: bool = False,
 ) -> StartedReply:
     """Save the message, tell every open socket, and start the reply in its own task."""
     return await _launch(
@@ -509,6 +510,7 @@ async def areply_start(
             image_urls=image_urls,
             image_ids=image_ids,
         ),
+        together=together,
     )
 
 
@@ -517,6 +519,7 @@ async def areply_regenerate(
     conversation: Conversation,
     message_id: int | None = None,
     client_message_id: uuid.UUID | None = None,
+    together: bool = False,
 ) -> StartedReply:
     """Write a new version of a reply (reply_regenerate) and show it on every open socket."""
     return await _launch(
@@ -525,6 +528,7 @@ async def areply_regenerate(
             conversation=conversation, message_id=message_id, client_message_id=client_message_id
         ),
         branched=True,
+        together=together,
     )
 
 
@@ -534,6 +538,7 @@ async def areply_edit(
     message_id: object,
     content: object,
     client_message_id: uuid.UUID | None = None,
+    together: bool = False,
 ) -> StartedReply:
     """Save a new version of a message (reply_edit), show the new branch on every open
     socket, and start its reply."""
@@ -546,14 +551,19 @@ async def areply_edit(
             client_message_id=client_message_id,
         ),
         branched=True,
+        together=together,
     )
 
 
-async def _launch(conversation: Conversation, save, *, branched: bool = False) -> StartedReply:
+async def _launch(
+    conversation: Conversation, save, *, branched: bool = False, together: bool = False
+) -> StartedReply:
     """Run `save` (a use case above: it writes the messages and returns a StartedReply) and
     build the request in one trip to the database thread, then start the reply. Sockets are
     told of the new messages (Created), or, when they begin a new branch, to show the branch
-    (Branched)."""
+    (Branched). `together`: the trip may be shared with the other sends queued for the
+    thread (db_together); for callers outside any request (the websocket consumer), not
+    for a view, whose sync middleware may be holding the thread the trip needs."""
     from conversations.replies.generation import Generation
     from conversations.upstream import get_client
 
@@ -569,7 +579,8 @@ async def _launch(conversation: Conversation, save, *, branched: bool = False) -
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages
 
-    started, request, messages = await db_async(prepare)()
+    run = db_together if together else (lambda function: db_async(function)())
+    started, request, messages = await run(prepare)
     for message_id in started.interrupted:
         await announce_finished(conversation.id, message_id)
     if not started.created:
