@@ -954,41 +954,6 @@ async def test_a_send_is_announced_as_soon_as_its_request_has_gone_out(app_simul
     await ws.disconnect()
 
 
-async def test_an_announcement_gives_way_to_sends_on_their_way_in(app_simulator, monkeypatch):
-    """When many people send at once, each new reply's announcement (its rendering on every
-    socket) waits until the sends still on their way in have sent their requests, so each
-    request goes out sooner; and no longer than ANNOUNCE_GIVES_WAY."""
-    from conversations.replies import generation
-
-    monkeypatch.setattr(generation, "ANNOUNCE_GIVES_WAY", 30)
-    app_simulator.add_scenario(Scenario(match="slow to think", tokens=2, first_token_delay=5))
-    owner, _conversation, ws = await open_chat()
-    other = generation.admissions().enter()  # someone else's send, on its way in
-    await ws.send_to(text_data=send_frame("You are slow to think"))
-    transcript = Transcript()
-    with pytest.raises(asyncio.TimeoutError):
-        await receive_until(ws, transcript, lambda t: "streaming" in t.status.values(), within=1)
-    assert app_simulator.requests, "the request went out meanwhile"
-    other.leave()
-    other.leave()  # leaving twice counts once
-    await receive_until(ws, transcript, lambda t: "streaming" in t.status.values(), within=1)
-    assert generation.admissions().count == 0
-
-    await ws.disconnect()
-
-    monkeypatch.setattr(generation, "ANNOUNCE_GIVES_WAY", 0.3)
-    ws, _, _ = await connect(owner, await make_conversation(owner))
-    stuck = generation.admissions().enter()  # a send that never gets its request out
-    began = asyncio.get_running_loop().time()
-    await ws.send_to(text_data=send_frame("You are slow to think, again"))
-    transcript = Transcript()
-    await receive_until(ws, transcript, lambda t: "streaming" in t.status.values(), within=3)
-    waited = asyncio.get_running_loop().time() - began
-    stuck.leave()
-    assert 0.25 < waited < 3, "announced once the cap had passed"
-    await ws.disconnect()
-
-
 async def test_a_finished_reply_keeps_its_timestamp_on_the_page(app_simulator):
     """The reply's end comes from its generation, which renders it from an event: the time it
     was written is carried along, so it does not vanish when the reply finishes."""

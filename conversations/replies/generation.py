@@ -17,7 +17,6 @@ import itertools
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -51,76 +50,12 @@ FINISH_ATTEMPTS = 4
 # How long the announcement of a new reply waits for its request to go out (it usually takes
 # a fraction of a millisecond over a kept connection; a new one to DashScope can take longer).
 REQUEST_HEAD_START = 0.05
-# How long a new reply's announcement gives way to the sends still on their way in (Admissions).
-ANNOUNCE_GIVES_WAY = 0.2
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
 
 # Strong references to the replies running in this process: asyncio keeps only weak ones, and
 # an unreferenced task can vanish mid-reply.
 _running: dict[int, Generation] = {}
-
-
-class Admission:
-    """One send on its way in (Admissions), until its request has gone out."""
-
-    def __init__(self, admissions: Admissions) -> None:
-        self.admissions = admissions
-        self.inside = True
-
-    def leave(self) -> None:
-        if self.inside:
-            self.inside = False
-            self.admissions.left()
-
-
-class Admissions:
-    """The sends of this process between their frame and their request going out to
-    DashScope: their checks and inserts, then the request.
-
-    Announcing a new reply (rendering it on every socket of its chat, the consumer's
-    acknowledgement) is the larger part of a send's work on the event loop, and DashScope
-    takes hundreds of milliseconds to its first token anyway. So when many people send at
-    once, the announcements wait until the sends on their way in have sent their requests
-    (no longer than ANNOUNCE_GIVES_WAY): each person's request goes out sooner, and no text is
-    delayed, since the first token is still far away (P1, bench/README.md, eighth pass).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.none = asyncio.Event()
-        self.none.set()
-
-    def enter(self) -> Admission:
-        self.count += 1
-        self.none.clear()
-        return Admission(self)
-
-    def left(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self.none.set()
-
-    async def give_way(self, limit: float) -> None:
-        """Return once no send is on its way in, or after `limit` seconds."""
-        if self.count:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(limit):
-                    await self.none.wait()
-
-
-_admissions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Admissions] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def admissions() -> Admissions:
-    """This event loop's Admissions."""
-    loop = asyncio.get_running_loop()
-    found = _admissions.get(loop)
-    if found is None:
-        found = _admissions[loop] = Admissions()
-    return found
 
 
 def running(message_id: int) -> Generation | None:
@@ -179,8 +114,6 @@ class Generation:
     # save and announce nothing more.
     superseded: bool = False
     task: asyncio.Task | None = None
-    # The send that started this reply, on its way in until the request has gone out.
-    admission: Admission | None = None
 
     @property
     def json_mode(self) -> bool:
@@ -255,10 +188,6 @@ class Generation:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 wrote.cancel()
-                if self.admission is not None:
-                    self.admission.leave()
-                if announce is not None:
-                    await admissions().give_way(ANNOUNCE_GIVES_WAY)
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))

@@ -564,7 +564,7 @@ async def _launch(
     (Branched). `together`: the trip may be shared with the other sends queued for the
     thread (db_together); for callers outside any request (the websocket consumer), not
     for a view, whose sync middleware may be holding the thread the trip needs."""
-    from conversations.replies.generation import Generation, admissions
+    from conversations.replies.generation import Generation
     from conversations.upstream import get_client
 
     def prepare() -> tuple[StartedReply, ChatRequest | None, list[dict]]:
@@ -580,40 +580,35 @@ async def _launch(
         return started, request, messages
 
     run = db_together if together else (lambda function: db_async(function)())
-    admission = admissions().enter()
-    try:
-        started, request, messages = await run(prepare)
-        for message_id in started.interrupted:
-            await announce_finished(conversation.id, message_id)
-        if not started.created:
-            return started
-        conversation = started.conversation
-        if branched:
-            event = events.Branched(message_id=started.assistant_message.pk)
-        else:
-            event = events.Created(
-                messages=messages, title=conversation.title if started.titled else ""
-            )
-
-        async def announce() -> None:
-            await sockets.broadcast(conversation.id, event.as_message())
-
-        generation = Generation(
-            message_id=started.assistant_message.pk,
-            writer=started.assistant_message.writer,
-            conversation_id=str(conversation.id),
-            request=request,
-            client=get_client(),
-            created_at=started.assistant_message.created_at,
-            owner_id=started.conversation.owner_id,
-            title=started.conversation.display_title,
-            retitle=started.titled,
-            admission=admission,
-        )
-        await generation.start(announce=announce)
+    started, request, messages = await run(prepare)
+    for message_id in started.interrupted:
+        await announce_finished(conversation.id, message_id)
+    if not started.created:
         return started
-    finally:
-        admission.leave()  # a refusal, a failure, or a repeat: nothing went out
+    conversation = started.conversation
+    if branched:
+        event = events.Branched(message_id=started.assistant_message.pk)
+    else:
+        event = events.Created(
+            messages=messages, title=conversation.title if started.titled else ""
+        )
+
+    async def announce() -> None:
+        await sockets.broadcast(conversation.id, event.as_message())
+
+    generation = Generation(
+        message_id=started.assistant_message.pk,
+        writer=started.assistant_message.writer,
+        conversation_id=str(conversation.id),
+        request=request,
+        client=get_client(),
+        created_at=started.assistant_message.created_at,
+        owner_id=started.conversation.owner_id,
+        title=started.conversation.display_title,
+        retitle=started.titled,
+    )
+    await generation.start(announce=announce)
+    return started
 
 
 def reply_continue(*, conversation: Conversation, message_id: int | None = None) -> StartedReply:
