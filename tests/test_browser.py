@@ -651,10 +651,17 @@ def test_table_column_alignment_is_kept(live_app, app_simulator, alice_page):
     _wait_status(page, "complete")
     cell = _assistant(page).locator(".message__body td").nth(1)
     assert cell.inner_text() == "3"
-    assert cell.evaluate("el => getComputedStyle(el).textAlign") in (
-        "right",
-        "end",
-        "-webkit-right",
+    # Read in the page, in one go: a page that asks for a finished reply whole (chat.js, when
+    # its settled blocks differ) swaps the body once more, and a cell read from the body it
+    # replaced is detached (no computed style at all).
+    page.wait_for_function(
+        """(selector) => {
+          const cell = [...document.querySelectorAll(selector)].pop()
+            .querySelectorAll(".message__body td")[1];
+          return ["right", "end", "-webkit-right"].includes(getComputedStyle(cell).textAlign);
+        }""",
+        arg=ASSISTANT,
+        timeout=5_000,
     )
 
 
