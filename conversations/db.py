@@ -57,8 +57,9 @@ class _Trips:
 
     def __init__(self) -> None:
         self.waiting: list[tuple] = []
-        self.running = False
-        self.task: asyncio.Task | None = None  # held: the loop keeps only weak references
+        # The task taking the trips, while it runs (held: the loop keeps only weak references
+        # to tasks; dropped at its end: it holds the loop, the weak key of this _Trips).
+        self.task: asyncio.Task | None = None
 
 
 _trips: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Trips] = weakref.WeakKeyDictionary()
@@ -68,7 +69,13 @@ def _run_each(calls: list[tuple]) -> list[tuple[bool, object]]:
     """Run each call in its caller's language (the sentences of its refusals): (True, result)
     or (False, the exception it raised), one call's failure being its own."""
     outcomes = []
-    for function, language, _future in calls:
+    for function, language, future in calls:
+        if future.cancelled():
+            # Its caller is gone (a socket closed, the server stopping) while it waited: as
+            # with db_async, a call not yet begun is not run (read across threads: at worst a
+            # caller cancelled this instant has its call run, and its result dropped).
+            outcomes.append((False, None))
+            continue
         try:
             with translation.override(language):
                 outcomes.append((True, _with_kept_connection(function)))
@@ -80,12 +87,16 @@ def _run_each(calls: list[tuple]) -> list[tuple[bool, object]]:
 async def _take_trips(trips: _Trips) -> None:
     try:
         while trips.waiting:
-            calls, trips.waiting = trips.waiting, []
+            calls = [call for call in trips.waiting if not call[2].done()]
+            trips.waiting = []
+            if not calls:
+                continue
             try:
                 outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls)
             except asyncio.CancelledError:  # the loop is shutting down
                 for *_, future in calls + trips.waiting:
                     future.cancel()
+                trips.waiting = []  # none of them runs in a later trip
                 raise
             except Exception as error:  # the trip itself failed
                 outcomes = [(False, error)] * len(calls)
@@ -97,7 +108,7 @@ async def _take_trips(trips: _Trips) -> None:
                 else:
                     future.set_exception(value)
     finally:
-        trips.running = False
+        trips.task = None
 
 
 async def db_together(function):
@@ -123,8 +134,7 @@ async def db_together(function):
         trips = _trips[loop] = _Trips()
     future = loop.create_future()
     trips.waiting.append((function, translation.get_language(), future))
-    if not trips.running:
-        trips.running = True
+    if trips.task is None or trips.task.done():  # done: cancelled before it began
         # A context of its own: the trips serve every caller, not the first one's.
         trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
     return await future

@@ -69,20 +69,42 @@ async def test_each_call_has_its_own_outcome(trips):
     assert len(trips) == 2
 
 
-async def test_a_cancelled_caller_leaves_the_others_their_results(trips):
+async def test_a_caller_cancelled_while_it_waits_has_its_call_not_run(trips):
+    """A socket that closes while its send waits for the thread (daphne cancels it) saves
+    nothing: no message and no reply left streaming with no generation behind it."""
+    ran = []
     release = threading.Event()
     first = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
     await asyncio.sleep(0.05)
-    gone = asyncio.ensure_future(db.db_together(lambda: "unread"))
-    kept = asyncio.ensure_future(db.db_together(lambda: "read"))
+    gone = asyncio.ensure_future(db.db_together(lambda: ran.append("gone")))
+    kept = asyncio.ensure_future(db.db_together(lambda: ran.append("kept") or "read"))
     await asyncio.sleep(0.05)
     gone.cancel()
     release.set()
     await first
     assert await kept == "read"
     assert gone.cancelled()
+    assert ran == ["kept"]
     # The thread takes new calls afterwards.
     assert await db.db_together(lambda: "again") == "again"
+
+
+async def test_calls_of_a_cancelled_trip_never_run_and_the_next_call_goes(trips):
+    """The loop shutting down cancels the task taking the trips: its waiting callers are
+    cancelled with it, none of their calls runs later, and a new call starts a new trip."""
+    ran = []
+    release = threading.Event()
+    first = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(db.db_together(lambda: ran.append("waiting")))
+    await asyncio.sleep(0.05)
+    db._trips[asyncio.get_running_loop()].task.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    results = await asyncio.gather(first, waiting, return_exceptions=True)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results)
+    assert await db.db_together(lambda: ran.append("next") or "next") == "next"
+    assert ran == ["next"]
 
 
 async def test_each_call_speaks_its_callers_language(trips):

@@ -256,11 +256,12 @@ def insert_turn(
                 placeholders, params = values(message, parent)
                 if parent:
                     params.insert(_parent_at, user_message.pk)
+                # lastrowid, not RETURNING: SQLite has RETURNING from 3.35 only, and Django
+                # runs on older ones (Debian 11 ships 3.34).
                 cursor.execute(
-                    f"INSERT INTO {_messages} ({columns}) VALUES ({placeholders}) RETURNING id",
-                    params,
+                    f"INSERT INTO {_messages} ({columns}) VALUES ({placeholders})", params
                 )
-                message.pk = cursor.fetchone()[0]
+                message.pk = cursor.lastrowid
                 message._state.adding = False
                 message._state.db = connection.alias
             reply.parent_id = user_message.pk
