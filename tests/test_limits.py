@@ -228,6 +228,29 @@ def test_the_limits_cost_no_query_of_their_own(user, settings):
     assert queries_of_a_send() == without
 
 
+def test_the_limits_read_only_the_senders_own_replies(user, settings):
+    """A send's cost does not grow with the rest of the site: on SQLite (no statistics to
+    plan with) the limits' counts once went through every user's replies since the window
+    began, by the (role, created_at) index. Each search of the messages must now start from
+    the sender's chats, or from the replies streaming now."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's plan (PostgreSQL plans from its statistics)")
+    from conversations.replies.rules import LoadQuery
+
+    settings.QWENWEB_TOKENS_PER_DAY = settings.QWENWEB_TOKENS_PER_MONTH = 1000
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES, settings.QWENWEB_MESSAGES_PER_MINUTE = 2, 20
+    query = LoadQuery.of(user.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {query.sql}", query.params)
+        plan = [row[-1] for row in cursor.fetchall()]
+    messages = [step for step in plan if step.startswith(("SEARCH m ", "SCAN m"))]
+    assert len(messages) == 5, plan  # streaming, a minute's, the day's, the month's, cost
+    for step in messages:
+        assert "message_conv_created_idx (conversation_id=?" in step or "(status=?)" in step, step
+    chats = [step for step in plan if step.startswith(("SEARCH c ", "SCAN c"))]
+    assert all("owner_id=?" in step or "(id=?)" in step for step in chats), chats
+
+
 def test_refusals_speak_chinese(user, settings):
     settings.QWENWEB_MAX_CONCURRENT_REPLIES = 2
     settings.QWENWEB_MESSAGES_PER_MINUTE = 3  # the two replies below count, as a send's does
