@@ -20,11 +20,11 @@ from types import SimpleNamespace
 from django.conf import settings
 from django.db import connection
 from django.db.models import Case, Count, DateField, F, Func, Q, QuerySet, Sum, Value, When
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models.functions import Coalesce, Concat, TruncDate
 from django.utils import formats, timezone
 from django.utils.translation import gettext as _
 
-from conversations.models import Message
+from conversations.models import Conversation, Message
 from conversations.templatetags.qwenweb import cost_text
 
 # The ways the usage page groups replies: the key's lookup from a reply.
@@ -180,6 +180,25 @@ def replies_between(start: date, end: date, *, currency: str = "") -> QuerySet:
     return replies
 
 
+def own_replies_between(user, start: date, end: date) -> QuerySet:
+    """replies_between, of `user`'s chats only, found from their chats active since `start`
+    (every reply started moves its chat's updated_at on), not from every user's replies in
+    the range: SQLite, which has no statistics to plan with, took the (role, created_at)
+    index for `replies_between(…).filter(conversation__owner=user)` and read the whole site's
+    replies of the month (6.6 ms for a user with one chat, with 20,000 messages in the
+    database). The role is compared as an expression, out of the index choice."""
+    chats = Conversation.objects.filter(owner=user, updated_at__gte=_start_of(start))
+    return (
+        Message.objects.filter(
+            conversation__in=chats.values("pk"),
+            created_at__gte=_start_of(start),
+            created_at__lt=_start_of(end + timedelta(days=1)),
+        )
+        .alias(kind=Concat("role", Value("")))
+        .filter(kind=Message.Role.ASSISTANT)
+    )
+
+
 def usage_by(group_by: str, start: date, end: date, *, currency: str = "") -> list:
     """[(key, Totals)] for each user, group or model (`group_by`) with replies in the range,
     the most tokens first. A user in no group is under the key None."""
@@ -251,8 +270,7 @@ def usage_summary(user) -> UsageSummary:
     month_start = today.replace(day=1)
     today_only = Q(created_at__gte=_start_of(today))
     rows = (
-        replies_between(month_start, today)
-        .filter(conversation__owner=user)
+        own_replies_between(user, month_start, today)
         .values("cost_currency")
         .annotate(
             **_sums(),

@@ -235,6 +235,26 @@ def test_usage_summary_counts_today_and_this_month(settings):
         assert (summary.today.tokens, summary.month.tokens) == (15, 115)
 
 
+def test_a_users_summary_reads_their_own_chats_not_the_sites_month(settings):
+    """On SQLite (no statistics to plan with) the summary once read every user's replies of
+    the month by the (role, created_at) index: a settings page slower the busier the site."""
+    from django.db import connection
+
+    from conversations.usage import own_replies_between, site_today
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's plan (PostgreSQL plans from its statistics)")
+    alice = get_user_model().objects.create_user("alice", password="pw")
+    today = site_today()
+    sql, params = own_replies_between(alice, today.replace(day=1), today).query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+        plan = [row[-1] for row in cursor.fetchall()]
+    assert not any("message_role_created_idx" in step for step in plan), plan
+    assert any("message_conv_created_idx (conversation_id=?" in step for step in plan), plan
+    assert any("(owner_id=? AND updated_at>?)" in step for step in plan), plan
+
+
 def test_days_follow_daylight_saving_time(admin_client, settings):
     """Berlin: UTC+2 until 2026-10-25 01:00 UTC, then UTC+1."""
     settings.TIME_ZONE = "Europe/Berlin"
