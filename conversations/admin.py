@@ -263,6 +263,25 @@ class MessageImageInline(ReviewPermissionMixin, admin.TabularInline):
         )
 
 
+class ModelNameFilter(admin.SimpleListFilter):
+    """The model a reply was written by, chosen from the catalog (a reply keeps its model's
+    name). Django's filter for a text field lists `SELECT DISTINCT model` over every message,
+    a scan of the whole table on each load of the list; the catalog holds the same names.
+    Same parameter as before (`?model=<name>`)."""
+
+    title = _("model")
+    parameter_name = "model"
+
+    def lookups(self, request, model_admin):
+        names = ModelProfile.objects.order_by("name").values_list("name", flat=True)
+        return [(name, name) for name in names]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(model=self.value())
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
     """Messages, including image-URL (multimodal) ones, which admins may add for testing."""
@@ -271,7 +290,7 @@ class MessageAdmin(ReviewPermissionMixin, admin.ModelAdmin):
         "id", "conversation", "role", "status", "model", "output_tokens", "cost_shown",
         "rating", "created_at",
     ]  # fmt: skip
-    list_filter = ["role", "status", "model", "rating"]
+    list_filter = ["role", "status", ModelNameFilter, "rating"]
     search_fields = ["content", "request_id", "conversation__title"]
     raw_id_fields = ["conversation"]
     inlines = [MessageImageInline]

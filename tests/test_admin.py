@@ -142,6 +142,30 @@ def test_reviewers_see_each_replys_tokens_and_cost(admin_client, conversation):
     assert "¥0.0016" in listing
 
 
+def test_the_message_list_filters_by_the_catalogs_models_without_reading_every_message(
+    admin_client, conversation
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    Message.objects.filter(role="assistant").update(model="qwen-plus")
+    catalog = sorted(ModelProfile.objects.values_list("name", flat=True))
+    assert "qwen-plus" in catalog and len(catalog) > 1
+    with CaptureQueriesContext(connection) as queries:
+        listing = admin_client.get("/admin/conversations/message/").content.decode()
+    for name in catalog:
+        assert f"?model={name}" in listing, name
+    assert not [q for q in queries.captured_queries if "DISTINCT" in q["sql"].upper()]
+
+    chosen = admin_client.get("/admin/conversations/message/?model=qwen-plus").content.decode()
+    assert "A cat." in chosen and "A cat?" not in chosen
+    other = next(name for name in catalog if name != "qwen-plus")
+    assert (
+        "A cat."
+        not in admin_client.get(f"/admin/conversations/message/?model={other}").content.decode()
+    )
+
+
 def test_conversation_list_search_finds_titles_owners_and_message_text(admin_client, conversation):
     conversation.title = "Pets"
     conversation.save()
