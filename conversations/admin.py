@@ -273,11 +273,13 @@ class ModelNameFilter(admin.SimpleListFilter):
     parameter_name = "model"
 
     def lookups(self, request, model_admin):
-        names = ModelProfile.objects.order_by("name").values_list("name", flat=True)
+        names = list(ModelProfile.objects.order_by("name").values_list("name", flat=True))
+        if self.value() and self.value() not in names:
+            names.append(self.value())  # a model renamed or removed since: still shown chosen
         return [(name, name) for name in names]
 
     def queryset(self, request, queryset):
-        if self.value():
+        if self.value() is not None:  # `?model=` (empty): the messages of no model, as before
             return queryset.filter(model=self.value())
         return queryset
 

@@ -100,6 +100,13 @@ async def _take_trips(trips: _Trips) -> None:
                 raise
             except Exception as error:  # the trip itself failed
                 outcomes = [(False, error)] * len(calls)
+            except BaseException:
+                # A call raised SystemExit or the like: its batch's callers must not wait for
+                # ever (the trip's task ends; the next call starts another).
+                for *_, future in calls:
+                    if not future.done():
+                        future.set_exception(RuntimeError("the database thread's trip ended"))
+                raise
             for (_function, _language, future), (ok, value) in zip(calls, outcomes, strict=True):
                 if future.done():  # its caller was cancelled
                     continue

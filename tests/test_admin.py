@@ -164,6 +164,13 @@ def test_the_message_list_filters_by_the_catalogs_models_without_reading_every_m
         "A cat."
         not in admin_client.get(f"/admin/conversations/message/?model={other}").content.decode()
     )
+    # A model renamed or removed since: its old links still filter, and show it chosen.
+    Message.objects.filter(role="assistant").update(model="qwen-retired")
+    retired = admin_client.get("/admin/conversations/message/?model=qwen-retired")
+    assert "A cat." in retired.content.decode() and "qwen-retired" in retired.content.decode()
+    # `?model=` (empty) keeps meaning the messages of no model, the user's.
+    empty = admin_client.get("/admin/conversations/message/?model=").content.decode()
+    assert "A cat?" in empty and "A cat." not in empty
 
 
 def test_conversation_list_search_finds_titles_owners_and_message_text(admin_client, conversation):

@@ -235,6 +235,24 @@ def test_usage_summary_counts_today_and_this_month(settings):
         assert (summary.today.tokens, summary.month.tokens) == (15, 115)
 
 
+def test_a_reply_sent_as_the_month_began_counts_in_the_new_month(settings):
+    """Its chat is moved on a moment before the reply is created: a send across midnight on
+    the 1st moves the chat in the old month and makes its reply in the new one."""
+    from datetime import timedelta
+
+    from conversations.models import Conversation
+    from conversations.usage import _start_of, site_today
+
+    settings.TIME_ZONE = "UTC"
+    alice = get_user_model().objects.create_user("alice", password="pw")
+    month_start = _start_of(site_today().replace(day=1))
+    sent = reply(alice, model="qwen-plus", tokens_in=7, tokens_out=3, at=month_start)
+    Conversation.objects.filter(pk=sent.conversation_id).update(
+        updated_at=month_start - timedelta(milliseconds=1)
+    )
+    assert usage_summary(alice).month.tokens == 10
+
+
 def test_a_users_summary_reads_their_own_chats_not_the_sites_month(settings):
     """On SQLite (no statistics to plan with) the summary once read every user's replies of
     the month by the (role, created_at) index: a settings page slower the busier the site."""

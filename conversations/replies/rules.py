@@ -34,6 +34,9 @@ from conversations.templatetags.qwenweb import cost_text
 
 # The window QWENWEB_MESSAGES_PER_MINUTE and QWENWEB_CHATS_PER_MINUTE count in.
 RATE_WINDOW = timedelta(seconds=60)
+# A chat is moved on (updated_at) just before its new reply is created (created_at): the
+# counts find a window's replies through the chats moved since a little before the window.
+CHAT_MOVED_BEFORE = timedelta(minutes=1)
 
 
 TITLE_LENGTH = 60
@@ -222,11 +225,11 @@ class LoadQuery:
         assistant = Message.Role.ASSISTANT.value
 
         def in_window(since) -> list:
-            return [owner_id, moment(since), assistant, moment(since)]
+            return [owner_id, moment(since - CHAT_MOVED_BEFORE), assistant, moment(since)]
 
         params = [  # in the order they appear in the text: `lim`'s last
             owner_id, Message.Status.STREAMING.value, assistant, moment(alive_since),
-            owner_id, moment(recent_since), assistant, moment(recent_since),
+            owner_id, moment(recent_since - CHAT_MOVED_BEFORE), assistant, moment(recent_since),
             *in_window(windows.day_start), *in_window(windows.month_start),
             *in_window(windows.month_start), settings.QWENWEB_CURRENCY,
             model_id, owner_id,
