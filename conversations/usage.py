@@ -170,34 +170,34 @@ def site_day(start: date, end: date):
 def replies_between(start: date, end: date, *, currency: str = "") -> QuerySet:
     """The replies started from the beginning of `start` to the end of `end` (site days);
     with `currency`, only those priced in it."""
-    replies = Message.objects.filter(
-        role=Message.Role.ASSISTANT,
-        created_at__gte=_start_of(start),
-        created_at__lt=_start_of(end + timedelta(days=1)),
-    )
+    replies = Message.objects.filter(role=Message.Role.ASSISTANT, **_started(start, end))
     if currency:
         replies = replies.filter(cost_currency=currency)
     return replies
 
 
+def _started(start: date, end: date) -> dict:
+    """The lookups of messages created from the beginning of `start` to the end of `end`."""
+    return {
+        "created_at__gte": _start_of(start),
+        "created_at__lt": _start_of(end + timedelta(days=1)),
+    }
+
+
 def own_replies_between(user, start: date, end: date) -> QuerySet:
     """replies_between, of `user`'s chats only, found from their chats active since `start`
     (every reply started moves its chat's updated_at on, just before the reply is created),
-    not from every user's replies in
-    the range: SQLite, which has no statistics to plan with, took the (role, created_at)
-    index for `replies_between(…).filter(conversation__owner=user)` and read the whole site's
-    replies of the month (6.6 ms for a user with one chat, with 20,000 messages in the
-    database). The role is compared as an expression, out of the index choice."""
+    not from every user's replies in the range: SQLite, which has no statistics to plan with,
+    took the (role, created_at) index for `replies_between(…).filter(conversation__owner=user)`
+    and read the whole site's replies of the month (6.6 ms for a user with one chat, with
+    20,000 messages in the database). The role is compared as an expression, out of the
+    index choice."""
     from conversations.replies.rules import CHAT_MOVED_BEFORE  # rules imports this module
 
     moved_since = _start_of(start) - CHAT_MOVED_BEFORE
     chats = Conversation.objects.filter(owner=user, updated_at__gte=moved_since)
     return (
-        Message.objects.filter(
-            conversation__in=chats.values("pk"),
-            created_at__gte=_start_of(start),
-            created_at__lt=_start_of(end + timedelta(days=1)),
-        )
+        Message.objects.filter(conversation__in=chats.values("pk"), **_started(start, end))
         .alias(kind=Concat("role", Value("")))
         .filter(kind=Message.Role.ASSISTANT)
     )
