@@ -187,7 +187,7 @@ def test_postgresql_reads_the_trigram_index_for_a_rare_text(alice):
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL's trigram indexes (migration 0010)")
     chat(alice, "feed the sourdough starter")
-    holding = Message.objects.filter(content__icontains="sourdough")
+    holding = Message.objects.filter(chat_search.settled_holding("sourdough"))
     with connection.cursor() as cursor:
         # A handful of rows: the planner would read them all; would it take the index at all?
         cursor.execute("SET LOCAL enable_seqscan = off")
@@ -195,6 +195,89 @@ def test_postgresql_reads_the_trigram_index_for_a_rare_text(alice):
         cursor.execute(f"EXPLAIN {sql}", params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "conversations_message_content_trgm" in plan, plan
+
+
+def test_a_reply_is_found_by_the_index_once_it_has_ended(way, alice, alice_client):
+    """The indexes hold the text of messages no longer streaming (migration 0016): a streaming
+    reply's checkpoints do not re-index it, and once it ends (or is marked interrupted) the
+    index finds it; a reply streaming again after that leaves the index."""
+    conversation = chat(alice, "a question")
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", status="streaming", content=""
+    )
+    for text in ("The bread", "The bread needs a levain", "The bread needs a levain, fed"):
+        Message.objects.filter(pk=reply.pk).update(content=text)  # a checkpoint
+    # The newest chats are read row by row: a streaming reply is found there.
+    assert found(alice_client, "levain") == ([str(conversation.id)] if way != "index" else [])
+    Message.objects.filter(pk=reply.pk).update(status="complete", content="levain, fed twice")
+    assert found(alice_client, "levain") == [str(conversation.id)]
+    Message.objects.filter(pk=reply.pk).update(status="interrupted")
+    assert found(alice_client, "fed twice") == [str(conversation.id)]
+    Message.objects.filter(pk=reply.pk).update(status="streaming", content="levain, fed thrice")
+    assert found(alice_client, "thrice") == ([str(conversation.id)] if way != "index" else [])
+    assert found(alice_client, "twice") == []
+    Message.objects.filter(pk=reply.pk).update(status="stopped")
+    assert found(alice_client, "thrice") == [str(conversation.id)]
+    reply.delete()
+    assert found(alice_client, "thrice") == []
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            # The index is consistent with itself (a delete naming text it did not hold
+            # would leave it corrupt).
+            cursor.execute(
+                f"INSERT INTO {chat_search.SQLITE_INDEX}({chat_search.SQLITE_INDEX}) "
+                "VALUES ('integrity-check')"
+            )
+
+
+def test_a_streaming_replys_checkpoints_leave_sqlites_index_alone(alice):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's FTS5 table")
+    conversation = chat(alice, "a question")
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", status="streaming", content=""
+    )
+
+    def index_data() -> list:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT * FROM {chat_search.SQLITE_INDEX}_data ORDER BY id")
+            return cursor.fetchall()
+
+    before = index_data()
+    for n in range(1, 6):
+        Message.objects.filter(pk=reply.pk).update(content="word " * 100 * n)
+    assert index_data() == before
+    Message.objects.filter(pk=reply.pk).update(status="complete")
+    assert index_data() != before
+    assert _indexed("word") == [reply.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_index_made_by_an_earlier_version_is_made_again(transactional_db, alice):
+    """Triggers of an earlier version (which indexed streaming text) are replaced after the
+    next migrate, and the streaming replies leave the index."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's FTS5 triggers")
+    conversation = chat(alice, "settled words")
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", status="streaming", content=""
+    )
+    index = chat_search.SQLITE_INDEX
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TRIGGER {index}_update")
+        cursor.execute(
+            f"CREATE TRIGGER {index}_update AFTER UPDATE OF content ON conversations_message "
+            f"WHEN old.content IS NOT new.content BEGIN "
+            f"INSERT INTO {index}({index}, rowid, content) VALUES ('delete', old.id, old.content);"
+            f"INSERT INTO {index}(rowid, content) VALUES (new.id, new.content); END"
+        )
+    Message.objects.filter(pk=reply.pk).update(content="streamed words")
+    assert _indexed("streamed words") == [reply.pk], "the old trigger indexes streaming text"
+    call_command("migrate", verbosity=0)
+    assert _indexed("streamed words") == []
+    assert _indexed("settled words") != []
+    Message.objects.filter(pk=reply.pk).update(status="complete")
+    assert _indexed("streamed words") == [reply.pk]
 
 
 def _indexed(text: str) -> list[int]:
