@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 from dataclasses import replace
 
@@ -35,7 +36,11 @@ from conversations.dashscope import (
     classify,
     compatible_base_from_native,
 )
-from conversations.dashscope.sanitize import OutputCleaner, clean_search_results
+from conversations.dashscope.sanitize import (
+    OutputCleaner,
+    _longest_key_prefix_at_end,
+    clean_search_results,
+)
 from conversations.dashscope.sse import parse_frames
 from conversations.errors import describe_error
 from dashscope_simulator import (
@@ -756,6 +761,20 @@ def test_a_key_split_over_two_chunks_is_still_redacted():
     out = [cleaner.feed(piece) for piece in pieces] + [cleaner.flush()]
     assert "".join(out) == "Your key: sk-*** and sk-x"
     assert all(key[:5] not in piece for piece in out[:3])
+
+
+def test_what_is_held_back_is_the_longest_end_that_could_begin_the_key():
+    """Against the plain definition, over random texts and keys of a small alphabet (keys
+    with repeated characters: "sks-ss" begins again inside itself)."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        key = "".join(rng.choice("sk-") for _ in range(rng.randint(1, 8)))
+        text = "".join(rng.choice("sk-x") for _ in range(rng.randint(0, 12)))
+        expected = next(
+            (n for n in range(min(len(key) - 1, len(text)), 0, -1) if text.endswith(key[:n])),
+            0,
+        )
+        assert _longest_key_prefix_at_end(text, key) == expected, (text, key)
 
 
 @pytest.mark.asyncio

@@ -82,9 +82,15 @@ class OutputCleaner:
 
 
 def _longest_key_prefix_at_end(text: str, key: str) -> int:
-    for length in range(min(len(key) - 1, len(text)), 0, -1):
-        if text.endswith(key[:length]):
-            return length
+    """The length of the longest end of `text`, shorter than `key`, that begins `key`.
+
+    Run for every chunk of every reply: the ends tried are only those starting with the
+    key's first character (found by str.find), not each length in turn."""
+    at = text.find(key[0], max(0, len(text) - len(key) + 1))
+    while at != -1:
+        if key.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(key[0], at + 1)
     return 0
 
 
