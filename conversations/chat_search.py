@@ -170,7 +170,9 @@ def sqlite_index_create(connection) -> bool:
             cursor.execute("DROP TABLE temp.trigram_probe")
     except Exception:
         return False
-    with connection.cursor() as cursor:
+    # One transaction: no write may come between the rebuild, which indexes every message,
+    # and taking out the streaming ones, whose text must be what the rebuild read.
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         cursor.execute(_SQLITE_TABLE)
         for name, statement in _SQLITE_TRIGGERS.items():
             cursor.execute(f"DROP TRIGGER IF EXISTS {name}")
