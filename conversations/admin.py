@@ -40,7 +40,7 @@ from django.utils.translation import ngettext
 from conversations.accounts import invitation_create
 from conversations.audit import audit_record
 from conversations.catalog import catalog_sync
-from conversations.chat_search import settled_holding
+from conversations.chat_search import text_holding
 from conversations.dashscope import DashScopeError
 from conversations.errors import describe_error
 from conversations.exports import (
@@ -570,8 +570,8 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
         """The whole phrase (not word by word: Chinese has no spaces; quotes around it are
         dropped) in the title, the owner's username or any message, as the chat's own search
         does. The owners and messages go through subqueries (IN; PostgreSQL answers the
-        messages' from the trigram index of migration 0010, which holds the messages no longer
-        streaming, as the chat's search does): a join to the messages would make
+        messages' from the trigram index of migration 0010, as the chat's search does): a join
+        to the messages would make
         Django add DISTINCT to each of the list's queries (seconds with a few hundred thousand
         messages), and one to the owners led PostgreSQL to a nested loop over both tables."""
         term = " ".join(search_term.split())
@@ -579,7 +579,7 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
             term = " ".join(term[1:-1].split())
         if not term:
             return queryset, False
-        in_messages = Message.objects.filter(settled_holding(term)).values("conversation")
+        in_messages = Message.objects.filter(text_holding(term)).values("conversation")
         owners = get_user_model().objects.filter(username__icontains=term).values("pk")
         found = queryset.filter(
             Q(title__icontains=term) | Q(owner__in=owners) | Q(pk__in=in_messages)
