@@ -150,13 +150,39 @@ def test_the_index_is_what_sqlite_reads(alice, alice_client, monkeypatch):
         assert found(alice_client, "Sourdough") == [str(conversation.id)]
     assert any(f"{chat_search.SQLITE_INDEX} MATCH" in q["sql"] for q in queries.captured_queries)
     # The streaming replies, which the index does not hold, come from the status index, not
-    # from a read of every message.
-    sql, params = chat_search._sqlite_matches("sourdough").query.sql_with_params()
+    # from a read of every message, and the index's matches are listed once; so too with
+    # statistics that show every message sharing one status (as a site's almost do).
+    notes = chat(alice, *(f"note {n}" for n in range(30)), age_days=1)
     with connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
-        plan = [row[-1] for row in cursor.fetchall()]
-    assert "MULTI-INDEX OR" in plan and "SCAN conversations_message" not in plan, plan
+        cursor.execute("ANALYZE")
+        # As a site's statistics read: 200,000 messages, one status for all (but a few).
+        cursor.execute(
+            "UPDATE sqlite_stat1 SET stat = '200000' || substr(stat, instr(stat, ' ')) "
+            "WHERE tbl = 'conversations_message'"
+        )
+        cursor.execute(
+            "UPDATE sqlite_stat1 SET stat = '200000 200000' "
+            "WHERE tbl = 'conversations_message' AND idx LIKE 'conversations_message_status%'"
+        )
+        cursor.execute("ANALYZE sqlite_schema")  # read them again
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            chats = chat_search._newest_holding(
+                Conversation.objects.filter(owner=alice), "sourdough", 50, indexed=True
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(f"EXPLAIN QUERY PLAN {queries.captured_queries[-1]['sql']}")
+            plan = [row[-1] for row in cursor.fetchall()]
+    finally:
+        with connection.cursor() as cursor:  # no statistics for the tests after this one
+            cursor.execute("DELETE FROM sqlite_stat1")
+            cursor.execute("ANALYZE sqlite_schema")
+    assert chats == [conversation]
+    assert not any(step.startswith(("SCAN U", "SCAN conversations_message ")) for step in plan)
+    assert "SCAN conversations_message" not in plan, plan
     assert any("conversations_message_status" in step for step in plan), plan
+    assert not any("CORRELATED" in step for step in plan), plan
+    notes.delete()
     # And the table itself follows the messages (a search falls back to LIKE without it).
     message = conversation.messages.get()
     assert _indexed("sourdough") == [message.pk]
