@@ -321,6 +321,26 @@ def _index_matches_the_settled_messages(streaming_too: bool = False) -> None:
         )
 
 
+def test_the_admins_search_reads_the_trigram_index_on_postgresql(alice):
+    """The admin's conversation search finds messages by the same test (and index) as the
+    chat's own search."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's trigram indexes")
+    from django.contrib import admin
+
+    conversation = chat(alice, "feed the sourdough starter")
+    model_admin = admin.site._registry[Conversation]
+    found, _distinct = model_admin.get_search_results(None, Conversation.objects.all(), "sourdough")
+    assert list(found) == [conversation]
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_indexscan = off")
+        sql, params = found.query.sql_with_params()
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "conversations_message_content_trgm" in plan, plan
+
+
 def _indexed(text: str) -> list[int]:
     with connection.cursor() as cursor:
         cursor.execute(
