@@ -571,9 +571,9 @@ class ConversationAdmin(ReviewPermissionMixin, admin.ModelAdmin):
         dropped) in the title, the owner's username or any message, as the chat's own search
         does. The owners and messages go through subqueries (IN; PostgreSQL answers the
         messages' from the trigram index of migration 0010, as the chat's search does): a join
-        to the messages would make
-        Django add DISTINCT to each of the list's queries (seconds with a few hundred thousand
-        messages), and one to the owners led PostgreSQL to a nested loop over both tables."""
+        to the messages would make Django add DISTINCT to each of the list's queries (seconds
+        with a few hundred thousand messages), and one to the owners led PostgreSQL to a nested
+        loop over both tables."""
         term = " ".join(search_term.split())
         if term[:1] in {'"', "'"} and term[-1:] == term[:1] and len(term) > 1:
             term = " ".join(term[1:-1].split())

@@ -35,24 +35,23 @@ def _postgresql_index(schema_editor, where: str) -> None:
         cursor.execute(f'ALTER INDEX "{new}" RENAME TO "{INDEX}"')
 
 
-def _sqlite_index(schema_editor) -> None:
-    connection = schema_editor.connection
+def _sqlite_index_made(connection) -> bool:
+    """Whether migration 0013 made the FTS5 table (not without a trigram tokenizer: search
+    then reads every message)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = %s",
             [chat_search.SQLITE_INDEX],
         )
-        if cursor.fetchone() is None:  # no trigram tokenizer: search reads every message (0013)
-            return
-    chat_search.sqlite_index_create(connection)
+        return cursor.fetchone() is not None
 
 
 def settled_only(apps, schema_editor):
-    vendor = schema_editor.connection.vendor
-    if vendor == "postgresql":
+    connection = schema_editor.connection
+    if connection.vendor == "postgresql":
         _postgresql_index(schema_editor, " WHERE status <> 'streaming'")
-    elif vendor == "sqlite":
-        _sqlite_index(schema_editor)
+    elif connection.vendor == "sqlite" and _sqlite_index_made(connection):
+        chat_search.sqlite_index_create(connection)
 
 
 # Migration 0013's triggers (every message indexed), for going back: an earlier version's code
@@ -74,13 +73,10 @@ def every_message(apps, schema_editor):
     if connection.vendor == "postgresql":
         _postgresql_index(schema_editor, "")
         return
-    if connection.vendor != "sqlite":
+    if connection.vendor != "sqlite" or not _sqlite_index_made(connection):
         return
     index = chat_search.SQLITE_INDEX
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = %s", [index])
-        if cursor.fetchone() is None:
-            return
         for name, body in _EVERY_MESSAGE.items():
             cursor.execute(f"DROP TRIGGER IF EXISTS {index}_{name}")
             cursor.execute(f"CREATE TRIGGER {index}_{name} " + body.format(index=index))
