@@ -142,6 +142,20 @@ def test_blocks_rendered_while_streaming_are_the_finished_render(text, step):
         assert set(settled_blocks(text[:end])) <= cuts, text[:end]
 
 
+@pytest.mark.parametrize("text", STREAMED)
+def test_the_block_parser_finds_the_blocks_a_whole_parse_does(text):
+    """settled_blocks parses blocks alone (not the text inside them): at every length of a
+    reply, its top-level blocks begin and end where a whole parse puts them."""
+    from conversations.rendering import _block_parser, _markdown
+
+    def blocks(parser, source):
+        return [(t.type, t.map) for t in parser.parse(source) if t.level == 0 and t.nesting >= 0]
+
+    for end in range(1, len(text) + 1):
+        assert blocks(_block_parser(), text[:end]) == blocks(_markdown(), text[:end])
+    assert all(t.type != "inline" or not t.children for t in _block_parser().parse(text))
+
+
 def test_a_block_settles_only_when_nothing_later_can_change_it():
     from conversations.rendering import settled_blocks
 
