@@ -66,3 +66,20 @@ def test_group_names_are_what_the_layer_accepts():
         assert re.fullmatch(r"[A-Za-z0-9._-]{1,99}", name)
     assert len(events.session_tag("a" * 32)) == 32
     assert events.session_tag("k1") != events.session_tag("k2")
+
+
+def test_an_event_keeps_what_it_was_made_with():
+    """A generation goes on adding to its tool steps after it has announced them; an event
+    already on its way shows the steps as they were."""
+    steps = [{"end": 4, "calls": [{"id": "call_1", "function": {"name": "get_current_time"}}]}]
+    message = events.ToolSteps(message_id=7, steps=steps).as_message()
+    steps[0]["calls"].append({"id": "call_2"})
+    steps[0]["results"] = []
+    steps.append({"end": 9, "calls": []})
+    assert message == {
+        "type": "conversation.tools",
+        "message_id": 7,
+        "steps": [
+            {"end": 4, "calls": [{"id": "call_1", "function": {"name": "get_current_time"}}]}
+        ],
+    }
