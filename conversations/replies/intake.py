@@ -22,7 +22,7 @@ import uuid
 from datetime import UTC, datetime
 from functools import cache
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.utils import timezone
 
 from conversations.models import Conversation, Message, ModelProfile, SystemPrompt
@@ -33,13 +33,19 @@ _profiles = ModelProfile._meta.db_table
 _prompts = SystemPrompt._meta.db_table
 
 
+def _this_thread() -> object:
+    """This thread's database connection itself. Each attribute read through
+    django.db.connection finds it again (a context-local lookup): a send reads some seventy."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
 def _column(model, name: str) -> str:
     return connection.ops.quote_name(model._meta.get_field(name).column)
 
 
-def _param(model, name: str, value):
+def _param(model, name: str, value, db=connection):
     """`value` as the database takes it for the field (a UUID as hex text on SQLite, …)."""
-    return model._meta.get_field(name).get_db_prep_save(value, connection)
+    return model._meta.get_field(name).get_db_prep_save(value, db)
 
 
 def read_moment(value) -> datetime:
@@ -91,20 +97,21 @@ def _locked(conversation_id, rows: list) -> Conversation:
     queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
     if not rows:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    _sql, converters = _lock_statement(connection.vendor)
+    db = _this_thread()
+    _sql, converters = _lock_statement(db.vendor)
     row = list(rows[0])
     for at, (converter_list, expression) in converters.items():
         for converter in converter_list:
-            row[at] = converter(row[at], expression, connection)
+            row[at] = converter(row[at], expression, db)
     split, prompt_at = len(_conversation_fields), len(_conversation_fields) + len(_profile_fields)
     conversation = Conversation.from_db(
-        connection.alias, [f.attname for f in _conversation_fields], row[:split]
+        db.alias, [f.attname for f in _conversation_fields], row[:split]
     )
     conversation.model = ModelProfile.from_db(
-        connection.alias, [f.attname for f in _profile_fields], row[split:prompt_at]
+        db.alias, [f.attname for f in _profile_fields], row[split:prompt_at]
     )
     conversation.system_prompt = (
-        SystemPrompt.from_db(connection.alias, [f.attname for f in _prompt_fields], row[prompt_at:])
+        SystemPrompt.from_db(db.alias, [f.attname for f in _prompt_fields], row[prompt_at:])
         if conversation.system_prompt_id is not None
         else None
     )
@@ -149,20 +156,21 @@ def read_under_lock(
     owner's replies as they were before the send it waited for). On PostgreSQL they go out
     together with the transaction's BEGIN, in one round trip (psycopg's pipeline mode), the
     second prepared."""
-    lock_sql, _converters = _lock_statement(connection.vendor)
-    lock_params = [_param(Conversation, "id", conversation_id)]
+    db = _this_thread()
+    lock_sql, _converters = _lock_statement(db.vendor)
+    lock_params = [_param(Conversation, "id", conversation_id, db)]
     load_sql, load_params = load
     way_sql = _way_statement(load_sql)
     way_params = [
         *load_params,
-        _param(Message, "conversation", conversation_id),
+        _param(Message, "conversation", conversation_id, db),
         Message.Status.STREAMING.value,
-        _param(Message, "client_message_id", client_message_id),
+        _param(Message, "client_message_id", client_message_id, db),
     ]
-    if connection.vendor == "postgresql":
+    if db.vendor == "postgresql":
         locked_rows, rows = _pipelined((lock_sql, lock_params, True), (way_sql, way_params, True))
     else:
-        with connection.cursor() as cursor:
+        with db.cursor() as cursor:
             cursor.execute(lock_sql, lock_params)
             locked_rows = cursor.fetchall()
             cursor.execute(way_sql, way_params)
@@ -219,6 +227,13 @@ def move_conversation(conversation_id, **fields) -> None:
 
 
 _insert_fields = [f for f in Message._meta.local_concrete_fields if f is not Message._meta.pk]
+
+
+@cache
+def _insert_columns(vendor: str) -> str:
+    return ", ".join(connection.ops.quote_name(f.column) for f in _insert_fields)
+
+
 _tree_columns = f"id, parent_id, role, content, {_column(Message, 'tool_steps')}"
 
 
@@ -233,7 +248,8 @@ def insert_turn(
     (two inserts and an update as data-modifying CTEs, and the tree read back), where
     Model.save and move_conversation make three round trips and the request's history a
     fourth; on SQLite, in this process, the same four statements one after the other."""
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in _insert_fields)
+    db = _this_thread()
+    columns = _insert_columns(db.vendor)
 
     def values(message: Message, parent: str | None = None) -> tuple[str, list]:
         # NULL written as such: a new message leaves most of its columns empty, and with
@@ -244,7 +260,7 @@ def insert_turn(
             if parent and field.attname == "parent_id":
                 placeholders.append(parent)
                 continue
-            value = field.get_db_prep_save(field.pre_save(message, True), connection)
+            value = field.get_db_prep_save(field.pre_save(message, True), db)
             if value is None:
                 placeholders.append("NULL")
             else:
@@ -253,11 +269,11 @@ def insert_turn(
         return ", ".join(placeholders), params
 
     assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
-    moved = [_param(Conversation, name, value) for name, value in fields.items()]
-    chat = _param(Conversation, "id", conversation_id)
-    if connection.vendor != "postgresql":
+    moved = [_param(Conversation, name, value, db) for name, value in fields.items()]
+    chat = _param(Conversation, "id", conversation_id, db)
+    if db.vendor != "postgresql":
         tree = {}
-        with connection.cursor() as cursor:
+        with db.cursor() as cursor:
             for message in (user_message, reply):
                 if message is reply:
                     reply.parent_id = user_message.pk
@@ -269,7 +285,7 @@ def insert_turn(
                 )
                 message.pk = cursor.lastrowid
                 message._state.adding = False
-                message._state.db = connection.alias
+                message._state.db = db.alias
             reply.parent_id = user_message.pk
             cursor.execute(
                 f"UPDATE {_conversations} SET current_message_id = %s{assignments} WHERE id = %s",
@@ -277,7 +293,7 @@ def insert_turn(
             )
             cursor.execute(
                 f"SELECT {_tree_columns} FROM {_messages} WHERE conversation_id = %s",
-                [_param(Message, "conversation", conversation_id)],
+                [_param(Message, "conversation", conversation_id, db)],
             )
             for pk, *row in cursor.fetchall():
                 tree[pk] = row
@@ -299,9 +315,9 @@ def insert_turn(
         *reply_params,
         *moved,
         chat,
-        _param(Message, "conversation", conversation_id),
+        _param(Message, "conversation", conversation_id, db),
     ]
-    with connection.cursor() as cursor:
+    with db.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     tree = {}
@@ -311,7 +327,7 @@ def insert_turn(
         if message is not None:
             message.pk = pk
             message._state.adding = False
-            message._state.db = connection.alias
+            message._state.db = db.alias
     reply.parent_id = user_message.pk
     return tree
 
