@@ -193,6 +193,8 @@ class Scenario:
     stall_after_chunks: int | None = None
     stall_seconds: float = 30.0
     drop_after_chunks: int | None = None
+    # A stream left open this long after its last event (a proxy that is slow to close it).
+    hold_open_seconds: float = 0.0
     finish_reason: str | None = None
     framing: str = "standard"
     echo_authorization: bool = False
@@ -1610,6 +1612,8 @@ class Simulator:
                     await emit(compat_frame(usage_chunk))
         if not native and plan.finish_reason is not None:
             await emit("data: [DONE]\n\n")
+        if scenario.hold_open_seconds and await _pause(scenario.hold_open_seconds, disconnected):
+            return "disconnected"
         return await _end(send, "completed")
 
     def _native_chunk(

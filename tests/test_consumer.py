@@ -331,6 +331,29 @@ async def test_stalled_stream_ends_with_a_timeout_sentence_and_keeps_the_partial
     await ws.disconnect()
 
 
+async def test_a_replys_last_words_show_when_it_ends_not_when_its_request_closes(
+    app_simulator, settings
+):
+    """The last frame goes when the model has finished (its last event), not when the
+    request has been closed: a proxy slow to close the stream, or a busy process, delays only
+    the reply's final render. Frames 3 s apart here, so no frame tick brings the text."""
+    settings.QWENWEB_FRAME_INTERVAL = 3.0
+    app_simulator.add_scenario(Scenario(match="slow close", reply=REPLY, hold_open_seconds=2))
+    _owner, conversation, ws = await open_chat()
+    sent = asyncio.get_running_loop().time()
+    await ws.send_to(text_data=send_frame("slow close please"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: REPLY in t.text.values(), within=10)
+    whole = asyncio.get_running_loop().time() - sent
+    assert whole < 1.5, f"the last words came {whole:.2f} s after the send"
+    assert "complete" not in transcript.status.values()  # the request is still open
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=10)
+    assert asyncio.get_running_loop().time() - sent >= 2
+    reply = await assistant_reply(conversation)
+    assert reply.content == REPLY
+    await ws.disconnect()
+
+
 @pytest.mark.parametrize("finish_reason", ["length", "none"])
 async def test_truncated_reply_is_shown_as_such(app_simulator, finish_reason):
     app_simulator.add_scenario(Scenario(match="cut", reply=REPLY, finish_reason=finish_reason))

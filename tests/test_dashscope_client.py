@@ -1090,6 +1090,28 @@ async def test_chat_is_retried_like_stream_admission(simulator, dashscope_client
     assert len(simulator.requests) == 3 and len(recorded_sleep.delays) == 2
 
 
+@pytest.mark.asyncio
+async def test_a_native_stream_is_finished_at_its_last_event_not_at_its_end(
+    simulator, dashscope_client
+):
+    """A native stream's last event carries the finish reason: the reply is whole then, and
+    Finish (with the usage before it) comes at once, while the body is still read to its end
+    (which a proxy may hold open), so that the connection is kept."""
+    simulator.add_scenario(Scenario(reply=REPLY, hold_open_seconds=1.5))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    seen = []
+    async for event in dashscope_client.stream_chat(ask()):
+        seen.append((loop.time() - began, event))
+    ended = loop.time() - began
+    events = [event for _at, event in seen]
+    assert text_of(events) == REPLY
+    assert isinstance(events[-2], Usage) and events[-2].output_tokens > 0
+    assert isinstance(events[-1], Finish) and events[-1].reason == "stop"
+    assert seen[-1][0] < 1.0 <= 1.5 <= ended
+    assert outcomes(simulator) == ["completed"]
+
+
 # -- transport failures ------------------------------------------------------------------------
 
 

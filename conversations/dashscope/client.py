@@ -96,7 +96,8 @@ class DashScopeClient:
             await self._http.aclose()
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Stream a reply as events; ``Finish`` is always last.
+        """Stream a reply as events; ``Finish`` is always last. On a native stream it comes
+        with the event that carries the finish reason, not when the body ends after it.
 
         Usage is yielded once, with the final cumulative figures, just before ``Finish`` (when the
         server reported any). Errors before the first event are retried up to
@@ -236,6 +237,7 @@ class DashScopeClient:
                     header_request_id=response.headers.get("x-request-id"),
                     incremental=_is_incremental(request),
                 )
+                finished = False
                 content_type = response.headers.get("content-type", "").lower()
                 if "event-stream" not in content_type and "json" in content_type:
                     # Some gateways answer with one JSON document even when asked to stream.
@@ -249,8 +251,16 @@ class DashScopeClient:
                                 yield event
                             if state.done:
                                 break
-                for event in state.finish():
-                    yield event
+                            if state.last_said and not finished:
+                                # A native stream's last event (it carries the finish
+                                # reason): the reply is whole now, and the end of the body,
+                                # read to keep the connection, may take a while.
+                                finished = True
+                                for event in state.finish():
+                                    yield event
+                if not finished:
+                    for event in state.finish():
+                        yield event
         except httpx.TimeoutException as exc:
             raise errors.timeout(exc, self._config) from exc
         except httpx.RequestError as exc:
@@ -433,6 +443,7 @@ class _StreamState:
         self._arguments_so_far: dict[int, str] = {}
         self._sources_seen = False
         self.done = False
+        self.last_said = False  # a native payload with a finish reason: nothing more follows
 
     @property
     def request_id(self) -> str | None:
@@ -516,7 +527,7 @@ class _StreamState:
         choices = output.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             choice = choices[0]
-            self._note_finish(choice.get("finish_reason"))
+            self.last_said = self._note_finish(choice.get("finish_reason"))
             return self._message_events(choice.get("message") or {}, incremental=self._incremental)
         # result_format "text" (older models): output.text + output.finish_reason.
         self._note_finish(output.get("finish_reason"))
@@ -553,9 +564,12 @@ class _StreamState:
                 events.append(delta)
         return events
 
-    def _note_finish(self, reason: Any) -> None:
+    def _note_finish(self, reason: Any) -> bool:
+        """Keep a finish reason, if this is one; whether it was."""
         if isinstance(reason, str) and reason and reason != "null":
             self._finish_reason = clean_metadata(reason, self._api_key)
+            return True
+        return False
 
 
 def _suffix(previous: str, current: str) -> tuple[str, str]:

@@ -355,6 +355,11 @@ class Generation:
                 elif isinstance(event, Finish):
                     self.finish_reason = event.reason
                     self.request_id = event.request_id
+                    if event.reason != "tool_calls":
+                        # The text is whole: its last frame goes now, not once the request
+                        # has been closed and this task has ended (a few turns of the loop,
+                        # each longer the busier it is).
+                        self._wake()
                 elif isinstance(event, SearchResults):
                     self._add_sources(event.results)
             if self.finish_reason != "tool_calls" or not calls:
