@@ -34,6 +34,7 @@ from conversations.dashscope import (  # noqa: E402
     ChatRequest,
     DashScopeClient,
     DashScopeConfig,
+    Finish,
     TextDelta,
 )
 
@@ -58,7 +59,7 @@ async def relay(send, reply_id: int, content: str) -> None:
     """Stream one reply to the socket: first delta at once, then one frame per interval."""
     request = ChatRequest(model="qwen-plus", messages=[ChatMessage(role="user", content=content)])
     text, published, status = "", 0, "complete"
-    dirty, done = asyncio.Event(), False
+    dirty, done, finished = asyncio.Event(), False, asyncio.Event()
 
     async def consume() -> None:
         nonlocal text
@@ -66,10 +67,13 @@ async def relay(send, reply_id: int, content: str) -> None:
             if isinstance(event, TextDelta):
                 text += event.text
                 dirty.set()
+            elif isinstance(event, Finish):
+                finished.set()
 
     upstream = asyncio.create_task(consume())
     upstream.add_done_callback(lambda _t: dirty.set())
     marker = f"+{reply_id}:"
+    last_word = asyncio.ensure_future(finished.wait())
     while True:
         await dirty.wait()
         dirty.clear()
@@ -79,8 +83,10 @@ async def relay(send, reply_id: int, content: str) -> None:
             published, marker = len(text), "+:"
         if done:
             break
-        # Coalesce, but send the last frame as soon as the stream ends (as the app does).
-        await asyncio.wait({upstream}, timeout=FRAME_INTERVAL)
+        # Coalesce, but send the last frame as soon as the stream's last event has come (as
+        # the app does).
+        await asyncio.wait({upstream, last_word}, timeout=FRAME_INTERVAL)
+    last_word.cancel()
     if upstream.exception() is not None:
         status = "error"
     _texts[reply_id] = (text, status)
