@@ -16,6 +16,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.template.loader import get_template  # noqa: E402
 
+from conversations.rendering import ready_highlighters  # noqa: E402
 from conversations.replies.liveness import StartSweeper  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from qwenweb import daphne_guard  # noqa: E402
@@ -33,10 +34,12 @@ application = StartSweeper(
     )
 )
 
-# What exists now lives as long as the process: modules, settings, URL patterns, and the
-# templates every socket renders (loaded here). Frozen, it is left out of the garbage
-# collector's full collections, which otherwise walk all of it while every stream waits (a
-# 100-stream bench saw full collections of 53 and 47 ms; frozen, 20 and 10 ms).
+# What exists now lives as long as the process: modules, settings, URL patterns, the templates
+# every socket renders and the highlighters of the common languages (loaded here: see
+# rendering.COMMON_LANGUAGES). Frozen, it is left out of the garbage collector's full
+# collections, which otherwise walk all of it while every stream waits (a 100-stream bench
+# saw full collections of 53 and 47 ms; frozen, 20 and 10 ms).
 get_template("conversations/partials/stream.html")
+ready_highlighters()
 gc.collect()
 gc.freeze()

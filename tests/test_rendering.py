@@ -1,7 +1,11 @@
 """Model output is untrusted: markdown renders, nothing executable or fetchable survives."""
 
+import os
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +213,34 @@ def test_math_cannot_carry_markup_links_or_styles():
     for _tag, attrs in tags:
         assert {name for name, _value in attrs} <= {"display"}, attrs
     assert "&lt;img&nbsp;src=x&nbsp;onerror=alert(1)&gt;&nbsp;a&nbsp;&lt;&nbsp;b" in html
+
+
+def test_a_process_has_the_common_highlighters_ready_before_it_serves(tmp_path):
+    """The first code block of a language would otherwise stop every stream of the process
+    while Pygments compiles the language's rules (tens of milliseconds). A fresh process, once
+    it has loaded the application, has them all compiled; a rare language is not."""
+    check = (
+        "import qwenweb.asgi\n"
+        "from pygments.lexer import RegexLexer\n"
+        "from pygments.lexers import find_lexer_class_by_name as find\n"
+        "from conversations.rendering import COMMON_LANGUAGES\n"
+        "compiled = [issubclass(find(n), RegexLexer) for n in COMMON_LANGUAGES]\n"
+        "ready = ['_tokens' in find(n).__dict__ for n in COMMON_LANGUAGES]\n"
+        "print(sum(compiled), sum(ready), '_tokens' in find('cobol').__dict__)\n"
+    )
+    env = {
+        **os.environ,
+        "QWENWEB_DATA_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "qwenweb.settings",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    compiled, ready, rare = out.stdout.split()
+    assert int(compiled) >= 12 and ready == compiled and rare == "False"  # (JSON's is no regex)
