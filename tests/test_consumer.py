@@ -16,6 +16,7 @@ from django.test import Client
 from django.utils import timezone
 
 from conversations.consumers import MAX_FRAME_BYTES
+from conversations.dashscope import client as dashscope_client
 from conversations.models import Message, ModelProfile, SystemPrompt
 from conversations.replies import tools
 from conversations.upstream import reset_clients
@@ -332,12 +333,13 @@ async def test_stalled_stream_ends_with_a_timeout_sentence_and_keeps_the_partial
 
 
 async def test_a_replys_last_words_show_when_it_ends_not_when_its_request_closes(
-    app_simulator, settings
+    app_simulator, settings, monkeypatch
 ):
     """The last frame goes when the model has finished (its last event), not when the
     request has been closed: a proxy slow to close the stream, or a busy process, delays only
     the reply's final render. Frames 3 s apart here, so no frame tick brings the text."""
     settings.QWENWEB_FRAME_INTERVAL = 3.0
+    monkeypatch.setattr(dashscope_client, "FINISHED_BODY_WAIT", 10.0)
     app_simulator.add_scenario(Scenario(match="slow close", reply=REPLY, hold_open_seconds=2))
     _owner, conversation, ws = await open_chat()
     sent = asyncio.get_running_loop().time()
@@ -351,6 +353,25 @@ async def test_a_replys_last_words_show_when_it_ends_not_when_its_request_closes
     assert asyncio.get_running_loop().time() - sent >= 2
     reply = await assistant_reply(conversation)
     assert reply.content == REPLY
+    await ws.disconnect()
+
+
+async def test_stop_after_the_model_has_finished_keeps_the_reply_complete(
+    app_simulator, monkeypatch
+):
+    """Stop pressed while the finished reply's request is still being closed: the page shows
+    the whole text, and the reply is saved complete, not stopped."""
+    monkeypatch.setattr(dashscope_client, "FINISHED_BODY_WAIT", 10.0)
+    app_simulator.add_scenario(Scenario(match="slow close", reply=REPLY, hold_open_seconds=5))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("slow close please"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: REPLY in t.text.values(), within=10)
+    await ws.send_to(text_data='{"type": "stop"}')
+    await receive_until(ws, transcript, lambda t: set(t.status.values()) - {"streaming"}, within=5)
+    assert set(transcript.status.values()) == {"complete"}
+    reply = await assistant_reply(conversation)
+    assert (reply.status, reply.content, reply.finish_reason) == ("complete", REPLY, "stop")
     await ws.disconnect()
 
 

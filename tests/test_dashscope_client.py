@@ -36,6 +36,7 @@ from conversations.dashscope import (
     classify,
     compatible_base_from_native,
 )
+from conversations.dashscope import client as client_module
 from conversations.dashscope.sanitize import (
     OutputCleaner,
     _longest_key_prefix_at_end,
@@ -1097,7 +1098,7 @@ async def test_a_native_stream_is_finished_at_its_last_event_not_at_its_end(
     """A native stream's last event carries the finish reason: the reply is whole then, and
     Finish (with the usage before it) comes at once, while the body is still read to its end
     (which a proxy may hold open), so that the connection is kept."""
-    simulator.add_scenario(Scenario(reply=REPLY, hold_open_seconds=1.5))
+    simulator.add_scenario(Scenario(reply=REPLY, hold_open_seconds=0.6))
     loop = asyncio.get_running_loop()
     began = loop.time()
     seen = []
@@ -1108,8 +1109,25 @@ async def test_a_native_stream_is_finished_at_its_last_event_not_at_its_end(
     assert text_of(events) == REPLY
     assert isinstance(events[-2], Usage) and events[-2].output_tokens > 0
     assert isinstance(events[-1], Finish) and events[-1].reason == "stop"
-    assert seen[-1][0] < 1.0 <= 1.5 <= ended
+    assert seen[-1][0] < 0.4 < 0.6 <= ended
     assert outcomes(simulator) == ["completed"]
+
+
+@pytest.mark.asyncio
+async def test_a_stream_held_open_after_its_last_event_costs_only_the_connection(
+    simulator, dashscope_client, monkeypatch
+):
+    """Past FINISHED_BODY_WAIT the rest of the body is given up: the stream ends, without an
+    error, its events as they were; the connection is closed."""
+    monkeypatch.setattr(client_module, "FINISHED_BODY_WAIT", 0.3)
+    simulator.add_scenario(Scenario(reply=REPLY, hold_open_seconds=5))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    events = await collect(dashscope_client, ask())
+    assert loop.time() - began < 2
+    assert text_of(events) == REPLY
+    assert [type(e) for e in events[-2:]] == [Usage, Finish]
+    assert outcomes(simulator) == ["disconnected"]
 
 
 # -- transport failures ------------------------------------------------------------------------

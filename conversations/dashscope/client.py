@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -56,6 +56,9 @@ _MAX_ERROR_BODY = 64 * 1024
 # The model list is read 100 at a time, at most this many pages (a runaway `total` must not
 # keep the admin waiting).
 _MODEL_PAGE_SIZE = 100
+# How long the rest of a native stream is read after its last event (its body's end, read to
+# keep the connection): a gateway slow to close it costs the connection, not the reply.
+FINISHED_BODY_WAIT = 1.0
 _MAX_MODEL_PAGES = 20
 
 
@@ -251,13 +254,14 @@ class DashScopeClient:
                                 yield event
                             if state.done:
                                 break
-                            if state.last_said and not finished:
+                            if state.last_said:
                                 # A native stream's last event (it carries the finish
-                                # reason): the reply is whole now, and the end of the body,
-                                # read to keep the connection, may take a while.
+                                # reason): the reply is whole now, whenever its body ends.
                                 finished = True
                                 for event in state.finish():
                                     yield event
+                                await _drain(frames)
+                                break
                 if not finished:
                     for event in state.finish():
                         yield event
@@ -773,6 +777,16 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+async def _drain(frames: AsyncIterator[SSEFrame]) -> None:
+    """Read the rest of a stream whose last event has come, to its end (the connection is
+    then kept), for at most FINISHED_BODY_WAIT seconds. Nothing in it counts any more: the
+    reply has ended, and a failure or a slow end only costs the connection."""
+    with suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(FINISHED_BODY_WAIT):
+            async for _frame in frames:
+                pass
 
 
 async def _read_text(response: httpx.Response) -> str:

@@ -123,6 +123,7 @@ class Generation:
     def __post_init__(self) -> None:
         self._dirty = asyncio.Event()
         self._done = False
+        self._whole = False  # the model has finished (its Finish came): the text is all here
         self._last_checkpoint = time.monotonic()
         self._checkpointed = 0
         self._checkpoint_task: asyncio.Task | None = None
@@ -202,7 +203,9 @@ class Generation:
             publisher = asyncio.create_task(self._publish_loop())
             await asyncio.wait({self._upstream})
             if self._upstream.cancelled():
-                status = Message.Status.STOPPED
+                # Stopped, unless the model had finished it already (the request was still
+                # being closed): the page shows it whole, and so it is saved.
+                status = Message.Status.COMPLETE if self._whole else Message.Status.STOPPED
             elif (exc := self._upstream.exception()) is not None:
                 error = exc
                 if not isinstance(exc, DashScopeError | ToolRoundsExceeded):
@@ -359,6 +362,7 @@ class Generation:
                         # The text is whole: its last frame goes now, not once the request
                         # has been closed and this task has ended (a few turns of the loop,
                         # each longer the busier it is).
+                        self._whole = True
                         self._wake()
                 elif isinstance(event, SearchResults):
                     self._add_sources(event.results)
