@@ -56,10 +56,10 @@ _MAX_ERROR_BODY = 64 * 1024
 # The model list is read 100 at a time, at most this many pages (a runaway `total` must not
 # keep the admin waiting).
 _MODEL_PAGE_SIZE = 100
+_MAX_MODEL_PAGES = 20
 # How long the rest of a native stream is read after its last event (its body's end, read to
 # keep the connection): a gateway slow to close it costs the connection, not the reply.
 FINISHED_BODY_WAIT = 1.0
-_MAX_MODEL_PAGES = 20
 
 
 class DashScopeClient:
