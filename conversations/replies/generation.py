@@ -425,8 +425,9 @@ class Generation:
 
     async def _nap(self, seconds: float) -> None:
         """Wait `seconds`, or less if the upstream ends meanwhile (as asyncio.sleep does it,
-        with a way to be woken early)."""
-        if self._done:
+        with a way to be woken early). Not at all once the text is whole: what is left of it
+        goes at once."""
+        if self._done or self._whole:
             return
         loop = asyncio.get_running_loop()
         self._waker = waker = loop.create_future()
