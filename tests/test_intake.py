@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -204,6 +205,33 @@ def test_a_send_reads_the_limits_of_the_chats_current_model(chat):
     with pytest.raises(service.ReplyRefused):
         service.reply_start(conversation=stale, content="hello")
     assert not Message.objects.filter(conversation=chat).exists()
+
+
+def test_a_reply_is_updated_as_the_orm_would_and_only_while_it_is_the_writers(chat):
+    """A checkpoint or an end writes the reply only while it is its generation's (its writer)
+    and, for a checkpoint, still streaming; the values read back as the ORM wrote them."""
+    writer, other = uuid.uuid4(), uuid.uuid4()
+    reply = Message.objects.create(
+        conversation=chat, role="assistant", status="streaming", writer=writer
+    )
+    moment = timezone.now()
+    fields = {
+        "content": "Hello 😀",
+        "tool_steps": [{"end": 5, "calls": [{"id": "c1"}], "results": []}],
+        "cost": Decimal("0.0012345"),
+        "completed_at": moment,
+        "input_tokens": 7,
+    }
+    assert intake.update_reply(reply.pk, other, fields) == 0
+    assert intake.update_reply(reply.pk, writer, fields, status="interrupted") == 0
+    assert intake.update_reply(reply.pk, writer, fields, status="streaming") == 1
+    saved = Message.objects.get(pk=reply.pk)
+    assert (saved.content, saved.tool_steps, saved.cost, saved.completed_at) == (
+        "Hello 😀", fields["tool_steps"], Decimal("0.0012345"), moment,
+    )  # fmt: skip
+    assert saved.input_tokens == 7
+    assert intake.update_reply(reply.pk, None, {"status": "complete"}) == 1
+    assert Message.objects.get(pk=reply.pk).status == "complete"
 
 
 def test_the_same_on_postgresql(tmp_path):

@@ -42,7 +42,7 @@ from conversations.db import db_async
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
-from conversations.replies import costs, events, liveness, prompt, titles, tools
+from conversations.replies import costs, events, intake, liveness, prompt, titles, tools
 
 logger = logging.getLogger(__name__)
 
@@ -595,14 +595,17 @@ def _save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = Fals
     (see conversations/db.py for where it runs). One UPDATE as a rule; returns SAVED, RESUMED
     (a checkpoint of a reply a sweep had marked interrupted: streaming again) or "" (the
     reply is another generation's now, or gone: nothing was written)."""
+    now = timezone.now()
+    if final:
+        return (
+            SAVED if intake.update_reply(message_id, writer, {**fields, "updated_at": now}) else ""
+        )
+    streaming = Message.Status.STREAMING.value
+    if intake.update_reply(message_id, writer, {**fields, "updated_at": now}, streaming):
+        return SAVED
     mine = Message.objects.filter(pk=message_id)
     if writer is not None:
         mine = mine.filter(writer=writer)
-    now = timezone.now()
-    if final:
-        return SAVED if mine.update(updated_at=now, **fields) else ""
-    if mine.filter(status=Message.Status.STREAMING).update(updated_at=now, **fields):
-        return SAVED
     resumed = mine.filter(status=Message.Status.INTERRUPTED).update(
         status=Message.Status.STREAMING, completed_at=None, updated_at=now, **fields
     )

@@ -226,6 +226,37 @@ def move_conversation(conversation_id, **fields) -> None:
         )
 
 
+@cache
+def _reply_update(vendor: str, names: tuple[str, ...], writer: bool, status: bool) -> str:
+    ops = connection.ops
+    columns = ", ".join(f"{ops.quote_name(Message._meta.get_field(n).column)} = %s" for n in names)
+    sql = f"UPDATE {_messages} SET {columns} WHERE id = %s"
+    if writer:
+        sql += f" AND {ops.quote_name(Message._meta.get_field('writer').column)} = %s"
+    if status:
+        sql += " AND status = %s"
+    return sql
+
+
+def update_reply(message_id, writer: uuid.UUID | None, fields: dict, status: str | None = None):
+    """Write these fields of a reply, with the values the ORM's update would write, if it is
+    still `writer`'s (None: whoever's) and, with `status`, still in it; returns the rows
+    written (1, or 0: the reply is another generation's now, or gone). A streaming reply's
+    checkpoint and its end, every two seconds of every reply on the database thread: the
+    ORM's update compiled each in 0.4 ms of Python, against 0.1 here."""
+    db = _this_thread()
+    sql = _reply_update(db.vendor, tuple(fields), writer is not None, status is not None)
+    params = [_param(Message, name, value, db) for name, value in fields.items()]
+    params.append(message_id)
+    if writer is not None:
+        params.append(_param(Message, "writer", writer, db))
+    if status is not None:
+        params.append(status)
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
 _insert_fields = [f for f in Message._meta.local_concrete_fields if f is not Message._meta.pk]
 
 
