@@ -596,12 +596,10 @@ def _save_reply(message_id: int, writer: uuid.UUID | None, *, final: bool = Fals
     (a checkpoint of a reply a sweep had marked interrupted: streaming again) or "" (the
     reply is another generation's now, or gone: nothing was written)."""
     now = timezone.now()
+    written = {**fields, "updated_at": now}
     if final:
-        return (
-            SAVED if intake.update_reply(message_id, writer, {**fields, "updated_at": now}) else ""
-        )
-    streaming = Message.Status.STREAMING.value
-    if intake.update_reply(message_id, writer, {**fields, "updated_at": now}, streaming):
+        return SAVED if intake.update_reply(message_id, writer, written) else ""
+    if intake.update_reply(message_id, writer, written, Message.Status.STREAMING.value):
         return SAVED
     mine = Message.objects.filter(pk=message_id)
     if writer is not None:
