@@ -1,8 +1,12 @@
 """Running ORM code from async code."""
 
 import asyncio
+import contextlib
 import contextvars
+import time
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 
 from asgiref.sync import SyncToAsync
@@ -52,11 +56,28 @@ def db_async(function):
     return call
 
 
+# A trip runs its calls for about this long; the calls still waiting go in the next trip, once
+# the loop has used the results of this one (each caller at most HOLD seconds).
+TRIP_TIME = 0.0025
+TRIP_TIME_MAX = 0.04
+HOLD = 0.02
+
+
+@dataclass(eq=False)
+class _Call:
+    function: Callable[[], object]
+    language: str | None
+    future: asyncio.Future
+    # Set by its caller once it has used the result (db_turn's body is over): until then the
+    # thread takes no next trip.
+    used: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class _Trips:
     """The calls waiting for the one database thread of this event loop (SQLite)."""
 
     def __init__(self) -> None:
-        self.waiting: list[tuple] = []
+        self.waiting: list[_Call] = []
         # The task taking the trips, while it runs (held: the loop keeps only weak references
         # to tasks; dropped at its end: it holds the loop, the weak key of this _Trips).
         self.task: asyncio.Task | None = None
@@ -65,37 +86,43 @@ class _Trips:
 _trips: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Trips] = weakref.WeakKeyDictionary()
 
 
-def _run_each(calls: list[tuple]) -> list[tuple[bool, object]]:
-    """Run each call in its caller's language (the sentences of its refusals): (True, result)
-    or (False, the exception it raised), one call's failure being its own."""
+def _run_each(calls: list[_Call], budget: float = TRIP_TIME) -> list[tuple[bool, object]]:
+    """Run calls in turn until `budget` seconds have passed (at least one), each in its
+    caller's language (the sentences of its refusals): (True, result) or (False, the exception
+    it raised) for each call run, one call's failure being its own."""
+    began = time.monotonic()
     outcomes = []
-    for function, language, future in calls:
-        if future.cancelled():
+    for call in calls:
+        if outcomes and time.monotonic() - began >= budget:
+            break
+        if call.future.cancelled():
             # Its caller is gone (a socket closed, the server stopping) while it waited: as
             # with db_async, a call not yet begun is not run (read across threads: at worst a
             # caller cancelled this instant has its call run, and its result dropped).
             outcomes.append((False, None))
             continue
         try:
-            with translation.override(language):
-                outcomes.append((True, _with_kept_connection(function)))
+            with translation.override(call.language):
+                outcomes.append((True, _with_kept_connection(call.function)))
         except Exception as error:
             outcomes.append((False, error))
     return outcomes
 
 
 async def _take_trips(trips: _Trips) -> None:
+    budget = TRIP_TIME
     try:
         while trips.waiting:
-            calls = [call for call in trips.waiting if not call[2].done()]
+            calls = [call for call in trips.waiting if not call.future.done()]
             trips.waiting = []
             if not calls:
                 continue
             try:
-                outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls)
+                outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls, budget)
+                budget = min(budget * 2, TRIP_TIME_MAX)
             except asyncio.CancelledError:  # the loop is shutting down
-                for *_, future in calls + trips.waiting:
-                    future.cancel()
+                for call in calls + trips.waiting:
+                    call.future.cancel()
                 trips.waiting = []  # none of them runs in a later trip
                 raise
             except Exception as error:  # the trip itself failed
@@ -103,45 +130,81 @@ async def _take_trips(trips: _Trips) -> None:
             except BaseException:
                 # A call raised SystemExit or the like: its batch's callers must not wait for
                 # ever (the trip's task ends; the next call starts another).
-                for *_, future in calls:
-                    if not future.done():
-                        future.set_exception(RuntimeError("the database thread's trip ended"))
+                for call in calls:
+                    if not call.future.done():
+                        call.future.set_exception(RuntimeError("the database thread's trip ended"))
                 raise
-            for (_function, _language, future), (ok, value) in zip(calls, outcomes, strict=True):
-                if future.done():  # its caller was cancelled
+            # The calls the trip had no time for go first in the next one.
+            trips.waiting[:0] = calls[len(outcomes) :]
+            answered = []
+            for call, (ok, value) in zip(calls, outcomes, strict=False):
+                if call.future.done():  # its caller was cancelled
                     continue
                 if ok:
-                    future.set_result(value)
+                    call.future.set_result(value)
                 else:
-                    future.set_exception(value)
+                    call.future.set_exception(value)
+                answered.append(call.used)
+            if answered:
+                # The callers use their results (a send starts its reply) before the thread
+                # takes the next trip, not while it does: one after the other, the thread and
+                # the loop do not take the interpreter's lock from each other. (The trips end
+                # after that too: work that waits for them to end, such as announcing new
+                # replies, waits for the last requests too.)
+                waits = [asyncio.ensure_future(used.wait()) for used in answered]
+                await asyncio.wait(waits, timeout=HOLD)
+                for wait in waits:
+                    wait.cancel()
     finally:
         trips.task = None
 
 
-async def db_together(function):
-    """`function()` on the database thread, like db_async; on SQLite, the calls that arrive
-    while the thread is busy go together in its next trip.
+@contextlib.asynccontextmanager
+async def db_turn(function):
+    """`function()` on the database thread, like db_async, its result for the body; on
+    SQLite, the calls that arrive while the thread is busy go together in its next trips.
 
     When many people send at once, each send's trip to the one SQLite thread and back cost
     more than its statements: the thread hand-offs, and the thread and the event loop taking
     the interpreter's lock from each other at every statement while the loop started the
-    replies already saved. In one trip the thread runs the queued sends one after the other
-    (each in its own transaction, as before), and the loop then starts them all
-    (bench/README.md, eighth pass). A lone call goes at once, as before.
+    replies already saved. So the thread runs the queued sends one after the other (each in
+    its own transaction, as before) for a few milliseconds (TRIP_TIME), and waits while the
+    loop uses their results (the body, up to HOLD seconds each: a send's body starts its
+    reply's request) before it takes the next ones: the first sends' requests go out while
+    the rest are still queued, not after the last is saved (bench/README.md, eleventh pass).
+    A lone call goes at once, as before.
 
     For callers outside any request (the websocket consumer): the trips run on the one
     thread asgiref gives code with no request around it. A view must use db_async, which
     finds its request's thread (a sync middleware may be holding it, waiting for the view).
     """
     if not _one_thread():
-        return await db_async(function)()
+        yield await db_async(function)()
+        return
     loop = asyncio.get_running_loop()
     trips = _trips.get(loop)
     if trips is None:
         trips = _trips[loop] = _Trips()
-    future = loop.create_future()
-    trips.waiting.append((function, translation.get_language(), future))
+    call = _Call(function, translation.get_language(), loop.create_future())
+    trips.waiting.append(call)
     if trips.task is None or trips.task.done():  # done: cancelled before it began
         # A context of its own: the trips serve every caller, not the first one's.
         trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
-    return await future
+    try:
+        yield await call.future
+    finally:
+        call.used.set()
+
+
+async def db_together(function):
+    """db_turn's result, with nothing to do before the thread's next trip."""
+    async with db_turn(function) as result:
+        return result
+
+
+def together_busy() -> asyncio.Task | None:
+    """The task taking the database thread's trips while there are any (SQLite), else None."""
+    trips = _trips.get(asyncio.get_running_loop())
+    if trips is not None and trips.task is not None and not trips.task.done():
+        return trips.task
+    return None

@@ -1054,3 +1054,68 @@ async def test_an_event_of_a_newer_release_is_skipped_and_the_socket_stays(app_s
     transcript = Transcript()
     await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
     await ws.disconnect()
+
+
+async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced_after(
+    app_simulator, monkeypatch
+):
+    """Three people send while the database thread is busy. Each send's request goes out
+    before the thread saves the next one (not all after the last is saved), and the replies
+    are announced once the queue is empty (rendering them would hold up the requests). Each
+    reply then streams to its own page in full."""
+    import threading
+
+    from conversations import db
+    from conversations.replies import generation, intake
+
+    monkeypatch.setattr(db, "_one_thread", lambda: True)  # SQLite's way, whatever the database
+    monkeypatch.setattr(db, "TRIP_TIME", 0)  # a trip of one send each
+    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
+    monkeypatch.setattr(db, "HOLD", 30)  # waits for the request, not for a timeout
+    monkeypatch.setattr(generation, "REQUEST_HEAD_START", 30)
+    monkeypatch.setattr(generation, "ANNOUNCE_DEFER", 30)
+    seen = []  # at each save: (its text, requests gone out, replies announced)
+    insert_turn = intake.insert_turn
+
+    def watched(user_message, *args, **kwargs):
+        running = list(generation._running.values())
+        seen.append(
+            (
+                user_message.content,
+                sum(g._sent.is_set() for g in running),
+                sum(g._announced.is_set() for g in running),
+            )
+        )
+        return insert_turn(user_message, *args, **kwargs)
+
+    monkeypatch.setattr(intake, "insert_turn", watched)
+    sockets = []
+    for name in ("ann", "ben", "cai"):
+        owner = await make_user(name)
+        conversation = await make_conversation(owner)
+        ws, connected, _code = await connect(owner, conversation)
+        assert connected
+        sockets.append((name, conversation, ws))
+    busy = threading.Event()
+    blocker = asyncio.ensure_future(db.db_together(lambda: busy.wait(10)))
+    await asyncio.sleep(0.05)  # the thread is busy
+    for name, _conversation, ws in sockets:
+        await ws.send_to(text_data=send_frame(f"Hello from {name}"))
+    await asyncio.sleep(0.2)  # every send is queued
+    busy.set()
+    await blocker
+    transcripts = []
+    for _name, _conversation, ws in sockets:
+        transcript = Transcript()
+        await receive_until(ws, transcript, lambda t: "complete" in t.status.values(), within=15)
+        transcripts.append(transcript)
+        await ws.disconnect()
+    assert seen == [
+        ("Hello from ann", 0, 0),
+        ("Hello from ben", 1, 0),
+        ("Hello from cai", 2, 0),
+    ]
+    for (name, conversation, _ws), transcript in zip(sockets, transcripts, strict=True):
+        reply = await assistant_reply(conversation)
+        assert reply.status == "complete" and reply.content
+        assert f"Hello from {name}" in "".join(transcript.frames)

@@ -1,5 +1,6 @@
 """The database thread from async code (conversations/db.py): calls that queue for SQLite's
-one thread while it is busy go in one trip, each with its own outcome and language."""
+one thread while it is busy go together in its next trips, each with its own outcome and
+language, and each trip's callers use their results before the thread takes the next."""
 
 import asyncio
 import threading
@@ -19,8 +20,8 @@ def trips(monkeypatch):
     seen: list[list] = []
     run_each = db._run_each
 
-    def counted(calls):
-        outcomes = run_each(calls)
+    def counted(calls, *budget):
+        outcomes = run_each(calls, *budget)
         seen.append([value for _ok, value in outcomes])
         return outcomes
 
@@ -121,3 +122,91 @@ async def test_each_call_speaks_its_callers_language(trips):
     assert await chinese == "英语"
     assert await english == "Simplified Chinese"
     assert len(trips) == 2, "both in one trip, each in its own language"
+
+
+async def test_a_trip_runs_for_its_time_and_the_next_waits_for_its_callers(trips, monkeypatch):
+    """The thread runs queued calls for TRIP_TIME, then waits while their callers use their
+    results (db_turn's body: a send starts its reply) before it takes the next ones; the
+    calls it had no time for go first in the next trip, in order."""
+    monkeypatch.setattr(db, "TRIP_TIME", 0.01)
+    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0.01)
+    monkeypatch.setattr(db, "HOLD", 5)
+    log = []  # appended from the thread and the loop: list.append is atomic
+
+    def call(n):
+        def run():
+            log.append(("run", n))
+            threading.Event().wait(0.006)
+            return n
+
+        return run
+
+    async def caller(n):
+        async with db.db_turn(call(n)) as result:
+            log.append(("body", n))
+            await asyncio.sleep(0.03)
+            log.append(("used", n))
+            return result
+
+    release = threading.Event()
+    first = asyncio.ensure_future(db.db_together(lambda: release.wait(5) and "first"))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.ensure_future(caller(n)) for n in range(6)]
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == "first"
+    assert await asyncio.gather(*queued) == list(range(6))
+    assert trips == [["first"], [0, 1], [2, 3], [4, 5]], "0.006 s a call: two a trip"
+    for later, earlier in ((2, 0), (2, 1), (4, 2), (4, 3)):
+        assert log.index(("run", later)) > log.index(("used", earlier)), log
+
+
+async def test_a_caller_slow_to_use_its_result_holds_the_thread_no_longer_than_hold(
+    trips, monkeypatch
+):
+    monkeypatch.setattr(db, "TRIP_TIME", 0)
+    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
+    monkeypatch.setattr(db, "HOLD", 0.1)
+    slow_done = asyncio.Event()
+
+    async def slow():
+        async with db.db_turn(lambda: "slow"):
+            await slow_done.wait()
+
+    release = threading.Event()
+    first = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
+    await asyncio.sleep(0.05)
+    holder = asyncio.ensure_future(slow())
+    after = asyncio.ensure_future(db.db_together(lambda: "after"))
+    await asyncio.sleep(0.05)
+    began = asyncio.get_running_loop().time()
+    release.set()
+    await first
+    assert await asyncio.wait_for(after, 2) == "after"
+    assert asyncio.get_running_loop().time() - began < 1
+    assert not holder.done()
+    slow_done.set()
+    await holder
+
+
+async def test_the_thread_is_busy_until_the_last_trips_callers_have_used_their_results(
+    trips, monkeypatch
+):
+    """What waits for the trips to end (a new reply's announcement) waits for the last
+    trip's callers too: for the requests of the last sends to go out first."""
+    monkeypatch.setattr(db, "HOLD", 5)
+    assert db.together_busy() is None
+    used = asyncio.Event()
+
+    async def caller():
+        async with db.db_turn(lambda: "saved"):
+            await used.wait()
+
+    task = asyncio.ensure_future(caller())
+    await asyncio.sleep(0.05)  # the call has run; its caller is in its body
+    busy = db.together_busy()
+    assert busy is not None and not busy.done()
+    used.set()
+    await task
+    await asyncio.wait_for(busy, 1)
+    assert db.together_busy() is None

@@ -38,7 +38,7 @@ from conversations.dashscope import (
     Usage,
 )
 from conversations.dashscope.transport import request_sent
-from conversations.db import db_async
+from conversations.db import db_async, together_busy
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
@@ -50,6 +50,8 @@ FINISH_ATTEMPTS = 4
 # How long the announcement of a new reply waits for its request to go out (it usually takes
 # a fraction of a millisecond over a kept connection; a new one to DashScope can take longer).
 REQUEST_HEAD_START = 0.05
+# How long the announcement waits, at most, while other sends wait for the database thread.
+ANNOUNCE_DEFER = 0.1
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
 
@@ -121,6 +123,8 @@ class Generation:
         return "response_format" in self.request.parameters
 
     def __post_init__(self) -> None:
+        self._sent = asyncio.Event()  # its (first) request has gone out
+        self._announced = asyncio.Event()  # every socket has been told of it
         self._dirty = asyncio.Event()
         self._done = False
         self._whole = False  # the model has finished (its Finish came): the text is all here
@@ -138,7 +142,14 @@ class Generation:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, announce: Callable[[], Awaitable[None]] | None = None) -> asyncio.Task:
-        """Start the reply in its own task; returns once every socket has been told of it.
+        """Start the reply in its own task; returns once every socket has been told of it."""
+        await self.launch(announce)
+        await self.announced()
+        return self.task
+
+    async def launch(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start the reply in its own task; returns once its upstream request has gone out
+        (or REQUEST_HEAD_START has passed, or the reply has ended).
 
         The upstream request goes out first: DashScope takes hundreds of milliseconds to the
         first token, and joining the control group, announcing the messages and rendering
@@ -148,24 +159,30 @@ class Generation:
         before it, so a Stop sent the moment the reply appears reaches the generation.
         """
         _running[self.message_id] = self
-        self._announced = asyncio.Event()
         # A fresh context: the reply outlives the request or socket that started it, and must
         # not inherit its per-request state (asgiref's executor for that request quits with it).
         self.task = asyncio.create_task(
             self.run(announce), name=f"generation-{self.message_id}", context=contextvars.Context()
         )
         self.task.add_done_callback(self._forget)
+        sent = asyncio.ensure_future(self._sent.wait())
+        await asyncio.wait(
+            {self.task, sent}, timeout=REQUEST_HEAD_START, return_when=asyncio.FIRST_COMPLETED
+        )
+        sent.cancel()
+
+    async def announced(self) -> None:
+        """Return once every socket has been told of the reply (or the reply has ended)."""
         announced = asyncio.ensure_future(self._announced.wait())
         await asyncio.wait({self.task, announced}, return_when=asyncio.FIRST_COMPLETED)
         announced.cancel()
-        return self.task
 
     def _forget(self, _task: asyncio.Task) -> None:
         if _running.get(self.message_id) is self:  # not a newer generation of the reply
             del _running[self.message_id]
 
     async def run(self, announce: Callable[[], Awaitable[None]] | None = None) -> None:
-        sent = asyncio.Event()
+        sent = self._sent
         token = request_sent.set(sent)  # the upstream task's context is a copy of this one
         try:
             self._upstream = asyncio.create_task(self._consume())
@@ -189,6 +206,11 @@ class Generation:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 wrote.cancel()
+                if (trips := together_busy()) is not None:
+                    # Other sends are waiting for the database thread: their requests go out
+                    # before this announcement is rendered (it has hundreds of milliseconds
+                    # before the first token; P1, bench/README.md).
+                    await asyncio.wait({trips}, timeout=ANNOUNCE_DEFER)
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))

@@ -8,6 +8,7 @@ when a reply is dead in liveness.py, and what the sockets are told in events.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
-from conversations.db import db_async, db_together
+from conversations.db import db_async, db_turn
 from conversations.models import (
     Conversation,
     Message,
@@ -562,7 +563,7 @@ async def _launch(
     build the request in one trip to the database thread, then start the reply. Sockets are
     told of the new messages (Created), or, when they begin a new branch, to show the branch
     (Branched). `together`: the trip may be shared with the other sends queued for the
-    thread (db_together); for callers outside any request (the websocket consumer), not
+    thread (db_turn); for callers outside any request (the websocket consumer), not
     for a view, whose sync middleware may be holding the thread the trip needs."""
     from conversations.replies.generation import Generation
     from conversations.upstream import get_client
@@ -579,36 +580,46 @@ async def _launch(
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages
 
-    run = db_together if together else (lambda function: db_async(function)())
-    started, request, messages = await run(prepare)
+    turn = db_turn if together else _db_turn
+    async with turn(prepare) as (started, request, messages):
+        if not started.created:
+            generation = None
+        else:
+            conversation = started.conversation
+            if branched:
+                event = events.Branched(message_id=started.assistant_message.pk)
+            else:
+                event = events.Created(
+                    messages=messages, title=conversation.title if started.titled else ""
+                )
+
+            async def announce() -> None:
+                await sockets.broadcast(conversation.id, event.as_message())
+
+            generation = Generation(
+                message_id=started.assistant_message.pk,
+                writer=started.assistant_message.writer,
+                conversation_id=str(conversation.id),
+                request=request,
+                client=get_client(),
+                created_at=started.assistant_message.created_at,
+                owner_id=started.conversation.owner_id,
+                title=started.conversation.display_title,
+                retitle=started.titled,
+            )
+            # Until its request has gone out: the database thread saves the next sends after
+            # that (db_turn).
+            await generation.launch(announce=announce)
     for message_id in started.interrupted:
         await announce_finished(conversation.id, message_id)
-    if not started.created:
-        return started
-    conversation = started.conversation
-    if branched:
-        event = events.Branched(message_id=started.assistant_message.pk)
-    else:
-        event = events.Created(
-            messages=messages, title=conversation.title if started.titled else ""
-        )
-
-    async def announce() -> None:
-        await sockets.broadcast(conversation.id, event.as_message())
-
-    generation = Generation(
-        message_id=started.assistant_message.pk,
-        writer=started.assistant_message.writer,
-        conversation_id=str(conversation.id),
-        request=request,
-        client=get_client(),
-        created_at=started.assistant_message.created_at,
-        owner_id=started.conversation.owner_id,
-        title=started.conversation.display_title,
-        retitle=started.titled,
-    )
-    await generation.start(announce=announce)
+    if generation is not None:
+        await generation.announced()
     return started
+
+
+@contextlib.asynccontextmanager
+async def _db_turn(function):
+    yield await db_async(function)()
 
 
 def reply_continue(*, conversation: Conversation, message_id: int | None = None) -> StartedReply:
