@@ -582,6 +582,8 @@ async def _launch(
 
     turn = db_turn if together else _db_turn
     async with turn(prepare) as (started, request, messages):
+        for message_id in started.interrupted:  # rare: after a crash, before the new reply
+            await announce_finished(conversation.id, message_id)
         if not started.created:
             generation = None
         else:
@@ -610,8 +612,6 @@ async def _launch(
             # Until its request has gone out: the database thread saves the next sends after
             # that (db_turn).
             await generation.launch(announce=announce)
-    for message_id in started.interrupted:
-        await announce_finished(conversation.id, message_id)
     if generation is not None:
         await generation.announced()
     return started
