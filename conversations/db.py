@@ -152,9 +152,16 @@ async def _take_trips(trips: _Trips) -> None:
                 # after that too: work that waits for them to end, such as announcing new
                 # replies, waits for the last requests too.)
                 waits = [asyncio.ensure_future(used.wait()) for used in answered]
-                await asyncio.wait(waits, timeout=HOLD)
-                for wait in waits:
-                    wait.cancel()
+                try:
+                    await asyncio.wait(waits, timeout=HOLD)
+                except asyncio.CancelledError:  # the loop is shutting down
+                    for call in trips.waiting:
+                        call.future.cancel()
+                    trips.waiting = []  # none of them runs in a later trip
+                    raise
+                finally:
+                    for wait in waits:
+                        wait.cancel()
     finally:
         trips.task = None
 

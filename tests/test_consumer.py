@@ -1077,8 +1077,10 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     seen = []  # at each save: (its text, requests gone out, replies announced)
     insert_turn = intake.insert_turn
 
+    ours: set[str] = set()  # the three chats' ids: replies of other tests are not counted
+
     def watched(user_message, *args, **kwargs):
-        running = list(generation._running.values())
+        running = [g for g in generation._running.values() if g.conversation_id in ours]
         seen.append(
             (
                 user_message.content,
@@ -1095,6 +1097,7 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         conversation = await make_conversation(owner)
         ws, connected, _code = await connect(owner, conversation)
         assert connected
+        ours.add(str(conversation.id))
         sockets.append((name, conversation, ws))
     busy = threading.Event()
     blocker = asyncio.ensure_future(db.db_together(lambda: busy.wait(10)))

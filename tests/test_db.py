@@ -4,6 +4,7 @@ language, and each trip's callers use their results before the thread takes the 
 
 import asyncio
 import threading
+import types
 
 import pytest
 from django.utils import translation
@@ -131,12 +132,14 @@ async def test_a_trip_runs_for_its_time_and_the_next_waits_for_its_callers(trips
     monkeypatch.setattr(db, "TRIP_TIME", 0.01)
     monkeypatch.setattr(db, "TRIP_TIME_MAX", 0.01)
     monkeypatch.setattr(db, "HOLD", 5)
+    clock = [0.0]  # the trips' clock: each call takes 6 ms of it, whatever the machine does
+    monkeypatch.setattr(db, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     log = []  # appended from the thread and the loop: list.append is atomic
 
     def call(n):
         def run():
             log.append(("run", n))
-            threading.Event().wait(0.006)
+            clock[0] += 0.006
             return n
 
         return run
@@ -210,3 +213,38 @@ async def test_the_thread_is_busy_until_the_last_trips_callers_have_used_their_r
     await task
     await asyncio.wait_for(busy, 1)
     assert db.together_busy() is None
+
+
+async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_run(
+    trips, monkeypatch
+):
+    """The loop shutting down while the thread waits for a trip's callers: the calls still
+    waiting are cancelled too, and none of them runs later."""
+    monkeypatch.setattr(db, "TRIP_TIME", 0)
+    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
+    monkeypatch.setattr(db, "HOLD", 5)
+    ran = []
+    used = asyncio.Event()
+
+    async def holder():
+        async with db.db_turn(lambda: "first"):
+            await used.wait()
+
+    release = threading.Event()
+    blocker = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
+    await asyncio.sleep(0.05)
+    first = asyncio.ensure_future(holder())
+    waiting = asyncio.ensure_future(db.db_together(lambda: ran.append("waiting")))
+    await asyncio.sleep(0.05)
+    release.set()
+    await blocker
+    await asyncio.sleep(0.05)  # the thread ran "first" alone; the trips wait for its body
+    task = db._trips[asyncio.get_running_loop()].task
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    results = await asyncio.gather(asyncio.wait_for(waiting, 2), return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError), results
+    used.set()
+    await first
+    assert await db.db_together(lambda: ran.append("next") or "next") == "next"
+    assert ran == ["next"]

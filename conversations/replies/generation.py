@@ -50,7 +50,9 @@ FINISH_ATTEMPTS = 4
 # How long the announcement of a new reply waits for its request to go out (it usually takes
 # a fraction of a millisecond over a kept connection; a new one to DashScope can take longer).
 REQUEST_HEAD_START = 0.05
-# How long the announcement waits, at most, while other sends wait for the database thread.
+# How long a new reply's announcement waits, at most, while sends queue for SQLite's database
+# thread (db.together_busy): their requests go out first. Under a steady flood of sends the
+# queue never empties, and every announcement (and the ack its socket then gets) waits this.
 ANNOUNCE_DEFER = 0.1
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
@@ -166,16 +168,20 @@ class Generation:
         )
         self.task.add_done_callback(self._forget)
         sent = asyncio.ensure_future(self._sent.wait())
-        await asyncio.wait(
-            {self.task, sent}, timeout=REQUEST_HEAD_START, return_when=asyncio.FIRST_COMPLETED
-        )
-        sent.cancel()
+        try:
+            await asyncio.wait(
+                {self.task, sent}, timeout=REQUEST_HEAD_START, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            sent.cancel()
 
     async def announced(self) -> None:
         """Return once every socket has been told of the reply (or the reply has ended)."""
         announced = asyncio.ensure_future(self._announced.wait())
-        await asyncio.wait({self.task, announced}, return_when=asyncio.FIRST_COMPLETED)
-        announced.cancel()
+        try:
+            await asyncio.wait({self.task, announced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            announced.cancel()
 
     def _forget(self, _task: asyncio.Task) -> None:
         if _running.get(self.message_id) is self:  # not a newer generation of the reply
