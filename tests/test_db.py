@@ -31,6 +31,18 @@ def trips(monkeypatch):
     return seen
 
 
+def one_call_a_trip(monkeypatch, hold: float) -> None:
+    monkeypatch.setattr(db, "TRIP_TIME", 0)
+    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
+    monkeypatch.setattr(db, "HOLD", hold)
+
+
+async def use_when(done: asyncio.Event, result: str) -> None:
+    """A caller that keeps using its result (the thread waits for it) until `done` is set."""
+    async with db.db_turn(lambda: result):
+        await done.wait()
+
+
 async def test_calls_queued_behind_a_busy_thread_go_in_one_trip_in_order(trips):
     release = threading.Event()
     first = asyncio.ensure_future(db.db_together(lambda: release.wait(5) and "first"))
@@ -167,19 +179,12 @@ async def test_a_trip_runs_for_its_time_and_the_next_waits_for_its_callers(trips
 async def test_a_caller_slow_to_use_its_result_holds_the_thread_no_longer_than_hold(
     trips, monkeypatch
 ):
-    monkeypatch.setattr(db, "TRIP_TIME", 0)
-    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
-    monkeypatch.setattr(db, "HOLD", 0.1)
+    one_call_a_trip(monkeypatch, hold=0.1)
     slow_done = asyncio.Event()
-
-    async def slow():
-        async with db.db_turn(lambda: "slow"):
-            await slow_done.wait()
-
     release = threading.Event()
     first = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
     await asyncio.sleep(0.05)
-    holder = asyncio.ensure_future(slow())
+    holder = asyncio.ensure_future(use_when(slow_done, "slow"))
     after = asyncio.ensure_future(db.db_together(lambda: "after"))
     await asyncio.sleep(0.05)
     began = asyncio.get_running_loop().time()
@@ -200,12 +205,7 @@ async def test_the_thread_is_busy_until_the_last_trips_callers_have_used_their_r
     monkeypatch.setattr(db, "HOLD", 5)
     assert db.together_busy() is None
     used = asyncio.Event()
-
-    async def caller():
-        async with db.db_turn(lambda: "saved"):
-            await used.wait()
-
-    task = asyncio.ensure_future(caller())
+    task = asyncio.ensure_future(use_when(used, "saved"))
     await asyncio.sleep(0.05)  # the call has run; its caller is in its body
     busy = db.together_busy()
     assert busy is not None and not busy.done()
@@ -220,20 +220,13 @@ async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_ru
 ):
     """The loop shutting down while the thread waits for a trip's callers: the calls still
     waiting are cancelled too, and none of them runs later."""
-    monkeypatch.setattr(db, "TRIP_TIME", 0)
-    monkeypatch.setattr(db, "TRIP_TIME_MAX", 0)
-    monkeypatch.setattr(db, "HOLD", 5)
+    one_call_a_trip(monkeypatch, hold=5)
     ran = []
     used = asyncio.Event()
-
-    async def holder():
-        async with db.db_turn(lambda: "first"):
-            await used.wait()
-
     release = threading.Event()
     blocker = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
     await asyncio.sleep(0.05)
-    first = asyncio.ensure_future(holder())
+    first = asyncio.ensure_future(use_when(used, "first"))
     waiting = asyncio.ensure_future(db.db_together(lambda: ran.append("waiting")))
     await asyncio.sleep(0.05)
     release.set()
