@@ -57,7 +57,7 @@ def db_async(function):
 
 
 # A trip runs its calls for about this long; the calls still waiting go in the next trip, once
-# the loop has used the results of this one (each caller at most HOLD seconds).
+# the loop has used the results of this one (or HOLD seconds have passed).
 TRIP_TIME = 0.0025
 TRIP_TIME_MAX = 0.04
 HOLD = 0.02
@@ -176,7 +176,7 @@ async def db_turn(function):
     the interpreter's lock from each other at every statement while the loop started the
     replies already saved. So the thread runs the queued sends one after the other (each in
     its own transaction, as before) for a few milliseconds (TRIP_TIME), and waits while the
-    loop uses their results (the body, up to HOLD seconds each: a send's body starts its
+    loop uses their results (the bodies, HOLD seconds at most: a send's body starts its
     reply's request) before it takes the next ones: the first sends' requests go out while
     the rest are still queued, not after the last is saved (bench/README.md, eleventh pass).
     A lone call goes at once, as before.
