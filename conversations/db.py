@@ -167,9 +167,10 @@ async def _take_trips(trips: _Trips) -> None:
 
 
 @contextlib.asynccontextmanager
-async def db_turn(function):
+async def db_turn(function, *, together: bool = True):
     """`function()` on the database thread, like db_async, its result for the body; on
-    SQLite, the calls that arrive while the thread is busy go together in its next trips.
+    SQLite, the calls that arrive while the thread is busy go together in its next trips
+    (unless `together` is False: then it is db_async's call, for a view).
 
     When many people send at once, each send's trip to the one SQLite thread and back cost
     more than its statements: the thread hand-offs, and the thread and the event loop taking
@@ -185,7 +186,7 @@ async def db_turn(function):
     thread asgiref gives code with no request around it. A view must use db_async, which
     finds its request's thread (a sync middleware may be holding it, waiting for the view).
     """
-    if not _one_thread():
+    if not (together and _one_thread()):
         yield await db_async(function)()
         return
     loop = asyncio.get_running_loop()

@@ -8,7 +8,6 @@ when a reply is dead in liveness.py, and what the sockets are told in events.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -580,8 +579,7 @@ async def _launch(
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages
 
-    turn = db_turn if together else _db_turn
-    async with turn(prepare) as (started, request, messages):
+    async with db_turn(prepare, together=together) as (started, request, messages):
         for message_id in started.interrupted:  # rare: after a crash, before the new reply
             await announce_finished(conversation.id, message_id)
         if not started.created:
@@ -615,11 +613,6 @@ async def _launch(
     if generation is not None:
         await generation.announced()
     return started
-
-
-@contextlib.asynccontextmanager
-async def _db_turn(function):
-    yield await db_async(function)()
 
 
 def reply_continue(*, conversation: Conversation, message_id: int | None = None) -> StartedReply:
