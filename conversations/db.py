@@ -74,13 +74,19 @@ class _Call:
 
 
 class _Trips:
-    """The calls waiting for the one database thread of this event loop (SQLite)."""
+    """The calls waiting for the one database thread of this event loop (SQLite), and the
+    turns under way on any database."""
 
     def __init__(self) -> None:
         self.waiting: list[_Call] = []
         # The task taking the trips, while it runs (held: the loop keeps only weak references
         # to tasks; dropped at its end: it holds the loop, the weak key of this _Trips).
         self.task: asyncio.Task | None = None
+        # db_turn's callers from their call to the end of their body (a send: until its
+        # request is out), and whether there are none (quiet).
+        self.turns = 0
+        self.quiet = asyncio.Event()
+        self.quiet.set()
 
 
 _trips: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Trips] = weakref.WeakKeyDictionary()
@@ -186,22 +192,29 @@ async def db_turn(function, *, together: bool = True):
     thread asgiref gives code with no request around it. A view must use db_async, which
     finds its request's thread (a sync middleware may be holding it, waiting for the view).
     """
-    if not (together and _one_thread()):
-        yield await db_async(function)()
-        return
     loop = asyncio.get_running_loop()
     trips = _trips.get(loop)
     if trips is None:
         trips = _trips[loop] = _Trips()
-    call = _Call(function, translation.get_language(), loop.create_future())
-    trips.waiting.append(call)
-    if trips.task is None or trips.task.done():  # done: cancelled before it began
-        # A context of its own: the trips serve every caller, not the first one's.
-        trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
+    trips.turns += 1
+    trips.quiet.clear()
     try:
-        yield await call.future
+        if not (together and _one_thread()):
+            yield await db_async(function)()
+            return
+        call = _Call(function, translation.get_language(), loop.create_future())
+        trips.waiting.append(call)
+        if trips.task is None or trips.task.done():  # done: cancelled before it began
+            # A context of its own: the trips serve every caller, not the first one's.
+            trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
+        try:
+            yield await call.future
+        finally:
+            call.used.set()
     finally:
-        call.used.set()
+        trips.turns -= 1
+        if not trips.turns:
+            trips.quiet.set()
 
 
 async def db_together(function):
@@ -210,9 +223,14 @@ async def db_together(function):
         return result
 
 
-def together_busy() -> asyncio.Task | None:
-    """The task taking the database thread's trips while there are any (SQLite), else None."""
+async def quiet(timeout: float) -> None:
+    """Return once no caller of db_turn is on its way (being saved, or using what it saved: a
+    send until its request is out), or after `timeout` seconds. Work that can wait (a new
+    reply's announcement, a socket's background check of its session) lets the sends waiting
+    for the database go first: when many people send at once, it would hold up their requests
+    (P1, bench/README.md), on the event loop and, on SQLite, on the one database thread."""
     trips = _trips.get(asyncio.get_running_loop())
-    if trips is not None and trips.task is not None and not trips.task.done():
-        return trips.task
-    return None
+    if trips is None or trips.quiet.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(trips.quiet.wait(), timeout)

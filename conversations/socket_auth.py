@@ -19,7 +19,7 @@ from django.utils import translation
 from django.utils.crypto import constant_time_compare
 from django.utils.translation.trans_real import parse_accept_lang_header
 
-from conversations.db import db_async
+from conversations.db import db_async, quiet
 from conversations.models import Conversation
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 # How long a socket trusts its session between checks (a password change, a deactivation or
 # a deleted session closes it at the next frame after at most this long).
 SESSION_CHECK_INTERVAL = 2.0
+# How long a check in the background waits, at most, for sends on their way to the database
+# (db.quiet): when many people send at once, each socket's check would hold up the others'
+# requests on the database thread (P1, bench/README.md). It still ends before the next frame
+# would have to wait for one.
+REFRESH_DEFER = SESSION_CHECK_INTERVAL / 4
 
 
 @db_async
@@ -60,9 +65,11 @@ class SessionCheck:
         return not self.refreshing and now - self.checked_at >= SESSION_CHECK_INTERVAL / 2
 
     async def refresh(self, now: float) -> None:
-        """Check again, in the background; the next frame is refused if the session is gone."""
+        """Check again, in the background, once the sends on their way to the database have
+        gone; the next frame is refused if the session is gone."""
         self.refreshing = True
         try:
+            await quiet(REFRESH_DEFER)
             valid = await session_signs_in(self.session_key, self.user_id)
         except Exception:
             return  # the next frame past the interval checks again, and says why

@@ -980,6 +980,55 @@ async def test_a_socket_in_use_checks_its_session_in_the_background():
     assert check.ended and not await check.still_valid(SESSION_CHECK_INTERVAL + 0.8)
 
 
+async def test_a_check_in_the_background_lets_the_sends_on_their_way_go_first(monkeypatch):
+    """Many sockets sending at once would each check its session on the database thread
+    while the others' sends wait for it: a check in the background waits for the sends on
+    their way (their requests out), and for REFRESH_DEFER at most."""
+    from conversations import db, socket_auth
+    from conversations.socket_auth import SessionCheck
+
+    owner = await make_user("alice")
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    checks = []
+    signs_in = socket_auth.session_signs_in
+
+    async def counted(*args):
+        checks.append(args)
+        return await signs_in(*args)
+
+    monkeypatch.setattr(socket_auth, "session_signs_in", counted)
+    monkeypatch.setattr(socket_auth, "REFRESH_DEFER", 30)
+    check = SessionCheck(client.cookies["sessionid"].value, owner.pk, checked_at=0.0)
+    out = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def send_on_its_way() -> None:
+        async with db.db_turn(lambda: "saved"):
+            entered.set()
+            await out.wait()  # until its request is out
+
+    send = asyncio.ensure_future(send_on_its_way())
+    await entered.wait()
+    refresh = asyncio.ensure_future(check.refresh(1.0))
+    await asyncio.sleep(0.2)
+    assert checks == [] and check.refreshing, "the check waits for the send"
+    out.set()
+    await send
+    await asyncio.wait_for(refresh, 5)
+    assert len(checks) == 1 and check.checked_at == 1.0 and not check.refreshing
+
+    monkeypatch.setattr(socket_auth, "REFRESH_DEFER", 0.1)
+    out.clear()
+    entered.clear()
+    send = asyncio.ensure_future(send_on_its_way())
+    await entered.wait()
+    await asyncio.wait_for(check.refresh(2.0), 5)  # no longer than REFRESH_DEFER
+    assert len(checks) == 2 and check.checked_at == 2.0
+    out.set()
+    await send
+
+
 async def test_a_send_is_announced_as_soon_as_its_request_has_gone_out(app_simulator, monkeypatch):
     """The announcement waits for the request to be written, not for the reply: with the
     head start's cap at 30 s and the first token 5 s away, the user's message is on the page

@@ -197,22 +197,44 @@ async def test_a_caller_slow_to_use_its_result_holds_the_thread_no_longer_than_h
     await holder
 
 
-async def test_the_thread_is_busy_until_the_last_trips_callers_have_used_their_results(
-    trips, monkeypatch
-):
-    """What waits for the trips to end (a new reply's announcement) waits for the last
-    trip's callers too: for the requests of the last sends to go out first."""
+async def test_quiet_waits_until_the_last_callers_have_used_their_results(trips, monkeypatch):
+    """What waits for the sends on their way (a new reply's announcement, a socket's check of
+    its session) waits for the last trip's callers too: for the requests of the last sends to
+    go out first."""
     monkeypatch.setattr(db, "HOLD", 5)
-    assert db.together_busy() is None
+    await asyncio.wait_for(db.quiet(5), 0.5)  # none on the way: at once
     used = asyncio.Event()
     task = asyncio.ensure_future(use_when(used, "saved"))
     await asyncio.sleep(0.05)  # the call has run; its caller is in its body
-    busy = db.together_busy()
-    assert busy is not None and not busy.done()
+    waiting = asyncio.ensure_future(db.quiet(5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
     used.set()
     await task
-    await asyncio.wait_for(busy, 1)
-    assert db.together_busy() is None
+    await asyncio.wait_for(waiting, 1)
+
+
+@pytest.mark.parametrize("sqlite", [True, False], ids=["one thread", "a pool"])
+async def test_quiet_waits_for_the_callers_on_either_database_at_most_its_timeout(
+    monkeypatch, sqlite
+):
+    """On PostgreSQL too (each call in a pool thread), and never longer than asked."""
+    monkeypatch.setattr(db, "_one_thread", lambda: sqlite)
+    used = asyncio.Event()
+    task = asyncio.ensure_future(use_when(used, "saved"))
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await db.quiet(0.1)
+    assert 0.09 <= loop.time() - began < 1 and not task.done()
+    ended = asyncio.ensure_future(db.quiet(5))
+    used.set()
+    await task
+    await asyncio.wait_for(ended, 1)
+    with pytest.raises(ZeroDivisionError):
+        async with db.db_turn(lambda: 1 / 0):
+            pass
+    await asyncio.wait_for(db.quiet(5), 0.5)  # a call that raised is on its way no longer
 
 
 async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_run(

@@ -38,7 +38,7 @@ from conversations.dashscope import (
     Usage,
 )
 from conversations.dashscope.transport import request_sent
-from conversations.db import db_async, together_busy
+from conversations.db import db_async, quiet
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
@@ -50,9 +50,9 @@ FINISH_ATTEMPTS = 4
 # How long the announcement of a new reply waits for its request to go out (it usually takes
 # a fraction of a millisecond over a kept connection; a new one to DashScope can take longer).
 REQUEST_HEAD_START = 0.05
-# How long a new reply's announcement waits, at most, while sends queue for SQLite's database
-# thread (db.together_busy): their requests go out first. Under a steady flood of sends the
-# queue never empties, and every announcement (and the ack its socket then gets) waits this.
+# How long a new reply's announcement waits, at most, while other sends are on their way to
+# the database and out (db.quiet): their requests go out first. Under a steady flood of sends
+# there is always one, and every announcement (and the ack its socket then gets) waits this.
 ANNOUNCE_DEFER = 0.1
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
@@ -212,11 +212,10 @@ class Generation:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 wrote.cancel()
-                if (trips := together_busy()) is not None:
-                    # Other sends are waiting for the database thread: their requests go out
-                    # before this announcement is rendered (it has hundreds of milliseconds
-                    # before the first token; P1, bench/README.md).
-                    await asyncio.wait({trips}, timeout=ANNOUNCE_DEFER)
+                # Other sends on their way to the database and out: their requests go out
+                # before this announcement is rendered (it has hundreds of milliseconds before
+                # the first token; P1, bench/README.md).
+                await quiet(ANNOUNCE_DEFER)
                 self._control_channel = await self.layer.new_channel()
                 await self.layer.group_add(self._control_group, self._control_channel)
                 listener = asyncio.create_task(self._listen(self._control_channel))
