@@ -223,9 +223,9 @@ async def db_together(function):
         return result
 
 
-async def quiet(timeout: float) -> None:
+async def quiet(at_most: float) -> None:
     """Return once no caller of db_turn is on its way (being saved, or using what it saved: a
-    send until its request is out), or after `timeout` seconds. Work that can wait (a new
+    send until its request is out), or after `at_most` seconds. Work that can wait (a new
     reply's announcement, a socket's background check of its session) lets the sends waiting
     for the database go first: when many people send at once, it would hold up their requests
     (P1, bench/README.md), on the event loop and, on SQLite, on the one database thread."""
@@ -233,4 +233,4 @@ async def quiet(timeout: float) -> None:
     if trips is None or trips.quiet.is_set():
         return
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(trips.quiet.wait(), timeout)
+        await asyncio.wait_for(trips.quiet.wait(), at_most)
