@@ -53,7 +53,10 @@ REQUEST_HEAD_START = 0.05
 # How long a new reply's announcement waits, at most, while other sends are on their way to
 # the database and out (db.quiet): their requests go out first. Under a steady flood of sends
 # there is always one, and every announcement (and the ack its socket then gets) waits this.
-ANNOUNCE_DEFER = 0.1
+# Long enough for fifty sends at once to be out on this 2-CPU machine (130-250 ms), short of
+# DashScope's first token (a reply publishes nothing before its announcement); at 0.1 s the
+# announcements of the first sends held up the last ones' requests (bench/README.md).
+ANNOUNCE_DEFER = 0.25
 # Rounds of tool calls one reply may make; a model still asking after them is stopped.
 MAX_TOOL_ROUNDS = 5
 
