@@ -157,9 +157,10 @@ class Stack:
     logs: list[Path] = field(default_factory=list)
     pg_database: str | None = None
     floor: bool = False  # bench/floor_relay.py instead of the app: no database, no login
+    root: Path = ROOT  # the checkout the app runs from (bench/ab.py runs two)
 
     def manage(self, *args: str) -> str:
-        result = subprocess.run([PY, "manage.py", *args], cwd=ROOT, env=self.env,
+        result = subprocess.run([PY, "manage.py", *args], cwd=self.root, env=self.env,
                                 capture_output=True, text=True)  # fmt: skip
         if result.returncode:
             raise RuntimeError(f"manage.py {args[0]} failed:\n{result.stderr[-3000:]}")
@@ -232,7 +233,7 @@ def start_daphne(stack: Stack, n: int) -> None:
     port = free_port()
     log_path = stack.data_dir / f"daphne-{n}.log"
     app, cwd = ("floor_relay:application", ROOT / "bench") if stack.floor else (
-        "qwenweb.asgi:application", ROOT)  # fmt: skip
+        "qwenweb.asgi:application", stack.root)  # fmt: skip
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app],
@@ -245,7 +246,8 @@ def start_daphne(stack: Stack, n: int) -> None:
     stack.logs.append(log_path)
 
 
-def build_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str) -> Stack:
+def build_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str,
+                root: Path = ROOT, extra_env: dict | None = None) -> Stack:  # fmt: skip
     data_dir = Path(tempfile.mkdtemp(prefix=f"qwenweb-load-{name}-"))
     env = {
         **os.environ,
@@ -259,9 +261,10 @@ def build_stack(name: str, processes: int, sim: subprocess.Popen, sim_url: str) 
         # (still counted, so their query is part of the cost).
         "QWENWEB_MAX_CONCURRENT_REPLIES": "1000000",
         "QWENWEB_MESSAGES_PER_MINUTE": "1000000",
+        **(extra_env or {}),
     }
     env.pop("DJANGO_DEBUG", None)
-    stack = Stack(name=name, env=env, data_dir=data_dir, sim=sim, sim_url=sim_url)
+    stack = Stack(name=name, env=env, data_dir=data_dir, sim=sim, sim_url=sim_url, root=root)
     if processes == 1:
         env["DATABASE_URL"] = f"sqlite:///{data_dir / 'db.sqlite3'}"
         env.pop("REDIS_URL", None)

@@ -1,0 +1,112 @@
+"""Paired comparison of two versions of the app on P1 (first-token delay the app adds).
+
+    .venv/bin/python bench/ab.py sqlite 50 20 HEAD~1 HEAD
+    .venv/bin/python bench/ab.py pg 10 24 main main:QWENWEB_SOME_SETTING=2
+
+On this shared machine, runs one after the other differ more than most changes do (the
+eleventh and twelfth passes saw the same commit's p95 move by 2× between runs). So this
+script keeps both versions up at once, each its own daphne process(es) and database, and
+alternates their bursts (A then B, then B then A, ...): a slow minute of the host lands on
+both. Each side is a git revision (checked out in a temporary worktree, removed at the end)
+or a directory, optionally with environment variables for its processes (`rev:K=V:K2=V2`).
+
+It prints, per side, the added delay's p50 / p95 over all sends, the median of the rounds'
+p95s (one slow round moves it less), and in how many rounds B's p95 was the lower. "sqlite"
+is one process on SQLite and the in-memory layer; "pg" is two on PostgreSQL and Redis (the
+same configurations as bench/load.py, which this script reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load  # noqa: E402
+from common import print_table  # noqa: E402
+
+
+def side(spec: str, keep: list[Path]) -> tuple[str, Path, dict]:
+    """(label, checkout, environment) for `rev-or-dir[:K=V...]`."""
+    where, *pairs = spec.split(":")
+    env = dict(pair.split("=", 1) for pair in pairs)
+    path = Path(where)
+    if not path.is_dir():
+        path = Path(tempfile.mkdtemp(prefix="qwenweb-ab-")) / "checkout"
+        subprocess.run(["git", "-C", str(load.ROOT), "worktree", "add", "--detach", "-q",
+                        str(path), where], check=True)  # fmt: skip
+        keep.append(path)
+    return spec, path, env
+
+
+async def compare(kind: str, level: int, rounds: int, sides: list[tuple[str, Path, dict]]) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-ab-"))
+    sim, sim_url = load.start_simulator(data_dir / "simulator.log")
+    stacks, clients = [], []
+    try:
+        for n, (label, root, env) in enumerate(sides):
+            processes = 1 if kind == "sqlite" else 2
+            stack = load.build_stack(f"{kind}-{'AB'[n]}", processes, sim, sim_url,
+                                     root=root, extra_env=env)  # fmt: skip
+            stacks.append(stack)
+            clients.append(load.Clients(stack, users=level, conversations=level))
+            print(f"{'AB'[n]}: {label} ({root})", flush=True)
+        for n in range(2):  # warm both: the first sends pay for imports and connections
+            await load.p1_app(clients[n], level, 2, f"p1-warm{n}")
+        samples: list[list[float]] = [[], []]
+        round_p95: list[list[float]] = [[], []]
+        for r in range(rounds):
+            for n in (0, 1) if r % 2 == 0 else (1, 0):
+                result = await load.p1_app(clients[n], level, 1, f"p1-{n}-{r}")
+                if result["failed"]:
+                    print(f"  round {r} {'AB'[n]}: {result['failed']} failed: {result['reasons']}")
+                samples[n].extend(result["added"])
+                round_p95[n].append(load.pct(result["added"], 0.95))
+                await asyncio.sleep(0.2)
+        wins = sum(rb < ra for ra, rb in zip(*round_p95, strict=True))
+        rows = [("side", "sends", "added p50 ms", "p95 ms", "median round p95 ms")]
+        for n in range(2):
+            rows.append((
+                "AB"[n], len(samples[n]), load.ms(load.pct(samples[n], 0.5)),
+                load.ms(load.pct(samples[n], 0.95)), load.ms(statistics.median(round_p95[n])),
+            ))  # fmt: skip
+        print(f"\n{kind}, {level} senders at once, {rounds} rounds each, alternated:")
+        print_table(rows)
+        print(f"B's round p95 lower in {wins} of {rounds} rounds")
+    finally:
+        for client in clients:
+            await client.close()
+        for stack in stacks:
+            load.teardown(stack)
+        sim.terminate()
+        sim.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("kind", choices=["sqlite", "pg"])
+    parser.add_argument("level", type=int, help="simultaneous senders")
+    parser.add_argument("rounds", type=int, help="bursts per side")
+    parser.add_argument("a", help="git revision or directory, then :K=V environment pairs")
+    parser.add_argument("b", help="the same for the other side")
+    args = parser.parse_args()
+    worktrees: list[Path] = []
+    try:
+        sides = [side(args.a, worktrees), side(args.b, worktrees)]
+        asyncio.run(compare(args.kind, args.level, args.rounds, sides))
+    finally:
+        for path in worktrees:
+            subprocess.run(["git", "-C", str(load.ROOT), "worktree", "remove", "--force",
+                            str(path)], check=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
