@@ -236,3 +236,35 @@ def test_a_reply_is_updated_as_the_orm_would_and_only_while_it_is_the_writers(ch
 
 def test_the_same_on_postgresql(tmp_path):
     rerun_on_postgresql(__file__, "test_the_same_on_postgresql", tmp_path)
+
+
+def test_a_sends_statements_skip_djangos_per_statement_work_unless_watched(chat, monkeypatch):
+    """On SQLite the send's statements go to the sqlite3 cursor with their text turned to
+    sqlite3's form once a process (Django's cursor redoes that on every statement: a regex
+    over the load statement's 4 KB); a query log (a debug page, the tests' query counts) still
+    sees them (on PostgreSQL, but for the two pipelined reads)."""
+    converted = []
+    if connection.vendor == "sqlite":
+        from django.db.backends.sqlite3.base import SQLiteCursorWrapper
+
+        convert = SQLiteCursorWrapper.convert_query
+
+        def counted(self, query, **kwargs):
+            converted.append(query[:60])
+            return convert(self, query, **kwargs)
+
+        monkeypatch.setattr(SQLiteCursorWrapper, "convert_query", counted)
+    service.reply_start(conversation=chat, content="first")
+    Message.objects.update(status="complete")
+    second = service.conversation_create(owner=chat.owner)
+    converted.clear()
+    started = service.reply_start(conversation=second, content="second")
+    assert converted == [], converted
+    assert Message.objects.get(pk=started.user_message.pk).content == "second"
+    Message.objects.update(status="complete")
+    third = service.conversation_create(owner=chat.owner)
+    with CaptureQueriesContext(connection) as queries:
+        service.reply_start(conversation=third, content="third")
+    logged = " ".join(query["sql"] for query in queries.captured_queries)
+    assert "INSERT INTO" in logged
+    assert ("ROW_NUMBER()" in logged) == (connection.vendor == "sqlite")
