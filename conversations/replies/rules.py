@@ -440,15 +440,19 @@ def check_user_limits(
               "(%(zone)s).")
             % {"limit": f"{per_day:,}", "zone": zone}
         )  # fmt: skip
-    resets = formats.date_format(
-        timezone.localtime(windows.next_month, timezone.get_default_timezone()), "MONTH_DAY_FORMAT"
-    )
+
+    def resets() -> str:  # formatted only for a refusal (0.05 ms a send otherwise)
+        return formats.date_format(
+            timezone.localtime(windows.next_month, timezone.get_default_timezone()),
+            "MONTH_DAY_FORMAT",
+        )
+
     per_month = limits["tokens_per_month"]
     if per_month > 0 and found.tokens_this_month >= per_month:
         raise ReplyRefused(
             _("You have used your %(limit)s tokens for this month. The limit resets on "
               "%(date)s at 00:00 (%(zone)s).")
-            % {"limit": f"{per_month:,}", "date": resets, "zone": zone}
+            % {"limit": f"{per_month:,}", "date": resets(), "zone": zone}
         )  # fmt: skip
     cost_limit = limits["cost_per_month"]
     if cost_limit > 0 and found.cost_this_month >= cost_limit:
@@ -458,7 +462,7 @@ def check_user_limits(
         raise ReplyRefused(
             _("Your replies have cost the %(limit)s allowed for this month. The limit resets "
               "on %(date)s at 00:00 (%(zone)s).")
-            % {"limit": amount, "date": resets, "zone": zone}
+            % {"limit": amount, "date": resets(), "zone": zone}
         )  # fmt: skip
 
 
