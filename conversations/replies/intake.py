@@ -44,10 +44,10 @@ def _this_thread() -> object:
 
 class _SQLiteStatements:
     """Django's SQLite cursor without its work on every statement: it turns the text's `%s`
-    into sqlite3's `?` each time (a regex over the text: 0.1 ms for the load statement's 4 KB,
-    five times the statement's own run) and goes through four layers of calls; here the
-    text is turned once a process and the statement goes to the sqlite3 cursor itself, with
-    Django's checks and error translation kept."""
+    into sqlite3's `?` each time (a regex over the text: 0.05 ms for the load statement's
+    3.9 KB, as long as the statement's own run) and goes through four layers of calls; here
+    the text is turned once a process and the statement goes to the sqlite3 cursor itself,
+    with Django's checks and error translation kept (a send's save: 0.1 ms less)."""
 
     __slots__ = ("db", "cursor")
 
