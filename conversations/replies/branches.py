@@ -17,7 +17,8 @@ the branch before pk N" is a plain comparison, and the leaf is the branch's larg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from conversations.models import Conversation, Message
 
@@ -43,12 +44,15 @@ class Tree:
     """The shape of one conversation: pk -> parent pk, nothing else (cheap to load whole)."""
 
     parents: dict[int, int | None]
-    children: dict[int | None, list[int]] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.children = {}
+    @cached_property
+    def children(self) -> dict[int | None, list[int]]:
+        """parent pk -> its children's pks, oldest first (made when first asked: a request's
+        history needs only a path)."""
+        children: dict[int | None, list[int]] = {}
         for pk in sorted(self.parents):
-            self.children.setdefault(self.parents[pk], []).append(pk)
+            children.setdefault(self.parents[pk], []).append(pk)
+        return children
 
     def __contains__(self, pk: object) -> bool:
         return pk in self.parents

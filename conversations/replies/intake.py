@@ -437,5 +437,8 @@ _tool_steps_field = Message._meta.get_field("tool_steps")
 
 
 def tool_steps(value) -> list[dict]:
-    """A tool_steps column as read, decoded as the ORM would."""
+    """A tool_steps column as read, decoded as the ORM would. Most messages have none: those
+    are not decoded (a request's history reads every message of its branch)."""
+    if not value or value == "[]":
+        return []
     return _tool_steps_field.from_db_value(value, None, connection)

@@ -64,8 +64,9 @@ def build_request(
     budget -= estimate_tokens(system) if system else 0
     kept: list[ChatMessage] = []
     for turn in reversed(turns):
-        cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
-        cost += sum(estimate_tokens(call["function"]["arguments"]) + 10 for call in turn.tool_calls)
+        cost = len(turn.content) // 2 + 1 + 1000 * len(turn.images)  # estimate_tokens, inline
+        if turn.tool_calls:
+            cost += sum(estimate_tokens(c["function"]["arguments"]) + 10 for c in turn.tool_calls)
         if kept and cost > budget:
             break
         kept.append(turn)
