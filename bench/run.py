@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ("P3, P4: one streamed reply's frames, bytes and database writes", ["reply_cost.py"]),
+    ("P1: a send's save and request by the chat's length (in-process)", ["send_cost.py"]),
     ("P5: page render times", ["pages.py"]),
     ("Search over 10,000 chats / 100,000 messages, SQLite and PostgreSQL", ["search.py"]),
     ("Admin pages over a year of 100 users' history (issue 14)", ["admin_pages.py"]),
@@ -25,6 +26,7 @@ QUICK = {
     "search.py": ["--runs", "5", "--conversations", "2000"],
     "admin_pages.py": ["--runs", "5", "--chats", "20"],
     "memory.py": ["--sockets", "200", "--starts", "3"],
+    "send_cost.py": ["--turns", "100"],
     "load.py": ["--quick"],
 }
 
