@@ -64,7 +64,7 @@ def build_request(
     budget -= estimate_tokens(system) if system else 0
     kept: list[ChatMessage] = []
     for turn in reversed(turns):
-        cost = len(turn.content) // 2 + 1 + 1000 * len(turn.images)  # estimate_tokens, inline
+        cost = estimate_tokens(turn.content) + 1000 * len(turn.images)
         if turn.tool_calls:
             cost += sum(estimate_tokens(c["function"]["arguments"]) + 10 for c in turn.tool_calls)
         if kept and cost > budget:
