@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,8 +95,10 @@ async def compare(kind: str, level: int, rounds: int, sides: list[tuple[str, Pat
             await client.close()
         for stack in stacks:
             load.teardown(stack)
+            shutil.rmtree(stack.data_dir, ignore_errors=True)
         sim.terminate()
         sim.wait(timeout=10)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def compare_p2(kind: str, level: int, rounds: int, stacks: list, clients: list) -> None:
@@ -146,6 +149,7 @@ def main() -> None:
         for path in worktrees:
             subprocess.run(["git", "-C", str(load.ROOT), "worktree", "remove", "--force",
                             str(path)], check=False)  # fmt: skip
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
