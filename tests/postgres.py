@@ -45,16 +45,26 @@ def rerun_on_postgresql(
         if IN_CI:
             pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
         pytest.skip(reason)
-    name = Path(module_file).stem.removeprefix("test_")
+    name = f"qwenweb_{Path(module_file).stem.removeprefix('test_')}_{uuid.uuid4().hex[:10]}"
     env = {
         **os.environ,
-        "DATABASE_URL": PG.rsplit("/", 1)[0] + f"/qwenweb_{name}_{uuid.uuid4().hex[:10]}",
+        "DATABASE_URL": PG.rsplit("/", 1)[0] + f"/{name}",
         "QWENWEB_DATA_DIR": str(data_dir),
         "QWENWEB_TEST_EXPECT_VENDOR": "postgresql",
     }
     command = [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider",
                "-k", f"not {this_test}"]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+    finally:
+        # pytest-django drops its test database at the end, but not while connections to it
+        # are open: the async tests' database calls keep theirs in the pool's threads.
+        import psycopg
+
+        with psycopg.connect(PG, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "test_{name}" WITH (FORCE)')
     summary = result.stdout.strip().splitlines()[-1:] or [result.stderr[-2000:]]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in summary[0] and " failed" not in summary[0], summary[0]
