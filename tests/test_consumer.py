@@ -1109,13 +1109,13 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     app_simulator, monkeypatch
 ):
     """Three people send while the database thread is busy. Each send's request goes out
-    before the thread saves the next one (not all after the last is saved), and the replies
-    are announced once the queue is empty (rendering them would hold up the requests). Each
-    reply then streams to its own page in full."""
+    once it is checked, before the thread writes any of the three (not each after the one
+    before it is saved), and the replies are announced once the queue is empty (rendering
+    them would hold up the requests). Each reply then streams to its own page in full."""
     import threading
 
     from conversations import db
-    from conversations.replies import generation, intake
+    from conversations.replies import generation, intake, service
 
     monkeypatch.setattr(db, "_one_thread", lambda: True)  # SQLite's way, whatever the database
     monkeypatch.setattr(db, "TRIP_TIME", 0)  # a trip of one send each
@@ -1128,8 +1128,17 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
 
     ours: set[str] = set()  # the three chats' ids: replies of other tests are not counted
 
+    made = []
+    launched = service._generation
+
+    def recorded(*args, **kwargs):
+        made.append(launched(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(service, "_generation", recorded)
+
     def watched(user_message, *args, **kwargs):
-        running = [g for g in generation._running.values() if g.conversation_id in ours]
+        running = [g for g in made if g.conversation_id in ours]
         seen.append(
             (
                 user_message.content,
@@ -1163,11 +1172,124 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         transcripts.append(transcript)
         await ws.disconnect()
     assert seen == [
-        ("Hello from ann", 0, 0),
-        ("Hello from ben", 1, 0),
-        ("Hello from cai", 2, 0),
+        ("Hello from ann", 3, 0),
+        ("Hello from ben", 3, 0),
+        ("Hello from cai", 3, 0),
     ]
     for (name, conversation, _ws), transcript in zip(sockets, transcripts, strict=True):
         reply = await assistant_reply(conversation)
         assert reply.status == "complete" and reply.content
         assert f"Hello from {name}" in "".join(transcript.frames)
+
+
+async def test_a_sends_request_goes_out_before_its_messages_are_written(app_simulator, monkeypatch):
+    """The request leaves once the message is checked; the message and its reply are written
+    while DashScope works on the first token, before anything it sends is used, and the reply
+    streams and is saved as always, under the fencing token the request went out with."""
+    from conversations.replies import generation, intake, service
+
+    made = []
+    launched = service._generation
+
+    def recorded(*args, **kwargs):
+        made.append(launched(*args, **kwargs))
+        return made[-1]
+
+    at_write = []
+    insert_turn = intake.insert_turn
+
+    def watched(*args, **kwargs):
+        at_write.append([(g.message_id, g._sent.is_set(), g.text) for g in made])
+        return insert_turn(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_generation", recorded)
+    monkeypatch.setattr(intake, "insert_turn", watched)
+    app_simulator.add_scenario(Scenario(match="early", reply=REPLY))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("early bird"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    await ws.disconnect()
+    assert at_write == [[(None, True, "")]], "written after the request, before its answer"
+    [early] = made
+    reply = await assistant_reply(conversation)
+    assert early.message_id == reply.pk and reply.writer == early.writer
+    assert reply.status == "complete" and reply.content == REPLY
+    assert transcript.text[reply.pk] == REPLY
+    assert len(app_simulator.requests) == 1
+    assert generation.running(reply.pk) is None
+
+
+async def test_a_write_that_fails_after_the_request_went_out_drops_it_and_saves_nothing(
+    app_simulator, monkeypatch
+):
+    """The database fails the write that follows an early request: the request is dropped
+    unanswered, nothing is saved or shown but the notice, and the same text sent again
+    (the box still holds it) goes through."""
+    from django.db import OperationalError
+
+    from conversations.replies import generation, intake
+
+    insert_turn = intake.insert_turn
+    failures = [OperationalError("disk I/O error")]
+
+    def failing(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return insert_turn(*args, **kwargs)
+
+    monkeypatch.setattr(intake, "insert_turn", failing)
+    app_simulator.add_scenario(Scenario(match="fragile", reply=REPLY, token_delay=0.01, times=2))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("fragile one"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: t.frames and 'class="notice"' in t.frames[-1])
+    assert "could not be sent" in transcript.frames[-1]
+    assert len(app_simulator.requests) == 1, "the request had gone out"
+    await asyncio.sleep(0.3)  # long enough for its answer to have come
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+    assert not [f for f in transcript.frames if f.startswith("+")]
+    assert not [
+        g for g in generation._running.values() if g.conversation_id == str(conversation.id)
+    ]
+
+    await ws.send_to(text_data=send_frame("fragile one"))
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    await ws.disconnect()
+    reply = await assistant_reply(conversation)
+    assert reply.content == REPLY and transcript.text[reply.pk] == REPLY
+    assert await Message.objects.filter(conversation=conversation).acount() == 2
+
+
+async def test_two_tabs_sending_at_once_get_one_reply_and_one_notice(app_simulator, monkeypatch):
+    """Two tabs of one chat send at the same moment: both messages pass the checks before
+    either is written, both requests go out, and the second write finds the first reply in
+    its way: its request is dropped, its tab told, and one reply streams to both."""
+    import threading
+
+    from conversations import db
+
+    monkeypatch.setattr(db, "_one_thread", lambda: True)  # SQLite's way, whatever the database
+    app_simulator.add_scenario(Scenario(match="tab", reply=REPLY, token_delay=0.01, times=2))
+    owner, conversation, first = await open_chat()
+    second, connected, _code = await connect(owner, conversation)
+    assert connected
+    busy = threading.Event()
+    blocker = asyncio.ensure_future(db.db_together(lambda: busy.wait(10)))
+    await asyncio.sleep(0.05)  # the thread is busy: both sends queue, and plan together
+    await first.send_to(text_data=send_frame("from tab one"))
+    await second.send_to(text_data=send_frame("from tab two"))
+    await asyncio.sleep(0.2)
+    busy.set()
+    await blocker
+    one, two = Transcript(), Transcript()
+    await receive_until(first, one, lambda t: "complete" in t.status.values())
+    await receive_until(second, two, lambda t: "still being written" in "".join(t.frames))
+    await receive_until(second, two, lambda t: "complete" in t.status.values())
+    await first.disconnect()
+    await second.disconnect()
+    users = [m async for m in Message.objects.filter(role="user").values_list("content", flat=True)]
+    assert users == ["from tab one"]
+    reply = await assistant_reply(conversation)
+    assert reply.content == REPLY and one.text[reply.pk] == REPLY and two.text[reply.pk] == REPLY
+    assert len(app_simulator.requests) == 2, "both requests went out; one was dropped"

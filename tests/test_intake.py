@@ -234,6 +234,84 @@ def test_a_reply_is_updated_as_the_orm_would_and_only_while_it_is_the_writers(ch
     assert Message.objects.get(pk=reply.pk).status == "complete"
 
 
+def _snapshot(conversation):
+    chat = Conversation.objects.get(pk=conversation.pk)
+    return (
+        chat.updated_at,
+        chat.current_message_id,
+        chat.title,
+        chat.system_prompt_text,
+        list(Message.objects.filter(conversation=conversation).values_list("pk", "status")),
+    )
+
+
+@pytest.mark.parametrize("turns", [0, 2])
+def test_a_plan_is_the_request_the_send_makes_and_writes_nothing(chat, turns):
+    """reply_plan builds, from reads alone (no lock, no write), the very request reply_start
+    and build_request make once the message is written: in a new chat (its prompt not yet the
+    chat's, no title) and after earlier turns, with the reply's fencing token kept."""
+    from conversations.replies import prompt
+
+    for turn in range(turns):
+        started = service.reply_start(
+            conversation=chat, content=f"turn {turn}", client_message_id=uuid.uuid4()
+        )
+        Message.objects.filter(pk=started.assistant_message.pk).update(
+            status="complete", content=f"answer {turn}"
+        )
+    chat = Conversation.objects.get(pk=chat.pk)
+    before = _snapshot(chat)
+    sent = uuid.uuid4()
+    with CaptureQueriesContext(connection) as queries:
+        plan = service.reply_plan(conversation=chat, content="What now?  ", client_message_id=sent)
+    assert isinstance(plan, service.Plan)
+    assert _snapshot(chat) == before, "nothing written"
+    assert not [q for q in queries if q["sql"].split()[0].upper() in {"INSERT", "UPDATE"}]
+
+    started = service.reply_start(
+        conversation=chat, content="What now?  ", client_message_id=sent, writer=plan.writer
+    )
+    request = prompt.build_request(
+        conversation=started.conversation, reply_to=started.assistant_message, tree=started.tree
+    )
+    assert plan.request == request
+    assert request.messages[0].content == "Answer in one line."
+    assert [m.content for m in request.messages[1:]] == [
+        *[text for turn in range(turns) for text in (f"turn {turn}", f"answer {turn}")],
+        "What now?",
+    ]
+    assert started.assistant_message.writer == plan.writer
+    assert Message.objects.get(pk=started.assistant_message.pk).writer == plan.writer
+
+
+def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
+    """A refusal comes from the plan as from reply_start; what the plan does not cover (a
+    resent frame, a reply in the way, images) is reply_start's at once."""
+    with pytest.raises(service.ReplyRefused):
+        service.reply_plan(conversation=chat, content="   ", client_message_id=uuid.uuid4())
+    sent = uuid.uuid4()
+    first = service.reply_plan(conversation=chat, content="hello", client_message_id=sent)
+    assert isinstance(first, service.Plan)
+    started = service.reply_start(
+        conversation=chat, content="hello", client_message_id=sent, writer=first.writer
+    )
+    again = service.reply_plan(conversation=chat, content="hello", client_message_id=sent)
+    assert isinstance(again, service.StartedReply) and not again.created
+    assert again.assistant_message.pk == started.assistant_message.pk
+    with pytest.raises(service.ReplyInProgress):
+        service.reply_plan(conversation=chat, content="next", client_message_id=uuid.uuid4())
+    Message.objects.filter(pk=started.assistant_message.pk).update(status="complete")
+    chat.model = ModelProfile.objects.filter(endpoint=ModelProfile.Endpoint.MULTIMODAL).first()
+    chat.save()
+    with_image = service.reply_plan(
+        conversation=chat,
+        content="look",
+        client_message_id=uuid.uuid4(),
+        image_urls="https://example.com/cat.png",
+    )
+    assert isinstance(with_image, service.StartedReply) and with_image.created
+
+
 def test_the_same_on_postgresql(tmp_path):
     rerun_on_postgresql(__file__, "test_the_same_on_postgresql", tmp_path)
 

@@ -75,10 +75,13 @@ def running_count() -> int:
 
 @dataclass
 class Generation:
-    message_id: int
     conversation_id: str
     request: ChatRequest
     client: DashScopeClient
+    # The reply's pk. None while it is not written yet (a send's request goes out before its
+    # messages are written, service.reply_plan): the generation then uses nothing that comes
+    # back until adopt() gives it the reply, and ends unheard if abandon() comes instead.
+    message_id: int | None = None
     # The reply's fencing token (Message.writer): saves change the message only while it is
     # this generation's; None (a test's own message) writes whatever it holds.
     writer: uuid.UUID | None = None
@@ -143,6 +146,26 @@ class Generation:
         self.layer = get_channel_layer()
         # A socket in another process reads this reply: deltas go over the channel layer too.
         self.remote_readers = False
+        # Set once the reply is written (its announcement as the result), for a generation
+        # started before (message_id None); cancelled if it never will be.
+        self._saved: asyncio.Future | None = None
+        if self.message_id is None:
+            self._saved = asyncio.get_running_loop().create_future()
+
+    def adopt(self, *, message_id: int, announce: Callable[[], Awaitable[None]], **fields) -> None:
+        """The reply this generation's request was sent for is written: go on as its writer
+        (`fields`: created_at, owner_id, title, retitle, as given to a new Generation)."""
+        self.message_id = message_id
+        for name, value in fields.items():
+            setattr(self, name, value)
+        _running[message_id] = self
+        self._saved.set_result(announce)
+
+    def abandon(self) -> None:
+        """The reply this generation's request was sent for will not be written (refused, or
+        the write failed): drop the request, save and announce nothing. Once adopted, nothing."""
+        if self._saved is not None and not self._saved.done():
+            self._saved.cancel()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -163,11 +186,14 @@ class Generation:
         knows the message before text for it arrives, and the control group is joined
         before it, so a Stop sent the moment the reply appears reaches the generation.
         """
-        _running[self.message_id] = self
+        if self._saved is None:
+            _running[self.message_id] = self
         # A fresh context: the reply outlives the request or socket that started it, and must
         # not inherit its per-request state (asgiref's executor for that request quits with it).
         self.task = asyncio.create_task(
-            self.run(announce), name=f"generation-{self.message_id}", context=contextvars.Context()
+            self.run(announce),
+            name=f"generation-{self.message_id or 'unsaved'}",
+            context=contextvars.Context(),
         )
         self.task.add_done_callback(self._forget)
         sent = asyncio.ensure_future(self._sent.wait())
@@ -198,6 +224,15 @@ class Generation:
         finally:
             request_sent.reset(token)
         self._upstream.add_done_callback(self._upstream_ended)
+        if self._saved is not None:
+            try:
+                announce = await asyncio.shield(self._saved)
+            except BaseException:
+                self._upstream.cancel()
+                await asyncio.gather(self._upstream, return_exceptions=True)
+                if self._saved.cancelled():  # abandoned: the request goes unanswered
+                    return
+                raise
         if self.stop_requested:
             self._upstream.cancel()
         self._control_group = events.control_group(self.conversation_id)
@@ -400,6 +435,8 @@ class Generation:
                 return
             if round_number >= MAX_TOOL_ROUNDS:
                 raise ToolRoundsExceeded(MAX_TOOL_ROUNDS)
+            if self._saved is not None:
+                await asyncio.shield(self._saved)  # the steps show on the written reply
             self._count_round()
             step = {"end": len(self.text), "calls": calls.calls, "results": []}
             self.tool_steps.append(step)

@@ -123,9 +123,10 @@ _prompt_fields = list(SystemPrompt._meta.concrete_fields)
 
 
 @cache
-def _lock_statement(vendor: str) -> tuple[str, dict]:
+def _lock_statement(vendor: str, lock: bool = True) -> tuple[str, dict]:
     """The lock's SQL and the converters of its columns, made once per database kind: built
-    per send, they cost more than the statement's round trip."""
+    per send, they cost more than the statement's round trip. Without `lock`, a plain read of
+    the same row (read_plan)."""
     ops = connection.ops
     columns = ", ".join(
         [f"c.{ops.quote_name(f.column)}" for f in _conversation_fields]
@@ -133,7 +134,7 @@ def _lock_statement(vendor: str) -> tuple[str, dict]:
         + [f"sp.{ops.quote_name(f.column)}" for f in _prompt_fields]
     )
     sql = f"SELECT {columns} FROM {_conversations} c JOIN {_profiles} m ON m.id = c.model_id"
-    locking = connection.features.has_select_for_update_of
+    locking = lock and connection.features.has_select_for_update_of
     if locking:
         user_table = Conversation._meta.get_field("owner").related_model._meta.db_table
         sql += f" JOIN {user_table} u ON u.id = c.owner_id"
@@ -146,13 +147,13 @@ def _lock_statement(vendor: str) -> tuple[str, dict]:
     return sql, converters
 
 
-def _locked(conversation_id, rows: list) -> Conversation:
+def _locked(conversation_id, rows: list, lock: bool = True) -> Conversation:
     """The lock statement's row as a Conversation with its model and prompt, converted as a
     queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
     if not rows:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
     db = _this_thread()
-    _sql, converters = _lock_statement(db.vendor)
+    _sql, converters = _lock_statement(db.vendor, lock)
     row = list(rows[0])
     for at, (converter_list, expression) in converters.items():
         for converter in converter_list:
@@ -197,8 +198,13 @@ def _way_statement(load_sql: str) -> str:
 
 
 def read_under_lock(
-    conversation_id, client_message_id: uuid.UUID | None, load: tuple[str, list]
-) -> tuple[Conversation, list[tuple], tuple]:
+    conversation_id,
+    client_message_id: uuid.UUID | None,
+    load: tuple[str, list],
+    *,
+    lock: bool = True,
+    with_tree: bool = False,
+) -> tuple[Conversation, list[tuple], tuple] | tuple[Conversation, list[tuple], tuple, dict]:
     """What a new reply is checked against: the conversation read afresh and locked until the
     transaction ends, with its owner's row (PostgreSQL; SQLite's transactions are serialised
     whole), its model and its system prompt; the replies in the way ((client_message_id,
@@ -210,9 +216,13 @@ def read_under_lock(
     what was committed when it began: one statement waiting for the lock would count the
     owner's replies as they were before the send it waited for). On PostgreSQL they go out
     together with the transaction's BEGIN, in one round trip (psycopg's pipeline mode), the
-    second prepared."""
+    second prepared.
+
+    Without `lock`, the same reads with no lock taken, and `with_tree` adds the chat's tree
+    (as message_tree reads it) as a fourth value, in the same round trip on PostgreSQL: what
+    a send's request is built from before its messages are written (service.reply_plan)."""
     db = _this_thread()
-    lock_sql, _converters = _lock_statement(db.vendor)
+    lock_sql, _converters = _lock_statement(db.vendor, lock)
     lock_params = [_param(Conversation, "id", conversation_id, db)]
     load_sql, load_params = load
     way_sql = _way_statement(load_sql)
@@ -222,20 +232,27 @@ def read_under_lock(
         Message.Status.STREAMING.value,
         _param(Message, "client_message_id", client_message_id, db),
     ]
+    statements = [(lock_sql, lock_params, True), (way_sql, way_params, True)]
+    if with_tree:
+        statements.append((_tree_statement, [lock_params[0]], True))
     if db.vendor == "postgresql":
-        locked_rows, rows = _pipelined((lock_sql, lock_params, True), (way_sql, way_params, True))
+        results = _pipelined(*statements)
     else:
+        results = []
         with _cursor(db) as cursor:
-            cursor.execute(lock_sql, lock_params)
-            locked_rows = cursor.fetchall()
-            cursor.execute(way_sql, way_params)
-            rows = cursor.fetchall()
-    conversation = _locked(conversation_id, locked_rows)
+            for sql, params, _prepare in statements:
+                cursor.execute(sql, params)
+                results.append(cursor.fetchall())
+    locked_rows, rows = results[0], results[1]
+    conversation = _locked(conversation_id, locked_rows, lock)
     found = [
         (read_uuid(sent), status, read_moment(at), pk)
         for sent, status, at, pk, *_load in rows
         if pk is not None
     ]
+    if with_tree:
+        tree = {pk: row for pk, *row in results[2]}
+        return conversation, found, tuple(rows[0][4:]), tree
     return conversation, found, tuple(rows[0][4:])
 
 
@@ -322,6 +339,7 @@ def _insert_columns(vendor: str) -> str:
 
 
 _tree_columns = f"id, parent_id, role, content, {_column(Message, 'tool_steps')}"
+_tree_statement = f"SELECT {_tree_columns} FROM {_messages} WHERE conversation_id = %s"
 
 
 def insert_turn(
@@ -378,10 +396,7 @@ def insert_turn(
                 f"UPDATE {_conversations} SET current_message_id = %s{assignments} WHERE id = %s",
                 [reply.pk, *moved, chat],
             )
-            cursor.execute(
-                f"SELECT {_tree_columns} FROM {_messages} WHERE conversation_id = %s",
-                [_param(Message, "conversation", conversation_id, db)],
-            )
+            cursor.execute(_tree_statement, [_param(Message, "conversation", conversation_id, db)])
             for pk, *row in cursor.fetchall():
                 tree[pk] = row
         return tree
