@@ -173,7 +173,7 @@ async def _take_trips(trips: _Trips) -> None:
 
 
 @contextlib.asynccontextmanager
-async def db_turn(function, *, together: bool = True):
+async def db_turn(function, *, together: bool = True, counted: bool = True):
     """`function()` on the database thread, like db_async, its result for the body; on
     SQLite, the calls that arrive while the thread is busy go together in its next trips
     (unless `together` is False: then it is db_async's call, for a view).
@@ -191,13 +191,18 @@ async def db_turn(function, *, together: bool = True):
     For callers outside any request (the websocket consumer): the trips run on the one
     thread asgiref gives code with no request around it. A view must use db_async, which
     finds its request's thread (a sync middleware may be holding it, waiting for the view).
+
+    `counted`: the caller is on its way for quiet() (a send until its request is out); not
+    for work that waits for quiet() itself (a send's writes after its request, which must
+    not wait for each other).
     """
     loop = asyncio.get_running_loop()
     trips = _trips.get(loop)
     if trips is None:
         trips = _trips[loop] = _Trips()
-    trips.turns += 1
-    trips.quiet.clear()
+    if counted:
+        trips.turns += 1
+        trips.quiet.clear()
     try:
         if not (together and _one_thread()):
             yield await db_async(function)()
@@ -212,9 +217,10 @@ async def db_turn(function, *, together: bool = True):
         finally:
             call.used.set()
     finally:
-        trips.turns -= 1
-        if not trips.turns:
-            trips.quiet.set()
+        if counted:
+            trips.turns -= 1
+            if not trips.turns:
+                trips.quiet.set()
 
 
 async def db_together(function):
@@ -226,11 +232,20 @@ async def db_together(function):
 async def quiet(at_most: float) -> None:
     """Return once no caller of db_turn is on its way (being saved, or using what it saved: a
     send until its request is out), or after `at_most` seconds. Work that can wait (a new
-    reply's announcement, a socket's background check of its session) lets the sends waiting
-    for the database go first: when many people send at once, it would hold up their requests
-    (P1, bench/README.md), on the event loop and, on SQLite, on the one database thread."""
+    reply's announcement, a socket's background check of its session, the writes of a send
+    whose request is out) lets the sends waiting for the database go first: when many people
+    send at once, it would hold up their requests (P1, bench/README.md), on the event loop
+    and, on SQLite, on the one database thread."""
     trips = _trips.get(asyncio.get_running_loop())
-    if trips is None or trips.quiet.is_set():
+    if trips is None:
         return
+    if trips.quiet.is_set():
+        # Even so, after those the last caller's end woke: work that waited goes in the order
+        # it began to wait, not behind that caller's own.
+        await asyncio.sleep(0)
+        return
+    # Not wait_for: its task of its own would wake this a turn of the loop later than the
+    # others waiting.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(trips.quiet.wait(), at_most)
+        async with asyncio.timeout(at_most):
+            await trips.quiet.wait()

@@ -18,7 +18,7 @@ from django.utils import timezone
 from conversations.consumers import MAX_FRAME_BYTES
 from conversations.dashscope import client as dashscope_client
 from conversations.models import Message, ModelProfile, SystemPrompt
-from conversations.replies import tools
+from conversations.replies import events, tools
 from conversations.upstream import reset_clients
 from dashscope_simulator import Scenario, ScenarioError
 from tests.ws_support import (
@@ -1110,11 +1110,13 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
 ):
     """Three people send while the database thread is busy. Each send's request goes out
     once it is checked, before the thread writes any of the three (not each after the one
-    before it is saved), and the replies are announced once the queue is empty (rendering
-    them would hold up the requests). Each reply then streams to its own page in full."""
+    before it is saved), the writes follow in the order the sends came, and the replies are
+    announced once every request is out (rendering them would hold up the requests). Each
+    reply then streams to its own page in full."""
     import threading
 
     from conversations import db
+    from conversations import sockets as local_sockets
     from conversations.replies import generation, intake, service
 
     monkeypatch.setattr(db, "_one_thread", lambda: True)  # SQLite's way, whatever the database
@@ -1123,11 +1125,8 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     monkeypatch.setattr(db, "HOLD", 30)  # waits for the request, not for a timeout
     monkeypatch.setattr(generation, "REQUEST_HEAD_START", 30)
     monkeypatch.setattr(generation, "ANNOUNCE_DEFER", 30)
-    seen = []  # at each save: (its text, requests gone out, replies announced)
-    insert_turn = intake.insert_turn
-
+    monkeypatch.setattr(service, "SAVE_DEFER", 30)
     ours: set[str] = set()  # the three chats' ids: replies of other tests are not counted
-
     made = []
     launched = service._generation
 
@@ -1135,20 +1134,27 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         made.append(launched(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(service, "_generation", recorded)
+    def out() -> int:
+        return sum(g._sent.is_set() for g in made if g.conversation_id in ours)
+
+    seen = []  # at each write: (its text, requests gone out)
+    insert_turn = intake.insert_turn
 
     def watched(user_message, *args, **kwargs):
-        running = [g for g in made if g.conversation_id in ours]
-        seen.append(
-            (
-                user_message.content,
-                sum(g._sent.is_set() for g in running),
-                sum(g._announced.is_set() for g in running),
-            )
-        )
+        seen.append((user_message.content, out()))
         return insert_turn(user_message, *args, **kwargs)
 
+    announced = []  # at each new reply's announcement: requests gone out
+    broadcast = local_sockets.broadcast
+
+    async def told(conversation_id, message):
+        if str(conversation_id) in ours and message.get("type") == events.Created.TYPE:
+            announced.append(out())
+        return await broadcast(conversation_id, message)
+
+    monkeypatch.setattr(service, "_generation", recorded)
     monkeypatch.setattr(intake, "insert_turn", watched)
+    monkeypatch.setattr(local_sockets, "broadcast", told)
     sockets = []
     for name in ("ann", "ben", "cai"):
         owner = await make_user(name)
@@ -1172,10 +1178,11 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         transcripts.append(transcript)
         await ws.disconnect()
     assert seen == [
-        ("Hello from ann", 3, 0),
-        ("Hello from ben", 3, 0),
-        ("Hello from cai", 3, 0),
+        ("Hello from ann", 3),
+        ("Hello from ben", 3),
+        ("Hello from cai", 3),
     ]
+    assert announced == [3, 3, 3]
     for (name, conversation, _ws), transcript in zip(sockets, transcripts, strict=True):
         reply = await assistant_reply(conversation)
         assert reply.status == "complete" and reply.content

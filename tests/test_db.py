@@ -237,6 +237,37 @@ async def test_quiet_waits_for_the_callers_on_either_database_at_most_its_timeou
     await asyncio.wait_for(db.quiet(5), 0.5)  # a call that raised is on its way no longer
 
 
+async def test_work_that_waits_for_quiet_is_not_on_the_way_and_goes_in_its_order(trips):
+    """A send's writes after its request (counted=False) do not hold up quiet(): they wait
+    for it themselves, and go in the order they began to wait, the last caller's own after
+    those its end woke."""
+    assert (
+        not db._trips.get(asyncio.get_running_loop())
+        or db._trips[asyncio.get_running_loop()].quiet.is_set()
+    )
+    used = asyncio.Event()
+    async with db.db_turn(lambda: "written", counted=False) as result:
+        assert result == "written"
+        await asyncio.wait_for(db.quiet(5), 0.5)  # nobody on the way
+    order = []
+
+    async def send(name: str, done: asyncio.Event) -> None:
+        async with db.db_turn(lambda: name):
+            await done.wait()
+        await db.quiet(5)
+        order.append(name)
+
+    last = asyncio.Event()
+    sends = [asyncio.ensure_future(send("first", used)), asyncio.ensure_future(send("last", last))]
+    await asyncio.sleep(0.05)
+    used.set()
+    await asyncio.sleep(0.05)
+    assert order == []  # the last send is still on its way
+    last.set()
+    await asyncio.gather(*sends)
+    assert order == ["first", "last"]
+
+
 async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_run(
     trips, monkeypatch
 ):

@@ -22,7 +22,7 @@ from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
-from conversations.db import db_async, db_turn
+from conversations.db import db_async, db_turn, quiet
 from conversations.models import (
     Conversation,
     Message,
@@ -49,6 +49,10 @@ __all__ = [  # the rules' refusals, where the use cases that raise them are
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+# How long a send's writes, after its request has gone out, let the other sends on their way
+# go first (_launch): well under DashScope's time to a first token.
+SAVE_DEFER = 0.1
 
 
 @dataclass(frozen=True)
@@ -677,11 +681,14 @@ async def _launch(
             generation = await _start(conversation, *first, branched=branched)
     if early is not None:
         try:
-            async with db_turn(lambda: prepare(save(writer=early.writer)), together=together) as (
-                started,
-                request,
-                messages,
-            ):
+            # The writes wait for the sends still being checked to have their requests out
+            # (SAVE_DEFER at most: DashScope takes longer to the first token, and the reply
+            # waits for its writes before it shows anything).
+            await quiet(SAVE_DEFER)
+            written = db_turn(
+                lambda: prepare(save(writer=early.writer)), together=together, counted=False
+            )
+            async with written as (started, request, messages):
                 if started.created and request == early.request:
                     generation = await _start(
                         conversation, started, request, messages, branched=branched, early=early
