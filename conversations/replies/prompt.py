@@ -26,21 +26,24 @@ def estimate_tokens(text: str) -> int:
 def build_request(
     *,
     conversation: Conversation,
-    reply_to: Message,
+    reply_to: Message | None = None,
     partial: bool = False,
     tree: dict[int, tuple] | None = None,
+    after: int | None = None,
 ) -> ChatRequest:
     """The DashScope request for the reply `reply_to`: system prompt, then the history before
     it, trimmed from the oldest turn to fit the model's context window. With `partial`, the
     reply's text so far goes last, marked for DashScope's partial mode: the model carries on
     from it. `tree` is the chat's messages as intake.message_tree reads them, if the caller
-    read them already."""
+    read them already. Without `reply_to`, the request of a reply to be written below the
+    message `after` (service.reply_plan)."""
     profile = conversation.model
     # One read of the whole tree, as plain values (a long chat costs its rows, not a model
     # instance per message), then the reply's own branch only: other versions are not part
     # of what it answers.
     rows = tree if tree is not None else intake.message_tree(conversation.pk)
-    path = branches.Tree({pk: row[0] for pk, row in rows.items()}).path(reply_to.parent_id)
+    parent_id = reply_to.parent_id if reply_to is not None else after
+    path = branches.Tree({pk: row[0] for pk, row in rows.items()}).path(parent_id)
     history = [
         (pk, role, content, intake.tool_steps(steps))
         for pk in path

@@ -193,6 +193,15 @@ class Load:
     windows: quotas.Windows  # the day and month counted, and when they end
 
 
+@functools.lru_cache(maxsize=16)
+def _window_moments(vendor: str, since: datetime) -> tuple:
+    """A quota window's start as the load statement takes it (a chat moved since a while
+    before it, a reply made since it), in the database's form: the same for a day or a month
+    of sends (as text on SQLite, made anew each time: 0.05 ms a send)."""
+    moment = connection.ops.adapt_datetimefield_value
+    return moment(since - CHAT_MOVED_BEFORE), moment(since)
+
+
 @dataclass(frozen=True)
 class LoadQuery:
     """The statement that reads one user's limits and load (see check_user_limits), made at
@@ -225,7 +234,8 @@ class LoadQuery:
         assistant = Message.Role.ASSISTANT.value
 
         def in_window(since) -> list:
-            return [owner_id, moment(since - CHAT_MOVED_BEFORE), assistant, moment(since)]
+            moved_since, made_since = _window_moments(connection.vendor, since)
+            return [owner_id, moved_since, assistant, made_since]
 
         params = [  # in the order they appear in the text: `lim`'s last
             owner_id, Message.Status.STREAMING.value, assistant, moment(alive_since),

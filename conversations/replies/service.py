@@ -131,13 +131,13 @@ def reply_plan(
     rules.check_json_mentioned(read, content)
     rules.check_user_limits(read, (query, row))
     # The history as it will be once the message is written: the message under a pk no row
-    # has, the reply to be below it.
+    # has, the reply to be below it (the reply itself is not needed: only its fencing token,
+    # which reply_start gives it).
     tree[0] = (read.current_message_id, Message.Role.USER.value, content, None)
-    reply = _reply_to_be(read, parent_id=0)
     for name, value in _moved_fields(read).items():
         setattr(read, name, value)
-    request = prompt.build_request(conversation=read, reply_to=reply, tree=tree)
-    return Plan(request=request, writer=reply.writer)
+    request = prompt.build_request(conversation=read, after=0, tree=tree)
+    return Plan(request=request, writer=uuid.uuid4())
 
 
 def conversation_configure(
