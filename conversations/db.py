@@ -173,7 +173,9 @@ async def _take_trips(trips: _Trips) -> None:
 
 
 @contextlib.asynccontextmanager
-async def db_turn(function, *, together: bool = True, counted: bool = True):
+async def db_turn(
+    function, *, together: bool = True, counted: bool = True, waits_on_no_lock: bool = False
+):
     """`function()` on the database thread, like db_async, its result for the body; on
     SQLite, the calls that arrive while the thread is busy go together in its next trips
     (unless `together` is False: then it is db_async's call, for a view).
@@ -195,6 +197,15 @@ async def db_turn(function, *, together: bool = True, counted: bool = True):
     `counted`: the caller is on its way for quiet() (a send until its request is out); not
     for work that waits for quiet() itself (a send's writes after its request, which must
     not wait for each other).
+
+    `waits_on_no_lock`: `function` takes no lock that another process could hold for long (a
+    send's checks and reads before its request, service.reply_plan): then on PostgreSQL too
+    it goes in the trips of one thread, not to the pool. Many calls each in a pool thread of
+    their own, each taking the interpreter's lock from the loop and the others at every
+    statement, cost more than their round trips one after the other (10 and 50 people
+    sending at once: p95 42 -> 37 and 180 -> 123 ms, bench/README.md, thirteenth pass).
+    Writes stay in the pool: one waiting for a row another process has locked must not hold
+    up every send of this one.
     """
     loop = asyncio.get_running_loop()
     trips = _trips.get(loop)
@@ -204,7 +215,7 @@ async def db_turn(function, *, together: bool = True, counted: bool = True):
         trips.turns += 1
         trips.quiet.clear()
     try:
-        if not (together and _one_thread()):
+        if not (together and (_one_thread() or waits_on_no_lock)):
             yield await db_async(function)()
             return
         call = _Call(function, translation.get_language(), loop.create_future())

@@ -290,3 +290,28 @@ async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_ru
     await first
     assert await db.db_together(lambda: ran.append("next") or "next") == "next"
     assert ran == ["next"]
+
+
+async def test_calls_that_wait_on_no_lock_share_the_trips_on_postgresql_too(trips, monkeypatch):
+    """On PostgreSQL (each call in a pool thread), a send's checks and reads before its
+    request (waits_on_no_lock) go in the one thread's trips, queued together behind a busy
+    trip as on SQLite; other calls still go to the pool."""
+    monkeypatch.setattr(db, "_one_thread", lambda: False)
+    release = threading.Event()
+
+    async def read(call):
+        async with db.db_turn(call, waits_on_no_lock=True) as got:
+            return got
+
+    first = asyncio.ensure_future(read(lambda: release.wait(5) and threading.get_ident()))
+    await asyncio.sleep(0.05)  # the thread is in the first call
+    queued = [asyncio.ensure_future(read(lambda n=n: (n, threading.get_ident()))) for n in range(3)]
+    await asyncio.sleep(0.05)
+    release.set()
+    thread = await first
+    results = await asyncio.gather(*queued)
+    assert [n for n, _ in results] == [0, 1, 2]
+    assert {ident for _, ident in results} == {thread}
+    assert trips[-1] == results, "the three in one trip"
+    async with db.db_turn(threading.get_ident) as pooled:
+        assert pooled != thread

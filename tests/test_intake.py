@@ -286,7 +286,7 @@ def test_a_plan_is_the_request_the_send_makes_and_writes_nothing(chat, turns):
 
 def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
     """A refusal comes from the plan as from reply_start; what the plan does not cover (a
-    resent frame, a reply in the way, images) is reply_start's at once."""
+    resent frame, a reply in the way, images) it leaves to reply_start (None)."""
     with pytest.raises(service.ReplyRefused):
         service.reply_plan(conversation=chat, content="   ", client_message_id=uuid.uuid4())
     sent = uuid.uuid4()
@@ -295,12 +295,18 @@ def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
     started = service.reply_start(
         conversation=chat, content="hello", client_message_id=sent, writer=first.writer
     )
-    again = service.reply_plan(conversation=chat, content="hello", client_message_id=sent)
-    assert isinstance(again, service.StartedReply) and not again.created
-    assert again.assistant_message.pk == started.assistant_message.pk
-    with pytest.raises(service.ReplyInProgress):
+    assert service.reply_plan(conversation=chat, content="hello", client_message_id=sent) is None
+    assert (
         service.reply_plan(conversation=chat, content="next", client_message_id=uuid.uuid4())
+        is None
+    )
+    with pytest.raises(service.ReplyInProgress):
+        service.reply_start(conversation=chat, content="next", client_message_id=uuid.uuid4())
     Message.objects.filter(pk=started.assistant_message.pk).update(status="complete")
+    assert isinstance(
+        service.reply_plan(conversation=chat, content="next", client_message_id=uuid.uuid4()),
+        service.Plan,
+    )
     chat.model = ModelProfile.objects.filter(endpoint=ModelProfile.Endpoint.MULTIMODAL).first()
     chat.save()
     with_image = service.reply_plan(
@@ -309,7 +315,7 @@ def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
         client_message_id=uuid.uuid4(),
         image_urls="https://example.com/cat.png",
     )
-    assert isinstance(with_image, service.StartedReply) and with_image.created
+    assert with_image is None
 
 
 def test_the_same_on_postgresql(tmp_path):

@@ -83,7 +83,7 @@ def reply_plan(
     client_message_id: uuid.UUID | None = None,
     image_urls: object = None,
     image_ids: object = None,
-) -> StartedReply | Plan:
+) -> Plan | None:
     """The request of a new message to `conversation`, built as reply_start would build it
     after writing the message, from the same checks and reads but no writes and no lock: a
     Plan, which reply_start then makes real (with the Plan's writer) once the request has
@@ -91,24 +91,15 @@ def reply_plan(
     round trip instead of three and a commit's flush to disk; on SQLite, in this process,
     half the work (bench/README.md, thirteenth pass).
 
-    Anything but the plain case is reply_start's at once, as before: images, a resent frame,
-    a reply in the way (streaming, or dead and to be marked interrupted), a chat whose model
-    or prompt changed since it was read. A refusal is raised here as reply_start raises it."""
+    None for anything but the plain case, which reply_start then does at once, as before:
+    images, a resent frame, a reply in the way (streaming, or dead and to be marked
+    interrupted), a chat whose model or prompt changed since it was read. A refusal is raised
+    here as reply_start raises it."""
     message = rules.MessageForm(
         {"content": content, "image_urls": image_urls, "image_ids": image_ids}
     ).valid()
-
-    def now() -> StartedReply:
-        return reply_start(
-            conversation=conversation,
-            content=content,
-            client_message_id=client_message_id,
-            image_urls=image_urls,
-            image_ids=image_ids,
-        )
-
     if client_message_id is None or message["image_urls"] or message["image_ids"]:
-        return now()
+        return None
     query = rules.LoadQuery.of(
         conversation.owner_id,
         model_id=conversation.model_id,
@@ -125,7 +116,7 @@ def reply_plan(
         conversation.model_id,
         conversation.system_prompt_id,
     ):
-        return now()
+        return None
     content = message["content"]
     rules.check_model(read)
     rules.check_json_mentioned(read, content)
@@ -668,18 +659,22 @@ async def _launch(
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages
 
-    def planned() -> Plan | tuple[StartedReply, ChatRequest | None, list[dict]]:
-        first = plan()
-        return first if isinstance(first, Plan) else prepare(first)
-
     early = None
-    async with db_turn(planned if plan else lambda: prepare(save()), together=together) as first:
-        if isinstance(first, Plan):
-            early = _generation(conversation, first.request, get_client(), writer=first.writer)
-            await early.launch()
-        else:
-            generation = await _start(conversation, *first, branched=branched)
-    if early is not None:
+    if plan is not None:
+        async with db_turn(plan, together=together, waits_on_no_lock=True) as planned:
+            if planned is not None:
+                early = _generation(
+                    conversation, planned.request, get_client(), writer=planned.writer
+                )
+                await early.launch()
+    if early is None:
+        async with db_turn(lambda: prepare(save()), together=together) as (
+            started,
+            request,
+            messages,
+        ):
+            generation = await _start(conversation, started, request, messages, branched=branched)
+    else:
         try:
             # The writes wait for the sends still being checked to have their requests out
             # (SAVE_DEFER at most: DashScope takes longer to the first token, and the reply
@@ -702,7 +697,7 @@ async def _launch(
             early.abandon()  # unless adopted: then nothing
     if generation is not None:
         await generation.announced()
-    return started if early is not None else first[0]
+    return started
 
 
 def _generation(conversation, request: ChatRequest, client, **fields):
