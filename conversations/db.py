@@ -173,9 +173,7 @@ async def _take_trips(trips: _Trips) -> None:
 
 
 @contextlib.asynccontextmanager
-async def db_turn(
-    function, *, together: bool = True, counted: bool = True, waits_on_no_lock: bool = False
-):
+async def db_turn(function, *, together: bool = True, counted: bool = True, sends: bool = False):
     """`function()` on the database thread, like db_async, its result for the body; on
     SQLite, the calls that arrive while the thread is busy go together in its next trips
     (unless `together` is False: then it is db_async's call, for a view).
@@ -198,14 +196,15 @@ async def db_turn(
     for work that waits for quiet() itself (a send's writes after its request, which must
     not wait for each other).
 
-    `waits_on_no_lock`: `function` takes no lock that another process could hold for long (a
-    send's checks and reads before its request, service.reply_plan): then on PostgreSQL too
-    it goes in the trips of one thread, not to the pool. Many calls each in a pool thread of
-    their own, each taking the interpreter's lock from the loop and the others at every
-    statement, cost more than their round trips one after the other (10 and 50 people
-    sending at once: p95 42 -> 37 and 180 -> 123 ms, bench/README.md, thirteenth pass).
-    Writes stay in the pool: one waiting for a row another process has locked must not hold
-    up every send of this one.
+    `sends`: `function` is a step of a send (its checks and reads before its request, its
+    writes after, service._launch): then on PostgreSQL too it goes in the trips of one
+    thread, not to the pool. Many sends each in a pool thread of their own, each taking the
+    interpreter's lock from the loop and the others at every statement, cost more than their
+    round trips one after the other (50 people sending at once, paired: p50 / p95 121 / 223
+    -> 90 / 157 ms, 13 rounds of 16; bench/README.md, thirteenth pass). As on SQLite, a
+    write waiting for a row lock holds up the sends queued behind it; what else locks the
+    rows a send locks (its chat and its owner: other sends, regenerates, new chats, the
+    admin's saves) holds them for one short transaction.
     """
     loop = asyncio.get_running_loop()
     trips = _trips.get(loop)
@@ -215,7 +214,7 @@ async def db_turn(
         trips.turns += 1
         trips.quiet.clear()
     try:
-        if not (together and (_one_thread() or waits_on_no_lock)):
+        if not (together and (_one_thread() or sends)):
             yield await db_async(function)()
             return
         call = _Call(function, translation.get_language(), loop.create_future())

@@ -292,15 +292,15 @@ async def test_calls_waiting_when_the_trips_are_cancelled_between_trips_never_ru
     assert ran == ["next"]
 
 
-async def test_calls_that_wait_on_no_lock_share_the_trips_on_postgresql_too(trips, monkeypatch):
-    """On PostgreSQL (each call in a pool thread), a send's checks and reads before its
-    request (waits_on_no_lock) go in the one thread's trips, queued together behind a busy
-    trip as on SQLite; other calls still go to the pool."""
+async def test_a_sends_calls_share_the_trips_on_postgresql_too(trips, monkeypatch):
+    """On PostgreSQL (each call in a pool thread), the steps of a send (`sends`) go in the
+    one thread's trips, queued together behind a busy trip as on SQLite; other calls still go
+    to the pool."""
     monkeypatch.setattr(db, "_one_thread", lambda: False)
     release = threading.Event()
 
     async def read(call):
-        async with db.db_turn(call, waits_on_no_lock=True) as got:
+        async with db.db_turn(call, sends=True) as got:
             return got
 
     first = asyncio.ensure_future(read(lambda: release.wait(5) and threading.get_ident()))

@@ -661,7 +661,7 @@ async def _launch(
 
     early = None
     if plan is not None:
-        async with db_turn(plan, together=together, waits_on_no_lock=True) as planned:
+        async with db_turn(plan, together=together, sends=True) as planned:
             if planned is not None:
                 early = _generation(
                     conversation, planned.request, get_client(), writer=planned.writer
@@ -681,7 +681,10 @@ async def _launch(
             # waits for its writes before it shows anything).
             await quiet(SAVE_DEFER)
             written = db_turn(
-                lambda: prepare(save(writer=early.writer)), together=together, counted=False
+                lambda: prepare(save(writer=early.writer)),
+                together=together,
+                counted=False,
+                sends=True,
             )
             async with written as (started, request, messages):
                 if started.created and request == early.request:
