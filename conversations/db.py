@@ -11,7 +11,7 @@ from functools import cache
 
 from asgiref.sync import SyncToAsync
 from django.conf import settings
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 from django.utils import translation
 
 
@@ -38,6 +38,24 @@ def _with_kept_connection(function, *args, **kwargs):
             else:
                 connection.close()
     return function(*args, **kwargs)
+
+
+def again_if_disconnected(function):
+    """`function`, which only reads, run once more on a new connection if the database had
+    dropped this thread's (a restart, an outage: a kept connection that sat idle through it is
+    found dead only when next used). Not for writes: one may have been applied."""
+
+    def call():
+        try:
+            return function()
+        except (OperationalError, InterfaceError):
+            connection = connections[DEFAULT_DB_ALIAS]
+            if connection.in_atomic_block or connection.is_usable():
+                raise
+            connection.close()
+            return function()
+
+    return call
 
 
 def db_async(function):

@@ -272,19 +272,21 @@ def _pipelined(*statements: tuple[str, list, bool]) -> list[list]:
     """The rows of each (sql, params, prepare) statement, sent together in one round trip
     (psycopg's pipeline mode; with the transaction's BEGIN when one is pending), run one after
     the other by the server. Server-binding cursors on Django's connection, inside its
-    transaction; they do not show in Django's query log."""
+    transaction; they do not show in Django's query log. Their errors are Django's, as a
+    Django cursor's are (a lost connection marked so: db._with_kept_connection replaces it)."""
     import psycopg
 
     raw = _raw_postgresql()
-    cursors = [psycopg.Cursor(raw) for _ in statements]
-    try:
-        with raw.pipeline():
-            for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
-                cursor.execute(sql, params, prepare=prepare)
-        return [cursor.fetchall() for cursor in cursors]
-    finally:
-        for cursor in cursors:
-            cursor.close()
+    with connection.wrap_database_errors:
+        cursors = [psycopg.Cursor(raw) for _ in statements]
+        try:
+            with raw.pipeline():
+                for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
+                    cursor.execute(sql, params, prepare=prepare)
+            return [cursor.fetchall() for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
 
 
 def move_conversation(conversation_id, **fields) -> None:

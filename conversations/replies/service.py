@@ -22,7 +22,7 @@ from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
-from conversations.db import db_async, db_turn, quiet
+from conversations.db import again_if_disconnected, db_async, db_turn, quiet
 from conversations.models import (
     Conversation,
     Message,
@@ -661,7 +661,7 @@ async def _launch(
 
     early = None
     if plan is not None:
-        async with db_turn(plan, together=together, sends=True) as planned:
+        async with db_turn(again_if_disconnected(plan), together=together, sends=True) as planned:
             if planned is not None:
                 early = _generation(
                     conversation, planned.request, get_client(), writer=planned.writer
