@@ -1300,3 +1300,67 @@ async def test_two_tabs_sending_at_once_get_one_reply_and_one_notice(app_simulat
     reply = await assistant_reply(conversation)
     assert reply.content == REPLY and one.text[reply.pk] == REPLY and two.text[reply.pk] == REPLY
     assert len(app_simulator.requests) == 2, "both requests went out; one was dropped"
+
+
+async def test_a_send_cancelled_while_its_request_goes_out_leaves_nothing_behind(
+    app_simulator, monkeypatch
+):
+    """The caller of a send is cancelled while its early request goes out (a view whose
+    client left, the server stopping): the generation is abandoned, its request dropped and
+    its task ended, not left waiting for a reply that will never be written."""
+    from conversations.replies import generation, service
+
+    made = []
+    launched = service._generation
+
+    def recorded(*args, **kwargs):
+        made.append(launched(*args, **kwargs))
+        return made[-1]
+
+    launch = generation.Generation.launch
+
+    async def slow_launch(self, *args, **kwargs):
+        await launch(self, *args, **kwargs)
+        await asyncio.sleep(10)  # the caller is cancelled here, its request out
+
+    monkeypatch.setattr(service, "_generation", recorded)
+    monkeypatch.setattr(generation.Generation, "launch", slow_launch)
+    app_simulator.add_scenario(Scenario(match="cancelled", reply=REPLY, token_delay=0.01))
+    owner = await make_user("alice")
+    conversation = await make_conversation(owner)
+    send = asyncio.ensure_future(
+        service.areply_start(
+            conversation=conversation,
+            content="cancelled soon",
+            client_message_id=uuid.uuid4(),
+            together=True,
+        )
+    )
+    await asyncio.sleep(0.3)
+    [early] = made
+    assert early._sent.is_set()
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    await asyncio.wait_for(early.task, 2)
+    assert early._saved.cancelled() and early._upstream.done()
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+
+
+async def test_a_plan_that_fails_leaves_the_send_to_the_old_path(app_simulator, monkeypatch):
+    """Something unexpected in the plan (not a refusal): the send is saved first and then
+    requested, as before, and streams as always."""
+    from conversations.replies import service
+
+    def broken(**_arguments):
+        raise RuntimeError("a bug in the plan")
+
+    monkeypatch.setattr(service, "reply_plan", broken)
+    app_simulator.add_scenario(Scenario(match="planless", reply=REPLY))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("planless one"))
+    transcript = Transcript()
+    await receive_until(ws, transcript, lambda t: "complete" in t.status.values())
+    await ws.disconnect()
+    reply = await assistant_reply(conversation)
+    assert reply.content == REPLY and transcript.text[reply.pk] == REPLY

@@ -152,14 +152,19 @@ class Generation:
         if self.message_id is None:
             self._saved = asyncio.get_running_loop().create_future()
 
-    def adopt(self, *, message_id: int, announce: Callable[[], Awaitable[None]], **fields) -> None:
+    def adopt(self, *, message_id: int, announce: Callable[[], Awaitable[None]], **fields) -> bool:
         """The reply this generation's request was sent for is written: go on as its writer
-        (`fields`: created_at, owner_id, title, retitle, as given to a new Generation)."""
+        (`fields`: created_at, owner_id, title, retitle, as given to a new Generation). False
+        if the generation has ended meanwhile (cancelled: the server stopping): the reply
+        needs another."""
+        if self.task is None or self.task.done() or self._saved.done():
+            return False
         self.message_id = message_id
         for name, value in fields.items():
             setattr(self, name, value)
         _running[message_id] = self
         self._saved.set_result(announce)
+        return True
 
     def abandon(self) -> None:
         """The reply this generation's request was sent for will not be written (refused, or

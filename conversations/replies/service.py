@@ -659,14 +659,27 @@ async def _launch(
         messages = [started.user_message.as_event(), started.assistant_message.as_event()]
         return started, request, messages
 
+    def planned_or_not() -> Plan | None:
+        try:
+            return again_if_disconnected(plan)()
+        except ReplyRefused:
+            raise
+        except Exception:  # the old path may yet work (and says so if not)
+            logger.warning("Planning a send in %s failed", conversation.pk, exc_info=True)
+            return None
+
     early = None
     if plan is not None:
-        async with db_turn(again_if_disconnected(plan), together=together, sends=True) as planned:
+        async with db_turn(planned_or_not, together=together, sends=True) as planned:
             if planned is not None:
                 early = _generation(
                     conversation, planned.request, get_client(), writer=planned.writer
                 )
-                await early.launch()
+                try:
+                    await early.launch()
+                except BaseException:  # the caller cancelled (a view's client gone, shutdown)
+                    early.abandon()
+                    raise
     if early is None:
         async with db_turn(lambda: prepare(save()), together=together) as (
             started,
@@ -748,8 +761,7 @@ async def _start(
         "title": conversation.display_title,
         "retitle": started.titled,
     }
-    if early is not None:
-        early.adopt(announce=announce, **known)
+    if early is not None and early.adopt(announce=announce, **known):
         return early
     generation = _generation(conversation, request, get_client(), writer=reply.writer, **known)
     # Until its request has gone out: the database thread saves the next sends after that
