@@ -38,6 +38,22 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 REPLY = "Streaming works: " + " ".join(f"word{i}" for i in range(60)) + "."
 
 
+def generations_made(monkeypatch) -> list:
+    """The generations the sends start from now on, in order (their requests, and whether
+    they are out, seen from the test)."""
+    from conversations.replies import service
+
+    made = []
+    launched = service._generation
+
+    def recorded(*args, **kwargs):
+        made.append(launched(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(service, "_generation", recorded)
+    return made
+
+
 async def test_anonymous_socket_is_closed():
     owner = await make_user("alice")
     conversation = await make_conversation(owner)
@@ -1127,12 +1143,7 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     monkeypatch.setattr(generation, "ANNOUNCE_DEFER", 30)
     monkeypatch.setattr(service, "SAVE_DEFER", 30)
     ours: set[str] = set()  # the three chats' ids: replies of other tests are not counted
-    made = []
-    launched = service._generation
-
-    def recorded(*args, **kwargs):
-        made.append(launched(*args, **kwargs))
-        return made[-1]
+    made = generations_made(monkeypatch)
 
     def out() -> int:
         return sum(g._sent.is_set() for g in made if g.conversation_id in ours)
@@ -1152,7 +1163,6 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
             announced.append(out())
         return await broadcast(conversation_id, message)
 
-    monkeypatch.setattr(service, "_generation", recorded)
     monkeypatch.setattr(intake, "insert_turn", watched)
     monkeypatch.setattr(local_sockets, "broadcast", told)
     sockets = []
@@ -1193,15 +1203,9 @@ async def test_a_sends_request_goes_out_before_its_messages_are_written(app_simu
     """The request leaves once the message is checked; the message and its reply are written
     while DashScope works on the first token, before anything it sends is used, and the reply
     streams and is saved as always, under the fencing token the request went out with."""
-    from conversations.replies import generation, intake, service
+    from conversations.replies import generation, intake
 
-    made = []
-    launched = service._generation
-
-    def recorded(*args, **kwargs):
-        made.append(launched(*args, **kwargs))
-        return made[-1]
-
+    made = generations_made(monkeypatch)
     at_write = []
     insert_turn = intake.insert_turn
 
@@ -1209,7 +1213,6 @@ async def test_a_sends_request_goes_out_before_its_messages_are_written(app_simu
         at_write.append([(g.message_id, g._sent.is_set(), g.text) for g in made])
         return insert_turn(*args, **kwargs)
 
-    monkeypatch.setattr(service, "_generation", recorded)
     monkeypatch.setattr(intake, "insert_turn", watched)
     app_simulator.add_scenario(Scenario(match="early", reply=REPLY))
     _owner, conversation, ws = await open_chat()
@@ -1310,20 +1313,13 @@ async def test_a_send_cancelled_while_its_request_goes_out_leaves_nothing_behind
     its task ended, not left waiting for a reply that will never be written."""
     from conversations.replies import generation, service
 
-    made = []
-    launched = service._generation
-
-    def recorded(*args, **kwargs):
-        made.append(launched(*args, **kwargs))
-        return made[-1]
-
+    made = generations_made(monkeypatch)
     launch = generation.Generation.launch
 
     async def slow_launch(self, *args, **kwargs):
         await launch(self, *args, **kwargs)
         await asyncio.sleep(10)  # the caller is cancelled here, its request out
 
-    monkeypatch.setattr(service, "_generation", recorded)
     monkeypatch.setattr(generation.Generation, "launch", slow_launch)
     app_simulator.add_scenario(Scenario(match="cancelled", reply=REPLY, token_delay=0.01))
     owner = await make_user("alice")
