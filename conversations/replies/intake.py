@@ -126,7 +126,7 @@ _prompt_fields = list(SystemPrompt._meta.concrete_fields)
 def _lock_statement(vendor: str, lock: bool = True) -> tuple[str, dict]:
     """The lock's SQL and the converters of its columns, made once per database kind: built
     per send, they cost more than the statement's round trip. Without `lock`, a plain read of
-    the same row (read_plan)."""
+    the same row (service.reply_plan)."""
     ops = connection.ops
     columns = ", ".join(
         [f"c.{ops.quote_name(f.column)}" for f in _conversation_fields]
@@ -440,13 +440,8 @@ def message_tree(conversation_id) -> dict[int, tuple]:
     """Every message of the conversation as pk -> (parent_id, role, content, tool_steps), the
     last as the JSON text the database keeps (decode it with `tool_steps`)."""
     db = _this_thread()
-    tool_steps = _column(Message, "tool_steps")
     with _cursor(db) as cursor:
-        cursor.execute(
-            f"SELECT id, parent_id, role, content, {tool_steps} FROM {_messages} "
-            "WHERE conversation_id = %s",
-            [_param(Message, "conversation", conversation_id, db)],
-        )
+        cursor.execute(_tree_statement, [_param(Message, "conversation", conversation_id, db)])
         return {pk: row for pk, *row in cursor.fetchall()}
 
 
