@@ -71,6 +71,7 @@ HELLO_INTERVAL = 1.0
 # in the database: its end may have been announced while the channel layer was away.
 QUIET_AFTER = liveness.HEARTBEAT_INTERVAL
 FRAME_TYPES = ("send", "stop", "continue", "regenerate", "edit", "hello")
+STARTS = ("send", "regenerate", "edit")  # frames that start a reply (_start)
 
 
 def _from_other_processes(handler: str):
@@ -158,6 +159,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 # Redis away: the membership expires with the layer's group_expiry.
                 logger.warning("Leaving %s failed", group, exc_info=True)
 
+    async def _refuse_ended_session(self) -> None:
+        await self._refuse(CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on."))
+
     async def _refuse(self, code: int, sentence: str) -> None:
         """Close this socket with one of the app's codes, saying why."""
         await self._send_notice(sentence)
@@ -187,10 +191,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             kind = data.get("type")
             if kind not in FRAME_TYPES:
                 return
-            if not await self.session_check.still_valid(self._now()):
-                await self._refuse(
-                    CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
-                )
+            if kind in STARTS:
+                # Checked, when due, in the same trip to the database as the start (_start).
+                valid = not self.session_check.ended
+            else:
+                valid = await self.session_check.still_valid(self._now())
+            if not valid:
+                await self._refuse_ended_session()
                 return
             await getattr(self, f"_on_{kind}")(data)
             if self.session_check.due(now := self._now()):
@@ -227,7 +234,15 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         """Start a reply (a send, a regenerate, an edit); a refusal becomes a notice."""
         try:
             # Outside any request: the trip to the database thread may be shared.
-            await use_case(conversation=self.conversation, together=True, **arguments)
+            await use_case(
+                conversation=self.conversation,
+                together=True,
+                guard=self.session_check.guard(self._now()),
+                **arguments,
+            )
+        except socket_auth.SessionEnded:
+            await self._refuse_ended_session()
+            return False
         except service.ReplyRefused as refusal:
             await self._send_notice(str(refusal))
             return False
@@ -467,9 +482,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         would be refused. 4403 makes the page reload, onto the login page."""
         if not event["session"] or event["session"] == self.session:
             with translation.override(self.language):
-                await self._refuse(
-                    CLOSE_FORBIDDEN, _("Your session has ended. Sign in again to go on.")
-                )
+                await self._refuse_ended_session()
 
     # -- catching up --------------------------------------------------------------------------
 

@@ -44,6 +44,10 @@ def owned_conversation(user, conversation_id) -> Conversation | None:
     )
 
 
+class SessionEnded(Exception):
+    """The session that opened a socket no longer signs its user in (SessionCheck.guard)."""
+
+
 class SessionCheck:
     """Whether the session that opened a socket still signs its user in, checked against the
     session store and the user's row (a change made anywhere counts), and trusted for
@@ -52,7 +56,7 @@ class SessionCheck:
     A socket in use keeps its check fresh in the background (`due`, `refresh`: once half the
     interval has passed, after a frame was handled), so that a send does not wait for a check
     on the way to DashScope (P1 in bench/README.md); a frame after a quiet spell still waits
-    for one (`still_valid`)."""
+    for one (`still_valid`), unless it goes to the database anyway (`guard`: a send)."""
 
     def __init__(self, session_key: str | None, user_id, checked_at: float) -> None:
         self.session_key = session_key
@@ -80,6 +84,26 @@ class SessionCheck:
         else:
             self.ended = True
 
+    def guard(self, now: float):
+        """For a frame whose work goes to the database anyway (a send, a regenerate, an
+        edit): None if the session is trusted at `now`, else the check as a function for the
+        database thread, to run before that work in the same trip (a separate trip first
+        held up every send after a quiet spell, most of them: bench/README.md, fourteenth
+        pass). It raises SessionEnded if the session is gone, as errors of the database
+        (the work after it would meet them too); once passed, calling it again is free."""
+        if now - self.checked_at < SESSION_CHECK_INTERVAL:
+            return None
+
+        def check() -> None:
+            if self.checked_at >= now:  # passed already (a send's plan, then its save)
+                return
+            if not _signs_in(self.session_key, self.user_id):
+                self.ended = True
+                raise SessionEnded
+            self.checked_at = max(self.checked_at, now)  # a float, set from the thread
+
+        return check
+
     async def still_valid(self, now: float) -> bool:
         if self.ended:
             return False
@@ -96,8 +120,7 @@ class SessionCheck:
         return valid
 
 
-@db_async
-def session_signs_in(session_key: str | None, user_id) -> bool:
+def _signs_in(session_key: str | None, user_id) -> bool:
     """What a page request would find: the session still there and signing this user in, its
     password hash today's (or one made with a SECRET_KEY_FALLBACKS key), and the account
     active as its backend sees it. The checks of django.contrib.auth.get_user, without its
@@ -119,6 +142,9 @@ def session_signs_in(session_key: str | None, user_id) -> bool:
         user._get_session_auth_hash(secret=secret) for secret in settings.SECRET_KEY_FALLBACKS
     ]
     return any(constant_time_compare(stored, value) for value in hashes)
+
+
+session_signs_in = db_async(_signs_in)
 
 
 def language(scope) -> str | None:

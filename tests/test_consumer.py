@@ -1045,6 +1045,87 @@ async def test_a_check_in_the_background_lets_the_sends_on_their_way_go_first(mo
     await send
 
 
+def checks_in_the_frame(monkeypatch) -> None:
+    """Every frame past the session's check interval, and no check in the background: each
+    frame that starts a reply checks the session itself."""
+    from conversations import socket_auth
+
+    monkeypatch.setattr(socket_auth, "SESSION_CHECK_INTERVAL", 0)
+    monkeypatch.setattr(socket_auth.SessionCheck, "due", lambda self, now: False)
+
+
+async def test_a_send_after_a_quiet_spell_checks_the_session_in_the_trip_that_plans_it(
+    app_simulator, monkeypatch
+):
+    """Most sends come after a quiet spell longer than the check interval: the session is
+    then checked on the database thread just before the send's plan, in the same trip, not in
+    a trip of its own that the send waited for; and once only (not again for the save)."""
+    from conversations import db, socket_auth
+    from conversations.replies import service
+
+    checks_in_the_frame(monkeypatch)
+    trips, seen = [], []
+    run_each, signs_in, plan = db._run_each, socket_auth._signs_in, service.reply_plan
+
+    def trip(calls, budget=db.TRIP_TIME):
+        trips.append(len(calls))
+        return run_each(calls, budget)
+
+    def checked(*args):
+        seen.append(("session", len(trips)))
+        return signs_in(*args)
+
+    def planned(**arguments):
+        seen.append(("plan", len(trips)))
+        return plan(**arguments)
+
+    monkeypatch.setattr(db, "_run_each", trip)
+    monkeypatch.setattr(socket_auth, "_signs_in", checked)
+    monkeypatch.setattr(service, "reply_plan", planned)
+    app_simulator.add_scenario(Scenario(match="hello", reply=REPLY))
+    _owner, conversation, ws = await open_chat()
+    for text in ("hello there", "hello again"):
+        await ws.send_to(text_data=send_frame(text))
+        await receive_until(ws, Transcript(), lambda t: "complete" in t.status.values())
+    first, second = seen[:2], seen[2:]
+    assert [name for name, _ in first] == ["session", "plan"] and first[0][1] == first[1][1]
+    assert [name for name, _ in second] == ["session", "plan"] and second[0][1] == second[1][1]
+    assert await Message.objects.filter(conversation=conversation, role="user").acount() == 2
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("kind", ["send", "regenerate", "edit"])
+async def test_a_reply_started_from_an_ended_session_is_refused_in_its_trip(
+    app_simulator, monkeypatch, kind
+):
+    """A session ended where no signal reaches the socket (deleted from the command line):
+    the next send, regenerate or edit past the interval finds it in its own trip to the
+    database, writes nothing, sends nothing to DashScope, and closes the socket with 4403,
+    saying why."""
+    from django.contrib.sessions.models import Session
+
+    app_simulator.add_scenario(Scenario(match="first?", reply="One."))
+    _owner, conversation, ws = await open_chat()
+    await ws.send_to(text_data=send_frame("first?"))
+    await receive_until(ws, Transcript(), lambda t: "complete" in t.status.values())
+    messages = [m async for m in Message.objects.filter(conversation=conversation).order_by("pk")]
+    requests = len(app_simulator.requests)
+    checks_in_the_frame(monkeypatch)
+    await Session.objects.all().adelete()
+    frame = {"send": {"content": "after"}, "regenerate": {},
+             "edit": {"message_id": messages[0].pk, "content": "after"}}[kind]  # fmt: skip
+    await ws.send_to(
+        text_data=json.dumps({"type": kind, "client_message_id": str(uuid.uuid4()), **frame})
+    )
+    frames = []
+    while (output := await ws.receive_output(timeout=5))["type"] != "websocket.close":
+        frames.append(output.get("text", ""))
+    assert output["code"] == 4403
+    assert any("Sign in again" in text for text in frames)
+    assert await Message.objects.filter(conversation=conversation).acount() == len(messages)
+    assert len(app_simulator.requests) == requests
+
+
 async def test_a_send_is_announced_as_soon_as_its_request_has_gone_out(app_simulator, monkeypatch):
     """The announcement waits for the request to be written, not for the reply: with the
     head start's cap at 30 s and the first token 5 s away, the user's message is on the page

@@ -570,6 +570,7 @@ async def areply_start(
     image_urls: object = None,
     image_ids: object = None,
     together: bool = False,
+    guard=None,
 ) -> StartedReply:
     """Save the message, tell every open socket, and start the reply in its own task: its
     request goes out once the message is checked, and the message is written while DashScope
@@ -586,6 +587,7 @@ async def areply_start(
         lambda writer=None: reply_start(**arguments, writer=writer),
         plan=lambda: reply_plan(**arguments),
         together=together,
+        guard=guard,
     )
 
 
@@ -595,6 +597,7 @@ async def areply_regenerate(
     message_id: int | None = None,
     client_message_id: uuid.UUID | None = None,
     together: bool = False,
+    guard=None,
 ) -> StartedReply:
     """Write a new version of a reply (reply_regenerate) and show it on every open socket."""
     return await _launch(
@@ -604,6 +607,7 @@ async def areply_regenerate(
         ),
         branched=True,
         together=together,
+        guard=guard,
     )
 
 
@@ -614,6 +618,7 @@ async def areply_edit(
     content: object,
     client_message_id: uuid.UUID | None = None,
     together: bool = False,
+    guard=None,
 ) -> StartedReply:
     """Save a new version of a message (reply_edit), show the new branch on every open
     socket, and start its reply."""
@@ -627,11 +632,18 @@ async def areply_edit(
         ),
         branched=True,
         together=together,
+        guard=guard,
     )
 
 
 async def _launch(
-    conversation: Conversation, save, *, branched: bool = False, together: bool = False, plan=None
+    conversation: Conversation,
+    save,
+    *,
+    branched: bool = False,
+    together: bool = False,
+    plan=None,
+    guard=None,
 ) -> StartedReply:
     """Run `save` (a use case above: it writes the messages and returns a StartedReply) and
     build the request in one trip to the database thread, then start the reply. Sockets are
@@ -645,8 +657,22 @@ async def _launch(
     DashScope is used (the reply waits for them: Generation.adopt); if the write is refused
     or fails, the request is dropped unanswered and the caller gets the refusal or error as
     before; if what was written asks for another request than the one sent (the chat
-    changed between the trips), that one is dropped and the right one sent."""
+    changed between the trips), that one is dropped and the right one sent.
+
+    `guard`: a check that must pass before anything else, run on the database thread at the
+    head of the first trip (the socket's session: socket_auth.SessionCheck.guard); what it
+    raises is raised here. It is free once passed, so each trip may run it."""
     from conversations.upstream import get_client
+
+    def guarded(function):
+        if guard is None:
+            return function
+
+        def call():
+            guard()
+            return function()
+
+        return call
 
     def prepare(started: StartedReply) -> tuple[StartedReply, ChatRequest | None, list[dict]]:
         if not started.created:
@@ -660,6 +686,8 @@ async def _launch(
         return started, request, messages
 
     def planned_or_not() -> Plan | None:
+        if guard is not None:
+            again_if_disconnected(guard)()
         try:
             return again_if_disconnected(plan)()
         except ReplyRefused:
@@ -681,7 +709,7 @@ async def _launch(
                     early.abandon()
                     raise
     if early is None:
-        async with db_turn(lambda: prepare(save()), together=together) as (
+        async with db_turn(guarded(lambda: prepare(save())), together=together) as (
             started,
             request,
             messages,
