@@ -3,6 +3,7 @@
     .venv/bin/python bench/ab.py sqlite 50 20 HEAD~1 HEAD
     .venv/bin/python bench/ab.py pg 10 24 main main:QWENWEB_SOME_SETTING=2
     .venv/bin/python bench/ab.py sqlite 100 6 HEAD~1 HEAD --p2 --tokens 500
+    .venv/bin/python bench/ab.py pg 1 30 HEAD~1 HEAD --gap 2.5   # sends after a quiet spell
 
 On this shared machine, runs one after the other differ more than most changes do (the
 eleventh and twelfth passes saw the same commit's p95 move by 2× between runs). So this
@@ -53,7 +54,7 @@ def side(spec: str, keep: list[Path]) -> tuple[str, Path, dict]:
 
 
 async def compare(kind: str, level: int, rounds: int, sides: list[tuple[str, Path, dict]],
-                  p2: bool = False) -> None:  # fmt: skip
+                  p2: bool = False, gap: float = 0.2) -> None:  # fmt: skip
     data_dir = Path(tempfile.mkdtemp(prefix="qwenweb-ab-"))
     sim, sim_url = load.start_simulator(data_dir / "simulator.log")
     stacks, clients = [], []
@@ -79,7 +80,7 @@ async def compare(kind: str, level: int, rounds: int, sides: list[tuple[str, Pat
                     print(f"  round {r} {'AB'[n]}: {result['failed']} failed: {result['reasons']}")
                 samples[n].extend(result["added"])
                 round_p95[n].append(load.pct(result["added"], 0.95))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(gap)
         wins = sum(rb < ra for ra, rb in zip(*round_p95, strict=True))
         rows = [("side", "sends", "added p50 ms", "p95 ms", "median round p95 ms")]
         for n in range(2):
@@ -139,12 +140,17 @@ def main() -> None:
     parser.add_argument("b", help="the same for the other side")
     parser.add_argument("--p2", action="store_true", help="rounds of P2 streams instead")
     parser.add_argument("--tokens", type=int, default=load.P2_TOKENS, help="tokens a P2 reply")
+    parser.add_argument(
+        "--gap", type=float, default=0.2,
+        help="seconds after each burst (over 2: every send finds its socket's session check "
+             "due, as a person's send after typing does)",
+    )  # fmt: skip
     args = parser.parse_args()
     load.P2_TOKENS = args.tokens
     worktrees: list[Path] = []
     try:
         sides = [side(args.a, worktrees), side(args.b, worktrees)]
-        asyncio.run(compare(args.kind, args.level, args.rounds, sides, args.p2))
+        asyncio.run(compare(args.kind, args.level, args.rounds, sides, args.p2, args.gap))
     finally:
         for path in worktrees:
             subprocess.run(["git", "-C", str(load.ROOT), "worktree", "remove", "--force",
