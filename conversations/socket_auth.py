@@ -11,16 +11,23 @@ at most every SESSION_CHECK_INTERVAL seconds.
 from __future__ import annotations
 
 import logging
+from functools import cache
 from importlib import import_module
 
 from django.conf import settings
 from django.contrib import auth
-from django.utils import translation
+from django.contrib.auth import get_user_model
+from django.contrib.auth.backends import ModelBackend
+from django.contrib.sessions.models import Session
+from django.db.models.manager import BaseManager
+from django.utils import timezone, translation
 from django.utils.crypto import constant_time_compare
+from django.utils.translation import gettext as _
 from django.utils.translation.trans_real import parse_accept_lang_header
 
 from conversations.db import db_async, quiet
 from conversations.models import Conversation
+from conversations.replies.rules import ReplyRefused
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +51,8 @@ def owned_conversation(user, conversation_id) -> Conversation | None:
     )
 
 
-class SessionEnded(Exception):
-    """The session that opened a socket no longer signs its user in (SessionCheck.guard)."""
+class SessionEnded(ReplyRefused):
+    """The session that opened a socket no longer signs its user in (SessionGuard)."""
 
 
 class SessionCheck:
@@ -84,25 +91,13 @@ class SessionCheck:
         else:
             self.ended = True
 
-    def guard(self, now: float):
+    def guard(self, now: float) -> SessionGuard | None:
         """For a frame whose work goes to the database anyway (a send, a regenerate, an
-        edit): None if the session is trusted at `now`, else the check as a function for the
-        database thread, to run before that work in the same trip (a separate trip first
-        held up every send after a quiet spell, most of them: bench/README.md, fourteenth
-        pass). It raises SessionEnded if the session is gone, as errors of the database
-        (the work after it would meet them too); once passed, calling it again is free."""
+        edit): None if the session is trusted at `now`, else the check, made in that work's
+        own trip to the database (SessionGuard)."""
         if now - self.checked_at < SESSION_CHECK_INTERVAL:
             return None
-
-        def check() -> None:
-            if self.checked_at >= now:  # passed already (a send's plan, then its save)
-                return
-            if not _signs_in(self.session_key, self.user_id):
-                self.ended = True
-                raise SessionEnded
-            self.checked_at = max(self.checked_at, now)  # a float, set from the thread
-
-        return check
+        return SessionGuard(self, now)
 
     async def still_valid(self, now: float) -> bool:
         if self.ended:
@@ -120,6 +115,129 @@ class SessionCheck:
         return valid
 
 
+class SessionGuard:
+    """A socket's session check, made in the trip to the database of the frame it guards
+    (a separate trip first held up every send after a quiet spell, most of them: a page's
+    send comes after its typing; bench/README.md, fourteenth pass). A send's plan reads its
+    two rows with its own, in the same round trip on PostgreSQL (`reads`, then `check` with
+    their rows); other work calls it (`__call__`: _signs_in). Either raises SessionEnded if
+    the session is gone; once passed, it is free. It runs on the database thread, and marks
+    its SessionCheck from there (a float and a flag)."""
+
+    def __init__(self, session: SessionCheck, now: float) -> None:
+        self.session = session
+        self.now = now
+
+    def passed(self) -> bool:
+        return self.session.checked_at >= self.now
+
+    def __call__(self) -> None:
+        if not self.passed():
+            self._conclude(_signs_in(self.session.session_key, self.session.user_id))
+
+    def reads(self, db) -> list[tuple[str, list, bool]] | None:
+        """The session's row and its user's, as (sql, params, prepare) statements to read with
+        other work (intake.run_reads), in that order; None if this site's sessions or users
+        are kept otherwise than these statements assume (then call the guard itself)."""
+        if self.passed() or not self.session.session_key or not _plain_rows():
+            return None
+        user = get_user_model()
+        columns = ", ".join(
+            db.ops.quote_name(user._meta.get_field(name).column) for name in _USER_FIELDS
+        )
+        pk = db.ops.quote_name(user._meta.pk.column)
+        return [
+            (
+                f"SELECT session_data FROM {db.ops.quote_name(Session._meta.db_table)} "
+                "WHERE session_key = %s AND expire_date > %s",
+                [self.session.session_key, db.ops.adapt_datetimefield_value(timezone.now())],
+                True,
+            ),
+            (
+                f"SELECT {columns} FROM {db.ops.quote_name(user._meta.db_table)} WHERE {pk} = %s",
+                [user._meta.pk.get_db_prep_value(self.session.user_id, db)],
+                True,
+            ),
+        ]
+
+    def check(self, db, session_rows: list, user_rows: list) -> None:
+        """Conclude from the rows of `reads`, as _signs_in would."""
+        if self.passed():
+            return
+        session = self.session
+        valid = _signs_in_from(db, session.session_key, session.user_id, session_rows, user_rows)
+        if valid is None:  # the account's backend finds users its own way
+            valid = _signs_in(session.session_key, session.user_id)
+        self._conclude(valid)
+
+    def _conclude(self, valid: bool) -> None:
+        if not valid:
+            self.session.ended = True
+            raise SessionEnded(_("Your session has ended. Sign in again to go on."))
+        self.session.checked_at = max(self.session.checked_at, self.now)
+
+
+# What SessionGuard reads of a user: what ModelBackend.user_can_authenticate and
+# get_session_auth_hash look at.
+_USER_FIELDS = ("id", "password", "is_active")
+
+
+def _plain_rows() -> bool:
+    """Whether a session and its user can be read as SessionGuard.reads does: sessions kept in
+    the database, and users as their model's plain manager finds them, with the fields it
+    reads."""
+    return settings.SESSION_ENGINE == "django.contrib.sessions.backends.db" and _plain_users(
+        get_user_model()
+    )
+
+
+@cache
+def _plain_users(user) -> bool:
+    names = {field.name for field in user._meta.concrete_fields}
+    return (
+        user._meta.pk.name == "id"
+        and set(_USER_FIELDS) <= names
+        and type(user._default_manager).get_queryset is BaseManager.get_queryset
+    )
+
+
+def _signs_in_from(db, session_key: str, user_id, session_rows: list, user_rows: list):
+    """_signs_in's answer from the rows SessionGuard.reads read; None if the session's backend
+    finds its users otherwise than ModelBackend (then ask _signs_in)."""
+    if not session_rows:  # gone, or expired
+        return False
+    data = (
+        import_module(settings.SESSION_ENGINE).SessionStore(session_key).decode(session_rows[0][0])
+    )
+    backend_path = data.get(auth.BACKEND_SESSION_KEY)
+    if str(data.get(auth.SESSION_KEY)) != str(user_id) or (
+        backend_path not in settings.AUTHENTICATION_BACKENDS
+    ):
+        return False
+    backend = auth.load_backend(backend_path)
+    if type(backend).get_user is not ModelBackend.get_user:
+        return None
+    if not user_rows:
+        return False
+    user = get_user_model().from_db(db.alias, list(_USER_FIELDS), list(user_rows[0]))
+    user.is_active = bool(user.is_active)  # SQLite's 0 or 1
+    if not backend.user_can_authenticate(user):
+        return False
+    return _hash_matches(user, data)
+
+
+def _hash_matches(user, data: dict) -> bool:
+    """Whether the session's hash is the user's password's, made with SECRET_KEY or one of
+    SECRET_KEY_FALLBACKS."""
+    stored = data.get(auth.HASH_SESSION_KEY) or ""
+    if not stored:
+        return False
+    hashes = [user.get_session_auth_hash()] + [
+        user._get_session_auth_hash(secret=secret) for secret in settings.SECRET_KEY_FALLBACKS
+    ]
+    return any(constant_time_compare(stored, value) for value in hashes)
+
+
 def _signs_in(session_key: str | None, user_id) -> bool:
     """What a page request would find: the session still there and signing this user in, its
     password hash today's (or one made with a SECRET_KEY_FALLBACKS key), and the account
@@ -135,13 +253,7 @@ def _signs_in(session_key: str | None, user_id) -> bool:
     ):
         return False
     user = auth.load_backend(backend_path).get_user(user_id)
-    stored = data.get(auth.HASH_SESSION_KEY) or ""
-    if user is None or not stored:
-        return False
-    hashes = [user.get_session_auth_hash()] + [
-        user._get_session_auth_hash(secret=secret) for secret in settings.SECRET_KEY_FALLBACKS
-    ]
-    return any(constant_time_compare(stored, value) for value in hashes)
+    return user is not None and _hash_matches(user, data)
 
 
 session_signs_in = db_async(_signs_in)

@@ -971,6 +971,65 @@ async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(s
     assert not await _session_signs_in("no-such-session", owner.pk)
 
 
+async def test_the_session_read_with_a_plan_concludes_as_the_check_does(settings):
+    """SessionGuard's two reads (made with a send's plan) and what it concludes from them
+    agree with the check through Django's session store and backend, whatever ended the
+    session: a rotated SECRET_KEY kept as a fallback (still signed in), another user's id,
+    a deactivated account, a changed password, a deleted or an expired session."""
+    from datetime import timedelta
+
+    from django.contrib.sessions.models import Session
+    from django.db import connection
+    from django.utils import timezone
+
+    from conversations.replies import intake
+    from conversations.socket_auth import SessionCheck, SessionEnded, _signs_in
+
+    @sync_to_async
+    def verdicts(key, user_id) -> tuple[bool, bool]:
+        guard = SessionCheck(key, user_id, checked_at=-100.0).guard(0.0)
+        statements = guard.reads(connection)
+        assert statements, "the reads apply to this site's sessions and users"
+        try:
+            guard.check(connection, *intake.run_reads(connection, statements))
+            read = True
+        except SessionEnded:
+            read = False
+            assert guard.session.ended
+        return read, _signs_in(key, user_id)
+
+    owner = await make_user("alice")
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    key = client.cookies["sessionid"].value
+    assert await verdicts(key, owner.pk) == (True, True)
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "rotated-" + "y" * 50
+    assert await verdicts(key, owner.pk) == (True, True)
+    assert await verdicts(key, owner.pk + 1) == (False, False)
+    owner.is_active = False
+    await owner.asave()
+    assert await verdicts(key, owner.pk) == (False, False)
+    owner.is_active = True
+    await owner.asave()
+    assert await verdicts(key, owner.pk) == (True, True)
+    owner.set_password("changed-pw-2")
+    await owner.asave()
+    assert await verdicts(key, owner.pk) == (False, False)
+    await sync_to_async(client.force_login)(owner)
+    key = client.cookies["sessionid"].value
+    assert await verdicts(key, owner.pk) == (True, True)
+    await Session.objects.filter(session_key=key).aupdate(
+        expire_date=timezone.now() - timedelta(seconds=1)
+    )
+    assert await verdicts(key, owner.pk) == (False, False)
+    await Session.objects.filter(session_key=key).adelete()
+    assert await verdicts(key, owner.pk) == (False, False)
+    # Sessions kept elsewhere: the guard makes the check itself.
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    assert SessionCheck(key, owner.pk, checked_at=-100.0).guard(0.0).reads(connection) is None
+
+
 async def test_a_socket_in_use_checks_its_session_in_the_background():
     """A frame past the interval waits for a check; once half of it has passed a check runs in
     the background, so the next frames need none; a session found gone that way refuses the
@@ -1054,42 +1113,39 @@ def checks_in_the_frame(monkeypatch) -> None:
     monkeypatch.setattr(socket_auth.SessionCheck, "due", lambda self, now: False)
 
 
-async def test_a_send_after_a_quiet_spell_checks_the_session_in_the_trip_that_plans_it(
+async def test_a_send_after_a_quiet_spell_reads_the_session_with_its_plan(
     app_simulator, monkeypatch
 ):
-    """Most sends come after a quiet spell longer than the check interval: the session is
-    then checked on the database thread just before the send's plan, in the same trip, not in
-    a trip of its own that the send waited for; and once only (not again for the save)."""
-    from conversations import db, socket_auth
-    from conversations.replies import service
+    """Most sends come after a quiet spell longer than the check interval (the typing): the
+    session's row and its user's are then read with the send's plan, in the same run of
+    reads (one round trip on PostgreSQL), not by a check of their own first; and once (not
+    again for the save)."""
+    from conversations import socket_auth
+    from conversations.replies import intake
 
     checks_in_the_frame(monkeypatch)
-    trips, seen = [], []
-    run_each, signs_in, plan = db._run_each, socket_auth._signs_in, service.reply_plan
+    runs, own_checks = [], []
+    run_reads, signs_in = intake.run_reads, socket_auth._signs_in
 
-    def trip(calls, budget=db.TRIP_TIME):
-        trips.append(len(calls))
-        return run_each(calls, budget)
+    def recorded(db, statements):
+        runs.append([sql for sql, _params, _prepare in statements])
+        return run_reads(db, statements)
 
-    def checked(*args):
-        seen.append(("session", len(trips)))
+    def own_check(*args):
+        own_checks.append(args)
         return signs_in(*args)
 
-    def planned(**arguments):
-        seen.append(("plan", len(trips)))
-        return plan(**arguments)
-
-    monkeypatch.setattr(db, "_run_each", trip)
-    monkeypatch.setattr(socket_auth, "_signs_in", checked)
-    monkeypatch.setattr(service, "reply_plan", planned)
+    monkeypatch.setattr(intake, "run_reads", recorded)
+    monkeypatch.setattr(socket_auth, "_signs_in", own_check)
     app_simulator.add_scenario(Scenario(match="hello", reply=REPLY))
     _owner, conversation, ws = await open_chat()
     for text in ("hello there", "hello again"):
         await ws.send_to(text_data=send_frame(text))
         await receive_until(ws, Transcript(), lambda t: "complete" in t.status.values())
-    first, second = seen[:2], seen[2:]
-    assert [name for name, _ in first] == ["session", "plan"] and first[0][1] == first[1][1]
-    assert [name for name, _ in second] == ["session", "plan"] and second[0][1] == second[1][1]
+    with_session = [run for run in runs if any("session_data" in sql for sql in run)]
+    assert len(with_session) == 2, runs
+    assert all(intake._tree_statement in run for run in with_session), "read with the plan"
+    assert own_checks == []
     assert await Message.objects.filter(conversation=conversation, role="user").acount() == 2
     await ws.disconnect()
 

@@ -36,7 +36,7 @@ _profiles = ModelProfile._meta.db_table
 _prompts = SystemPrompt._meta.db_table
 
 
-def _this_thread() -> object:
+def this_thread() -> object:
     """This thread's database connection itself. Each attribute read through
     django.db.connection finds it again (a context-local lookup): a send reads some seventy."""
     return connections[DEFAULT_DB_ALIAS]
@@ -152,7 +152,7 @@ def _locked(conversation_id, rows: list, lock: bool = True) -> Conversation:
     queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
     if not rows:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    db = _this_thread()
+    db = this_thread()
     _sql, converters = _lock_statement(db.vendor, lock)
     row = list(rows[0])
     for at, (converter_list, expression) in converters.items():
@@ -177,7 +177,7 @@ def lock_conversation(conversation_id) -> Conversation:
     """The conversation read afresh, locked until the transaction ends, with its owner's row
     (PostgreSQL; SQLite's transactions are serialised whole), its model and its system
     prompt, in one statement. Raises Conversation.DoesNotExist if it is gone."""
-    db = _this_thread()
+    db = this_thread()
     sql, _converters = _lock_statement(db.vendor)
     with _cursor(db) as cursor:
         cursor.execute(sql, [_param(Conversation, "id", conversation_id)])
@@ -221,7 +221,13 @@ def read_under_lock(
     Without `lock`, the same reads with no lock taken, and `with_tree` adds the chat's tree
     (as message_tree reads it) as a fourth value, in the same round trip on PostgreSQL: what
     a send's request is built from before its messages are written (service.reply_plan)."""
-    db = _this_thread()
+    db = this_thread()
+    statements = read_statements(db, conversation_id, client_message_id, load, lock, with_tree)
+    return read_results(conversation_id, run_reads(db, statements), lock, with_tree)
+
+
+def read_statements(db, conversation_id, client_message_id, load, lock: bool, with_tree: bool):
+    """read_under_lock's statements, as (sql, params, prepare), for run_reads."""
     lock_sql, _converters = _lock_statement(db.vendor, lock)
     lock_params = [_param(Conversation, "id", conversation_id, db)]
     load_sql, load_params = load
@@ -235,14 +241,24 @@ def read_under_lock(
     statements = [(lock_sql, lock_params, True), (way_sql, way_params, True)]
     if with_tree:
         statements.append((_tree_statement, [lock_params[0]], True))
+    return statements
+
+
+def run_reads(db, statements: list[tuple[str, list, bool]]) -> list[list]:
+    """The rows of each (sql, params, prepare) statement: on PostgreSQL in one round trip
+    (_pipelined), on SQLite one after the other."""
     if db.vendor == "postgresql":
-        results = _pipelined(*statements)
-    else:
-        results = []
-        with _cursor(db) as cursor:
-            for sql, params, _prepare in statements:
-                cursor.execute(sql, params)
-                results.append(cursor.fetchall())
+        return _pipelined(*statements)
+    results = []
+    with _cursor(db) as cursor:
+        for sql, params, _prepare in statements:
+            cursor.execute(sql, params)
+            results.append(cursor.fetchall())
+    return results
+
+
+def read_results(conversation_id, results: list[list], lock: bool, with_tree: bool):
+    """read_under_lock's values from the rows of read_statements' statements."""
     locked_rows, rows = results[0], results[1]
     conversation = _locked(conversation_id, locked_rows, lock)
     found = [
@@ -292,7 +308,7 @@ def _pipelined(*statements: tuple[str, list, bool]) -> list[list]:
 def move_conversation(conversation_id, **fields) -> None:
     """Update these fields of the conversation (an UPDATE of one row, no model instance)."""
     assignments = ", ".join(f"{_column(Conversation, name)} = %s" for name in fields)
-    db = _this_thread()
+    db = this_thread()
     params = [_param(Conversation, name, value, db) for name, value in fields.items()]
     with _cursor(db) as cursor:
         cursor.execute(
@@ -319,7 +335,7 @@ def update_reply(message_id, writer: uuid.UUID | None, fields: dict, status: str
     written (1, or 0: the reply is another generation's now, or gone). A streaming reply's
     checkpoint and its end, every two seconds of every reply on the database thread: the
     ORM's update took 0.3-0.4 ms a checkpoint there, this 0.05 (bench/README.md)."""
-    db = _this_thread()
+    db = this_thread()
     sql = _reply_update(db.vendor, tuple(fields), writer is not None, status is not None)
     params = [_param(Message, name, value, db) for name, value in fields.items()]
     params.append(message_id)
@@ -355,7 +371,7 @@ def insert_turn(
     (two inserts and an update as data-modifying CTEs, and the tree read back), where
     Model.save and move_conversation make three round trips and the request's history a
     fourth; on SQLite, in this process, the same four statements one after the other."""
-    db = _this_thread()
+    db = this_thread()
     columns = _insert_columns(db.vendor)
 
     def values(message: Message, parent: str | None = None) -> tuple[str, list]:
@@ -439,7 +455,7 @@ def insert_turn(
 def message_tree(conversation_id) -> dict[int, tuple]:
     """Every message of the conversation as pk -> (parent_id, role, content, tool_steps), the
     last as the JSON text the database keeps (decode it with `tool_steps`)."""
-    db = _this_thread()
+    db = this_thread()
     with _cursor(db) as cursor:
         cursor.execute(_tree_statement, [_param(Message, "conversation", conversation_id, db)])
         return {pk: row for pk, *row in cursor.fetchall()}

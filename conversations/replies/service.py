@@ -83,6 +83,7 @@ def reply_plan(
     client_message_id: uuid.UUID | None = None,
     image_urls: object = None,
     image_ids: object = None,
+    guard=None,
 ) -> Plan | None:
     """The request of a new message to `conversation`, built as reply_start would build it
     after writing the message, from the same checks and reads but no writes and no lock: a
@@ -95,9 +96,14 @@ def reply_plan(
     images, a resent frame, a reply in the way (streaming, or dead and to be marked
     interrupted), a chat whose model or prompt changed since it was read. A refusal is raised
     here as reply_start raises it."""
-    message = rules.MessageForm(
-        {"content": content, "image_urls": image_urls, "image_ids": image_ids}
-    ).valid()
+    try:
+        message = rules.MessageForm(
+            {"content": content, "image_urls": image_urls, "image_ids": image_ids}
+        ).valid()
+    except ReplyRefused:
+        if guard is not None:
+            guard()  # an ended session is said before a refused message
+        raise
     if client_message_id is None or message["image_urls"] or message["image_ids"]:
         return None
     query = rules.LoadQuery.of(
@@ -105,12 +111,19 @@ def reply_plan(
         model_id=conversation.model_id,
         prompt_id=conversation.system_prompt_id,
     )
-    read, in_the_way, row, tree = intake.read_under_lock(
-        conversation.pk,
-        client_message_id,
-        (query.sql, query.params),
-        lock=False,
-        with_tree=True,
+    db = intake.this_thread()
+    statements = intake.read_statements(
+        db, conversation.pk, client_message_id, (query.sql, query.params), False, True
+    )
+    guard_reads = guard.reads(db) if guard is not None else None
+    results = intake.run_reads(db, statements + (guard_reads or []))
+    if guard is not None:
+        if guard_reads:
+            guard.check(db, *results[len(statements) :])
+        else:
+            guard()
+    read, in_the_way, row, tree = intake.read_results(
+        conversation.pk, results[: len(statements)], False, True
     )
     if in_the_way or (read.model_id, read.system_prompt_id) != (
         conversation.model_id,
@@ -585,7 +598,7 @@ async def areply_start(
     return await _launch(
         conversation,
         lambda writer=None: reply_start(**arguments, writer=writer),
-        plan=lambda: reply_plan(**arguments),
+        plan=lambda guard=None: reply_plan(**arguments, guard=guard),
         together=together,
         guard=guard,
     )
@@ -686,10 +699,9 @@ async def _launch(
         return started, request, messages
 
     def planned_or_not() -> Plan | None:
-        if guard is not None:
-            again_if_disconnected(guard)()
         try:
-            return again_if_disconnected(plan)()
+            # The guard's reads go with the plan's (reply_plan), or it runs on its own.
+            return again_if_disconnected(lambda: plan(guard=guard))()
         except ReplyRefused:
             raise
         except Exception:  # the old path may yet work (and says so if not)
