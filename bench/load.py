@@ -108,6 +108,40 @@ def machine_busy() -> tuple[float, float]:
     return sum(values) - idle, sum(values)
 
 
+# P1: how long after a burst of sends the CPU it costs is counted (before DashScope's first
+# token at FIRST_TOKEN_DELAY: the work each send needs before its reply can show anything).
+BURST_WINDOW = 0.12
+
+
+def cpu_by_kind(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of the stack's processes by kind (daphne, PostgreSQL's, Redis, the
+    simulator), and of the whole machine ("machine": busy, "jiffies": all)."""
+    daphnes = {process.pid for process in stack.daphnes}
+    found = dict.fromkeys(("daphne", "postgresql", "redis", "simulator"), 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        kind = (
+            "daphne" if pid in daphnes
+            else "simulator" if pid == stack.sim.pid
+            else "postgresql" if name.startswith("postgres")
+            else "redis" if name.startswith("redis")
+            else None
+        )  # fmt: skip
+        if kind:
+            found[kind] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    busy, total = machine_busy()
+    found["machine"], found["jiffies"] = busy / CLK_TCK, total / CLK_TCK
+    return found
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -488,13 +522,19 @@ async def p1_app(clients: Clients, level: int, rounds: int, prefix: str) -> dict
     conns = await clients.ensure(level)
     await sim_timings(clients.stack.sim_url, clear=True)
     replies: list[Reply] = []
+    kinds = ("daphne", "postgresql", "redis", "simulator", "machine", "jiffies")
+    window = dict.fromkeys(kinds, 0.0)
     for r in range(rounds):
         batch = [f"{prefix}-{level}-{r}-{i}" for i in range(level)]
         sends = [
             conn.send(tag, f"first token please [{tag}]")
             for conn, tag in zip(conns, batch, strict=True)
         ]
+        before = cpu_by_kind(clients.stack)
         round_replies = await asyncio.gather(*sends)
+        await asyncio.sleep(BURST_WINDOW)
+        for kind, seconds in cpu_by_kind(clients.stack).items():
+            window[kind] += seconds - before[kind]
         await asyncio.wait_for(asyncio.gather(*(x.done.wait() for x in round_replies)), 60)
         replies.extend(round_replies)
         await asyncio.sleep(0.1)
@@ -521,7 +561,12 @@ async def p1_app(clients: Clients, level: int, rounds: int, prefix: str) -> dict
         "failed": failed,
         "n": len(replies),
         "reasons": reasons,
-    }
+        # CPU ms a send in the BURST_WINDOW after each burst, by kind of process; the share
+        # of the whole machine busy then.
+        "window": {kind: 1000 * window[kind] / max(1, len(replies)) for kind in window
+                   if kind not in ("machine", "jiffies")}
+        | {"machine busy %": 100 * window["machine"] / max(1e-9, window["jiffies"])},
+    }  # fmt: skip
 
 
 async def p1_bare(sim_url: str, level: int, rounds: int) -> dict:
@@ -730,6 +775,20 @@ def summarize_profile(raw: Path, seconds: float, rate: int, top: int = 15) -> li
 
 
 # -- orchestration ----------------------------------------------------------------------------
+
+
+def window_lines(results: list[tuple[int, dict, dict]]) -> list[str]:
+    lines = [
+        f"CPU ms a send in the first {BURST_WINDOW * 1000:.0f} ms after a burst of sends (before "
+        "the first token), by kind of process (counted in the kernel's 10 ms ticks: read it "
+        "where a level's bursts add up to many); the machine's busy share:"
+    ]
+    for level, app, _bare in results:
+        cpu = app["window"]
+        lines.append(f"{level:>6} sends: " + ", ".join(
+            f"{kind} {value:.2f}" if kind != "machine busy %" else f"machine busy {value:.0f}%"
+            for kind, value in cpu.items() if value or kind == "daphne"))  # fmt: skip
+    return lines
 
 
 def p1_table(results: list[tuple[int, dict, dict]]) -> list[str]:
@@ -1043,7 +1102,7 @@ def main() -> None:
     for name, out in outputs.items():
         lines.append(f"### {name}")
         if out.get("p1"):
-            lines += p1_table(out["p1"]) + [""]
+            lines += p1_table(out["p1"]) + window_lines(out["p1"]) + [""]
         if out.get("p2"):
             lines += p2_table(name, out["p2"]) + [""]
         if out.get("profile"):
