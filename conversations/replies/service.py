@@ -672,9 +672,10 @@ async def _launch(
     before; if what was written asks for another request than the one sent (the chat
     changed between the trips), that one is dropped and the right one sent.
 
-    `guard`: a check that must pass before anything else, run on the database thread at the
-    head of the first trip (the socket's session: socket_auth.SessionCheck.guard); what it
-    raises is raised here. It is free once passed, so each trip may run it."""
+    `guard`: a check that must pass before anything else is done (the socket's session:
+    socket_auth.SessionGuard), made in the first trip to the database thread: its reads go
+    with the plan's (reply_plan), or it runs before the work. What it raises is raised here;
+    once passed it is free, so each trip may run it."""
     from conversations.upstream import get_client
 
     def guarded(function):
