@@ -971,65 +971,6 @@ async def test_the_session_check_keeps_a_session_hashed_with_a_fallback_secret(s
     assert not await _session_signs_in("no-such-session", owner.pk)
 
 
-async def test_the_session_read_with_a_plan_concludes_as_the_check_does(settings):
-    """SessionGuard's two reads (made with a send's plan) and what it concludes from them
-    agree with the check through Django's session store and backend, whatever ended the
-    session: a rotated SECRET_KEY kept as a fallback (still signed in), another user's id,
-    a deactivated account, a changed password, a deleted or an expired session."""
-    from datetime import timedelta
-
-    from django.contrib.sessions.models import Session
-    from django.db import connection
-    from django.utils import timezone
-
-    from conversations.replies import intake
-    from conversations.socket_auth import SessionCheck, SessionEnded, _signs_in
-
-    @sync_to_async
-    def verdicts(key, user_id) -> tuple[bool, bool]:
-        guard = SessionCheck(key, user_id, checked_at=-100.0).guard(0.0)
-        statements = guard.reads(connection)
-        assert statements, "the reads apply to this site's sessions and users"
-        try:
-            guard.check(connection, *intake.run_reads(connection, statements))
-            read = True
-        except SessionEnded:
-            read = False
-            assert guard.session.ended
-        return read, _signs_in(key, user_id)
-
-    owner = await make_user("alice")
-    client = Client()
-    await sync_to_async(client.force_login)(owner)
-    key = client.cookies["sessionid"].value
-    assert await verdicts(key, owner.pk) == (True, True)
-    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
-    settings.SECRET_KEY = "rotated-" + "y" * 50
-    assert await verdicts(key, owner.pk) == (True, True)
-    assert await verdicts(key, owner.pk + 1) == (False, False)
-    owner.is_active = False
-    await owner.asave()
-    assert await verdicts(key, owner.pk) == (False, False)
-    owner.is_active = True
-    await owner.asave()
-    assert await verdicts(key, owner.pk) == (True, True)
-    owner.set_password("changed-pw-2")
-    await owner.asave()
-    assert await verdicts(key, owner.pk) == (False, False)
-    await sync_to_async(client.force_login)(owner)
-    key = client.cookies["sessionid"].value
-    assert await verdicts(key, owner.pk) == (True, True)
-    await Session.objects.filter(session_key=key).aupdate(
-        expire_date=timezone.now() - timedelta(seconds=1)
-    )
-    assert await verdicts(key, owner.pk) == (False, False)
-    await Session.objects.filter(session_key=key).adelete()
-    assert await verdicts(key, owner.pk) == (False, False)
-    # Sessions kept elsewhere: the guard makes the check itself.
-    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
-    assert SessionCheck(key, owner.pk, checked_at=-100.0).guard(0.0).reads(connection) is None
-
-
 async def test_a_socket_in_use_checks_its_session_in_the_background():
     """A frame past the interval waits for a check; once half of it has passed a check runs in
     the background, so the next frames need none; a session found gone that way refuses the

@@ -318,6 +318,93 @@ def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
     assert with_image is None
 
 
+def _session_verdicts(key, user_id) -> tuple[bool, bool]:
+    """(what a guard concludes from the two rows it reads with a send's plan, what Django's
+    session store and backend say: socket_auth._signs_in)."""
+    from conversations.socket_auth import SessionCheck, SessionEnded, _signs_in
+
+    guard = SessionCheck(key, user_id, checked_at=-100.0).guard(0.0)
+    statements = guard.reads(connection)
+    assert statements, "the reads apply to this site's sessions and users"
+    try:
+        guard.check(connection, *intake.run_reads(connection, statements))
+        read = True
+    except SessionEnded:
+        read = False
+        assert guard.session.ended
+    return read, _signs_in(key, user_id)
+
+
+def test_the_session_read_with_a_plan_concludes_as_djangos_check(settings):
+    """SessionGuard's two reads and what it concludes from them agree with the check through
+    Django's session store and backend, whatever ended the session: a rotated SECRET_KEY kept
+    as a fallback (still signed in), another user's id, a deactivated account, a changed
+    password, an expired or a deleted session. Sessions kept elsewhere than the database:
+    the guard makes the check itself."""
+    from django.contrib.sessions.models import Session
+    from django.test import Client
+
+    from conversations.socket_auth import SessionCheck
+
+    owner = get_user_model().objects.create_user("una", password="pw-1")
+    client = Client()
+    client.force_login(owner)
+    key = client.cookies["sessionid"].value
+    assert _session_verdicts(key, owner.pk) == (True, True)
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "rotated-" + "y" * 50
+    assert _session_verdicts(key, owner.pk) == (True, True)
+    assert _session_verdicts(key, owner.pk + 1) == (False, False)
+    owner.is_active = False
+    owner.save()
+    assert _session_verdicts(key, owner.pk) == (False, False)
+    owner.is_active = True
+    owner.save()
+    assert _session_verdicts(key, owner.pk) == (True, True)
+    owner.set_password("changed-pw-2")
+    owner.save()
+    assert _session_verdicts(key, owner.pk) == (False, False)
+    client.force_login(owner)
+    key = client.cookies["sessionid"].value
+    assert _session_verdicts(key, owner.pk) == (True, True)
+    expired = timezone.now() - timedelta(seconds=1)
+    Session.objects.filter(session_key=key).update(expire_date=expired)
+    assert _session_verdicts(key, owner.pk) == (False, False)
+    Session.objects.filter(session_key=key).delete()
+    assert _session_verdicts(key, owner.pk) == (False, False)
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    assert SessionCheck(key, owner.pk, checked_at=-100.0).guard(0.0).reads(connection) is None
+
+
+def test_a_plan_reads_the_session_with_its_own_reads_and_refuses_an_ended_one(chat):
+    """A send's plan with a session check due reads the session's rows in its own run of
+    reads (one round trip on PostgreSQL): a live session lets the plan through and is trusted
+    from then on; an ended one raises SessionEnded before anything is written."""
+    from django.contrib.sessions.models import Session
+    from django.test import Client
+
+    from conversations.socket_auth import SessionCheck, SessionEnded
+
+    client = Client()
+    client.force_login(chat.owner)
+    check = SessionCheck(client.cookies["sessionid"].value, chat.owner_id, checked_at=-100.0)
+    with CaptureQueriesContext(connection) as queries:
+        plan = service.reply_plan(
+            conversation=chat, content="hi", client_message_id=uuid.uuid4(), guard=check.guard(0.0)
+        )
+    assert isinstance(plan, service.Plan) and check.checked_at == 0.0
+    sessions = [q["sql"] for q in queries if "django_session" in q["sql"]]
+    assert all(sql.startswith("SELECT session_data FROM") for sql in sessions), "the guard's reads"
+    Session.objects.all().delete()
+    guard = check.guard(10.0)
+    with pytest.raises(SessionEnded):
+        service.reply_plan(
+            conversation=chat, content="hi", client_message_id=uuid.uuid4(), guard=guard
+        )
+    assert check.ended
+    assert not Message.objects.filter(conversation=chat).exists()
+
+
 def test_the_same_on_postgresql(tmp_path):
     rerun_on_postgresql(__file__, "test_the_same_on_postgresql", tmp_path)
 
