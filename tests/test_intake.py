@@ -6,6 +6,7 @@ so test_the_same_on_postgresql runs this module there too."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -403,6 +404,44 @@ def test_a_plan_reads_the_session_with_its_own_reads_and_refuses_an_ended_one(ch
         )
     assert check.ended
     assert not Message.objects.filter(conversation=chat).exists()
+
+
+@pytest.mark.django_db(transaction=True)  # the setting is made outside any transaction
+def test_a_sends_limits_are_planned_once_from_the_senders_own_chats(chat, settings):
+    """On PostgreSQL the statement reading the sender's limits and load is planned once for
+    the connection, not again at every send (PostgreSQL's own choice replanned it each time:
+    1.5-2 ms of the server's time a send), and that one plan, made without statistics (a new
+    database), starts from the sender's chats or the replies streaming now: never from the
+    (role, created_at) index, through every user's replies since the window began."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's plan cache")
+    from psycopg import ClientCursor
+
+    settings.QWENWEB_TOKENS_PER_DAY = settings.QWENWEB_TOKENS_PER_MONTH = 1000
+    settings.QWENWEB_MAX_CONCURRENT_REPLIES, settings.QWENWEB_MESSAGES_PER_MINUTE = 2, 20
+    settings.QWENWEB_COST_PER_MONTH = Decimal("5")
+    for _ in range(7):  # past the five sends after which PostgreSQL picks a plan of its own
+        assert service.reply_plan(conversation=chat, content="hi", client_message_id=uuid.uuid4())
+    raw = intake._raw_postgresql()
+    with raw.cursor() as cursor:
+        cursor.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE %s",
+            ["%load_nth_recent%"],
+        )
+        assert cursor.fetchall() == [(7, 0)]
+
+    query = rules.LoadQuery.of(chat.owner_id, model_id=chat.model_id)
+    numbers = iter(range(1, len(query.params) + 1))
+    numbered = re.sub("%s", lambda _: f"${next(numbers)}", query.sql)
+    with ClientCursor(raw) as cursor:
+        cursor.execute(f"PREPARE limits_plan AS {numbered}")
+        values = ", ".join(cursor.mogrify("%s", [value]) for value in query.params)
+        cursor.execute(f"EXPLAIN EXECUTE limits_plan({values})")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.execute("DEALLOCATE limits_plan")
+    assert "message_role_created_idx" not in plan, plan
+    assert "owner_id" in plan, plan
 
 
 def test_the_same_on_postgresql(tmp_path):

@@ -296,7 +296,7 @@ def _load_sql(site_cost_limit: bool, vendor: str) -> str:
     role is kept out of the index choice (`+m.role`); PostgreSQL plans from its statistics
     and reorders them as it sees fit."""
     t = _tables()
-    role = "+m.role" if vendor == "sqlite" else "m.role"
+    role = "+m.role" if vendor == "sqlite" else "(m.role || '')"
 
     # `lim`: the limits in force. Of the user's groups' policies, MIN tells whether one
     # lifts the limit (0) and MAX is otherwise the most generous; the user's own value,
