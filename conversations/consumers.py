@@ -48,7 +48,7 @@ from django.utils.translation import gettext as _
 
 from conversations import socket_auth, sockets
 from conversations.models import Message
-from conversations.replies import events, follow, generation, liveness, rules, service
+from conversations.replies import control, events, follow, generation, liveness, rules, service
 from conversations.replies.follow import GAP
 from qwenweb.daphne_guard import close_reason
 
@@ -517,9 +517,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         that is away (Redis restarting) loses it but closes no socket: a lost catch-up request
         ends in its timeout (the saved text), and the next gap in the frames asks again."""
         try:
-            await self.channel_layer.group_send(
-                events.control_group(self.conversation.id), request.as_message()
-            )
+            await control.ask(self.conversation.id, request)
         except Exception:
             logger.warning("Asking reply %s for %s failed", request.message_id, request.TYPE,
                            exc_info=True)  # fmt: skip

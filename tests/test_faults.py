@@ -577,7 +577,9 @@ def test_redis_restarted_mid_reply_is_survived(own_redis_team, app_simulator):
     on and is saved whole; the tab on A, the generation's process, gets every frame directly;
     the tab on B, whose frames come through Redis, stays open, sees the gap the restart left
     and catches up from the generation, and ends showing the whole reply, with no reconnect
-    (channels_redis resubscribes on its own once Redis is back)."""
+    (channels_redis resubscribes on its own once Redis is back). A's one subscription to the
+    replies' requests (control.py), made before the restart, still hears them after it: Stop
+    pressed on B stops the next reply A runs."""
     (url_a, url_b), redis = own_redis_team
     app_simulator.add_scenario(Scenario(match="redis", reply=LONG_REPLY, token_delay=0.02))
     client, path, cookie = open_team_chat(url_a)
@@ -591,6 +593,16 @@ def test_redis_restarted_mid_reply_is_survived(own_redis_team, app_simulator):
         await asyncio.to_thread(redis.start)
         pk = tab_a.newest_reply()
         await until(lambda: tab_a.complete(pk) and tab_b.complete(pk), "its end", tabs, 30)
+
+        await tab_a.send(**sent("redis is back"))
+        await until(lambda: tab_b.newest_reply() > pk and tab_b.words() >= 20, "the next", tabs)
+        following = tab_b.newest_reply()
+        await tab_b.send(type="stop")
+        await until(
+            lambda: tab_a.page.status.get(following) == "stopped"
+            and tab_b.page.status.get(following) == "stopped",
+            "the next reply stopped from B", tabs,
+        )  # fmt: skip
         for tab in tabs:
             await tab.close()
         return tab_a, tab_b, pk
@@ -601,8 +613,11 @@ def test_redis_restarted_mid_reply_is_survived(own_redis_team, app_simulator):
         assert LONG_REPLY in tab.final(pk), "every tab ends showing the whole reply"
         assert set(tab.statuses(pk)) == {"streaming", "complete"}
     messages = client.get(path + "export.json").json()["messages"]
-    assert [(m["role"], m["status"], m["content"]) for m in messages] == [
+    assert [(m["role"], m["status"], m["content"]) for m in messages[:2]] == [
         ("user", "complete", "redis restarts"), ("assistant", "complete", LONG_REPLY),
+    ]  # fmt: skip
+    assert [(m["role"], m["status"]) for m in messages[2:]] == [
+        ("user", "complete"), ("assistant", "stopped"),
     ]  # fmt: skip
     assert httpx.get(f"{url_b}/healthz").json()["channel_layer"] == "ok"
 

@@ -8,7 +8,8 @@ packs it with msgpack). Fields left at None are not sent.
 To sockets (the conversation's group, or one socket's channel): Created, Continued,
 Branched, ToolSteps, Delta, Titled, Finished, Snapshot; to the user's group: SessionEnded,
 ReplyDone.
-To a running generation (the conversation's control group): Stop, Sync, Watch, Retire.
+To a running generation (CONTROL_GROUP, heard by every process: control.py): Stop, Sync, Watch,
+Retire.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ def group(conversation_id) -> str:
     return f"conv-{conversation_id}"
 
 
+# Every process listens here for stop and catch-up requests to the replies it runs (control.py).
+CONTROL_GROUP = "replies.control"
+
+
 def control_group(conversation_id) -> str:
-    """The conversation's running generation listens here for stop and catch-up requests."""
+    """Where the running generation of a conversation listened for stop and catch-up requests
+    before CONTROL_GROUP (control.py): requests still go here too, for the processes of an
+    earlier version during a rolling restart."""
     return f"conv-{conversation_id}.control"
 
 

@@ -2,8 +2,8 @@
 
 A Generation runs as its own asyncio task, not inside a websocket consumer, so a closed tab or
 a reload does not stop it. It publishes to the conversation's group (every socket, any
-process), listens for stop and catch-up requests on its own channel in the conversation's
-control group, checkpoints the partial text to the database, and saves the result once.
+process), hears stop and catch-up requests through its process's one subscription
+(control.py), checkpoints the partial text to the database, and saves the result once.
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ from conversations.db import db_async, quiet
 from conversations.errors import ToolRoundsExceeded, describe_error
 from conversations.models import Message
 from conversations.rendering import may_settle, render_settled
-from conversations.replies import costs, events, intake, liveness, prompt, titles, tools
+from conversations.replies import (
+    control,
+    costs,
+    events,
+    intake,
+    liveness,
+    prompt,
+    titles,
+    tools,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +194,11 @@ class Generation:
         (or REQUEST_HEAD_START has passed, or the reply has ended).
 
         The upstream request goes out first: DashScope takes hundreds of milliseconds to the
-        first token, and joining the control group, announcing the messages and rendering
-        them on every socket fit in that wait instead of delaying the request (P1 in
-        bench/README.md). Nothing is published before the announcement, so every socket
-        knows the message before text for it arrives, and the control group is joined
-        before it, so a Stop sent the moment the reply appears reaches the generation.
+        first token, and announcing the messages and rendering them on every socket fit in
+        that wait instead of delaying the request (P1 in bench/README.md). Nothing is
+        published before the announcement, so every socket knows the message before text for
+        it arrives, and the process hears the control group before it (control.py), so a
+        Stop sent the moment the reply appears reaches the generation.
         """
         if self._saved is None:
             _running[self.message_id] = self
@@ -240,9 +249,7 @@ class Generation:
                 raise
         if self.stop_requested:
             self._upstream.cancel()
-        self._control_group = events.control_group(self.conversation_id)
-        self._control_channel = None
-        listener = publisher = None
+        publisher = None
         status, error = Message.Status.ERROR, None
         try:
             try:
@@ -259,9 +266,7 @@ class Generation:
                 # before this announcement is rendered (it has hundreds of milliseconds before
                 # the first token; P1, bench/README.md).
                 await quiet(ANNOUNCE_DEFER)
-                self._control_channel = await self.layer.new_channel()
-                await self.layer.group_add(self._control_group, self._control_channel)
-                listener = asyncio.create_task(self._listen(self._control_channel))
+                await control.listening(self.layer)
                 if announce is not None:
                     await announce()
             except Exception:
@@ -284,8 +289,6 @@ class Generation:
                 status = Message.Status.COMPLETE
         finally:
             self._upstream.cancel()
-            if listener is not None:
-                listener.cancel()
             self._done = True
             self._dirty.set()
             self._wake()
@@ -296,9 +299,6 @@ class Generation:
             ):
                 if isinstance(outcome, Exception):
                     logger.error("Reply %s: publisher failed", self.message_id, exc_info=outcome)
-            if self._control_channel is not None:
-                with contextlib.suppress(Exception):
-                    await self.layer.group_discard(self._control_group, self._control_channel)
         await self._finish(status, error)
 
     async def _finish(self, status: str, error: BaseException | None) -> None:
@@ -614,32 +614,23 @@ class Generation:
             self.superseded = True
             self.stop()
 
-    async def _listen(self, channel: str) -> None:
-        while True:
-            try:
-                message = await self.layer.receive(channel)
-                if message.get("message_id") not in (None, self.message_id):
-                    continue
-                kind = message.get("type")
-                if kind in (events.Sync.TYPE, events.Watch.TYPE):
-                    # Requests from before sockets.py carry no process: assume another one.
-                    self.remote_readers |= message.get("process") != sockets.PROCESS_ID
-                if kind == events.Stop.TYPE:
-                    self.stop()
-                elif kind == events.Retire.TYPE and message.get("writer") != str(self.writer):
-                    # Continue gave this reply to a newer generation: this one is done.
-                    self.superseded = True
-                    self.stop()
-                elif kind == events.Sync.TYPE:
-                    snapshot = events.Snapshot(
-                        message_id=self.message_id, text=self.text, reasoning=self.reasoning
-                    )
-                    await self.layer.send(message["reply_channel"], snapshot.as_message())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("Control channel of reply %s failed", self.message_id, exc_info=True)
-                await asyncio.sleep(1)
+    async def on_request(self, message: dict) -> None:
+        """A request to this reply, from a socket or a use case in any process (control.py)."""
+        kind = message.get("type")
+        if kind in (events.Sync.TYPE, events.Watch.TYPE):
+            # Requests from before sockets.py carry no process: assume another one.
+            self.remote_readers |= message.get("process") != sockets.PROCESS_ID
+        if kind == events.Stop.TYPE:
+            self.stop()
+        elif kind == events.Retire.TYPE and message.get("writer") != str(self.writer):
+            # Continue gave this reply to a newer generation: this one is done.
+            self.superseded = True
+            self.stop()
+        elif kind == events.Sync.TYPE:
+            snapshot = events.Snapshot(
+                message_id=self.message_id, text=self.text, reasoning=self.reasoning
+            )
+            await self.layer.send(message["reply_channel"], snapshot.as_message())
 
 
 SAVED, RESUMED = "saved", "resumed"

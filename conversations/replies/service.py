@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
@@ -34,6 +33,7 @@ from conversations.models import (
 )
 from conversations.replies import (
     branches,
+    control,
     events,
     intake,
     liveness,
@@ -879,9 +879,9 @@ async def areply_continue(
 
     # A generation of this reply may still run somewhere (taken for dead by a sweep while the
     # database was away): it stops, and its saves change nothing now (Message.writer).
-    retire = events.Retire(message_id=reply.pk, writer=str(reply.writer)).as_message()
+    retire = events.Retire(message_id=reply.pk, writer=str(reply.writer))
     try:
-        await get_channel_layer().group_send(events.control_group(conversation.id), retire)
+        await control.ask(conversation.id, retire)
     except Exception:
         logger.warning("Retiring earlier generations of reply %s failed", reply.pk, exc_info=True)
 
@@ -928,10 +928,7 @@ async def areply_stop(*, conversation: Conversation) -> list[int]:
             local.stop()
             continue
         try:
-            await get_channel_layer().group_send(
-                events.control_group(conversation.id),
-                events.Stop(message_id=message_id).as_message(),
-            )
+            await control.ask(conversation.id, events.Stop(message_id=message_id))
         except Exception:
             logger.warning("Asking reply %s to stop failed", message_id, exc_info=True)
             undelivered = True
