@@ -909,8 +909,8 @@ async def areply_continue(
 
 
 async def areply_stop(*, conversation: Conversation) -> list[int]:
-    """Ask the conversation's running reply to stop, in whichever process it runs (the
-    control group reaches them all). Returns the replies asked; raises StopUndelivered when
+    """Ask the conversation's running reply to stop, in whichever process it runs (every
+    process hears the replies' control group: control.py). Returns the replies asked; raises StopUndelivered when
     the channel layer could not carry the request to one (it runs on)."""
     message_ids = await db_async(
         lambda: list(
