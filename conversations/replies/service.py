@@ -910,8 +910,9 @@ async def areply_continue(
 
 async def areply_stop(*, conversation: Conversation) -> list[int]:
     """Ask the conversation's running reply to stop, in whichever process it runs (every
-    process hears the replies' control group: control.py). Returns the replies asked; raises StopUndelivered when
-    the channel layer could not carry the request to one (it runs on)."""
+    process hears the replies' control group: control.py). Returns the replies asked;
+    raises StopUndelivered when the channel layer could not carry the request to one (it
+    runs on)."""
     message_ids = await db_async(
         lambda: list(
             conversation.messages.filter(status=Message.Status.STREAMING).values_list(
