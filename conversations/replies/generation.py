@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -341,7 +342,8 @@ class Generation:
             fields["request_id"] = getattr(error, "request_id", None) or fields["request_id"]
         for attempt in range(FINISH_ATTEMPTS):
             try:
-                saved, fields = await finish_reply(self.message_id, self.writer, spend, fields)
+                async with _finishing():
+                    saved, fields = await finish_reply(self.message_id, self.writer, spend, fields)
                 break
             except Exception:
                 logger.warning(
@@ -379,7 +381,8 @@ class Generation:
             event = events.Finished(
                 message_id=self.message_id, message=message, settled=self.settled or None
             )
-            await sockets.broadcast(self.conversation_id, event.as_message())
+            async with _finishing():
+                await sockets.broadcast(self.conversation_id, event.as_message())
         except Exception:
             # Sockets that miss this still see the end: they catch up from the database.
             logger.warning("Announcing the end of reply %s failed", self.message_id, exc_info=True)
@@ -634,6 +637,20 @@ class Generation:
 
 
 SAVED, RESUMED = "saved", "resumed"
+
+_finish_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _finishing() -> asyncio.Lock:
+    """Replies ending at once save and render their ends one at a time, between the frames of
+    the others still streaming."""
+    loop = asyncio.get_running_loop()
+    lock = _finish_locks.get(loop)
+    if lock is None:
+        lock = _finish_locks[loop] = asyncio.Lock()
+    return lock
 
 
 def _resolve(future: asyncio.Future) -> None:
