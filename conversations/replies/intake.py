@@ -313,8 +313,8 @@ def _pipelined(*statements: tuple[str, list, bool]) -> list[list]:
     Django cursor's are (a lost connection marked so: db._with_kept_connection replaces it)."""
     import psycopg
 
-    raw = _raw_postgresql()
     with connection.wrap_database_errors:
+        raw = _raw_postgresql()
         cursors = [psycopg.Cursor(raw) for _ in statements]
         try:
             with raw.pipeline():

@@ -293,8 +293,10 @@ def _load_sql(site_cost_limit: bool, vendor: str) -> str:
     (role, created_at) index instead, reading every reply of every user since the window's
     start: 6.8 ms a send with 20,000 messages in the database, growing with it. There the
     joins are written in the order to run them (SQLite keeps a CROSS JOIN's order) and the
-    role is kept out of the index choice (`+m.role`); PostgreSQL plans from its statistics
-    and reorders them as it sees fit."""
+    role is kept out of the index choice (`+m.role`). PostgreSQL plans this statement once a
+    connection (intake._raw_postgresql), maybe on a new database without statistics, where
+    it took the same index: there too the role is kept out of it (`m.role || ''`), and it
+    reorders the joins as it sees fit."""
     t = _tables()
     role = "+m.role" if vendor == "sqlite" else "(m.role || '')"
 
