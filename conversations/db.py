@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import contextvars
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 from django.utils import translation
+
+logger = logging.getLogger(__name__)
 
 
 @cache
@@ -89,6 +92,8 @@ class _Call:
     # Set by its caller once it has used the result (db_turn's body is over): until then the
     # thread takes no next trip.
     used: asyncio.Event = field(default_factory=asyncio.Event)
+    # Run on the loop itself, not the thread (reads with the loop's reader: loop_reader).
+    here: bool = False
 
 
 class _Trips:
@@ -133,6 +138,26 @@ def _run_each(calls: list[_Call], budget: float = TRIP_TIME) -> list[tuple[bool,
     return outcomes
 
 
+def _run_here(calls: list[_Call]) -> list[tuple[bool, object]]:
+    """_run_each's work on the loop itself: calls whose functions read with the loop's reader,
+    for TRIP_TIME at most (the loop does nothing else meanwhile: each trip's callers then
+    send their requests before the next reads)."""
+    began = time.monotonic()
+    outcomes = []
+    for call in calls:
+        if outcomes and time.monotonic() - began >= TRIP_TIME:
+            break
+        if call.future.cancelled():
+            outcomes.append((False, None))
+            continue
+        try:
+            with translation.override(call.language):
+                outcomes.append((True, call.function()))
+        except Exception as error:
+            outcomes.append((False, error))
+    return outcomes
+
+
 async def _take_trips(trips: _Trips) -> None:
     budget = TRIP_TIME
     try:
@@ -141,9 +166,19 @@ async def _take_trips(trips: _Trips) -> None:
             trips.waiting = []
             if not calls:
                 continue
+            # A trip is the calls of one kind at the head of the queue: reads on the loop, or
+            # calls for the thread.
+            kind = next(
+                (n for n, call in enumerate(calls) if call.here != calls[0].here), len(calls)
+            )
+            calls, later = calls[:kind], calls[kind:]
+            trips.waiting[:0] = later
             try:
-                outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls, budget)
-                budget = min(budget * 2, TRIP_TIME_MAX)
+                if calls[0].here:
+                    outcomes = _run_here(calls)
+                else:
+                    outcomes = await SyncToAsync(_run_each, thread_sensitive=True)(calls, budget)
+                    budget = min(budget * 2, TRIP_TIME_MAX)
             except asyncio.CancelledError:  # the loop is shutting down
                 for call in calls + trips.waiting:
                     call.future.cancel()
@@ -190,8 +225,89 @@ async def _take_trips(trips: _Trips) -> None:
         trips.task = None
 
 
+# What db_turn's `here` returns for work it cannot do on the loop: `function` does it instead.
+ELSEWHERE = object()
+
+
+@dataclass(eq=False)
+class _Reader:
+    db: object = None  # the open connection (a DatabaseWrapper of its own)
+    opening: asyncio.Future | None = None
+
+
+_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reader] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_reader():
+    """This event loop's own read-only connection to the SQLite file, for reads made on the
+    loop itself (a send's plan: service._launch): None on other databases, for an in-memory
+    one (its shared cache locks tables where a file's WAL lets readers read), and until it
+    is open (it opens in a thread, from the first call on).
+
+    A send's reads on SQLite take a fraction of a millisecond. Made on the database thread,
+    they cost a hand-off to the thread and one back (0.7 ms of a lone send's 5, the floor's
+    whole intake being 2), and when many people send at once the thread and the loop take
+    the interpreter's lock from each other at every statement: fifty plans took 190 ms on
+    the thread where their work is 30 (bench/README.md, sixteenth pass). Made here, they run
+    in turn with the loop's other work. Writes stay on the thread (SQLite has one writer,
+    and the loop must never wait for the file's lock): this connection is query_only.
+
+    The connection is a DatabaseWrapper not among `connections` (nothing else uses or
+    closes it), whose sqlite3 connection is used directly (intake._cursor): Django's own
+    cursors refuse to run on an event loop, rightly, for code that may wait."""
+    if not _one_thread():
+        return None
+    loop = asyncio.get_running_loop()
+    reader = _readers.get(loop)
+    if reader is None:
+        reader = _readers[loop] = _Reader()
+    if reader.db is None and reader.opening is None:
+        if connections[DEFAULT_DB_ALIAS].is_in_memory_db():
+            reader.opening = loop.create_future()  # never: reads stay on the thread
+            return None
+        reader.opening = opening = loop.run_in_executor(None, _open_reader)
+
+        def opened(_future) -> None:
+            if opening.cancelled():
+                reader.opening = None
+            elif (error := opening.exception()) is not None:
+                logger.warning("The event loop's SQLite reader did not open", exc_info=error)
+            else:
+                reader.db = opening.result()
+
+        opening.add_done_callback(opened)
+    return reader.db
+
+
+def _open_reader():
+    db = connections.create_connection(DEFAULT_DB_ALIAS)
+    db.ensure_connection()
+    db.connection.execute("PRAGMA query_only = ON")
+    db.on_loop = True
+    return db
+
+
+def drop_loop_reader() -> None:
+    """Close this loop's reader (a read on it failed: the file may have been replaced); the
+    next call of loop_reader opens another."""
+    reader = _readers.get(asyncio.get_running_loop())
+    if reader is not None and reader.db is not None:
+        db, reader.db, reader.opening = reader.db, None, None
+        with contextlib.suppress(Exception):
+            db.connection.close()
+
+
 @contextlib.asynccontextmanager
-async def db_turn(function, *, together: bool = True, counted: bool = True, sends: bool = False):
+async def db_turn(
+    function,
+    *,
+    together: bool = True,
+    counted: bool = True,
+    sends: bool = False,
+    here: Callable[[object], object] | None = None,
+):
     """`function()` on the database thread, like db_async, its result for the body; on
     SQLite, the calls that arrive while the thread is busy go together in its next trips
     (unless `together` is False: then it is db_async's call, for a view).
@@ -214,6 +330,10 @@ async def db_turn(function, *, together: bool = True, counted: bool = True, send
     for work that waits for quiet() itself (a send's writes after its request, which must
     not wait for each other).
 
+    `here`: reads that may be made on the loop itself with its SQLite reader (loop_reader),
+    given the reader; `function` runs on the thread instead where there is none, or if
+    `here` returns ELSEWHERE. Either way the caller is counted as on its way.
+
     `sends`: `function` is a step of a send (its checks and reads before its request, its
     writes after, service._launch): then on PostgreSQL too it goes in the trips of one
     thread, not to the pool. Many sends each in a pool thread of their own, each taking the
@@ -235,11 +355,21 @@ async def db_turn(function, *, together: bool = True, counted: bool = True, send
         if not (together and (_one_thread() or sends)):
             yield await db_async(function)()
             return
-        call = _Call(function, translation.get_language(), loop.create_future())
-        trips.waiting.append(call)
-        if trips.task is None or trips.task.done():  # done: cancelled before it began
-            # A context of its own: the trips serve every caller, not the first one's.
-            trips.task = loop.create_task(_take_trips(trips), context=contextvars.Context())
+        if here is not None and (reader := loop_reader()) is not None:
+            call = _queue(trips, lambda: here(reader), here=True)
+            try:
+                result = await call.future
+            finally:
+                if call.future.cancelled() or call.future.exception() is not None:
+                    call.used.set()
+            if result is not ELSEWHERE:
+                try:
+                    yield result
+                finally:
+                    call.used.set()
+                return
+            call.used.set()
+        call = _queue(trips, function)
         try:
             yield await call.future
         finally:
@@ -249,6 +379,18 @@ async def db_turn(function, *, together: bool = True, counted: bool = True, send
             trips.turns -= 1
             if not trips.turns:
                 trips.quiet.set()
+
+
+def _queue(trips: _Trips, function, here: bool = False) -> _Call:
+    call = _Call(function, translation.get_language(), asyncio.get_running_loop().create_future())
+    call.here = here
+    trips.waiting.append(call)
+    if trips.task is None or trips.task.done():  # done: cancelled before it began
+        # A context of its own: the trips serve every caller, not the first one's.
+        trips.task = asyncio.get_running_loop().create_task(
+            _take_trips(trips), context=contextvars.Context()
+        )
+    return call
 
 
 async def db_together(function):

@@ -315,3 +315,145 @@ async def test_a_sends_calls_share_the_trips_on_postgresql_too(trips, monkeypatc
     assert trips[-1] == results, "the three in one trip"
     async with db.db_turn(threading.get_ident) as pooled:
         assert pooled != thread
+
+
+async def test_reads_made_on_the_loop_go_in_trips_of_their_own_in_the_queues_order(
+    trips, monkeypatch
+):
+    """With the loop's SQLite reader (`here`), a send's reads run on the event loop itself,
+    in trips of their own taken in the queue's order with the thread's; what `here` cannot do
+    (ELSEWHERE) its `function` does on the thread; its refusal reaches its caller."""
+    reader = object()
+    monkeypatch.setattr(db, "loop_reader", lambda: reader)
+    loop_thread = threading.get_ident()
+    release = threading.Event()
+    ran: list[tuple[str, bool]] = []
+
+    def here(name):
+        def read(given):
+            assert given is reader
+            ran.append((name, threading.get_ident() == loop_thread))
+            return name
+
+        return read
+
+    def thread(name):
+        return lambda: ran.append((name, threading.get_ident() == loop_thread)) or name
+
+    async def turn(function, here=None):
+        async with db.db_turn(function, here=here) as got:
+            return got
+
+    busy = asyncio.ensure_future(db.db_together(lambda: release.wait(5) and "busy"))
+    await asyncio.sleep(0.05)  # the thread is in its trip
+    queued = [
+        asyncio.ensure_future(turn(thread("unused"), here("a"))),
+        asyncio.ensure_future(turn(thread("unused"), here("b"))),
+        asyncio.ensure_future(turn(thread("c"))),
+        asyncio.ensure_future(turn(thread("d"), lambda _reader: db.ELSEWHERE)),
+        asyncio.ensure_future(turn(thread("unused"), here("e"))),
+    ]
+    await asyncio.sleep(0.05)
+    assert not ran, "queued behind the busy trip"
+    release.set()
+    assert await busy == "busy"
+    assert await asyncio.gather(*queued) == ["a", "b", "c", "d", "e"]
+    # d's reads, in the loop's second trip, went to the thread after it.
+    assert ran == [("a", True), ("b", True), ("c", False), ("e", True), ("d", False)]
+    assert trips == [["busy"], ["c"], ["d"]], "the thread's trips: the reads on the loop are not"
+
+    def refused(_reader):
+        raise ValueError(_("refused"))
+
+    with pytest.raises(ValueError, match="refused"):
+        await turn(thread("unused"), refused)
+    assert ("unused", False) not in ran and ("unused", True) not in ran
+
+
+async def test_a_caller_of_reads_on_the_loop_is_on_its_way_until_it_has_used_them(monkeypatch):
+    monkeypatch.setattr(db, "_one_thread", lambda: True)
+    monkeypatch.setattr(db, "loop_reader", lambda: "reader")
+    used = asyncio.Event()
+
+    async def send():
+        async with db.db_turn(lambda: "thread", here=lambda reader: reader) as got:
+            assert got == "reader"
+            await used.wait()  # its request going out
+
+    sending = asyncio.ensure_future(send())
+    await asyncio.sleep(0.02)
+    waiting = asyncio.ensure_future(db.quiet(5))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    used.set()
+    await sending
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_the_loops_reader_is_for_a_sqlite_file_only(monkeypatch):
+    monkeypatch.setattr(db, "_one_thread", lambda: False)
+    assert db.loop_reader() is None, "PostgreSQL: the reads go to the database"
+    monkeypatch.setattr(db, "_one_thread", lambda: True)
+    from django.db import connections
+
+    monkeypatch.setattr(connections["default"], "is_in_memory_db", lambda: True)
+    assert db.loop_reader() is None
+    await asyncio.sleep(0.05)
+    assert db.loop_reader() is None, "an in-memory database's shared cache locks tables"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_plan_read_on_the_loop_with_its_reader_is_the_threads_plan(monkeypatch):
+    """The loop's reader is a connection of its own, read-only, used on the loop itself: the
+    plan it reads (service.reply_plan) is the one the database thread reads, and it writes
+    nothing. (The tests' database is in memory, which the app reads on the thread: this test
+    opens a reader on it all the same.)"""
+    import uuid
+
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth import get_user_model
+    from django.db import DatabaseError, connections
+
+    from conversations.replies import service
+
+    def make_chat():
+        owner = get_user_model().objects.create_user("ivy", password="pw")
+        chat = service.conversation_create(owner=owner)
+        started = service.reply_start(
+            conversation=chat, content="hi", client_message_id=uuid.uuid4()
+        )
+        started.assistant_message.status = "complete"
+        started.assistant_message.content = "hello"
+        started.assistant_message.save()
+        return service.Conversation.objects.get(pk=chat.pk)
+
+    chat = await sync_to_async(make_chat)()
+    monkeypatch.setattr(connections["default"], "is_in_memory_db", lambda: False)
+    assert db.loop_reader() is None, "it opens in a thread"
+    for _attempt in range(100):
+        await asyncio.sleep(0.01)
+        if (reader := db.loop_reader()) is not None:
+            break
+    assert reader is not None and reader is not connections["default"]
+    sent = uuid.uuid4()
+    here = service.reply_plan(
+        conversation=chat, content="and now?", client_message_id=sent, db=reader
+    )
+    there = await sync_to_async(service.reply_plan)(
+        conversation=chat, content="and now?", client_message_id=sent
+    )
+    assert here.request == there.request
+    assert [m.content for m in here.request.messages][-3:] == ["hi", "hello", "and now?"]
+    with pytest.raises(DatabaseError), reader.wrap_database_errors:
+        reader.connection.execute("DELETE FROM conversations_message")
+    assert await sync_to_async(service.Message.objects.count)() == 2
+    db.drop_loop_reader()
+    assert reader.connection is None or not _usable(reader.connection)
+
+
+def _usable(raw) -> bool:
+    try:
+        raw.execute("SELECT 1")
+    except Exception:
+        return False
+    return True

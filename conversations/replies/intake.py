@@ -86,7 +86,15 @@ def _qmark(sql: str) -> str:
 def _cursor(db):
     """A cursor on `db` (this thread's connection) for this module's statements: on SQLite
     the lean one above, unless something watches the queries (a debug log, an execute
-    wrapper: the tests' query counts), which then see them as usual."""
+    wrapper: the tests' query counts), which then see them as usual. The event loop's own
+    reader (db.loop_reader) has only the lean one: Django's cursors refuse to run on a loop."""
+    if getattr(db, "on_loop", False):
+        cursor = db.connection.cursor()
+        try:
+            yield _SQLiteStatements(db, cursor)
+        finally:
+            cursor.close()
+        return
     with db.cursor() as cursor:
         if db.vendor == "sqlite" and not db.queries_logged and not db.execute_wrappers:
             yield _SQLiteStatements(db, cursor.cursor)
@@ -148,12 +156,12 @@ def _lock_statement(vendor: str, lock: bool = True) -> tuple[str, dict]:
     return sql, converters
 
 
-def _locked(conversation_id, rows: list, lock: bool = True) -> Conversation:
+def _locked(conversation_id, rows: list, lock: bool = True, db=None) -> Conversation:
     """The lock statement's row as a Conversation with its model and prompt, converted as a
     queryset would (SQLite's text datetimes and UUIDs, JSON, booleans…)."""
     if not rows:
         raise Conversation.DoesNotExist(f"conversation {conversation_id}")
-    db = this_thread()
+    db = db or this_thread()
     _sql, converters = _lock_statement(db.vendor, lock)
     row = list(rows[0])
     for at, (converter_list, expression) in converters.items():
@@ -247,21 +255,29 @@ def read_statements(db, conversation_id, client_message_id, load, lock: bool, wi
 
 def run_reads(db, statements: list[tuple[str, list, bool]]) -> list[list]:
     """The rows of each (sql, params, prepare) statement: on PostgreSQL in one round trip
-    (_pipelined), on SQLite one after the other."""
+    (_pipelined), on SQLite one after the other (on the event loop's reader, in a read
+    transaction of their own: the database thread may commit between them)."""
     if db.vendor == "postgresql":
         return _pipelined(*statements)
     results = []
+    on_loop = getattr(db, "on_loop", False)
     with _cursor(db) as cursor:
-        for sql, params, _prepare in statements:
-            cursor.execute(sql, params)
-            results.append(cursor.fetchall())
+        if on_loop:
+            cursor.execute("BEGIN", ())
+        try:
+            for sql, params, _prepare in statements:
+                cursor.execute(sql, params)
+                results.append(cursor.fetchall())
+        finally:
+            if on_loop:
+                db.connection.rollback()  # a read transaction: nothing to keep
     return results
 
 
-def read_results(conversation_id, results: list[list], lock: bool, with_tree: bool):
+def read_results(conversation_id, results: list[list], lock: bool, with_tree: bool, db=None):
     """read_under_lock's values from the rows of read_statements' statements."""
     locked_rows, rows = results[0], results[1]
-    conversation = _locked(conversation_id, locked_rows, lock)
+    conversation = _locked(conversation_id, locked_rows, lock, db)
     found = [
         (read_uuid(sent), status, read_moment(at), pk)
         for sent, status, at, pk, *_load in rows

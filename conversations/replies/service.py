@@ -15,13 +15,21 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
 from conversations.dashscope import ChatRequest
-from conversations.db import again_if_disconnected, db_async, db_turn, quiet
+from conversations.db import (
+    ELSEWHERE,
+    again_if_disconnected,
+    db_async,
+    db_turn,
+    drop_loop_reader,
+    quiet,
+)
 from conversations.models import (
     Conversation,
     Message,
@@ -84,6 +92,7 @@ def reply_plan(
     image_urls: object = None,
     image_ids: object = None,
     guard=None,
+    db=None,
 ) -> Plan | None:
     """The request of a new message to `conversation`, built as reply_start would build it
     after writing the message, from the same checks and reads but no writes and no lock: a
@@ -95,7 +104,10 @@ def reply_plan(
     None for anything but the plain case, which reply_start then does at once, as before:
     images, a resent frame, a reply in the way (streaming, or dead and to be marked
     interrupted), a chat whose model or prompt changed since it was read. A refusal is raised
-    here as reply_start raises it."""
+    here as reply_start raises it.
+
+    `db`: the connection to read with (the event loop's reader: db.loop_reader), if not this
+    thread's."""
     try:
         message = rules.MessageForm(
             {"content": content, "image_urls": image_urls, "image_ids": image_ids}
@@ -111,7 +123,7 @@ def reply_plan(
         model_id=conversation.model_id,
         prompt_id=conversation.system_prompt_id,
     )
-    db = intake.this_thread()
+    db = db or intake.this_thread()
     statements = intake.read_statements(
         db, conversation.pk, client_message_id, (query.sql, query.params), False, True
     )
@@ -123,7 +135,7 @@ def reply_plan(
         else:
             guard()
     read, in_the_way, row, tree = intake.read_results(
-        conversation.pk, results[: len(statements)], False, True
+        conversation.pk, results[: len(statements)], False, True, db
     )
     if in_the_way or (read.model_id, read.system_prompt_id) != (
         conversation.model_id,
@@ -598,7 +610,7 @@ async def areply_start(
     return await _launch(
         conversation,
         lambda writer=None: reply_start(**arguments, writer=writer),
-        plan=lambda guard=None: reply_plan(**arguments, guard=guard),
+        plan=lambda guard=None, db=None: reply_plan(**arguments, guard=guard, db=db),
         together=together,
         guard=guard,
     )
@@ -709,9 +721,27 @@ async def _launch(
             logger.warning("Planning a send in %s failed", conversation.pk, exc_info=True)
             return None
 
+    def planned_here(reader) -> Plan | None | object:
+        # On the event loop, with its SQLite reader (db.loop_reader): the same reads, and
+        # the thread's way (ELSEWHERE) for anything they cannot do there.
+        try:
+            return plan(guard=guard, db=reader)
+        except ReplyRefused:
+            raise
+        except SynchronousOnlyOperation:  # a check that needs the ORM (the guard's own)
+            return ELSEWHERE
+        except DatabaseError:  # the file replaced, its schema changed…: another reader
+            logger.warning("Planning a send in %s failed", conversation.pk, exc_info=True)
+            drop_loop_reader()
+            return ELSEWHERE
+        except Exception:
+            logger.warning("Planning a send in %s failed", conversation.pk, exc_info=True)
+            return ELSEWHERE
+
     early = None
     if plan is not None:
-        async with db_turn(planned_or_not, together=together, sends=True) as planned:
+        planning = db_turn(planned_or_not, together=together, sends=True, here=planned_here)
+        async with planning as planned:
             if planned is not None:
                 early = _generation(
                     conversation, planned.request, get_client(), writer=planned.writer
