@@ -405,6 +405,7 @@ class Reply:
     status: str | None = None
     notice: str | None = None
     resyncs: int = 0  # catch-up fragments carrying text (the page got text as HTML)
+    announced: float = 0.0  # when the reply's placeholder arrived (its announcement)
     page: str = ""  # the reply's text as the page shows it: catch-up HTML, then + frames
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -454,6 +455,7 @@ class Conn:
                 # A placeholder or catch-up fragment: the page shows its text, then appends
                 # (the settled part's text is what the page had, or stand-ins if it had less).
                 settled, tail = int(match.group(1)), html.unescape(match.group(2))
+                reply.announced = reply.announced or now
                 before = reply.page[:settled] if len(reply.page) >= settled else "\ufffc" * settled
                 reply.page = before + tail
                 reply.resyncs += bool(reply.page)
@@ -540,6 +542,7 @@ async def p1_app(clients: Clients, level: int, rounds: int, prefix: str) -> dict
         await asyncio.sleep(0.1)
     timings = await sim_timings(clients.stack.sim_url)
     intake, relay, added, failed, reasons = [], [], [], 0, {}
+    late = []  # (relay, announced after the first chunk by) of the replies whose relay > 20 ms
     for reply in replies:
         stamp = timings.get(reply.tag)
         if reply.status != "complete" or not reply.frames or not stamp or not stamp["chunks"]:
@@ -554,7 +557,10 @@ async def p1_app(clients: Clients, level: int, rounds: int, prefix: str) -> dict
         intake.append(stamp["arrival"] - reply.sent)
         relay.append(reply.frames[0][0] - stamp["chunks"][0])
         added.append(intake[-1] + relay[-1])
+        if relay[-1] > 0.02:
+            late.append((relay[-1], reply.announced - stamp["chunks"][0]))
     return {
+        "late": late,
         "intake": intake,
         "relay": relay,
         "added": added,
@@ -809,6 +815,13 @@ def p1_table(results: list[tuple[int, dict, dict]]) -> list[str]:
         )
         if app.get("reasons"):
             rows.append(f"       failed: {app['reasons']}")
+        if late := app.get("late"):
+            # A reply shows nothing before its announcement: a late one is a late first frame.
+            after = [a for _relay, a in late if a > 0]
+            rows.append(
+                f"       relay > 20 ms: {len(late)}, {len(after)} of them announced after "
+                f"the first chunk" + (f" (by p50 {ms(pct(after, 0.5))} ms)" if after else "")
+            )
     return rows
 
 
