@@ -119,6 +119,17 @@ def _run_each(calls: list[_Call], budget: float = TRIP_TIME) -> list[tuple[bool,
     """Run calls in turn until `budget` seconds have passed (at least one), each in its
     caller's language (the sentences of its refusals): (True, result) or (False, the exception
     it raised) for each call run, one call's failure being its own."""
+    return _run_calls(calls, budget, _with_kept_connection)
+
+
+def _run_here(calls: list[_Call]) -> list[tuple[bool, object]]:
+    """_run_each's work on the loop itself: calls whose functions read with the loop's reader,
+    for TRIP_TIME at most (the loop does nothing else meanwhile: each trip's callers then
+    send their requests before the next reads)."""
+    return _run_calls(calls, TRIP_TIME, lambda function: function())
+
+
+def _run_calls(calls: list[_Call], budget: float, run) -> list[tuple[bool, object]]:
     began = time.monotonic()
     outcomes = []
     for call in calls:
@@ -132,27 +143,7 @@ def _run_each(calls: list[_Call], budget: float = TRIP_TIME) -> list[tuple[bool,
             continue
         try:
             with translation.override(call.language):
-                outcomes.append((True, _with_kept_connection(call.function)))
-        except Exception as error:
-            outcomes.append((False, error))
-    return outcomes
-
-
-def _run_here(calls: list[_Call]) -> list[tuple[bool, object]]:
-    """_run_each's work on the loop itself: calls whose functions read with the loop's reader,
-    for TRIP_TIME at most (the loop does nothing else meanwhile: each trip's callers then
-    send their requests before the next reads)."""
-    began = time.monotonic()
-    outcomes = []
-    for call in calls:
-        if outcomes and time.monotonic() - began >= TRIP_TIME:
-            break
-        if call.future.cancelled():
-            outcomes.append((False, None))
-            continue
-        try:
-            with translation.override(call.language):
-                outcomes.append((True, call.function()))
+                outcomes.append((True, run(call.function)))
         except Exception as error:
             outcomes.append((False, error))
     return outcomes
