@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import time
 import weakref
@@ -82,6 +83,8 @@ def db_async(function):
 TRIP_TIME = 0.0025
 TRIP_TIME_MAX = 0.04
 HOLD = 0.02
+# At most this many calls of one runner go together (db_turn's `batch`).
+BATCH_MAX = 50
 
 
 @dataclass(eq=False)
@@ -94,6 +97,9 @@ class _Call:
     used: asyncio.Event = field(default_factory=asyncio.Event)
     # Run on the loop itself, not the thread (reads with the loop's reader: loop_reader).
     here: bool = False
+    # (runner, item): with the calls of the same runner queued next to it, run at once
+    # (db_turn's `batch`).
+    batch: tuple[Callable[[list], list], object] | None = None
 
 
 class _Trips:
@@ -132,21 +138,53 @@ def _run_here(calls: list[_Call]) -> list[tuple[bool, object]]:
 def _run_calls(calls: list[_Call], budget: float, run) -> list[tuple[bool, object]]:
     began = time.monotonic()
     outcomes = []
-    for call in calls:
+    while len(outcomes) < len(calls):
         if outcomes and time.monotonic() - began >= budget:
             break
-        if call.future.cancelled():
-            # Its caller is gone (a socket closed, the server stopping) while it waited: as
-            # with db_async, a call not yet begun is not run (read across threads: at worst a
-            # caller cancelled this instant has its call run, and its result dropped).
-            outcomes.append((False, None))
-            continue
-        try:
-            with translation.override(call.language):
-                outcomes.append((True, run(call.function)))
-        except Exception as error:
-            outcomes.append((False, error))
+        call = calls[len(outcomes)]
+        if call.batch is not None:
+            batch = list(
+                itertools.takewhile(
+                    lambda other, runner=call.batch[0]: (
+                        other.batch is not None and other.batch[0] is runner
+                    ),
+                    calls[len(outcomes) : len(outcomes) + BATCH_MAX],
+                )
+            )
+            if len(batch) > 1:
+                outcomes += _run_batch(call.batch[0], batch, run)
+                continue
+        outcomes.append(_run_one(call, run))
     return outcomes
+
+
+def _run_one(call: _Call, run) -> tuple[bool, object]:
+    if call.future.cancelled():
+        # Its caller is gone (a socket closed, the server stopping) while it waited: as with
+        # db_async, a call not yet begun is not run (read across threads: at worst a caller
+        # cancelled this instant has its call run, and its result dropped).
+        return False, None
+    try:
+        with translation.override(call.language):
+            return True, run(call.function)
+    except Exception as error:
+        return False, error
+
+
+def _run_batch(runner, calls: list[_Call], run) -> list[tuple[bool, object]]:
+    """The calls of one runner queued together, run by it at once (its items, each with its
+    caller's language); those it leaves (ELSEWHERE) and all if it fails run alone."""
+    live = [call for call in calls if not call.future.cancelled()]
+    try:
+        done = run(lambda: runner([(call.batch[1], call.language) for call in live]))
+    except Exception:
+        logger.warning("Calls run together failed; each runs alone", exc_info=True)
+        done = [ELSEWHERE] * len(live)
+    outcome = dict(zip(live, done, strict=True))
+    return [
+        _run_one(call, run) if outcome.get(call, ELSEWHERE) is ELSEWHERE else outcome[call]
+        for call in calls
+    ]
 
 
 async def _take_trips(trips: _Trips) -> None:
@@ -298,6 +336,7 @@ async def db_turn(
     counted: bool = True,
     sends: bool = False,
     here: Callable[[object], object] | None = None,
+    batch: tuple[Callable[[list], list], object] | None = None,
 ):
     """`function()` on the database thread, like db_async, its result for the body; on
     SQLite, the calls that arrive while the thread is busy go together in its next trips
@@ -324,6 +363,12 @@ async def db_turn(
     `here`: reads that may be made on the loop itself with its SQLite reader (loop_reader),
     given the reader; `function` runs on the thread instead where there is none, or if
     `here` returns ELSEWHERE. Either way the caller is counted as on its way.
+
+    `batch`: (runner, item): when other calls with the same runner are queued next to this
+    one, the thread runs them at once, runner([(item, caller's language), ...]) giving each
+    its outcome, (True, result) or (False, exception), or ELSEWHERE: `function` then runs
+    alone, as it does whenever the call has no company (a send's writes on PostgreSQL:
+    service.reply_start_together).
 
     `sends`: `function` is a step of a send (its checks and reads before its request, its
     writes after, service._launch): then on PostgreSQL too it goes in the trips of one
@@ -361,6 +406,7 @@ async def db_turn(
                 return
             call.used.set()
         call = _queue(trips, function)
+        call.batch = batch
         try:
             yield await call.future
         finally:

@@ -1199,14 +1199,16 @@ async def test_an_event_of_a_newer_release_is_skipped_and_the_socket_stays(app_s
     await ws.disconnect()
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "together"])
 async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced_after(
-    app_simulator, monkeypatch
+    app_simulator, monkeypatch, together
 ):
     """Three people send while the database thread is busy. Each send's request goes out
     once it is checked, before the thread writes any of the three (not each after the one
     before it is saved), the writes follow in the order the sends came, and the replies are
     announced once every request is out (rendering them would hold up the requests). Each
-    reply then streams to its own page in full."""
+    reply then streams to its own page in full. `together`: the three writes made in one
+    transaction (service.reply_start_together, PostgreSQL's way), else one by one."""
     import threading
 
     from conversations import db
@@ -1236,13 +1238,23 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     announced = []  # at each new reply's announcement: requests gone out
     broadcast = local_sockets.broadcast
 
-    async def told(conversation_id, message):
+    async def told(conversation_id, message, **kwargs):
         if str(conversation_id) in ours and message.get("type") == events.Created.TYPE:
             announced.append(out())
-        return await broadcast(conversation_id, message)
+        return await broadcast(conversation_id, message, **kwargs)
 
     monkeypatch.setattr(intake, "insert_turn", watched)
     monkeypatch.setattr(local_sockets, "broadcast", told)
+    batches = []
+    if together:
+        write_together = service.reply_start_together
+
+        def counted(writes):
+            batches.append(len(writes))
+            return write_together(writes)
+
+        monkeypatch.setattr(service, "WRITES_TOGETHER", {"sqlite", "postgresql"})
+        monkeypatch.setattr(service, "reply_start_together", counted)
     sockets = []
     for name in ("ann", "ben", "cai"):
         owner = await make_user(name)
@@ -1271,6 +1283,7 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         ("Hello from cai", 3),
     ]
     assert announced == [3, 3, 3]
+    assert batches == ([3] if together else [])
     for (name, conversation, _ws), transcript in zip(sockets, transcripts, strict=True):
         reply = await assistant_reply(conversation)
         assert reply.status == "complete" and reply.content

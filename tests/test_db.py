@@ -137,6 +137,66 @@ async def test_each_call_speaks_its_callers_language(trips):
     assert len(trips) == 2, "both in one trip, each in its own language"
 
 
+async def _batched(runner, item, language="en"):
+    """A call whose function, alone, says so, and which `runner` may run with others."""
+    with translation.override(language):
+        async with db.db_turn(lambda: f"alone {item}", batch=(runner, item)) as got:
+            return got
+
+
+async def test_calls_of_one_runner_queued_together_run_at_once(trips):
+    """db_turn's `batch` (a send's writes on PostgreSQL): calls of one runner queued next to
+    each other go to it at once, each item with its caller's language; those it leaves
+    (ELSEWHERE) run alone in their place, as does a call with no company, and calls of
+    other kinds keep their places in the queue."""
+    given = []
+
+    def runner(items):
+        given.append(items)
+        return [
+            db.ELSEWHERE if item == "b" else (True, f"together {item} {language}")
+            for item, language in items
+        ]
+
+    release = threading.Event()
+    first = asyncio.ensure_future(db.db_together(lambda: release.wait(5) and "first"))
+    await asyncio.sleep(0.05)  # the thread is busy: the next calls queue
+    batched = [
+        asyncio.ensure_future(_batched(runner, item, language))
+        for item, language in (("a", "en"), ("b", "zh-hans"), ("c", "zh-hans"))
+    ]
+    plain = asyncio.ensure_future(db.db_together(lambda: "plain"))
+    after = asyncio.ensure_future(_batched(runner, "d"))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == "first"
+    assert await asyncio.gather(*batched) == ["together a en", "alone b", "together c zh-hans"]
+    assert await plain == "plain" and await after == "alone d"
+    assert given == [[("a", "en"), ("b", "zh-hans"), ("c", "zh-hans")]]
+    assert trips[-1] == ["together a en", "alone b", "together c zh-hans", "plain", "alone d"]
+    assert await _batched(runner, "e") == "alone e" and len(given) == 1
+
+
+async def test_a_runner_that_fails_has_each_call_run_alone_and_skips_the_cancelled(trips):
+    given = []
+
+    def runner(items):
+        given.append([item for item, _language in items])
+        raise RuntimeError("the batch broke")
+
+    release = threading.Event()
+    first = asyncio.ensure_future(db.db_together(lambda: release.wait(5)))
+    await asyncio.sleep(0.05)
+    calls = [asyncio.ensure_future(_batched(runner, item)) for item in "abc"]
+    await asyncio.sleep(0.05)
+    calls[1].cancel()  # its socket closed while it waited
+    release.set()
+    await first
+    assert await calls[0] == "alone a" and await calls[2] == "alone c"
+    assert calls[1].cancelled()
+    assert given == [["a", "c"]]
+
+
 async def test_a_trip_runs_for_its_time_and_the_next_waits_for_its_callers(trips, monkeypatch):
     """The thread runs queued calls for TRIP_TIME, then waits while their callers use their
     results (db_turn's body: a send starts its reply) before it takes the next ones; the

@@ -319,6 +319,115 @@ def test_a_plan_refuses_as_the_send_would_and_leaves_the_rest_to_it(chat):
     assert with_image is None
 
 
+def _owner_chat(name: str, prompt=None):
+    owner = get_user_model().objects.create_user(name, password="pw")
+    return service.conversation_create(owner=owner, system_prompt=prompt)
+
+
+def _planned(chat, content: str, *, language=None) -> tuple:
+    """A send of `content` to `chat` as planned (its request out), for reply_start_together:
+    (its PlannedWrite, which hands back the StartedReply as written, and its caller's
+    language)."""
+    plan = service.reply_plan(conversation=chat, content=content, client_message_id=uuid.uuid4())
+    assert isinstance(plan, service.Plan)
+    return service.PlannedWrite(chat, plan, then=lambda started: started), language
+
+
+def test_sends_written_together_are_each_what_reply_start_writes(chat):
+    """The writes of sends queued together (several people's, each to a chat of their own)
+    made in one transaction leave what reply_start leaves for each: the message and its
+    reply at the end of the chat's branch, the reply with its plan's fencing token, the chat
+    moved and titled, and the history read back the very request that went out."""
+    from conversations.replies import prompt
+
+    earlier = service.reply_start(
+        conversation=chat, content="first", client_message_id=uuid.uuid4()
+    )
+    Message.objects.filter(pk=earlier.assistant_message.pk).update(status="complete", content="one")
+    chats = [Conversation.objects.get(pk=chat.pk), _owner_chat("jo"), _owner_chat("kai")]
+    writes = [_planned(c, f"hello from {c.owner.username} ") for c in chats]
+    outcomes = service.reply_start_together(writes)
+    assert [ok for ok, _ in outcomes] == [True, True, True], outcomes
+    for (write, _language), (_ok, started), c in zip(writes, outcomes, chats, strict=True):
+        assert started.created and started.user_message.content == write.plan.content
+        saved = Message.objects.get(pk=started.assistant_message.pk)
+        assert saved.parent_id == started.user_message.pk and saved.status == "streaming"
+        assert saved.writer == write.plan.writer
+        moved = Conversation.objects.get(pk=c.pk)
+        assert moved.current_message_id == saved.pk == started.conversation.current_message_id
+        assert moved.title == started.conversation.title
+        assert moved.system_prompt_text == c.system_prompt.text  # the chat's from its start
+        request = prompt.build_request(
+            conversation=started.conversation, reply_to=started.assistant_message, tree=started.tree
+        )
+        assert request == write.plan.request
+    user_message = Message.objects.get(pk=outcomes[0][1].user_message.pk)
+    assert user_message.parent_id == earlier.assistant_message.pk
+    assert moved.title == "hello from kai"
+    assert Message.objects.count() == 2 + 3 * 2
+
+
+def test_sends_written_together_leave_to_reply_start_what_it_alone_does(chat, settings):
+    """An owner's second send waits for reply_start (the limits count it after the first), as
+    does anything but the plain case under the lock (a reply in the way, a chat whose model
+    changed); a send the limits refuse gets its refusal in its caller's language, and the
+    others of the batch are written all the same."""
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    twice = _owner_chat("lu")
+    second_chat = service.conversation_create(owner=twice.owner)
+    refused = _owner_chat("mo")
+    busy, moved, fine = _owner_chat("ned"), _owner_chat("ola"), _owner_chat("pia")
+    writes = [
+        _planned(twice, "one"),
+        _planned(second_chat, "two"),
+        _planned(refused, "later", language="zh-hans"),
+        _planned(busy, "again"),
+        _planned(moved, "new model"),
+        _planned(fine, "fine"),
+    ]
+    # Between the plans and the writes: mo sends from another chat (the minute's one), a
+    # reply starts in ned's chat, and ola's chat changes model.
+    service.reply_start(
+        conversation=service.conversation_create(owner=refused.owner), content="meanwhile"
+    )
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 2
+    service.reply_start(conversation=busy, content="meanwhile")
+    settings.QWENWEB_MESSAGES_PER_MINUTE = 1
+    other = ModelProfile.objects.create(name="qwen-other", label="Other")
+    Conversation.objects.filter(pk=moved.pk).update(model=other)
+    before = Message.objects.count()
+    outcomes = service.reply_start_together(writes)
+    ELSEWHERE = service.ELSEWHERE
+    assert outcomes[0][0] is True and outcomes[5][0] is True
+    assert outcomes[1] is ELSEWHERE and outcomes[3] is ELSEWHERE and outcomes[4] is ELSEWHERE
+    ok, refusal = outcomes[2]
+    assert not ok and isinstance(refusal, service.ReplyRefused)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in str(refusal)), str(refusal)
+    assert Message.objects.count() == before + 4
+    assert not Message.objects.filter(conversation=refused, content="later").exists()
+    with pytest.raises(service.ReplyRefused):  # alone, as reply_start writes it
+        service.reply_start(conversation=second_chat, content="two")
+
+
+def test_sends_written_together_that_fail_are_each_written_alone(chat, monkeypatch):
+    """A failure in the transaction (a lost connection, a constraint) writes nothing of it:
+    every send of it is left to reply_start."""
+    from django.db import OperationalError
+
+    writes = [_planned(c, "hi") for c in (chat, _owner_chat("quin"), _owner_chat("ros"))]
+    insert_turns = intake.insert_turns
+
+    def lost(turns):
+        insert_turns(turns)
+        raise OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(intake, "insert_turns", lost)
+    outcomes = service.reply_start_together(writes)
+    assert outcomes == [service.ELSEWHERE] * 3
+    assert Message.objects.count() == 0
+    assert Conversation.objects.get(pk=chat.pk).current_message_id is None
+
+
 def _session_verdicts(key, user_id) -> tuple[bool, bool]:
     """(what a guard concludes from the two rows it reads with a send's plan, what Django's
     session store and backend say: socket_auth._signs_in)."""

@@ -409,54 +409,89 @@ def insert_turn(
     Model.save and move_conversation make three round trips and the request's history a
     fourth; on SQLite, in this process, the same four statements one after the other."""
     db = this_thread()
-    columns = _insert_columns(db.vendor)
+    if db.vendor != "postgresql":
+        return _insert_turn_sqlite(db, user_message, reply, conversation_id, fields)
+    sql, params = _turn_statement(db, user_message, reply, conversation_id, fields)
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return _turn_inserted(db, rows, user_message, reply)
 
-    def values(message: Message, parent: str | None = None) -> tuple[str, list]:
-        # NULL written as such: a new message leaves most of its columns empty, and with
-        # fewer than 50 parameters psycopg keeps the statement's parsed form between sends
-        # rather than parsing it again (0.15 ms a send).
-        placeholders, params = [], []
-        for field in _insert_fields:
-            if parent and field.attname == "parent_id":
-                placeholders.append(parent)
-                continue
-            value = field.get_db_prep_save(field.pre_save(message, True), db)
-            if value is None:
-                placeholders.append("NULL")
-            else:
-                placeholders.append("%s")
-                params.append(value)
-        return ", ".join(placeholders), params
 
+def insert_turns(turns: list[tuple[Message, Message, object, dict]]) -> list[dict[int, tuple]]:
+    """insert_turn for each (user_message, reply, conversation_id, fields), in the
+    transaction under way: on PostgreSQL their statements go together in one round trip
+    (service.reply_start_together), on SQLite one after the other."""
+    db = this_thread()
+    if not turns:
+        return []
+    if db.vendor != "postgresql":
+        return [insert_turn(user, reply, chat, **fields) for user, reply, chat, fields in turns]
+    statements = [(*_turn_statement(db, *turn), False) for turn in turns]
+    return [
+        _turn_inserted(db, rows, user_message, reply)
+        for rows, (user_message, reply, _chat, _fields) in zip(
+            run_reads(db, statements), turns, strict=True
+        )
+    ]
+
+
+def _values(db, message: Message, parent: str | None = None) -> tuple[str, list]:
+    # NULL written as such: a new message leaves most of its columns empty, and with fewer
+    # than 50 parameters psycopg keeps the statement's parsed form between sends rather than
+    # parsing it again (0.15 ms a send).
+    placeholders, params = [], []
+    for field in _insert_fields:
+        if parent and field.attname == "parent_id":
+            placeholders.append(parent)
+            continue
+        value = field.get_db_prep_save(field.pre_save(message, True), db)
+        if value is None:
+            placeholders.append("NULL")
+        else:
+            placeholders.append("%s")
+            params.append(value)
+    return ", ".join(placeholders), params
+
+
+def _moves(db, conversation_id, fields: dict) -> tuple[str, list, object]:
     assignments = "".join(f", {_column(Conversation, name)} = %s" for name in fields)
     moved = [_param(Conversation, name, value, db) for name, value in fields.items()]
-    chat = _param(Conversation, "id", conversation_id, db)
-    if db.vendor != "postgresql":
-        tree = {}
-        with _cursor(db) as cursor:
-            for message in (user_message, reply):
-                if message is reply:
-                    reply.parent_id = user_message.pk
-                placeholders, params = values(message)
-                # lastrowid, not RETURNING: SQLite has RETURNING from 3.35 only, and Django
-                # runs on older ones (Debian 11 ships 3.34).
-                cursor.execute(
-                    f"INSERT INTO {_messages} ({columns}) VALUES ({placeholders})", params
-                )
-                message.pk = cursor.lastrowid
-                message._state.adding = False
-                message._state.db = db.alias
-            reply.parent_id = user_message.pk
-            cursor.execute(
-                f"UPDATE {_conversations} SET current_message_id = %s{assignments} WHERE id = %s",
-                [reply.pk, *moved, chat],
-            )
-            cursor.execute(_tree_statement, [_param(Message, "conversation", conversation_id, db)])
-            for pk, *row in cursor.fetchall():
-                tree[pk] = row
-        return tree
-    user_values, user_params = values(user_message)
-    reply_values, reply_params = values(reply, parent="(SELECT id FROM u)")
+    return assignments, moved, _param(Conversation, "id", conversation_id, db)
+
+
+def _insert_turn_sqlite(db, user_message, reply, conversation_id, fields) -> dict[int, tuple]:
+    columns = _insert_columns(db.vendor)
+    assignments, moved, chat = _moves(db, conversation_id, fields)
+    tree = {}
+    with _cursor(db) as cursor:
+        for message in (user_message, reply):
+            if message is reply:
+                reply.parent_id = user_message.pk
+            placeholders, params = _values(db, message)
+            # lastrowid, not RETURNING: SQLite has RETURNING from 3.35 only, and Django runs
+            # on older ones (Debian 11 ships 3.34).
+            cursor.execute(f"INSERT INTO {_messages} ({columns}) VALUES ({placeholders})", params)
+            message.pk = cursor.lastrowid
+            message._state.adding = False
+            message._state.db = db.alias
+        reply.parent_id = user_message.pk
+        cursor.execute(
+            f"UPDATE {_conversations} SET current_message_id = %s{assignments} WHERE id = %s",
+            [reply.pk, *moved, chat],
+        )
+        cursor.execute(_tree_statement, [_param(Message, "conversation", conversation_id, db)])
+        for pk, *row in cursor.fetchall():
+            tree[pk] = row
+    return tree
+
+
+def _turn_statement(db, user_message, reply, conversation_id, fields) -> tuple[str, list]:
+    """insert_turn's one statement on PostgreSQL, and its parameters."""
+    columns = _insert_columns(db.vendor)
+    assignments, moved, chat = _moves(db, conversation_id, fields)
+    user_values, user_params = _values(db, user_message)
+    reply_values, reply_params = _values(db, reply, parent="(SELECT id FROM u)")
     sql = (
         f"WITH u AS (INSERT INTO {_messages} ({columns}) VALUES ({user_values}) "
         f"RETURNING {_tree_columns}), "
@@ -474,9 +509,11 @@ def insert_turn(
         chat,
         _param(Message, "conversation", conversation_id, db),
     ]
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    return sql, params
+
+
+def _turn_inserted(db, rows: list, user_message: Message, reply: Message) -> dict[int, tuple]:
+    """The tree _turn_statement's rows give, the new messages' pks set."""
     tree = {}
     for new, pk, *row in rows:
         tree[pk] = row

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import SynchronousOnlyOperation
-from django.db import DatabaseError, IntegrityError, transaction
-from django.utils import timezone
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
 from conversations import sockets, uploads
@@ -61,6 +62,10 @@ logger = logging.getLogger(__name__)
 # How long a send's writes, after its request has gone out, let the other sends on their way
 # go first (_launch): well under DashScope's time to a first token.
 SAVE_DEFER = 0.1
+# The databases on which the writes of sends queued together are made together
+# (reply_start_together). Not SQLite: its writes run in this process, where one long trip
+# holds up the loop (50 senders, paired: 4 rounds of 16 better; bench/README.md).
+WRITES_TOGETHER = {"postgresql"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,18 @@ class Plan:
 
     request: ChatRequest
     writer: uuid.UUID  # the reply's fencing token, given to it when it is written
+    content: str = ""  # the message, as checked
+    client_message_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    """The writes of a planned send (reply_start with its Plan's writer), as
+    reply_start_together takes them; `then` is given the StartedReply."""
+
+    conversation: Conversation
+    plan: Plan
+    then: Callable[[StartedReply], object]
 
 
 def reply_plan(
@@ -153,7 +170,9 @@ def reply_plan(
     for name, value in _moved_fields(read).items():
         setattr(read, name, value)
     request = prompt.build_request(conversation=read, after=0, tree=tree)
-    return Plan(request=request, writer=uuid.uuid4())
+    return Plan(
+        request=request, writer=uuid.uuid4(), content=content, client_message_id=client_message_id
+    )
 
 
 def conversation_configure(
@@ -257,41 +276,152 @@ def reply_start(
                 images += uploads.attach(conversation, message["image_ids"])
             except uploads.UploadRefused as refusal:
                 raise ReplyRefused(str(refusal)) from None
-            rules.check_images(images, conversation.model)
-            rules.check_json_mentioned(conversation, content)
-            rules.check_user_limits(conversation, load)
-            user_message = Message(
-                conversation=conversation,
-                parent_id=_leaf_id(conversation),
-                role=Message.Role.USER,
-                content=content,
-                client_message_id=client_message_id,
-            )
-            assistant_message = _reply_to_be(conversation, writer=writer)
-            titled = not conversation.title
+            turn = _Turn.checked(conversation, content, images, load, client_message_id, writer)
             # The message, its reply and the chat's move in one statement, the history the
             # request is built from read back with them (intake.insert_turn).
-            moved = _moved_fields(conversation, title=rules.title_from(content) if titled else "")
-            tree = intake.insert_turn(user_message, assistant_message, conversation.pk, **moved)
-            for name, value in moved.items():
-                setattr(conversation, name, value)
-            conversation.current_message_id = assistant_message.pk
-            user_message.image_list = _attach_images(user_message, images)
-            assistant_message.image_list = []
+            tree = intake.insert_turn(turn.user_message, turn.reply, conversation.pk, **turn.moved)
+            return turn.written(tree, interrupted)
     except IntegrityError:
         existing = client_message_id and _existing_reply(conversation, client_message_id)
         if not existing:
             raise
         return existing
-    return StartedReply(
-        conversation,
-        user_message,
-        assistant_message,
-        created=True,
-        titled=titled,
-        interrupted=tuple(interrupted),
-        tree=tree,
-    )
+
+
+def reply_start_together(writes: list[tuple[PlannedWrite, str | None]]) -> list:
+    """reply_start for several planned sends at once, each in its caller's language (the
+    database thread's trips: db_turn's `batch`), in one transaction: on PostgreSQL the chats
+    are read under their locks in one round trip and the turns written in another, then one
+    commit, where each send alone makes three round trips and a commit's flush of its own.
+    When fifty people send at once, a process's writes queued on its one thread for 300-600 ms,
+    each round trip waiting for the interpreter's lock the loop held, and the replies were
+    announced, and so shown, only after their first tokens (bench/README.md, seventeenth pass).
+
+    What reply_start would do otherwise is left to it (db.ELSEWHERE: the caller runs it
+    alone): a second send of an owner already in the batch (the limits count each after the
+    one before), anything but the plain case under the lock (a resent frame, a reply in the
+    way, a chat whose model or prompt changed since the send was planned, a chat gone), and,
+    if the transaction fails (a write refused by a constraint, a lost connection…), every
+    send of it: nothing of it was written. A refusal by the rules is the send's own outcome.
+    Returns, for each write: (True, then(started)), (False, the refusal or error), or
+    ELSEWHERE."""
+    outcomes: list = [ELSEWHERE] * len(writes)
+    chosen, owners = [], set()
+    for n, (write, _language) in enumerate(writes):
+        if write.conversation.owner_id not in owners:
+            owners.add(write.conversation.owner_id)
+            chosen.append(n)
+    if len(chosen) < 2:
+        return outcomes
+    # The chats and their owners locked in the owners' order: two batches (two processes)
+    # never wait for each other's rows in a circle.
+    chosen.sort(key=lambda n: writes[n][0].conversation.owner_id)
+    db = intake.this_thread()
+    turns: dict[int, _Turn] = {}
+    try:
+        with transaction.atomic():
+            loads, statements = {}, []
+            for n in chosen:
+                write = writes[n][0]
+                chat = write.conversation
+                loads[n] = query = rules.LoadQuery.of(
+                    chat.owner_id, model_id=chat.model_id, prompt_id=chat.system_prompt_id
+                )
+                load = (query.sql, query.params)
+                sent = write.plan.client_message_id
+                statements += intake.read_statements(db, chat.pk, sent, load, True, False)
+            results = intake.run_reads(db, statements)
+            for at, n in enumerate(chosen):
+                write, language = writes[n]
+                chat, plan = write.conversation, write.plan
+                try:
+                    locked, in_the_way, row = intake.read_results(
+                        chat.pk, results[2 * at : 2 * at + 2], True, False
+                    )
+                except Conversation.DoesNotExist:
+                    continue
+                if in_the_way or (locked.model_id, locked.system_prompt_id) != (
+                    chat.model_id,
+                    chat.system_prompt_id,
+                ):
+                    continue
+                try:
+                    with translation.override(language):
+                        rules.check_model(locked)
+                        turns[n] = _Turn.checked(
+                            locked, plan.content, [], (loads[n], row), plan.client_message_id,
+                            plan.writer,
+                        )  # fmt: skip
+                except ReplyRefused as refusal:
+                    outcomes[n] = (False, refusal)
+            trees = intake.insert_turns([turn.inserts() for turn in turns.values()])
+            started = {
+                n: turn.written(tree) for (n, turn), tree in zip(turns.items(), trees, strict=True)
+            }
+    except DatabaseError:
+        logger.info("Sends written together failed; each is written alone", exc_info=True)
+        return [ELSEWHERE] * len(writes)
+    for n, reply in started.items():
+        write, language = writes[n]
+        try:
+            with translation.override(language):
+                outcomes[n] = (True, write.then(reply))
+        except Exception as error:
+            outcomes[n] = (False, error)
+    return outcomes
+
+
+@dataclass
+class _Turn:
+    """A new message and its reply to be written at the end of the active branch of a
+    conversation read under its lock, once checked (reply_start, reply_start_together)."""
+
+    conversation: Conversation
+    user_message: Message
+    reply: Message
+    images: list
+    titled: bool
+    moved: dict
+
+    @classmethod
+    def checked(cls, conversation, content: str, images: list, load, client_message_id, writer):
+        """The turn, if the rules let `content` (and `images`) be sent to the chat now
+        (rules.check_model is the caller's, before anything else); else ReplyRefused."""
+        rules.check_images(images, conversation.model)
+        rules.check_json_mentioned(conversation, content)
+        rules.check_user_limits(conversation, load)
+        user_message = Message(
+            conversation=conversation,
+            parent_id=_leaf_id(conversation),
+            role=Message.Role.USER,
+            content=content,
+            client_message_id=client_message_id,
+        )
+        titled = not conversation.title
+        moved = _moved_fields(conversation, title=rules.title_from(content) if titled else "")
+        reply = _reply_to_be(conversation, writer=writer)
+        return cls(conversation, user_message, reply, images, titled, moved)
+
+    def inserts(self) -> tuple:
+        """The turn as intake.insert_turns takes it."""
+        return self.user_message, self.reply, self.conversation.pk, self.moved
+
+    def written(self, tree: dict, interrupted=()) -> StartedReply:
+        conversation = self.conversation
+        for name, value in self.moved.items():
+            setattr(conversation, name, value)
+        conversation.current_message_id = self.reply.pk
+        self.user_message.image_list = _attach_images(self.user_message, self.images)
+        self.reply.image_list = []
+        return StartedReply(
+            conversation,
+            self.user_message,
+            self.reply,
+            created=True,
+            titled=self.titled,
+            interrupted=tuple(interrupted),
+            tree=tree,
+        )
 
 
 def reply_regenerate(
@@ -769,6 +899,7 @@ async def _launch(
                 together=together,
                 counted=False,
                 sends=True,
+                batch=_together(PlannedWrite(conversation, planned, prepare)),
             )
             async with written as (started, request, messages):
                 if started.created and request == early.request:
@@ -785,6 +916,14 @@ async def _launch(
     if generation is not None:
         await generation.announced()
     return started
+
+
+def _together(write: PlannedWrite):
+    """db_turn's `batch` for a planned send's writes: written together with the others
+    queued with it (reply_start_together), on the databases where that pays."""
+    if connections[DEFAULT_DB_ALIAS].vendor not in WRITES_TOGETHER:
+        return None
+    return reply_start_together, write
 
 
 def _generation(conversation, request: ChatRequest, client, **fields):
