@@ -1207,8 +1207,9 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
     once it is checked, before the thread writes any of the three (not each after the one
     before it is saved), the writes follow in the order the sends came, and the replies are
     announced once every request is out (rendering them would hold up the requests). Each
-    reply then streams to its own page in full. `together`: the three writes made in one
-    transaction (service.reply_start_together, PostgreSQL's way), else one by one."""
+    reply then streams to its own page in full. `together`: the three plans read at once and
+    the three writes made in one transaction (PostgreSQL's way: service.reply_plan_together,
+    reply_start_together), else one by one."""
     import threading
 
     from conversations import db
@@ -1245,16 +1246,17 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
 
     monkeypatch.setattr(intake, "insert_turn", watched)
     monkeypatch.setattr(local_sockets, "broadcast", told)
-    batches = []
+    batches = []  # (what, how many) of each batch
     if together:
-        write_together = service.reply_start_together
+        monkeypatch.setattr(service, "SENDS_TOGETHER", {"sqlite", "postgresql"})
+        for what in ("plan", "start"):
+            runner = getattr(service, f"reply_{what}_together")
 
-        def counted(writes):
-            batches.append(len(writes))
-            return write_together(writes)
+            def counted(items, runner=runner, what=what):
+                batches.append((what, len(items)))
+                return runner(items)
 
-        monkeypatch.setattr(service, "WRITES_TOGETHER", {"sqlite", "postgresql"})
-        monkeypatch.setattr(service, "reply_start_together", counted)
+            monkeypatch.setattr(service, f"reply_{what}_together", counted)
     sockets = []
     for name in ("ann", "ben", "cai"):
         owner = await make_user(name)
@@ -1283,7 +1285,7 @@ async def test_sends_queued_for_the_database_go_out_one_by_one_and_are_announced
         ("Hello from cai", 3),
     ]
     assert announced == [3, 3, 3]
-    assert batches == ([3] if together else [])
+    assert batches == ([("plan", 3), ("start", 3)] if together else [])
     for (name, conversation, _ws), transcript in zip(sockets, transcripts, strict=True):
         reply = await assistant_reply(conversation)
         assert reply.status == "complete" and reply.content

@@ -428,6 +428,85 @@ def test_sends_written_together_that_fail_are_each_written_alone(chat, monkeypat
     assert Conversation.objects.get(pk=chat.pk).current_message_id is None
 
 
+def _planning(chat, content, *, language=None, guard=None, sent=None, **images):
+    """A send of `content` to `chat` as reply_plan_together takes it."""
+
+    def make(db):
+        return service.reply_plan(
+            conversation=chat,
+            content=content,
+            client_message_id=sent or uuid.uuid4(),
+            guard=guard,
+            db=db,
+            split=True,
+            **images,
+        )
+
+    return make, language
+
+
+def test_plans_read_together_are_each_the_plan_made_alone(chat):
+    """The plans of sends queued together (one round trip of reads for all on PostgreSQL)
+    are the plans each makes alone: the same requests, nothing written."""
+    started = service.reply_start(
+        conversation=chat, content="first", client_message_id=uuid.uuid4()
+    )
+    Message.objects.filter(pk=started.assistant_message.pk).update(status="complete", content="one")
+    chats = [Conversation.objects.get(pk=chat.pk), _owner_chat("sal"), _owner_chat("tam")]
+    before = [_snapshot(c) for c in chats]
+    outcomes = service.reply_plan_together([_planning(c, f"to {c.owner.username}") for c in chats])
+    assert [_snapshot(c) for c in chats] == before, "nothing written"
+    for c, (ok, plan) in zip(chats, outcomes, strict=True):
+        assert ok and isinstance(plan, service.Plan)
+        alone = service.reply_plan(
+            conversation=c, content=f"to {c.owner.username}", client_message_id=uuid.uuid4()
+        )
+        assert plan.request == alone.request and plan.content == alone.content
+    assert [m.content for m in outcomes[0][1].request.messages[1:]] == ["first", "one", "to ivy"]
+
+
+def test_plans_read_together_refuse_each_in_its_language_and_leave_the_rest(chat, monkeypatch):
+    """In a batch of plans: a refused message (in its caller's language), an ended session,
+    a send that is not the plain case (no plan: reply_start does it) each get their own
+    outcome, and the others their plans; if the reads fail, each plan is made alone."""
+    from django.contrib.sessions.models import Session
+    from django.db import OperationalError
+    from django.test import Client
+
+    from conversations.socket_auth import SessionCheck, SessionEnded
+
+    gone = _owner_chat("uma")
+    client = Client()
+    client.force_login(gone.owner)
+    check = SessionCheck(client.cookies["sessionid"].value, gone.owner_id, checked_at=-100.0)
+    Session.objects.all().delete()
+    resent = uuid.uuid4()
+    service.reply_start(conversation=_owner_chat("val"), content="hi", client_message_id=resent)
+    busy = Conversation.objects.get(owner__username="val")
+    multimodal = ModelProfile.objects.filter(endpoint=ModelProfile.Endpoint.MULTIMODAL).first()
+    seeing = service.conversation_create(owner=_owner_chat("wen").owner, model=multimodal)
+    plans = [
+        _planning(chat, "   ", language="zh-hans"),
+        _planning(gone, "hi", guard=check.guard(10.0)),
+        _planning(busy, "hi", sent=resent),
+        _planning(seeing, "look", image_urls="https://example.com/cat.png"),
+        _planning(_owner_chat("xia"), "fine"),
+    ]
+    outcomes = service.reply_plan_together(plans)
+    ok, refusal = outcomes[0]
+    assert not ok and any("\u4e00" <= ch <= "\u9fff" for ch in str(refusal)), str(refusal)
+    assert outcomes[1][0] is False and isinstance(outcomes[1][1], SessionEnded)
+    assert outcomes[2] == (True, None) and outcomes[3] == (True, None)
+    assert outcomes[4][0] is True and isinstance(outcomes[4][1], service.Plan)
+
+    def lost(db, statements):
+        raise OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(intake, "run_reads", lost)
+    fine = [_planning(_owner_chat(name), "hi") for name in ("yan", "zoe")]
+    assert service.reply_plan_together(fine) == [service.ELSEWHERE] * 2
+
+
 def _session_verdicts(key, user_id) -> tuple[bool, bool]:
     """(what a guard concludes from the two rows it reads with a send's plan, what Django's
     session store and backend say: socket_auth._signs_in)."""

@@ -62,10 +62,11 @@ logger = logging.getLogger(__name__)
 # How long a send's writes, after its request has gone out, let the other sends on their way
 # go first (_launch): well under DashScope's time to a first token.
 SAVE_DEFER = 0.1
-# The databases on which the writes of sends queued together are made together
-# (reply_start_together). Not SQLite: its writes run in this process, where one long trip
-# holds up the loop (50 senders, paired: 4 rounds of 16 better; bench/README.md).
-WRITES_TOGETHER = {"postgresql"}
+# The databases on which the sends queued together on the database thread are planned and
+# written together (reply_plan_together, reply_start_together). Not SQLite: its plans are
+# read on the loop, and its writes run in this process, where one long trip holds up the
+# loop (50 senders, paired: 4 rounds of 16 better; bench/README.md, seventeenth pass).
+SENDS_TOGETHER = {"postgresql"}
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def reply_plan(
     image_ids: object = None,
     guard=None,
     db=None,
+    split: bool = False,
 ) -> Plan | None:
     """The request of a new message to `conversation`, built as reply_start would build it
     after writing the message, from the same checks and reads but no writes and no lock: a
@@ -124,7 +126,8 @@ def reply_plan(
     here as reply_start raises it.
 
     `db`: the connection to read with (the event loop's reader: db.loop_reader), if not this
-    thread's."""
+    thread's. `split`: the _Planning instead, whose reads its caller makes together with
+    other plans' (reply_plan_together)."""
     try:
         message = rules.MessageForm(
             {"content": content, "image_urls": image_urls, "image_ids": image_ids}
@@ -133,46 +136,112 @@ def reply_plan(
         if guard is not None:
             guard()  # an ended session is said before a refused message
         raise
-    if client_message_id is None or message["image_urls"] or message["image_ids"]:
-        return None
-    query = rules.LoadQuery.of(
-        conversation.owner_id,
-        model_id=conversation.model_id,
-        prompt_id=conversation.system_prompt_id,
-    )
     db = db or intake.this_thread()
-    statements = intake.read_statements(
-        db, conversation.pk, client_message_id, (query.sql, query.params), False, True
-    )
-    guard_reads = guard.reads(db) if guard is not None else None
-    results = intake.run_reads(db, statements + (guard_reads or []))
-    if guard is not None:
-        if guard_reads:
-            guard.check(db, *results[len(statements) :])
-        else:
-            guard()
-    read, in_the_way, row, tree = intake.read_results(
-        conversation.pk, results[: len(statements)], False, True, db
-    )
-    if in_the_way or (read.model_id, read.system_prompt_id) != (
-        conversation.model_id,
-        conversation.system_prompt_id,
-    ):
+    planning = _Planning(db, conversation, client_message_id, message["content"], guard)
+    if client_message_id is None or message["image_urls"] or message["image_ids"]:
+        planning.reads = None
+    if split:
+        return planning
+    if planning.reads is None:
         return None
-    content = message["content"]
-    rules.check_model(read)
-    rules.check_json_mentioned(read, content)
-    rules.check_user_limits(read, (query, row))
-    # The history as it will be once the message is written: the message under a pk no row
-    # has, the reply to be below it (the reply itself is not needed: only its fencing token,
-    # which reply_start gives it).
-    tree[0] = (read.current_message_id, Message.Role.USER.value, content, None)
-    for name, value in _moved_fields(read).items():
-        setattr(read, name, value)
-    request = prompt.build_request(conversation=read, after=0, tree=tree)
-    return Plan(
-        request=request, writer=uuid.uuid4(), content=content, client_message_id=client_message_id
-    )
+    return planning.conclude(intake.run_reads(db, planning.reads))
+
+
+class _Planning:
+    """A plan (reply_plan) in two steps: its reads (`reads`, none when the send is not the
+    plain case: no plan), made alone or with other plans', then the plan from their rows."""
+
+    def __init__(self, db, conversation: Conversation, client_message_id, content: str, guard):
+        self.db, self.conversation, self.guard = db, conversation, guard
+        self.client_message_id, self.content = client_message_id, content
+        self.query = rules.LoadQuery.of(
+            conversation.owner_id,
+            model_id=conversation.model_id,
+            prompt_id=conversation.system_prompt_id,
+        )
+        load = (self.query.sql, self.query.params)
+        self.statements = intake.read_statements(
+            db, conversation.pk, client_message_id, load, False, True
+        )
+        self.guard_reads = guard.reads(db) if guard is not None else None
+        self.reads = self.statements + (self.guard_reads or [])
+
+    def conclude(self, results: list[list]) -> Plan | None:
+        db, conversation, guard, content = self.db, self.conversation, self.guard, self.content
+        statements = self.statements
+        if guard is not None:
+            if self.guard_reads:
+                guard.check(db, *results[len(statements) :])
+            else:
+                guard()
+        read, in_the_way, row, tree = intake.read_results(
+            conversation.pk, results[: len(statements)], False, True, db
+        )
+        if in_the_way or (read.model_id, read.system_prompt_id) != (
+            conversation.model_id,
+            conversation.system_prompt_id,
+        ):
+            return None
+        rules.check_model(read)
+        rules.check_json_mentioned(read, content)
+        rules.check_user_limits(read, (self.query, row))
+        # The history as it will be once the message is written: the message under a pk no
+        # row has, the reply to be below it (the reply itself is not needed: only its fencing
+        # token, which reply_start gives it).
+        tree[0] = (read.current_message_id, Message.Role.USER.value, content, None)
+        for name, value in _moved_fields(read).items():
+            setattr(read, name, value)
+        request = prompt.build_request(conversation=read, after=0, tree=tree)
+        return Plan(
+            request=request,
+            writer=uuid.uuid4(),
+            content=content,
+            client_message_id=self.client_message_id,
+        )
+
+
+def reply_plan_together(plans: list[tuple[Callable[[object], _Planning], str | None]]) -> list:
+    """reply_plan for several sends queued together on the database thread (db_turn's
+    `batch`), each in its caller's language: on PostgreSQL the reads of all in one round trip,
+    where each alone makes one of its own, and waits, on a busy process, for the interpreter's
+    lock after it (bench/README.md, seventeenth pass). Each item makes its _Planning on the
+    connection given (reply_plan with split=True). Returns for each: (True, its Plan or
+    None), (False, its refusal), or ELSEWHERE, where reply_plan alone is left to say what
+    went wrong (any other error; all of them if the reads fail)."""
+    db = intake.this_thread()
+    outcomes: list = [ELSEWHERE] * len(plans)
+    reading: list[tuple[int, _Planning]] = []
+    for n, (make, language) in enumerate(plans):
+        try:
+            with translation.override(language):
+                planning = make(db)
+        except ReplyRefused as refusal:
+            outcomes[n] = (False, refusal)
+            continue
+        except Exception:
+            continue
+        if planning.reads is None:
+            outcomes[n] = (True, None)
+        else:
+            reading.append((n, planning))
+    if not reading:
+        return outcomes
+    try:
+        reads = [read for _n, planning in reading for read in planning.reads]
+        results = intake.run_reads(db, reads)
+    except DatabaseError:
+        return [ELSEWHERE] * len(plans)
+    at = 0
+    for n, planning in reading:
+        mine, at = results[at : at + len(planning.reads)], at + len(planning.reads)
+        try:
+            with translation.override(plans[n][1]):
+                outcomes[n] = (True, planning.conclude(mine))
+        except ReplyRefused as refusal:
+            outcomes[n] = (False, refusal)
+        except Exception:
+            outcomes[n] = ELSEWHERE
+    return outcomes
 
 
 def conversation_configure(
@@ -740,7 +809,9 @@ async def areply_start(
     return await _launch(
         conversation,
         lambda writer=None: reply_start(**arguments, writer=writer),
-        plan=lambda guard=None, db=None: reply_plan(**arguments, guard=guard, db=db),
+        plan=lambda guard=None, db=None, split=False: reply_plan(
+            **arguments, guard=guard, db=db, split=split
+        ),
         together=together,
         guard=guard,
     )
@@ -812,7 +883,9 @@ async def _launch(
     DashScope is used (the reply waits for them: Generation.adopt); if the write is refused
     or fails, the request is dropped unanswered and the caller gets the refusal or error as
     before; if what was written asks for another request than the one sent (the chat
-    changed between the trips), that one is dropped and the right one sent.
+    changed between the trips), that one is dropped and the right one sent. On PostgreSQL,
+    the plans of the sends queued together for the database thread are read together, and
+    their writes made together (SENDS_TOGETHER: reply_plan_together, reply_start_together).
 
     `guard`: a check that must pass before anything else is done (the socket's session:
     socket_auth.SessionGuard), made in the first trip to the database thread: its reads go
@@ -870,7 +943,13 @@ async def _launch(
 
     early = None
     if plan is not None:
-        planning = db_turn(planned_or_not, together=together, sends=True, here=planned_here)
+        planning = db_turn(
+            planned_or_not,
+            together=together,
+            sends=True,
+            here=planned_here,
+            batch=_together(reply_plan_together, lambda db: plan(guard=guard, db=db, split=True)),
+        )
         async with planning as planned:
             if planned is not None:
                 early = _generation(
@@ -899,7 +978,7 @@ async def _launch(
                 together=together,
                 counted=False,
                 sends=True,
-                batch=_together(PlannedWrite(conversation, planned, prepare)),
+                batch=_together(reply_start_together, PlannedWrite(conversation, planned, prepare)),
             )
             async with written as (started, request, messages):
                 if started.created and request == early.request:
@@ -918,12 +997,12 @@ async def _launch(
     return started
 
 
-def _together(write: PlannedWrite):
-    """db_turn's `batch` for a planned send's writes: written together with the others
-    queued with it (reply_start_together), on the databases where that pays."""
-    if connections[DEFAULT_DB_ALIAS].vendor not in WRITES_TOGETHER:
+def _together(runner, item):
+    """db_turn's `batch` for a send's plan or writes: made together with the others queued
+    with it, on the databases where that pays (SENDS_TOGETHER)."""
+    if connections[DEFAULT_DB_ALIAS].vendor not in SENDS_TOGETHER:
         return None
-    return reply_start_together, write
+    return runner, item
 
 
 def _generation(conversation, request: ChatRequest, client, **fields):
