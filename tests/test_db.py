@@ -297,6 +297,40 @@ async def test_quiet_waits_for_the_callers_on_either_database_at_most_its_timeou
     await asyncio.wait_for(db.quiet(5), 0.5)  # a call that raised is on its way no longer
 
 
+async def test_quiet_lingers_after_a_burst_of_sends_not_after_a_lone_one(trips, monkeypatch):
+    """quiet(linger=True) (a send's writes): after several sends came together, it returns
+    once none has been on its way for LINGER (the server's other processes may still be
+    sending theirs), its waiters in the order they came, and `at_most` still bounds it;
+    after a lone send, at once."""
+    monkeypatch.setattr(db, "LINGER", 0.2)
+    loop = asyncio.get_running_loop()
+
+    async def send():
+        async with db.db_turn(lambda: "planned", sends=True):
+            await asyncio.sleep(0.01)  # its request going out
+
+    await send()
+    began = loop.time()
+    await db.quiet(5, linger=True)
+    assert loop.time() - began < 0.1, "a lone send's writes go at once"
+
+    await asyncio.sleep(0.25)  # quiet for longer than LINGER: a new burst
+    await asyncio.gather(send(), send(), send())
+    ended = loop.time()
+    woke = []
+
+    async def writes(name, at_most=5):
+        await db.quiet(at_most, linger=True)
+        woke.append((name, loop.time() - ended))
+
+    await asyncio.gather(*(writes(name) for name in "abc"), writes("bounded", 0.05))
+    assert [name for name, _ in woke] == ["bounded", "a", "b", "c"]
+    assert woke[0][1] < 0.15 and all(0.18 < at < 1 for _, at in woke[1:]), woke
+    began = loop.time()
+    await db.quiet(5)  # without linger: the sends are out
+    assert loop.time() - began < 0.1
+
+
 async def test_work_that_waits_for_quiet_is_not_on_the_way_and_goes_in_its_order(trips):
     """A send's writes after its request (counted=False) do not hold up quiet(): they wait
     for it themselves, and go in the order they began to wait, the last caller's own after

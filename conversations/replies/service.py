@@ -969,10 +969,11 @@ async def _launch(
             generation = await _start(conversation, started, request, messages, branched=branched)
     else:
         try:
-            # The writes wait for the sends still being checked to have their requests out
+            # The writes wait for the sends still being checked to have their requests out,
+            # and after a burst a little longer, for those of the server's other processes
             # (SAVE_DEFER at most: DashScope takes longer to the first token, and the reply
             # waits for its writes before it shows anything).
-            await quiet(SAVE_DEFER)
+            await quiet(SAVE_DEFER, linger=True)
             written = db_turn(
                 lambda: prepare(save(writer=early.writer)),
                 together=together,
