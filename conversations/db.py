@@ -467,7 +467,7 @@ async def quiet(at_most: float, linger: bool = False) -> None:
     its way for LINGER seconds (`at_most` still the limit): the processes of a team's server share
     the machine's CPUs, and the others may still be sending their share of the burst (a
     send's writes, and so its announcement, after a burst of 50 on two processes, paired:
-    12 rounds of 16 better; bench/README.md, seventeenth pass). After a lone caller, at once."""
+    13 rounds of 16 better; bench/README.md, seventeenth pass). After a lone caller, at once."""
     trips = _trips.get(asyncio.get_running_loop())
     if trips is None:
         return

@@ -126,8 +126,8 @@ def reply_plan(
     here as reply_start raises it.
 
     `db`: the connection to read with (the event loop's reader: db.loop_reader), if not this
-    thread's. `split`: the _Planning instead, whose reads its caller makes together with
-    other plans' (reply_plan_together)."""
+    thread's. `split`: the _Planning instead (None as before), whose reads its caller makes
+    together with other plans' (reply_plan_together)."""
     try:
         message = rules.MessageForm(
             {"content": content, "image_urls": image_urls, "image_ids": image_ids}
@@ -136,20 +136,18 @@ def reply_plan(
         if guard is not None:
             guard()  # an ended session is said before a refused message
         raise
+    if client_message_id is None or message["image_urls"] or message["image_ids"]:
+        return None
     db = db or intake.this_thread()
     planning = _Planning(db, conversation, client_message_id, message["content"], guard)
-    if client_message_id is None or message["image_urls"] or message["image_ids"]:
-        planning.reads = None
     if split:
         return planning
-    if planning.reads is None:
-        return None
     return planning.conclude(intake.run_reads(db, planning.reads))
 
 
 class _Planning:
-    """A plan (reply_plan) in two steps: its reads (`reads`, none when the send is not the
-    plain case: no plan), made alone or with other plans', then the plan from their rows."""
+    """A plan (reply_plan) in two steps: its reads (`reads`), made alone or with other plans',
+    then the plan from their rows."""
 
     def __init__(self, db, conversation: Conversation, client_message_id, content: str, guard):
         self.db, self.conversation, self.guard = db, conversation, guard
@@ -200,7 +198,9 @@ class _Planning:
         )
 
 
-def reply_plan_together(plans: list[tuple[Callable[[object], _Planning], str | None]]) -> list:
+def reply_plan_together(
+    plans: list[tuple[Callable[[object], _Planning | None], str | None]],
+) -> list:
     """reply_plan for several sends queued together on the database thread (db_turn's
     `batch`), each in its caller's language: on PostgreSQL the reads of all in one round trip,
     where each alone makes one of its own, and waits, on a busy process, for the interpreter's
@@ -220,7 +220,7 @@ def reply_plan_together(plans: list[tuple[Callable[[object], _Planning], str | N
             continue
         except Exception:
             continue
-        if planning.reads is None:
+        if planning is None:  # not the plain case: reply_start does it at once
             outcomes[n] = (True, None)
         else:
             reading.append((n, planning))
